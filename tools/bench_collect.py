@@ -1,0 +1,166 @@
+"""Collection throughput: unitrain's collector against a raw gymnasium loop, in one run.
+
+Three paths step the same kind of vector env (``num_envs`` copies, synchronous, same-step
+autoreset) with the same batched MLP policy (``obs_dim → 64 → 64 → act_dim``, tanh):
+
+* ``raw``: a plain gymnasium loop; observations become a float32 tensor, the policy runs under
+  ``torch.no_grad()``, actions go back as numpy. Nothing is stored.
+* ``unitrain``: :func:`unitrain.collect.make_collector` over :func:`unitrain.envs.make_env`,
+  the policy wrapped in a ``TensorDictModule``; every transition is kept in the batch.
+* ``torchrl``: TorchRL's stock ``Collector(GymWrapper(vec_env))`` with the same module, for
+  reference.
+
+The paths are measured in interleaved rounds (raw, unitrain, torchrl, raw, ...) so that drifts in
+machine load hit all of them alike; each figure is the median over rounds. Run::
+
+    python tools/bench_collect.py --env HalfCheetah-v5 --num-envs 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tensordict.nn import TensorDictModule
+from torch import nn
+
+
+def make_policy(obs_dim: int, act_dim: int, seed: int) -> nn.Module:
+    """The benchmark policy: a deterministic tanh MLP with actions squashed to ``[-1, 1]``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(obs_dim, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                         nn.Linear(64, act_dim), nn.Tanh())
+
+
+def make_gym_vec(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+    """A synchronous gymnasium vector env with same-step autoreset (what ``GymWrapper`` takes)."""
+    return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
+                        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+
+
+def raw_runner(env_id: str, num_envs: int, net: nn.Module, seed: int) -> Callable[[int], int]:
+    """A function that steps a raw gymnasium loop for ``steps`` vector steps."""
+    vec = make_gym_vec(env_id, num_envs)
+    state = {"obs": vec.reset(seed=seed)[0]}
+
+    def run(steps: int) -> int:
+        obs = state["obs"]
+        with torch.no_grad():
+            for _ in range(steps):
+                action = net(torch.from_numpy(obs.astype(np.float32, copy=False))).numpy()
+                obs, _reward, _terminated, _truncated, _info = vec.step(action)
+        state["obs"] = obs
+        return steps * num_envs
+
+    return run
+
+
+def collector_runner(collector, frames_per_batch: int) -> Callable[[int], int]:
+    """A function that draws batches from ``collector`` until ``steps`` vector steps are done."""
+    iterator = iter(collector)
+
+    def run(steps: int) -> int:
+        frames = 0
+        target = steps * collector.env.batch_size.numel()
+        while frames < target:
+            batch = next(iterator)
+            frames += batch.numel()
+        return frames
+
+    return run
+
+
+def unitrain_runner(env_id: str, num_envs: int, module: TensorDictModule, seed: int,
+                    frames_per_batch: int) -> Callable[[int], int]:
+    from unitrain.collect import make_collector
+    from unitrain.envs import EnvSpec, make_env
+
+    env = make_env(EnvSpec(env_id, num_envs=num_envs), seed)
+    return collector_runner(make_collector(env, module, frames_per_batch=frames_per_batch),
+                            frames_per_batch)
+
+
+def torchrl_runner(env_id: str, num_envs: int, module: TensorDictModule, seed: int,
+                   frames_per_batch: int) -> Callable[[int], int]:
+    from torchrl.collectors import Collector
+    from torchrl.envs import DoubleToFloat, GymWrapper, TransformedEnv
+
+    env = GymWrapper(make_gym_vec(env_id, num_envs))
+    env.set_seed(seed)
+    if any(spec.dtype == torch.float64 for spec in env.observation_spec.values(True, True)):
+        # The policy is float32; MuJoCo observations are float64.
+        env = TransformedEnv(env, DoubleToFloat())
+    collector = Collector(env, module, frames_per_batch=frames_per_batch, total_frames=-1)
+    return collector_runner(collector, frames_per_batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--env", default="HalfCheetah-v5", help="gymnasium id")
+    parser.add_argument("--num-envs", type=int, default=32, help="vectorised env copies")
+    parser.add_argument("--frames", type=int, default=32_768,
+                        help="env steps (summed over envs) per path and round")
+    parser.add_argument("--steps-per-batch", type=int, default=64,
+                        help="vector steps per collector batch (frames_per_batch / num_envs)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-torchrl", action="store_true",
+                        help="leave out the stock TorchRL reference")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    probe = gym.make(args.env)
+    obs_dim = int(np.prod(probe.observation_space.shape))
+    act_dim = int(probe.action_space.shape[0])
+    probe.close()
+
+    net = make_policy(obs_dim, act_dim, args.seed)
+    module = TensorDictModule(net, in_keys=["observation"], out_keys=["action"])
+    frames_per_batch = args.num_envs * args.steps_per_batch
+    steps = max(args.frames // args.num_envs, args.steps_per_batch)
+
+    runners = {
+        "raw": raw_runner(args.env, args.num_envs, net, args.seed),
+        "unitrain": unitrain_runner(args.env, args.num_envs, module, args.seed,
+                                    frames_per_batch),
+    }
+    if not args.skip_torchrl:
+        runners["torchrl"] = torchrl_runner(args.env, args.num_envs, module, args.seed,
+                                            frames_per_batch)
+
+    for run in runners.values():  # warm-up: first batches allocate buffers, first resets
+        run(args.steps_per_batch)
+
+    wall: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(args.rounds):
+        for name, run in runners.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            frames = run(steps)
+            wall[name].append(frames / (time.perf_counter() - start_wall))
+            cpu[name].append(frames / (time.process_time() - start_cpu))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in wall.items()),
+              flush=True)
+
+    wall_med = {name: statistics.median(v) for name, v in wall.items()}
+    cpu_med = {name: statistics.median(v) for name, v in cpu.items()}
+    print(f"\n{args.env}, {args.num_envs} envs, {args.threads} thread(s), "
+          f"{steps * args.num_envs:,} frames per path and round, median of {args.rounds} rounds")
+    # Steps per CPU-second of this process: less sensitive than wall time to other processes
+    # competing for the cores.
+    print(f"{'path':<10} {'env-steps/s':>12} {'vs raw':>8} {'per CPU-s':>11} {'vs raw':>8}")
+    for name in runners:
+        print(f"{name:<10} {wall_med[name]:>12,.0f} {wall_med[name] / wall_med['raw']:>7.2f}x "
+              f"{cpu_med[name]:>11,.0f} {cpu_med[name] / cpu_med['raw']:>7.2f}x")
+    print(f"ratio unitrain/raw: {wall_med['unitrain'] / wall_med['raw']:.3f} "
+          f"(per CPU-second: {cpu_med['unitrain'] / cpu_med['raw']:.3f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The ``unitrain`` command.
+
+::
+
+    unitrain fit RECIPE [key=value ...]       train; ends with a summary and summary.json
+    unitrain evaluate CHECKPOINT [--episodes N]
+    unitrain recipes                          list the shipped recipes
+
+User mistakes (a missing file, a bad key or value, an unknown env or rule, an unreadable
+checkpoint) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="unitrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="train from a recipe")
+    fit.add_argument("recipe", help="a recipe YAML (see `unitrain recipes`)")
+    fit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.devices=2")
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint's deterministic policy")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--episodes", type=int, default=10)
+    ev.add_argument("--seed", type=int, default=0)
+    sub.add_parser("recipes", help="list the shipped recipes")
+    args = parser.parse_args(argv)
+
+    from unitrain.errors import UserError
+
+    try:
+        if args.command == "fit":
+            return _fit(args.recipe, args.overrides)
+        if args.command == "evaluate":
+            return _evaluate(args.checkpoint, args.episodes, args.seed)
+        return _recipes()
+    except UserError as e:
+        print(f"unitrain: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _fit(recipe_path: str, overrides: list[str]) -> int:
+    import lightning as L
+
+    from unitrain.config import build_module, load_recipe
+    from unitrain.envs import env_info
+    from unitrain.errors import ConfigError, UserError
+    from unitrain.trainer import Trainer
+
+    recipe = load_recipe(_find_recipe(recipe_path), overrides)
+    run_dir, ckpt = _resolve_resume(recipe.resume, recipe.run_dir, recipe)
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    try:
+        module = build_module(recipe.module, env_info(recipe.env))
+    except ConfigError as e:
+        raise UserError(f"{recipe.source}: {e}") from None
+    trainer = Trainer(recipe.env, recipe.optimizer, seed=recipe.seed, run_dir=run_dir,
+                      **recipe.trainer.trainer_kwargs())
+    trainer.fit(module, ckpt_path=ckpt)
+    if trainer.global_rank == 0 and trainer.summary is not None:
+        _print_summary(trainer.summary)
+    return 0
+
+
+def _resolve_resume(resume: str | None, run_dir: str | None, recipe: Any) -> tuple[str | None, str | None]:
+    """The run directory and checkpoint path for ``resume=`` (validated before anything runs)."""
+    from unitrain.errors import UserError
+
+    if resume is None:
+        return run_dir, None
+    if resume == "last":
+        if run_dir is not None:
+            path = Path(run_dir) / "checkpoints" / "last.ckpt"
+        else:
+            env_name = "".join(c if c.isalnum() else "-" for c in recipe.env.id).strip("-").lower()
+            candidates = sorted(Path("runs").glob(f"{env_name}-{recipe.optimizer.name}/*/checkpoints/last.ckpt"))
+            if not candidates:
+                raise UserError(f"resume=last: no earlier run of this recipe under runs/ "
+                                "(give run_dir=... or resume=PATH to a .ckpt file)")
+            path = candidates[-1]
+    else:
+        path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"resume={resume}: no checkpoint at {path}")
+    _load_checkpoint(path, f"resume={resume}")
+    if run_dir is None:
+        run_dir = str(path.parent.parent)
+    return run_dir, str(path)
+
+
+def _load_checkpoint(path: Path, what: str) -> dict[str, Any]:
+    import torch
+
+    from unitrain.errors import UserError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: any unpickling error
+        raise UserError(f"{what}: {path} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "unitrain" not in ckpt or "state_dict" not in ckpt:
+        raise UserError(f"{what}: {path} is not a unitrain checkpoint (no unitrain state inside)")
+    return ckpt
+
+
+def _evaluate(checkpoint: str, episodes: int, seed: int) -> int:
+    import torch
+
+    from unitrain.config import import_object
+    from unitrain.context import RunContext
+    from unitrain.envs import EnvSpec
+    from unitrain.errors import ConfigError, UserError
+    from unitrain.optim.base import get_rule
+
+    if episodes < 1:
+        raise UserError(f"--episodes {episodes}: expected an integer >= 1")
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise UserError(f"{checkpoint}: no such checkpoint file")
+    ckpt = _load_checkpoint(path, checkpoint)
+    state = ckpt["unitrain"]
+    if state.get("env") is None:
+        raise UserError(f"{checkpoint}: this run has no environment to evaluate in")
+    try:
+        cls = import_object(state["module_class"], "module_class")
+    except ConfigError:
+        raise UserError(f"{checkpoint}: module class {state['module_class']} is not importable here; "
+                        "load the checkpoint from Python with that class") from None
+    module = cls(**state["module_hparams"])
+    rule_cfg = dict(state["rule_config"])
+    rule = get_rule(rule_cfg.pop("name"))(**rule_cfg)
+    spec = EnvSpec(**state["env"])
+    ctx = RunContext(module, rule, spec, seed, None, 1, episodes)
+    own = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("aux.")}
+    module.load_state_dict(own, strict=False)
+    missing = [k for k in module.state_dict() if k not in own and not k.startswith("aux.")]
+    if missing:
+        raise UserError(f"{checkpoint}: parameters {', '.join(missing[:3])} missing from the checkpoint")
+    if ctx.obs_norm is not None and state.get("obs_norm") is not None:
+        ctx.obs_norm.load_state_dict(state["obs_norm"])
+    module.eval()
+    with torch.no_grad():
+        result = ctx.evaluate(episodes)
+    print(json.dumps({"checkpoint": str(path), "env": spec.id, "frames": state["frames"],
+                      **{f"eval/{k}": v for k, v in result.items()}}, indent=2))
+    return 0
+
+
+def recipe_roots() -> list[Path]:
+    """Where recipes are looked up: ``./recipes`` and the source tree's ``recipes/``."""
+    roots = [Path.cwd() / "recipes", Path(__file__).resolve().parent.parent / "recipes"]
+    seen: list[Path] = []
+    for r in roots:
+        if r.is_dir() and r.resolve() not in [s.resolve() for s in seen]:
+            seen.append(r)
+    return seen
+
+
+def _find_recipe(name: str) -> str:
+    """A path as given, or a shipped recipe named ``env/rule`` (with or without ``.yaml``)."""
+    if os.path.exists(name):
+        return name
+    for root in recipe_roots():
+        for candidate in (root / name, root / f"{name}.yaml"):
+            if candidate.is_file():
+                return str(candidate)
+    return name
+
+
+def _recipes() -> int:
+    for root in recipe_roots():
+        for path in sorted(root.glob("*/*.yaml")):
+            comments = [line.lstrip("# ").strip() for line in path.read_text().splitlines()[:2]
+                        if line.startswith("#")]
+            note = comments[1] if len(comments) > 1 else ""
+            print(f"{path.parent.name}/{path.stem:<14} {note}")
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    ret = summary.get("eval/return_mean")
+    ret_s = "n/a" if ret is None else f"{ret:.1f} ± {summary.get('eval/return_std') or 0:.1f}"
+    print(f"\nunitrain: {summary['optimizer']} on {summary['env']}: eval return {ret_s} "
+          f"over {int(summary.get('eval/episodes') or 0)} episodes, {summary['frames']} frames, "
+          f"{summary['wall_s']:.1f} s")
+    print(f"unitrain: checkpoint {summary['checkpoint']}")
+    print(f"unitrain: summary {Path(summary['run_dir']) / 'summary.json'}; "
+          f"tensorboard --logdir {summary['run_dir']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

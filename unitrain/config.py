@@ -1,0 +1,267 @@
+"""Recipes: omegaconf YAML files validated against typed schemas, and the objects they build.
+
+A recipe has six top-level keys::
+
+    seed: 0                      # seeds networks, envs (per rank) and the rule
+    run_dir: null                # default runs/<env>-<rule>/<time>
+    resume: null                 # a checkpoint path, or "last"
+    env: {id: CartPole-v1, num_envs: 8, ...}          # unitrain.envs.EnvSpec
+    module: {target: unitrain.MLPPolicy, hidden: [64, 64]}   # class path + constructor args
+    optimizer: {name: ppo, lr: 1.0e-3, ...}           # a registered update rule and its fields
+    trainer: {max_frames: 100000, devices: 1, ...}    # TrainerConfig
+
+Each block is validated against the dataclass that consumes it (``EnvSpec``, the rule's class,
+:class:`TrainerConfig`, the module's constructor signature), so the Python API and recipes share
+one definition of every parameter and its valid range. Every error is a one-line
+:class:`~unitrain.errors.UserError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from unitrain.envs import EnvInfo, EnvSpec
+from unitrain.errors import ConfigError, UserError, check
+from unitrain.module import RLModule
+from unitrain.optim.base import UpdateRule, get_rule
+from unitrain.trainer import EarlyStop
+
+__all__ = ["Recipe", "TrainerConfig", "load_recipe", "build_module", "import_object"]
+
+_TOP_LEVEL = ("seed", "run_dir", "resume", "env", "module", "optimizer", "trainer")
+
+
+@dataclass
+class TrainerConfig:
+    """The ``trainer:`` block: arguments of :class:`unitrain.Trainer`.
+
+    Args:
+        max_frames: env-frame budget summed over processes.
+        devices: processes (one per device).
+        strategy: ``"auto"`` or ``"ddp"``.
+        accelerator: ``"auto"``, ``"cpu"``, ``"gpu"``.
+        num_nodes: machines (launched by torchrun/SLURM).
+        eval_every: rule iterations between evaluations and checkpoints.
+        eval_episodes: episodes per evaluation.
+        early_stop: stop on ``eval/return_mean`` (``threshold``, ``patience``), or null.
+        num_threads: torch threads per process (null: cores divided among local processes).
+    """
+
+    max_frames: int | None = 100_000
+    devices: int = 1
+    strategy: str = "auto"
+    accelerator: str = "auto"
+    num_nodes: int = 1
+    eval_every: int = 10
+    eval_episodes: int = 10
+    early_stop: EarlyStop | None = None
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.max_frames is None or self.max_frames > 0, "max_frames", "an integer > 0 or null",
+              self.max_frames)
+        check(self.devices >= 1, "devices", "an integer >= 1", self.devices)
+        check(self.strategy in ("auto", "ddp"), "strategy", "'auto' or 'ddp'", self.strategy)
+        check(self.accelerator in ("auto", "cpu", "gpu", "cuda", "mps"), "accelerator",
+              "one of auto, cpu, gpu, cuda, mps", self.accelerator)
+        check(self.num_nodes >= 1, "num_nodes", "an integer >= 1", self.num_nodes)
+        check(self.eval_every >= 1, "eval_every", "an integer >= 1", self.eval_every)
+        check(self.eval_episodes >= 1, "eval_episodes", "an integer >= 1", self.eval_episodes)
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`unitrain.Trainer`."""
+        return {"max_frames": self.max_frames, "devices": self.devices, "strategy": self.strategy,
+                "accelerator": self.accelerator, "num_nodes": self.num_nodes,
+                "eval_every": self.eval_every, "eval_episodes": self.eval_episodes,
+                "early_stop": self.early_stop, "num_threads": self.num_threads}
+
+
+@dataclass
+class Recipe:
+    """A validated recipe."""
+
+    source: str
+    seed: int
+    run_dir: str | None
+    resume: str | None
+    env: EnvSpec
+    module: dict[str, Any]
+    optimizer: UpdateRule
+    trainer: TrainerConfig
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key=value`` strings (dotted keys), applied on top of the file.
+
+    Raises:
+        UserError: with a one-line message naming the file and key.
+    """
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise UserError(f"{src}: no such recipe file (`unitrain recipes` lists the shipped recipes)")
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{src}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(raw, DictConfig):
+        raise UserError(f"{src}: a recipe must be a mapping with keys {', '.join(_TOP_LEVEL)}")
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r}: expected key=value, e.g. trainer.max_frames=50000")
+    try:
+        merged = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise UserError(f"{src}: invalid override: {_first_line(e)}") from None
+    for key in merged:
+        if key not in _TOP_LEVEL:
+            raise UserError(f"{src}: unknown key {key!r}; valid top-level keys: {', '.join(_TOP_LEVEL)}")
+    try:
+        return _build(src, merged)
+    except ConfigError as e:
+        raise UserError(f"{src}: {e}") from None
+
+
+def _build(src: str, merged: DictConfig) -> Recipe:
+    env = _typed(EnvSpec, merged.get("env"), "env")
+    trainer = _typed(TrainerConfig, merged.get("trainer"), "trainer")
+    opt_node = merged.get("optimizer")
+    if opt_node is None or "name" not in opt_node:
+        rules = ", ".join(_rule_names())
+        raise ConfigError("optimizer.name", f"missing; valid update rules: {rules}")
+    opt_items = OmegaConf.to_container(opt_node, resolve=True)
+    name = opt_items.pop("name")
+    try:
+        rule_cls = get_rule(str(name))
+    except ConfigError as e:
+        raise e.prefixed("optimizer") from None
+    rule = _typed(rule_cls, OmegaConf.create(opt_items), "optimizer")
+    module = OmegaConf.to_container(merged.get("module") or OmegaConf.create({}), resolve=True)
+    module.setdefault("target", "unitrain.MLPPolicy")
+    seed = merged.get("seed", 0)
+    check(isinstance(seed, int) and seed >= 0, "seed", "an integer >= 0", seed)
+    resume = merged.get("resume")
+    run_dir = merged.get("run_dir")
+    return Recipe(src, seed, None if run_dir is None else str(run_dir),
+                  None if resume is None else str(resume), env, module, rule, trainer,
+                  OmegaConf.to_container(merged, resolve=True))
+
+
+def _rule_names() -> list[str]:
+    from unitrain.optim.base import registered_rules
+
+    return list(registered_rules())
+
+
+def _typed(cls: type, node: Any, prefix: str) -> Any:
+    """Validate ``node`` against dataclass ``cls`` and instantiate it."""
+    if node is None:
+        node = OmegaConf.create({})
+    if not isinstance(node, DictConfig):
+        raise ConfigError(prefix, f"expected a mapping of {cls.__name__} fields, got {node!r}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), node)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        key = f"{prefix}.{e.full_key}" if e.full_key else prefix
+        raise ConfigError(key, f"unknown key; valid keys: {', '.join(valid)}") from None
+    except ValidationError as e:
+        key = str(e.full_key or "")
+        value = _value_at(node, key)
+        expected = _expected_type(cls, key.split(".")[0]) if key else "a valid value"
+        raise ConfigError(f"{prefix}.{key}" if key else prefix,
+                          f"got {value!r}; expected {expected}") from None
+    except ConfigError as e:
+        raise e.prefixed(prefix) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(prefix, _first_line(e)) from None
+
+
+def _value_at(node: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(node, key)
+    except OmegaConfBaseException:
+        return "?"
+
+
+def _expected_type(cls: type, name: str) -> str:
+    hints = typing.get_type_hints(cls)
+    hint = hints.get(name)
+    if hint is None:
+        return "a valid value"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if hint in names:
+        return names[hint]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and args[0] in names:
+        return f"{names[args[0]]} or null"
+    return str(hint).replace("typing.", "")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def import_object(path: str, key: str = "module.target") -> Any:
+    """Import ``package.module.Name`` (or ``package.module:Name``)."""
+    modname, _, attr = path.replace(":", ".").rpartition(".")
+    try:
+        obj = importlib.import_module(modname) if modname else None
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except (ImportError, AttributeError, TypeError):
+        raise ConfigError(key, f"cannot import {path!r}; expected a class path such as "
+                               "unitrain.MLPPolicy or mypackage.models.Policy") from None
+
+
+def build_module(spec: dict[str, Any], info: EnvInfo, key: str = "module") -> RLModule:
+    """Construct the module of a ``module:`` block, filling env-derived arguments by name.
+
+    Args:
+        spec: ``{"target": class path, **constructor arguments}``.
+        info: the env's shapes (``obs_dim``, ``act_dim``, ``obs_shape``, ``discrete``).
+        key: the block's key, for error messages.
+    """
+    kwargs = dict(spec)
+    target = kwargs.pop("target")
+    cls = import_object(str(target), f"{key}.target") if isinstance(target, str) else target
+    if not (inspect.isclass(cls) and issubclass(cls, RLModule)):
+        raise ConfigError(f"{key}.target", f"{target!r} is not a unitrain.RLModule subclass")
+    params = inspect.signature(cls.__init__).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    names = [n for n in params if n != "self"]
+    for name in kwargs:
+        if name not in params and not accepts_any:
+            raise ConfigError(f"{key}.{name}", f"not an argument of {cls.__qualname__}; "
+                                               f"valid: {', '.join(names)}")
+    for name, value in info.module_kwargs().items():
+        if name in params and name not in kwargs:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(key, f"{cls.__qualname__}({_fmt(kwargs)}) failed: {_first_line(e)}") from None
+
+
+def _fmt(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())

@@ -1,0 +1,385 @@
+"""Environment specs and the TorchRL environment that unitrain collects from.
+
+An :class:`EnvSpec` names a gymnasium id (classic control, MuJoCo ``*-v5``, ``ALE/*``) and how
+many copies run vectorised in one process. :func:`make_env` turns it into :class:`VecGymEnv`, a
+TorchRL :class:`~torchrl.envs.EnvBase` over one gymnasium synchronous vector env with same-step
+autoreset. It is a lean replacement for ``GymWrapper`` on the hot path: observations are
+converted to float32 once per step, episode returns and lengths are tracked in numpy, and the
+final observation of an episode is returned as the ``next`` observation (for correct
+bootstrapping) while the reset observation waits for the partial reset that the collector issues.
+
+Atari ids get the usual preprocessing (Mnih et al. 2015; Machado et al. 2018): no-op starts,
+frame skip 4 with max-pooling, 84×84 grayscale, 4 stacked frames, and full action space off.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.envs import EnvBase
+
+from unitrain.errors import ConfigError, check
+
+__all__ = ["EnvSpec", "EnvInfo", "ObsNorm", "VecGymEnv", "make_env", "env_info", "derive_seed"]
+
+
+@dataclass
+class EnvSpec:
+    """What to collect from.
+
+    Args:
+        id: a registered gymnasium id, e.g. ``"CartPole-v1"``, ``"HalfCheetah-v5"``,
+            ``"ALE/Pong-v5"``.
+        num_envs: copies run vectorised in one process (per rank).
+        obs_norm: normalise observations with running mean/std (clipped to ±5), statistics
+            merged across ranks and saved in checkpoints.
+        max_episode_steps: override the env's time limit (``None`` keeps the registered one).
+        frame_stack: frames stacked for Atari ids (ignored otherwise).
+        kwargs: extra keyword arguments for ``gymnasium.make``.
+    """
+
+    id: str = "CartPole-v1"
+    num_envs: int = 8
+    obs_norm: bool = False
+    max_episode_steps: int | None = None
+    frame_stack: int = 4
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.num_envs, int) and self.num_envs >= 1, "num_envs",
+              "an integer >= 1", self.num_envs)
+        check(self.max_episode_steps is None or self.max_episode_steps >= 1,
+              "max_episode_steps", "an integer >= 1 or null", self.max_episode_steps)
+        check(self.frame_stack >= 1, "frame_stack", "an integer >= 1", self.frame_stack)
+        validate_env_id(self.id)
+
+    @property
+    def is_atari(self) -> bool:
+        return self.id.startswith("ALE/")
+
+
+def _register_ale() -> None:
+    try:
+        import ale_py
+    except ImportError:  # pragma: no cover - ale-py is a declared dependency
+        return
+    gym.register_envs(ale_py)
+
+
+def validate_env_id(env_id: str) -> None:
+    """Raise a :class:`ConfigError` naming close matches if ``env_id`` is not registered."""
+    if env_id.startswith("ALE/"):
+        _register_ale()
+    if env_id in gym.registry:
+        return
+    close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see gymnasium.registry for valid ids"
+    raise ConfigError("id", f"unknown gymnasium env {env_id!r}; {hint}")
+
+
+def derive_seed(*entropy: int) -> int:
+    """A 31-bit seed derived from integers (run seed, rank, stream, ...), collision-resistant."""
+    return int(np.random.SeedSequence([abs(int(e)) for e in entropy]).generate_state(1)[0] >> 1)
+
+
+def _make_single(spec: EnvSpec, render_mode: str | None = None) -> gym.Env:
+    kwargs = dict(spec.kwargs)
+    if spec.max_episode_steps is not None:
+        kwargs["max_episode_steps"] = spec.max_episode_steps
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    if spec.is_atari:
+        _register_ale()
+        # AtariPreprocessing does its own frame skipping; the base env must not skip.
+        env = gym.make(spec.id, frameskip=1, repeat_action_probability=0.25, **kwargs)
+        env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84,
+                                              terminal_on_life_loss=False, grayscale_obs=True)
+        return gym.wrappers.FrameStackObservation(env, spec.frame_stack)
+    return gym.make(spec.id, **kwargs)
+
+
+@dataclass
+class EnvInfo:
+    """The shapes a module needs, read from the env's spaces.
+
+    ``obs_dim`` is the flattened observation size; ``act_dim`` is the number of actions (discrete)
+    or the action vector size (continuous).
+    """
+
+    id: str
+    obs_shape: tuple[int, ...]
+    obs_dim: int
+    act_dim: int
+    discrete: bool
+    action_low: torch.Tensor | None = None
+    action_high: torch.Tensor | None = None
+    image: bool = False
+
+    def module_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments a module may take by name."""
+        return {"obs_dim": self.obs_dim, "act_dim": self.act_dim, "obs_shape": self.obs_shape,
+                "discrete": self.discrete}
+
+
+def env_info(spec: EnvSpec) -> EnvInfo:
+    """Read observation and action shapes for ``spec`` from one env instance."""
+    env = _make_single(spec)
+    try:
+        return _info_from_spaces(spec.id, env.observation_space, env.action_space)
+    finally:
+        env.close()
+
+
+def _info_from_spaces(env_id: str, obs_space: gym.Space, act_space: gym.Space) -> EnvInfo:
+    if not isinstance(obs_space, gym.spaces.Box):
+        raise ConfigError("id", f"{env_id}: observation space {obs_space} is not supported; "
+                                "unitrain supports Box observations")
+    obs_shape = tuple(int(s) for s in obs_space.shape)
+    image = obs_space.dtype == np.uint8
+    if isinstance(act_space, gym.spaces.Discrete):
+        return EnvInfo(env_id, obs_shape, math.prod(obs_shape), int(act_space.n), True, image=image)
+    if isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1:
+        return EnvInfo(env_id, obs_shape, math.prod(obs_shape), int(act_space.shape[0]), False,
+                       torch.as_tensor(act_space.low, dtype=torch.float32),
+                       torch.as_tensor(act_space.high, dtype=torch.float32), image=image)
+    raise ConfigError("id", f"{env_id}: action space {act_space} is not supported; "
+                            "unitrain supports Discrete and 1-D Box actions")
+
+
+class ObsNorm(nn.Module):
+    """Running mean/variance of observations; normalises and clips to ``±clip``.
+
+    Statistics are merged with the parallel-variance formula (Chan et al. 1979), which is also
+    how ranks combine theirs (:meth:`merge`).
+    """
+
+    def __init__(self, shape: tuple[int, ...], clip: float = 5.0, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.clip, self.eps = clip, eps
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(shape, dtype=torch.float64))
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold a batch ``[B, *shape]`` into the statistics."""
+        x = x.detach().to(torch.float64).reshape(-1, *self.mean.shape)
+        self.merge(torch.tensor(float(x.shape[0]), dtype=torch.float64), x.mean(0),
+                   x.var(0, unbiased=False) * x.shape[0])
+
+    def merge(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Merge statistics ``(count, mean, m2)`` from another stream."""
+        total = self.count + count
+        if total <= 0:
+            return
+        delta = mean - self.mean
+        self.mean += delta * (count / total)
+        self.m2 += m2 + delta.pow(2) * self.count * count / total
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count <= 1:
+            return x
+        std = (self.m2 / self.count).sqrt().to(x.dtype) + self.eps
+        return ((x - self.mean.to(x.dtype)) / std).clamp(-self.clip, self.clip)
+
+
+class _Running:
+    """Per-step mutable state of a :class:`VecGymEnv`.
+
+    Kept off the env itself: every attribute assignment on an ``EnvBase`` (an ``nn.Module``)
+    goes through two ``__setattr__`` overrides, which adds up at one assignment per step.
+    """
+
+    __slots__ = ("obs", "ep_return", "ep_length")
+
+    def __init__(self, num_envs: int) -> None:
+        self.obs: torch.Tensor | None = None  # what the next step starts from
+        self.ep_return = np.zeros(num_envs)
+        self.ep_length = np.zeros(num_envs, dtype=np.int64)
+
+
+class VecGymEnv(EnvBase):
+    """``num_envs`` copies of a gymnasium env in one process, as a batched TorchRL env.
+
+    The gymnasium vector env autoresets in the same step, so when episode ``i`` ends,
+    ``("next", "observation")[i]`` is the episode's final observation (for bootstrapping) and the
+    first observation of the next episode is what the env delivers as ``"observation"`` on the
+    following step: directly from :meth:`step_and_maybe_reset` (the collector's path), or from
+    the partial reset that :meth:`~torchrl.envs.EnvBase.maybe_reset` issues after :meth:`step`.
+
+    Args:
+        spec: what to run.
+        seed: seed of the first reset (env ``i`` gets ``seed + i``).
+        obs_norm: shared :class:`ObsNorm`, or ``None``.
+        update_norm: whether stepping this env updates ``obs_norm`` (training) or not (evaluation).
+        num_envs: overrides ``spec.num_envs``.
+
+    Attributes:
+        finished: ``(return, length)`` of the episodes completed since the last
+            :meth:`pop_finished`, in completion order.
+        episodes_done: number of completed episodes per env slot, ``[num_envs]`` int64.
+    """
+
+    _batch_locked = True
+    _DONE_KEYS = ("done", "terminated", "truncated")
+    # Root entries that do not carry over to the next step's input (as in ``step_mdp``).
+    _NOT_CARRIED = frozenset(("next", "reward", "_reset", *_DONE_KEYS))
+
+    def __init__(self, spec: EnvSpec, seed: int = 0, obs_norm: ObsNorm | None = None,
+                 update_norm: bool = True, num_envs: int | None = None) -> None:
+        n = spec.num_envs if num_envs is None else num_envs
+        check(isinstance(n, int) and n >= 1, "num_envs", "an integer >= 1", n)
+        super().__init__(batch_size=torch.Size([n]), device=torch.device("cpu"))
+        self.spec_ = spec
+        self.num_envs = n
+        # copy=False: _as_array copies every observation batch anyway.
+        self.vec = gym.vector.SyncVectorEnv(
+            [lambda: _make_single(spec) for _ in range(n)], copy=False,
+            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        self.info = _info_from_spaces(spec.id, self.vec.single_observation_space,
+                                      self.vec.single_action_space)
+        self._obs_dtype = np.uint8 if self.info.image else np.float32
+        self.obs_norm, self.update_norm = obs_norm, update_norm
+        self._seed: int | None = seed
+        self._run = _Running(n)
+        self.finished: list[tuple[float, int]] = []
+        self.episodes_done = np.zeros(n, dtype=np.int64)
+        self._make_specs()
+
+    def _make_specs(self) -> None:
+        n, info = self.num_envs, self.info
+        if info.image:
+            obs = Bounded(0, 255, shape=(n, *info.obs_shape), dtype=torch.uint8)
+        else:
+            obs = Unbounded(shape=(n, *info.obs_shape), dtype=torch.float32)
+        self.observation_spec = Composite(observation=obs, shape=(n,))
+        self._low: np.ndarray | None = None
+        self._high: np.ndarray | None = None
+        if info.discrete:
+            self.action_spec = Categorical(info.act_dim, shape=(n,), dtype=torch.int64)
+        else:
+            self.action_spec = Bounded(info.action_low.expand(n, -1), info.action_high.expand(n, -1),
+                                       shape=(n, info.act_dim), dtype=torch.float32)
+            self._low = info.action_low.numpy()
+            self._high = info.action_high.numpy()
+        self.reward_spec = Unbounded(shape=(n, 1), dtype=torch.float32)
+        self.done_spec = Composite(
+            done=Categorical(2, shape=(n, 1), dtype=torch.bool),
+            terminated=Categorical(2, shape=(n, 1), dtype=torch.bool),
+            truncated=Categorical(2, shape=(n, 1), dtype=torch.bool), shape=(n,))
+
+    def _as_array(self, obs: np.ndarray) -> np.ndarray:
+        """A private copy of a batch of observations, in the spec's dtype.
+
+        The vector env runs with ``copy=False`` and overwrites its buffer at every step; for
+        float observations the copy is also the float64 → float32 conversion.
+        """
+        return np.array(obs, dtype=self._obs_dtype)
+
+    def _to_tensor(self, obs: np.ndarray, update: bool) -> torch.Tensor:
+        t = torch.from_numpy(obs)
+        if self.obs_norm is not None:
+            if update and self.update_norm:
+                self.obs_norm.update(t)
+            t = self.obs_norm(t).to(torch.float32)
+        return t
+
+    def _td(self, entries: dict[str, Any]) -> TensorDict:
+        # Entries are built here with the env's batch size, on the env's device: the validation
+        # the public constructor runs on every entry would only repeat that (TorchRL's own
+        # gym/brax wrappers build their step outputs the same way).
+        return TensorDict._new_unsafe(entries, batch_size=self.batch_size, device=self.device)
+
+    def _not_done(self) -> dict[str, torch.Tensor]:
+        return {key: torch.zeros(self.num_envs, 1, dtype=torch.bool) for key in self._DONE_KEYS}
+
+    def _set_seed(self, seed: int | None) -> None:
+        self._seed = seed
+
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: Any) -> TensorDictBase:
+        run = self._run
+        partial = tensordict is not None and "_reset" in tensordict.keys()
+        if not partial or run.obs is None:
+            obs, _ = self.vec.reset(seed=self._seed)
+            self._seed = None
+            run.ep_return[:] = 0.0
+            run.ep_length[:] = 0
+            run.obs = self._to_tensor(self._as_array(obs), update=True)
+        # With same-step autoreset, envs that finished were already reset in _step and their
+        # first observation is waiting in run.obs.
+        return self._td({"observation": run.obs, **self._not_done()})
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        run = self._run
+        action = tensordict.get("action").detach().cpu().numpy()
+        if self._low is not None:
+            action = np.clip(action, self._low, self._high)
+        obs, reward, terminated, truncated, infos = self.vec.step(action)
+        done = terminated | truncated
+        run.ep_return += reward
+        run.ep_length += 1
+        first_obs = self._as_array(obs)
+        last_obs = first_obs
+        any_done = bool(done.any())
+        if any_done:
+            final = infos["final_obs"]
+            last_obs = first_obs.copy()
+            for i in np.flatnonzero(done):
+                last_obs[i] = final[i]
+                self.finished.append((float(run.ep_return[i]), int(run.ep_length[i])))
+            self.episodes_done += done
+            run.ep_return[done] = 0.0
+            run.ep_length[done] = 0
+        next_obs = self._to_tensor(last_obs, update=True)
+        run.obs = self._to_tensor(first_obs, update=False) if any_done else next_obs
+        return self._td({
+            "observation": next_obs,
+            "reward": torch.from_numpy(reward.astype(np.float32)).unsqueeze(-1),
+            "done": torch.from_numpy(done).unsqueeze(-1),
+            "terminated": torch.from_numpy(terminated).unsqueeze(-1),
+            "truncated": torch.from_numpy(truncated).unsqueeze(-1),
+        })
+
+    def _step_and_maybe_reset(
+            self, tensordict: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase]:
+        """Step; return the step's data and the input of the next step.
+
+        The same result as the base class's ``step`` → ``step_mdp`` → ``maybe_reset``, without
+        their generic key bookkeeping: the vector env has already reset finished episodes, so the
+        next input is the root entries of ``tensordict`` (action and any other policy outputs)
+        with the current observations and cleared done flags.
+        """
+        if tensordict.device != self.device or "_step" in tensordict.keys():
+            return super()._step_and_maybe_reset(tensordict)
+        if tensordict.batch_size != self.batch_size:
+            raise RuntimeError(f"Expected a tensordict with batch size {self.batch_size}, "
+                               f"got {tensordict.batch_size}")
+        tensordict.set("next", self._step(tensordict))
+        carried = {key: value.copy() if isinstance(value, TensorDictBase) else value
+                   for key, value in tensordict.items() if key not in self._NOT_CARRIED}
+        return tensordict, self._td({**carried, "observation": self._run.obs, **self._not_done()})
+
+    def pop_finished(self) -> list[tuple[float, int]]:
+        """Return and clear the (return, length) pairs of episodes completed since the last call."""
+        out, self.finished = self.finished, []
+        return out
+
+    def close(self, *, raise_if_closed: bool = True) -> None:
+        self.vec.close()
+        super().close(raise_if_closed=raise_if_closed)
+
+
+def make_env(spec: EnvSpec, seed: int, obs_norm: ObsNorm | None = None,
+             update_norm: bool = True, num_envs: int | None = None) -> VecGymEnv:
+    """Build the vectorised TorchRL env for ``spec``, seeded with ``seed``."""
+    return VecGymEnv(spec, seed=seed, obs_norm=obs_norm, update_norm=update_norm,
+                     num_envs=num_envs)

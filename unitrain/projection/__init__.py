@@ -1,0 +1,68 @@
+"""Projection-based training: a network as a feasibility problem solved by projections.
+
+Implements the numerical core of Bergmeister et al., "A projection-based framework for
+gradient-free and parallel learning" (arXiv:2506.05878): closed-form projections onto the graphs
+of elementary operations (:mod:`.operators`), the split of a ReLU network into per-operation
+constraints and copy consistency (:mod:`.graph`), and the Douglas-Rachford and
+alternating-projection solvers over that split (:mod:`.solvers`).
+"""
+
+from unitrain.projection.graph import (
+    SUPPORTED_LAYERS,
+    CrossEntropyOutput,
+    LinearStage,
+    MarginOutput,
+    OneVsRestOutput,
+    OutputConstraint,
+    ProjectionGraph,
+    ReduceMean,
+    ReLUStage,
+    SquaredErrorOutput,
+    State,
+)
+from unitrain.projection.operators import (
+    project_dot,
+    project_equal,
+    project_margin,
+    project_one_vs_rest,
+    project_relu,
+    project_sum,
+    prox_cross_entropy,
+    prox_squared_error,
+)
+from unitrain.projection.solvers import (
+    Method,
+    SolveResult,
+    alternating_projections,
+    douglas_rachford,
+    fit_batch,
+    solve,
+)
+
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "CrossEntropyOutput",
+    "LinearStage",
+    "MarginOutput",
+    "Method",
+    "OneVsRestOutput",
+    "OutputConstraint",
+    "ProjectionGraph",
+    "ReLUStage",
+    "ReduceMean",
+    "SolveResult",
+    "SquaredErrorOutput",
+    "State",
+    "alternating_projections",
+    "douglas_rachford",
+    "fit_batch",
+    "project_dot",
+    "project_equal",
+    "project_margin",
+    "project_one_vs_rest",
+    "project_relu",
+    "project_sum",
+    "prox_cross_entropy",
+    "prox_squared_error",
+    "solve",
+]

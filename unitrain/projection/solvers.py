@@ -1,0 +1,208 @@
+"""Douglas-Rachford and alternating projections over the two-set split of a network's graph.
+
+The feasibility problem of :class:`~unitrain.projection.graph.ProjectionGraph` has two sets: A,
+every operation on its graph (and the output constraint), and B, all copies consistent. Both
+projections are cheap and parallel across operations and samples, which is the premise of
+Bergmeister et al., "A projection-based framework for gradient-free and parallel learning"
+(arXiv:2506.05878). Each mini-batch starts from a forward pass, runs a fixed number of
+iterations, and writes the consensus parameters back into the module.
+
+The reported violation of an iterate is ``dist(x, B)`` for ``x = P_A(z)``: how far the
+operation-wise projected copies are from agreeing, divided by ``sqrt(batch size)``. It is zero
+exactly at a point of both sets (and at a fixed point of Douglas-Rachford, also when the output
+"constraint" is a proximal step). With several processes it is the local part of that distance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from unitrain.projection.graph import OutputConstraint, ProjectionGraph, ReduceMean, State
+
+__all__ = [
+    "Method",
+    "SolveResult",
+    "douglas_rachford",
+    "alternating_projections",
+    "solve",
+    "fit_batch",
+]
+
+Method = Literal["douglas_rachford", "alternating_projections"]
+
+
+@dataclass
+class SolveResult:
+    """Outcome of a solve on one batch.
+
+    Attributes:
+        state: the consistent state ``P_B(P_A(z))`` of the last iterate; its parameter copies
+            are the consensus parameters.
+        violation: ``dist(P_A(z_k), B)`` for every iteration ``k``, shape ``(iterations,)``.
+    """
+
+    state: State
+    violation: Tensor
+
+
+def _lincomb(terms: list[tuple[float, State]]) -> State:
+    keys = terms[0][1].keys()
+    return {k: sum(c * s[k] for c, s in terms) for k in keys}  # type: ignore[misc]
+
+
+def _check_iterations(iterations: int) -> None:
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+
+
+@torch.no_grad()
+def douglas_rachford(
+    graph: ProjectionGraph,
+    state: State,
+    inputs: Tensor,
+    targets: Tensor,
+    output: OutputConstraint,
+    iterations: int = 50,
+    reduce_mean: ReduceMean | None = None,
+) -> SolveResult:
+    """Douglas-Rachford splitting ``z <- z/2 + R_B R_A z / 2`` with ``R = 2P - I``.
+
+    Written with the shadow ``x = P_A(z)``: ``z <- z + P_B(2x - z) - x``. Because ``P_B`` is
+    affine, ``P_B(2x - z) = 2 P_B(x) - P_B(z)``, and after an update
+    ``P_B(z + P_B(2x - z) - x) = P_B(x)``; so one consistency projection per iteration serves the
+    update, the violation and the consensus, and ``reduce_mean`` is called once per iteration.
+
+    Args:
+        graph: the network's feasibility problem.
+        state: the starting point ``z_0``, usually :meth:`ProjectionGraph.init_state`.
+        inputs: the batch's inputs (fixed data).
+        targets: the batch's targets for ``output``.
+        output: the constraint on the network output.
+        iterations: number of iterations.
+        reduce_mean: elementwise mean over processes, for the parameter consensus.
+
+    Returns:
+        The consistent state of the last shadow and the violation per iteration.
+    """
+    _check_iterations(iterations)
+    z = state
+    pb_z = graph.project_consistency(z, inputs, reduce_mean)
+    violation = []
+    pb_x = pb_z
+    for _ in range(iterations):
+        x = graph.project_ops(z, output, targets)
+        pb_x = graph.project_consistency(x, inputs, reduce_mean)
+        violation.append(ProjectionGraph.distance(x, pb_x))
+        # P_B(2x - z) = 2 P_B(x) - P_B(z); z <- z + P_B(2x - z) - x.
+        z = _lincomb([(1.0, z), (2.0, pb_x), (-1.0, pb_z), (-1.0, x)])
+        pb_z = pb_x
+    return SolveResult(state=pb_x, violation=torch.stack(violation))
+
+
+@torch.no_grad()
+def alternating_projections(
+    graph: ProjectionGraph,
+    state: State,
+    inputs: Tensor,
+    targets: Tensor,
+    output: OutputConstraint,
+    iterations: int = 50,
+    reduce_mean: ReduceMean | None = None,
+) -> SolveResult:
+    """Alternating projections ``z <- P_B(P_A(z))``.
+
+    Args:
+        graph: the network's feasibility problem.
+        state: the starting point, usually :meth:`ProjectionGraph.init_state`.
+        inputs: the batch's inputs (fixed data).
+        targets: the batch's targets for ``output``.
+        output: the constraint on the network output.
+        iterations: number of iterations.
+        reduce_mean: elementwise mean over processes, for the parameter consensus.
+
+    Returns:
+        The last consistent state and the violation per iteration.
+    """
+    _check_iterations(iterations)
+    z = state
+    violation = []
+    for _ in range(iterations):
+        x = graph.project_ops(z, output, targets)
+        z = graph.project_consistency(x, inputs, reduce_mean)
+        violation.append(ProjectionGraph.distance(x, z))
+    return SolveResult(state=z, violation=torch.stack(violation))
+
+
+_METHODS = {
+    "douglas_rachford": douglas_rachford,
+    "alternating_projections": alternating_projections,
+}
+
+
+def solve(
+    graph: ProjectionGraph,
+    state: State,
+    inputs: Tensor,
+    targets: Tensor,
+    output: OutputConstraint,
+    method: Method = "douglas_rachford",
+    iterations: int = 50,
+    reduce_mean: ReduceMean | None = None,
+) -> SolveResult:
+    """Run ``method`` from ``state``; the arguments are those of :func:`douglas_rachford`.
+
+    Args:
+        graph: the network's feasibility problem.
+        state: the starting point.
+        inputs: the batch's inputs.
+        targets: the batch's targets.
+        output: the constraint on the network output.
+        method: ``"douglas_rachford"`` or ``"alternating_projections"``.
+        iterations: number of iterations.
+        reduce_mean: elementwise mean over processes.
+
+    Returns:
+        The solver's result.
+
+    Raises:
+        ValueError: unknown method.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown projection method {method!r}; choose one of {sorted(_METHODS)}")
+    return _METHODS[method](graph, state, inputs, targets, output, iterations, reduce_mean)
+
+
+def fit_batch(
+    graph: ProjectionGraph,
+    inputs: Tensor,
+    targets: Tensor,
+    output: OutputConstraint,
+    method: Method = "douglas_rachford",
+    iterations: int = 50,
+    reduce_mean: ReduceMean | None = None,
+) -> SolveResult:
+    """One training step: initialise from a forward pass, solve, write the consensus back.
+
+    Args:
+        graph: the network's feasibility problem; its module's parameters are updated.
+        inputs: the batch's inputs ``(B, in_features)``.
+        targets: the batch's targets for ``output``.
+        output: the constraint on the network output.
+        method: ``"douglas_rachford"`` or ``"alternating_projections"``.
+        iterations: iterations on this batch.
+        reduce_mean: elementwise mean over processes; with several ranks it must average over
+            all of them (e.g. an all-reduce sum divided by the world size), and every rank must
+            call this function the same number of times.
+
+    Returns:
+        The solver's result.
+    """
+    state = graph.init_state(inputs)
+    result = solve(graph, state, inputs, targets, output, method, iterations, reduce_mean)
+    # The result state is consistent, so its parameter copies already agree across ranks.
+    graph.write_parameters(result.state, reduce_mean=lambda t: t)
+    return result

@@ -1,0 +1,240 @@
+"""``unitrain.Trainer``: a ``lightning.Trainer`` that runs an update rule over an environment.
+
+The Trainer owns the loop, the processes, callbacks, loggers and checkpoints; the module owns the
+networks; the rule owns how parameters change. Defaults added on top of Lightning's:
+
+- a TensorBoard logger writing into the run directory, scalars stepped by env frames;
+- ``ModelCheckpoint`` keeping ``last.ckpt`` and the best evaluation (``eval/return_mean``);
+- optional ``EarlyStopping`` on ``eval/return_mean`` (``early_stop=``);
+- the progress bar showing the latest episode return, frames/s and frames;
+- ``max_frames``: the env-frame budget, summed over all processes;
+- ``strategy="ddp"``: one process per device; ranks collect with their own env seeds and the
+  rule synchronises what it needs (gradients, fitness) with explicit collectives. The module is
+  not wrapped in ``DistributedDataParallel``: rules run any number of backward passes per
+  iteration (or none), through losses whose parameters live outside the forward pass.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.overrides.distributed import _sync_module_states
+
+from unitrain.context import RunContext
+from unitrain.envs import EnvSpec
+from unitrain.errors import UserError, check
+from unitrain.module import RLModule
+from unitrain.optim.base import UpdateRule
+
+__all__ = ["Trainer", "RuleDDPStrategy", "EarlyStop"]
+
+_RUN_DIR_ENV = "UNITRAIN_RUN_DIR"
+
+
+class RuleDDPStrategy(DDPStrategy):
+    """Lightning's DDP process launch and process group, without the ``DistributedDataParallel``
+    wrapper: rank 0's parameters and buffers are broadcast once, then the rule synchronises."""
+
+    strategy_name = "unitrain_ddp"
+
+    def configure_ddp(self) -> None:
+        assert self.model is not None
+        _sync_module_states(self.model)
+
+
+@dataclass
+class EarlyStop:
+    """Stop when the evaluation return reaches ``threshold`` or stops improving.
+
+    Args:
+        threshold: stop once ``eval/return_mean`` ≥ this value (``None``: no threshold).
+        patience: evaluations without improvement before stopping.
+    """
+
+    threshold: float | None = None
+    patience: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        check(self.patience >= 1, "patience", "an integer >= 1", self.patience)
+
+
+class Trainer(L.Trainer):
+    """Train an :class:`~unitrain.RLModule` with an update rule.
+
+    Args:
+        env: a gymnasium id or an :class:`~unitrain.envs.EnvSpec` (``None`` for supervised runs
+            that pass a dataloader to :meth:`fit`).
+        optimizer: the update rule, e.g. ``unitrain.optim.PPO()``.
+        max_frames: env-frame budget summed over processes (``None``: no budget).
+        num_envs: shortcut for ``EnvSpec.num_envs`` when ``env`` is an id.
+        eval_every: rule iterations between deterministic evaluations (and checkpoints).
+        eval_episodes: episodes per evaluation, split across processes.
+        early_stop: an :class:`EarlyStop` (or dict of its fields) on ``eval/return_mean``.
+        seed: seeds networks, envs (per rank) and the rule.
+        num_threads: torch intra-op threads per process (default: the cores divided among the
+            processes on this machine).
+        run_dir: where logs, checkpoints and ``summary.json`` go (default ``runs/<env>-<rule>/<time>``).
+        devices, strategy, accelerator, callbacks, logger, **kwargs: as for ``lightning.Trainer``;
+            ``strategy="ddp"`` selects unitrain's DDP launch.
+    """
+
+    def __init__(self, env: str | EnvSpec | None = None, optimizer: UpdateRule | None = None, *,
+                 max_frames: int | None = None, num_envs: int | None = None, eval_every: int = 10,
+                 eval_episodes: int = 10, early_stop: EarlyStop | dict | None = None, seed: int = 0,
+                 num_threads: int | None = None,
+                 run_dir: str | os.PathLike | None = None, devices: Any = 1, strategy: Any = "auto",
+                 accelerator: str = "auto", callbacks: list | None = None, logger: Any = True,
+                 **kwargs: Any) -> None:
+        if not isinstance(optimizer, UpdateRule):
+            raise UserError("Trainer: optimizer= must be an update rule, e.g. unitrain.optim.PPO(); "
+                            f"got {type(optimizer).__name__}")
+        if isinstance(env, str):
+            env = EnvSpec(id=env, num_envs=num_envs or EnvSpec.num_envs)
+        check(max_frames is None or max_frames > 0, "trainer.max_frames", "an integer > 0", max_frames)
+        check(eval_every >= 1, "trainer.eval_every", "an integer >= 1", eval_every)
+        check(eval_episodes >= 1, "trainer.eval_episodes", "an integer >= 1", eval_episodes)
+        check(num_threads is None or num_threads >= 1, "trainer.num_threads", "an integer >= 1 or null",
+              num_threads)
+        if isinstance(early_stop, dict):
+            early_stop = EarlyStop(**early_stop)
+        self.env_spec, self.rule = env, optimizer
+        self.max_frames, self.seed, self.num_threads = max_frames, seed, num_threads
+        self.eval_every, self.eval_episodes = eval_every, eval_episodes
+        self.run_dir = _resolve_run_dir(run_dir, env, optimizer)
+        self.summary: dict[str, Any] | None = None
+        L.seed_everything(seed, workers=True, verbose=False)
+
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(ModelCheckpoint(
+                dirpath=self.run_dir / "checkpoints", filename="best", monitor="eval/return_mean",
+                mode="max", save_last=True, save_top_k=1, auto_insert_metric_name=False))
+        if early_stop is not None:
+            callbacks.append(EarlyStopping(monitor="eval/return_mean", mode="max",
+                                           patience=early_stop.patience,
+                                           stopping_threshold=early_stop.threshold,
+                                           check_on_train_epoch_end=False))
+        if not any(isinstance(c, TQDMProgressBar) for c in callbacks):
+            callbacks.append(TQDMProgressBar(refresh_rate=1))
+        if logger is True:
+            logger = TensorBoardLogger(save_dir=str(self.run_dir), name="", version="",
+                                       default_hp_metric=False)
+        if strategy == "ddp" or (strategy == "auto" and _many(devices)):
+            strategy = RuleDDPStrategy()
+        if accelerator == "auto" and not torch.cuda.is_available():
+            accelerator = "cpu"
+        kwargs.setdefault("max_epochs", -1)
+        kwargs.setdefault("num_sanity_val_steps", 0)
+        kwargs.setdefault("log_every_n_steps", 1)
+        kwargs.setdefault("use_distributed_sampler", False)
+        kwargs.setdefault("enable_model_summary", False)
+        super().__init__(devices=devices, strategy=strategy, accelerator=accelerator,
+                         callbacks=callbacks, logger=logger, default_root_dir=str(self.run_dir),
+                         **kwargs)
+
+    def fit(self, model: RLModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
+            datamodule: Any = None, ckpt_path: str | None = None, **kwargs: Any) -> None:
+        """Train ``model``; ``ckpt_path`` resumes a run from a checkpoint (``"last"`` allowed).
+
+        Afterwards :attr:`summary` holds the final evaluation, frames, wall time and checkpoint
+        path, also written to ``summary.json`` in the run directory.
+        """
+        if not isinstance(model, RLModule):
+            raise UserError(f"Trainer.fit: {type(model).__name__} is not a unitrain.RLModule; "
+                            "subclass unitrain.RLModule to train it with an update rule")
+        if self.env_spec is None and train_dataloaders is None and datamodule is None:
+            raise UserError("Trainer.fit: give the Trainer an env= or pass train_dataloaders")
+        start = time.perf_counter()
+        ctx = RunContext(model, self.rule, self.env_spec, self.seed, self.max_frames,
+                         self.eval_every, self.eval_episodes, self.num_threads)
+        model._ctx = ctx
+        if self.env_spec is not None and train_dataloaders is None:
+            train_dataloaders, val_dataloaders = ctx.train_iterable(), ctx.val_iterable()
+        self._log_run_config(model)
+        if ckpt_path == "last":
+            ckpt_path = str(self.run_dir / "checkpoints" / "last.ckpt")
+        super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+        self.summary = self._summarize(ctx, time.perf_counter() - start)
+
+    def _log_run_config(self, model: RLModule) -> None:
+        hp: dict[str, Any] = {"seed": self.seed, "max_frames": self.max_frames,
+                              "devices": self.num_devices if hasattr(self, "num_devices") else 1}
+        hp.update({f"module/{k}": v for k, v in dict(model.hparams).items()})
+        hp["module/class"] = type(model).__qualname__
+        hp.update({f"optimizer/{k}": v for k, v in self.rule.config().items()})
+        if self.env_spec is not None:
+            hp.update({f"env/{k}": v for k, v in vars(self.env_spec).items() if k != "kwargs"})
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(
+                    {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hp.items()},
+                    metrics={"final/return_mean": float("nan")})
+            else:
+                logger.log_hyperparams(hp)
+
+    def _summarize(self, ctx: RunContext, wall_s: float) -> dict[str, Any]:
+        ckpt = next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
+        final = ctx.final_eval or {}
+        summary = {
+            "eval/return_mean": final.get("return_mean"),
+            "eval/return_std": final.get("return_std"),
+            "eval/episodes": final.get("episodes"),
+            "frames": ctx.frames,
+            "iterations": ctx.iteration,
+            "wall_s": round(wall_s, 2),
+            "checkpoint": (ckpt.last_model_path or None) if ckpt else None,
+            "best_checkpoint": (ckpt.best_model_path or None) if ckpt else None,
+            "run_dir": str(self.run_dir),
+            "optimizer": self.rule.name,
+            "env": self.env_spec.id if self.env_spec else None,
+            "seed": self.seed,
+            "world_size": ctx.world_size,
+        }
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger) and final:
+                logger.log_metrics({"final/return_mean": final["return_mean"]}, step=ctx.frames)
+        _write_summary(self.run_dir, summary)
+        return summary
+
+
+@rank_zero_only
+def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _many(devices: Any) -> bool:
+    if isinstance(devices, int):
+        return devices > 1 or devices == -1
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    return isinstance(devices, str) and devices not in ("1", "auto")
+
+
+def _resolve_run_dir(run_dir: str | os.PathLike | None, env: EnvSpec | None,
+                     rule: UpdateRule) -> Path:
+    """The run directory, identical in every process of a multi-process run."""
+    if run_dir is None and "LOCAL_RANK" in os.environ:
+        run_dir = os.environ.get(_RUN_DIR_ENV)
+    if run_dir is None:
+        env_name = re.sub(r"[^A-Za-z0-9]+", "-", env.id if env else "supervised").strip("-").lower()
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{env_name}-{rule.name}" / stamp
+    path = Path(run_dir)
+    # Processes started by the DDP launcher inherit the environment, hence the same directory.
+    os.environ[_RUN_DIR_ENV] = str(path)
+    return path
+
