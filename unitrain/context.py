@@ -82,6 +82,7 @@ class RunContext:
         self.last_eval: dict[str, float] | None = None
         self.final_eval: dict[str, float] | None = None
         self._train_env: VecGymEnv | None = None
+        self.train_env_seed: int | None = None
         self._eval_envs: dict[int, VecGymEnv] = {}
         self._last_return = float("nan")
         self._clock: float | None = None
@@ -110,8 +111,9 @@ class RunContext:
         if self._train_env is None:
             assert self.env_spec is not None, "this run has no env"
             # The frame count enters the seed so that a resumed run starts fresh episodes.
-            self._train_env = make_env(self.env_spec, derive_seed(self.seed, _TRAIN_ENV, self.rank, self.frames),
-                                       self.obs_norm, update_norm=True)
+            self.train_env_seed = derive_seed(self.seed, _TRAIN_ENV, self.rank, self.frames)
+            self._train_env = make_env(self.env_spec, self.train_env_seed, self.obs_norm,
+                                       update_norm=True)
         return self._train_env
 
     def make_env(self, num_envs: int, seed: int, train: bool = False) -> VecGymEnv:

@@ -4,7 +4,7 @@ The Trainer owns the loop, the processes, callbacks, loggers and checkpoints; th
 networks; the rule owns how parameters change. Defaults added on top of Lightning's:
 
 - a TensorBoard logger writing into the run directory, scalars stepped by env frames;
-- ``ModelCheckpoint`` keeping ``last.ckpt`` and the best evaluation (``eval/return_mean``);
+- ``ModelCheckpoint``: ``last.ckpt`` after every evaluation and ``best.ckpt`` (``eval/return_mean``);
 - optional ``EarlyStopping`` on ``eval/return_mean`` (``early_stop=``);
 - the progress bar showing the latest episode return, frames/s and frames;
 - ``max_frames``: the env-frame budget, summed over all processes;
@@ -119,9 +119,15 @@ class Trainer(L.Trainer):
 
         callbacks = list(callbacks or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(ModelCheckpoint(
-                dirpath=self.run_dir / "checkpoints", filename="best", monitor="eval/return_mean",
-                mode="max", save_last=True, save_top_k=1, auto_insert_metric_name=False))
+            ckpt_dir = self.run_dir / "checkpoints"
+            # Two callbacks: Lightning's save_last only fires when the monitored checkpoint is
+            # rewritten, and a resumable run needs the latest state after every evaluation.
+            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None,
+                                             save_top_k=1, enable_version_counter=False))
+            if env is not None:
+                callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best",
+                                                 monitor="eval/return_mean", mode="max",
+                                                 save_top_k=1, enable_version_counter=False))
         if early_stop is not None:
             callbacks.append(EarlyStopping(monitor="eval/return_mean", mode="max",
                                            patience=early_stop.patience,
@@ -186,7 +192,9 @@ class Trainer(L.Trainer):
                 logger.log_hyperparams(hp)
 
     def _summarize(self, ctx: RunContext, wall_s: float) -> dict[str, Any]:
-        ckpt = next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
+        ckpts = [c for c in self.callbacks if isinstance(c, ModelCheckpoint)]
+        last = next((c.best_model_path for c in ckpts if c.monitor is None and c.best_model_path), None)
+        best = next((c.best_model_path for c in ckpts if c.monitor and c.best_model_path), None)
         final = ctx.final_eval or {}
         summary = {
             "eval/return_mean": final.get("return_mean"),
@@ -195,8 +203,8 @@ class Trainer(L.Trainer):
             "frames": ctx.frames,
             "iterations": ctx.iteration,
             "wall_s": round(wall_s, 2),
-            "checkpoint": (ckpt.last_model_path or None) if ckpt else None,
-            "best_checkpoint": (ckpt.best_model_path or None) if ckpt else None,
+            "checkpoint": last,
+            "best_checkpoint": best,
             "run_dir": str(self.run_dir),
             "optimizer": self.rule.name,
             "env": self.env_spec.id if self.env_spec else None,

@@ -1,0 +1,130 @@
+"""The command line: bad input gives one line, exit code 2, no traceback; listing; evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SMALL_RECIPE, run_cli
+from unitrain.cli import main
+
+
+def _fail(capsys, *argv: str) -> str:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_recipe(capsys, tmp_path):
+    err = _fail(capsys, "fit", str(tmp_path / "nope.yaml"))
+    assert "nope.yaml" in err and "no such recipe file" in err
+
+
+def test_yaml_syntax_error(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("env:\n  id: CartPole-v1\n  num_envs: [1, 2\n")
+    err = _fail(capsys, "fit", str(bad))
+    assert "bad.yaml" in err and "YAML syntax error at line" in err
+
+
+def test_unknown_key(capsys, small_recipe):
+    err = _fail(capsys, "fit", str(small_recipe), "optimizer.lr_rate=0.1")
+    assert "small.yaml" in err and "optimizer.lr_rate" in err and "valid keys:" in err
+    assert "lr," in err  # the valid keys are listed
+
+
+def test_wrong_type(capsys, small_recipe):
+    err = _fail(capsys, "fit", str(small_recipe), "optimizer.clip=abc")
+    assert "optimizer.clip" in err and "'abc'" in err and "expected a number" in err
+
+
+@pytest.mark.parametrize("override,key,valid", [
+    ("trainer.max_frames=-5", "trainer.max_frames", "> 0"),
+    ("env.num_envs=0", "env.num_envs", ">= 1"),
+    ("optimizer.clip=1.5", "optimizer.clip", "(0, 1)"),
+])
+def test_out_of_range(capsys, small_recipe, override, key, valid):
+    err = _fail(capsys, "fit", str(small_recipe), override)
+    assert key in err and valid in err
+
+
+def test_unknown_env(capsys, small_recipe):
+    err = _fail(capsys, "fit", str(small_recipe), "env.id=CartPole-v2")
+    assert "env.id" in err and "CartPole-v2" in err and "CartPole-v1" in err
+
+
+def test_unknown_rule(capsys, small_recipe):
+    err = _fail(capsys, "fit", str(small_recipe), "optimizer.name=sgd")
+    assert "optimizer.name" in err and "'sgd'" in err and "ppo" in err
+
+
+def test_unknown_module_argument(capsys, small_recipe):
+    err = _fail(capsys, "fit", str(small_recipe), "module.width=3")
+    assert "module.width" in err and "hidden" in err
+
+
+def test_resume_missing_checkpoint(capsys, small_recipe, tmp_path):
+    err = _fail(capsys, "fit", str(small_recipe), f"resume={tmp_path / 'x.ckpt'}")
+    assert "resume=" in err and "no checkpoint" in err
+    err = _fail(capsys, "fit", str(small_recipe), f"run_dir={tmp_path / 'empty'}", "resume=last")
+    assert "resume=last" in err
+
+
+def test_resume_corrupt_checkpoint_keeps_files(capsys, small_recipe, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    corrupt = run / "checkpoints" / "last.ckpt"
+    corrupt.write_bytes(b"\x80\x04 not a checkpoint")
+    err = _fail(capsys, "fit", str(small_recipe), f"run_dir={run}", "resume=last")
+    assert "not a readable checkpoint" in err
+    assert corrupt.read_bytes() == b"\x80\x04 not a checkpoint"
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "last.ckpt"]
+
+
+def test_bad_override_syntax(capsys, small_recipe):
+    err = _fail(capsys, "fit", str(small_recipe), "optimizer.lr")
+    assert "key=value" in err
+
+
+def test_error_in_fresh_process_has_no_traceback(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(SMALL_RECIPE)
+    proc = run_cli("fit", str(recipe), "optimizer.lr_rate=1", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_recipes_lists_shipped(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    shipped = sorted(p.relative_to(REPO / "recipes").with_suffix("").as_posix()
+                     for p in (REPO / "recipes").glob("*/*.yaml"))
+    assert shipped and all(name in out for name in shipped)
+
+
+def test_fit_then_evaluate(capsys, small_recipe, tmp_path):
+    run = tmp_path / "run"
+    assert main(["fit", str(small_recipe), f"run_dir={run}"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("eval/return_mean", "frames", "wall_s", "checkpoint"):
+        assert summary[key] is not None
+    assert summary["frames"] >= 2048
+    capsys.readouterr()
+    assert main(["evaluate", summary["checkpoint"], "--episodes", "4", "--seed", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval/episodes"] == 4
+    assert result["frames"] == summary["frames"]
+    # The checkpoint holds the module's weights: evaluation matches the run's own final evaluation
+    # protocol (deterministic policy) up to episode seeds, and is reproducible.
+    assert main(["evaluate", summary["checkpoint"], "--episodes", "4", "--seed", "0"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["eval/return_mean"] == result["eval/return_mean"]
+    ckpt = torch.load(summary["checkpoint"], weights_only=False)
+    assert ckpt["unitrain"]["frames"] == summary["frames"]
