@@ -133,7 +133,7 @@ class Trainer(L.Trainer):
                                            patience=early_stop.patience,
                                            stopping_threshold=early_stop.threshold,
                                            check_on_train_epoch_end=False))
-        if not any(isinstance(c, TQDMProgressBar) for c in callbacks):
+        if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, TQDMProgressBar) for c in callbacks):
             callbacks.append(TQDMProgressBar(refresh_rate=1))
         if logger is True:
             logger = TensorBoardLogger(save_dir=str(self.run_dir), name="", version="",
@@ -172,6 +172,9 @@ class Trainer(L.Trainer):
         self._log_run_config(model)
         if ckpt_path == "last":
             ckpt_path = str(self.run_dir / "checkpoints" / "last.ckpt")
+        # unitrain checkpoints hold RNG states (numpy, python) besides tensors: load them in full
+        # (resume only from checkpoints you trust, as with any pickle).
+        kwargs.setdefault("weights_only", False)
         super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
         self.summary = self._summarize(ctx, time.perf_counter() - start)
 

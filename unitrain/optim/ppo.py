@@ -166,6 +166,9 @@ class PPO(UpdateRule):
                            entropy_coeff=self.entropy_coef or None, critic_coeff=self.value_coef,
                            loss_critic_type="l2", normalize_advantage=self.normalize_advantage)
 
+    def _post_advantage(self, batch: Any) -> None:
+        """Hook on the batch after GAE (ClipPPOLoss standardises per minibatch itself)."""
+
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
 
@@ -176,6 +179,7 @@ class PPO(UpdateRule):
         batch = next(self._batches)
         with torch.no_grad():
             self.advantage(batch)
+            self._post_advantage(batch)
         flat = batch.reshape(-1)
         lr = self.lr * (1.0 - ctx.progress) if self.anneal_lr else self.lr
         for group in self.optimizer.param_groups:
@@ -213,15 +217,22 @@ def _metric_name(key: str) -> str:
 class REINFORCE(PPO):
     """REINFORCE with a learned value baseline: one gradient step on each whole batch.
 
-    Advantages are Monte-Carlo returns minus the baseline (GAE with λ = 1).
-    Fields are those of :class:`PPO`; ``clip`` is unused.
+    Advantages are discounted returns minus the baseline (GAE with λ = 1; an episode cut by the
+    end of a batch is bootstrapped with the baseline), standardised over the batch. Fields are
+    those of :class:`PPO`; ``clip`` is unused and ``minibatch_size`` should equal
+    ``frames_per_batch`` for the textbook single step per batch.
     """
 
-    lr: float = 1e-3
-    frames_per_batch: int = 1024
-    minibatch_size: int = 1024
+    lr: float = 1e-2
+    frames_per_batch: int = 256
+    minibatch_size: int = 256
     epochs: int = 1
     gae_lambda: float = 1.0
 
     def _make_loss(self) -> nn.Module:
         return ReinforceLoss(self.actor, self.critic, loss_critic_type="l2")
+
+    def _post_advantage(self, batch: Any) -> None:
+        if self.normalize_advantage:
+            adv = batch.get("advantage")
+            batch.set("advantage", (adv - adv.mean()) / (adv.std() + 1e-8))

@@ -1,0 +1,48 @@
+"""Checkpoint and resume: a resumed run starts from exactly the saved state and finishes the budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import unitrain as ut
+from policies import TinyPolicy
+from rulecheck import CaptureStart, assert_same, checkpoint_state
+
+
+def _trainer(run_dir: Path, budget: int, callbacks=()) -> ut.Trainer:
+    return ut.Trainer(env=ut.EnvSpec("CartPole-v1", num_envs=4), max_frames=budget, eval_every=4,
+                      eval_episodes=2, seed=11, num_threads=1, run_dir=run_dir,
+                      callbacks=list(callbacks),
+                      optimizer=ut.optim.PPO(frames_per_batch=128, minibatch_size=64, epochs=2))
+
+
+def test_resume_restores_exact_state(tmp_path: Path):
+    run = tmp_path / "run"
+    first = _trainer(run, 1024)
+    first.fit(TinyPolicy(4, 2))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["unitrain"]["frames"] == 1024 and ckpt["unitrain"]["iteration"] == 8
+    assert ckpt["optimizer_states"][0]["state"], "the optimizer has moments to restore"
+
+    capture = CaptureStart()
+    second = _trainer(run, 2048, [capture])
+    second.fit(TinyPolicy(4, 2), ckpt_path="last")
+    assert_same(capture.state, checkpoint_state(ckpt))
+    assert second.summary["frames"] == 2048
+    assert second.global_step == 16  # iterations continue from the checkpoint's count
+    final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["unitrain"]["frames"] == 2048 and final["unitrain"]["iteration"] == 16
+    assert json.loads((run / "summary.json").read_text())["frames"] == 2048
+
+
+def test_resume_via_cli_continues_run_dir(tmp_path: Path, small_recipe: Path):
+    from unitrain.cli import main
+
+    run = tmp_path / "run"
+    assert main(["fit", str(small_recipe), f"run_dir={run}", "trainer.max_frames=1024"]) == 0
+    assert main(["fit", str(small_recipe), f"run_dir={run}", "resume=last"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["frames"] == 2048 and summary["iterations"] == 16
