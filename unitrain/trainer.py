@@ -170,6 +170,8 @@ class Trainer(L.Trainer):
         if self.env_spec is not None and train_dataloaders is None:
             train_dataloaders, val_dataloaders = ctx.train_iterable(), ctx.val_iterable()
         self._log_run_config(model)
+        # Training randomness starts from the seed however the module was built (Python or recipe).
+        L.seed_everything(self.seed, workers=True, verbose=False)
         if ckpt_path == "last":
             ckpt_path = str(self.run_dir / "checkpoints" / "last.ckpt")
         # unitrain checkpoints hold RNG states (numpy, python) besides tensors: load them in full

@@ -1,0 +1,112 @@
+"""The Trainer end to end: Python API and recipe train the same module class; TensorBoard output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import unitrain as ut
+from policies import TinyPolicy
+from unitrain.cli import main
+
+
+def _api_run(run_dir: Path, **overrides) -> ut.Trainer:
+    args = dict(env=ut.EnvSpec("CartPole-v1", num_envs=4), max_frames=2048, eval_every=4,
+                eval_episodes=4, seed=3, num_threads=1, run_dir=run_dir,
+                optimizer=ut.optim.PPO(lr=1e-3, frames_per_batch=128, minibatch_size=128, epochs=4,
+                                       gamma=0.98, gae_lambda=0.8))
+    args.update(overrides)
+    trainer = ut.Trainer(**args)
+    trainer.fit(TinyPolicy(obs_dim=4, act_dim=2, hidden=32))
+    return trainer
+
+
+def test_python_api_and_recipe_train_the_same_module(tmp_path: Path):
+    api = _api_run(tmp_path / "api")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("""\
+seed: 3
+env: {id: CartPole-v1, num_envs: 4}
+module: {target: policies.TinyPolicy, hidden: 32}
+optimizer: {name: ppo, lr: 1.0e-3, frames_per_batch: 128, minibatch_size: 128, epochs: 4,
+            gamma: 0.98, gae_lambda: 0.8}
+trainer: {max_frames: 2048, eval_every: 4, eval_episodes: 4, num_threads: 1}
+""")
+    assert main(["fit", str(recipe), f"run_dir={tmp_path / 'cli'}"]) == 0
+    cli = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    # Same class, same seed, same settings: the two paths are one code path.
+    assert cli["eval/return_mean"] == api.summary["eval/return_mean"]
+    assert cli["frames"] == api.summary["frames"] == 2048
+    a = torch.load(api.summary["checkpoint"], weights_only=False)
+    b = torch.load(cli["checkpoint"], weights_only=False)
+    assert a["unitrain"]["module_class"] == b["unitrain"]["module_class"] == "policies:TinyPolicy"
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+
+
+def test_tensorboard_scalars_and_hparams(tmp_path: Path):
+    trainer = _api_run(tmp_path / "run")
+    events = list((tmp_path / "run").glob("events.out.tfevents.*"))
+    assert events
+    tags: set[str] = set()
+    hparams_found = False
+    steps: dict[str, list[int]] = {}
+    for path in events:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            tags.add(tag)
+            steps.setdefault(tag, []).extend(e.step for e in acc.Scalars(tag))
+        try:
+            hparams_found = hparams_found or bool(acc.PluginTagToContent("hparams"))
+        except KeyError:
+            pass
+    for tag in ("episode/return_mean", "episode/return_max", "episode/return_min",
+                "episode/length_mean", "eval/return_mean", "loss/objective", "loss/critic",
+                "optim/lr", "perf/frames_per_s", "final/return_mean"):
+        assert tag in tags, (tag, sorted(tags))
+    # Scalars are stepped by frames.
+    assert max(steps["optim/lr"]) == trainer.summary["frames"]
+    assert sorted(steps["optim/lr"])[0] == 128
+    assert hparams_found
+    hparams = (tmp_path / "run" / "hparams.yaml").read_text()
+    assert "optimizer/clip" in hparams and "env/id" in hparams
+
+
+def test_seeded_runs_reproduce_and_seeds_matter(tmp_path: Path):
+    a = _api_run(tmp_path / "a", max_frames=1024)
+    b = _api_run(tmp_path / "b", max_frames=1024)
+    c = _api_run(tmp_path / "c", max_frames=1024, seed=4)
+    sa, sb, sc = (torch.load(t.summary["checkpoint"], weights_only=False)["state_dict"]
+                  for t in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_continuous_actions_train(tmp_path: Path):
+    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=4), max_frames=2048, eval_every=4,
+                         eval_episodes=2, seed=0, num_threads=1, run_dir=tmp_path,
+                         optimizer=ut.optim.PPO(frames_per_batch=256, minibatch_size=128, epochs=2))
+    module = ut.MLPPolicy(obs_dim=3, act_dim=1)
+    trainer.fit(module)
+    assert trainer.summary["frames"] == 2048
+    assert -2000 < trainer.summary["eval/return_mean"] < 0
+    # The Gaussian's log std is part of the run's state, outside the policy parameters.
+    names = [n for n, _ in module.named_policy_parameters()]
+    assert names and not any(n.startswith("aux.") for n in names)
+    assert "aux.log_std.log_std" in module.state_dict()
+    obs = torch.zeros(5, 3)
+    action = module.act(obs)
+    assert action.shape == (5, 1) and bool(((action >= -2) & (action <= 2)).all())
+
+
+def test_trainer_rejects_non_rule_and_non_module(tmp_path: Path):
+    with pytest.raises(ut.UserError, match="optimizer= must be an update rule"):
+        ut.Trainer(env="CartPole-v1", optimizer="ppo", run_dir=tmp_path)
+    trainer = ut.Trainer(env="CartPole-v1", optimizer=ut.optim.PPO(), run_dir=tmp_path)
+    with pytest.raises(ut.UserError, match="not a unitrain.RLModule"):
+        trainer.fit(torch.nn.Linear(4, 2))
