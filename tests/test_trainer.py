@@ -110,3 +110,10 @@ def test_trainer_rejects_non_rule_and_non_module(tmp_path: Path):
     trainer = ut.Trainer(env="CartPole-v1", optimizer=ut.optim.PPO(), run_dir=tmp_path)
     with pytest.raises(ut.UserError, match="not a unitrain.RLModule"):
         trainer.fit(torch.nn.Linear(4, 2))
+
+
+def test_early_stopping_on_eval_return(tmp_path: Path):
+    trainer = _api_run(tmp_path, max_frames=20_000, early_stop=ut.EarlyStop(threshold=15.0))
+    # The threshold is met at an early evaluation, long before the frame budget.
+    assert trainer.summary["frames"] < 20_000
+    assert trainer.callback_metrics["eval/return_mean"] >= 15.0

@@ -46,11 +46,12 @@ from the code (``sg`` is stop-gradient, :math:`d` is the *terminated* flag, :mat
 
 Critic loss variant: this module implements the paper's form (5), not the variant of the
 authors' later code (squared errors replaced by a Huber loss with :math:`\delta = 50`, the loss
-weighted by :math:`\mathrm{clamp}(\omega^2/(\sigma^2 + 0.1), 0.1, 10)`). Form (5) is the
-objective the paper derives and reports its results with; each of its two gradient terms has a
-closed form that the tests check by hand. For TD errors below 50 and unclamped weights the
-later variant's mean-gradient coincides with (5) up to the :math:`\varepsilon` in the numerator,
-so it mainly adds robustness to very large returns, which this module leaves to reward scaling.
+weighted by :math:`\mathrm{clamp}(\omega^2/(\sigma^2 + 0.1), 0.1, 10)`). Form (5) is the one
+the paper states and derives, and each of its two gradient terms has a closed form that the
+tests check by hand; the later variant is a code-level change without a published derivation.
+For TD errors below 50 and unclamped weights its mean-gradient equals that of (5) up to the
+:math:`\varepsilon` in the numerator; its additions bound per-sample weights and gradients, a
+safeguard for very large returns that this module leaves to reward scaling.
 
 Policy: the actor maps an observation to ``(loc, raw_scale)``; the scale is
 ``exp(clamp(raw_scale, *log_std_bounds))`` with the default bounds ``(-20, 0.5)`` of the authors'
@@ -62,12 +63,16 @@ Temperature: :math:`\log\alpha` is a parameter initialised to ``log(alpha_init)`
 ``alpha_init = e`` (:math:`\log\alpha = 1`) follows the authors' released code.
 
 Delayed updates: the paper updates the critics every iteration and the policy, the temperature
-and the target networks (Polyak :math:`\tau = 0.005`) every second iteration, all gradients being
-taken at the same parameters. Either call :meth:`DSACTLoss.forward` every iteration, back-propagate
-the sum of the ``loss_*`` entries (the three losses touch disjoint parameters) and step the
-actor/temperature optimisers and a :class:`~torchrl.objectives.SoftUpdate` only on delayed
-iterations; or call :meth:`~DSACTLoss.critic_loss` every iteration and :meth:`~DSACTLoss.actor_loss`
-plus :meth:`~DSACTLoss.alpha_loss` only when they are stepped.
+and the target networks (Polyak :math:`\tau = 0.005`) every second iteration. The loss keeps no
+iteration counter; the caller chooses one of two equivalent drives:
+
+- call :meth:`DSACTLoss.forward` every iteration, zero all gradients, back-propagate the sum of
+  the ``loss_*`` entries (the three losses touch disjoint parameters), step the critic optimiser,
+  and on delayed iterations also step the actor and temperature optimisers and a
+  :class:`~torchrl.objectives.SoftUpdate` built on this loss (as in the authors' code, all three
+  gradients are then taken at the same parameters);
+- or call :meth:`~DSACTLoss.critic_loss` every iteration and :meth:`~DSACTLoss.actor_loss` and
+  :meth:`~DSACTLoss.alpha_loss` only on delayed iterations, which skips their computation.
 """
 
 from __future__ import annotations
@@ -93,7 +98,8 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _LOG_2 = math.log(2.0)
 
 
-def _mlp(in_dim: int, out_dim: int, hidden: Sequence[int], activation: type[nn.Module]) -> nn.Sequential:
+def _mlp(in_dim: int, out_dim: int, hidden: Sequence[int],
+         activation: type[nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for width in hidden:
         layers += [nn.Linear(in_dim, width), activation()]
@@ -118,11 +124,13 @@ class DSACTActor(nn.Module):
         self.net = _mlp(obs_dim, 2 * act_dim, hidden, activation)
 
     def forward(self, observation: Tensor) -> tuple[Tensor, Tensor]:
-        """Args:
+        """The pre-tanh Gaussian's parameters.
+
+        Args:
             observation: ``[..., obs_dim]``.
 
         Returns:
-            ``(loc, raw_scale)`` of the pre-tanh Gaussian.
+            ``(loc, raw_scale)``; the loss maps ``raw_scale`` (a log standard deviation) to a scale.
         """
         loc, raw_scale = self.net(observation).chunk(2, dim=-1)
         return loc, raw_scale
@@ -144,7 +152,9 @@ class DSACTCritic(nn.Module):
         self.net = _mlp(obs_dim + act_dim, 2, hidden, activation)
 
     def forward(self, observation: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
-        """Args:
+        """The return distribution's parameters.
+
+        Args:
             observation: ``[..., obs_dim]``.
             action: ``[..., act_dim]``, in ``[-1, 1]``.
 
@@ -155,8 +165,12 @@ class DSACTCritic(nn.Module):
         return mean, raw_std
 
 
-def make_dsac_t_networks(obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256, 256),
-                         activation: type[nn.Module] = nn.GELU) -> tuple[DSACTActor, list[DSACTCritic]]:
+def make_dsac_t_networks(
+    obs_dim: int,
+    act_dim: int,
+    hidden: Sequence[int] = (256, 256, 256),
+    activation: type[nn.Module] = nn.GELU,
+) -> tuple[DSACTActor, list[DSACTCritic]]:
     """The paper's networks: an actor and twin critics, each an MLP with 3x256 GELU layers.
 
     Args:
@@ -211,6 +225,10 @@ class DSACTLoss(LossModule):
     Input entries (names configurable with :meth:`set_keys`): ``observation``, ``action``,
     ``("next", "observation")``, ``("next", "reward")``, ``("next", "done")``,
     ``("next", "terminated")``; rewards and flags are ``[*batch, 1]``.
+
+    Optimisers: the critic parameters are ``qvalue_network_params.values(True, True)``, the
+    actor's ``actor_network_params.values(True, True)`` (the actor module's own parameters)
+    and the temperature's ``[log_alpha]``; target parameters are buffers.
 
     Randomness: :meth:`critic_loss` draws the target-policy noise and then ``xi`` (one per
     transition); :meth:`actor_loss` draws the policy noise; :meth:`forward` runs them in that
@@ -287,7 +305,8 @@ class DSACTLoss(LossModule):
         if not 0.0 < tau_b <= 1.0:
             raise ValueError(f"tau_b must be in (0, 1], got {tau_b}.")
         if log_std_bounds[0] > log_std_bounds[1]:
-            raise ValueError(f"log_std_bounds must be (low, high) with low <= high, got {log_std_bounds}.")
+            raise ValueError(f"log_std_bounds must be (low, high) with low <= high, "
+                             f"got {log_std_bounds}.")
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
 
@@ -327,10 +346,8 @@ class DSACTLoss(LossModule):
         if len(critics) < 1 or not all(isinstance(c, nn.Module) for c in critics):
             raise TypeError("The critics must be nn.Module instances.")
         if len({id(c) for c in critics}) != len(critics):
-            raise ValueError("The critics must be distinct modules; identical ones would stay tied.")
+            raise ValueError("The critics must be distinct modules: a repeated one stays tied.")
         return critics
-
-    # ------------------------------------------------------------------ TorchRL plumbing
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         if self._value_estimator is not None:
@@ -340,7 +357,8 @@ class DSACTLoss(LossModule):
                                            terminated=self.tensor_keys.terminated)
         self._in_keys = None
 
-    def make_value_estimator(self, value_type: ValueEstimators | None = None, **hyperparams) -> DSACTLoss:
+    def make_value_estimator(self, value_type: ValueEstimators | None = None,
+                             **hyperparams) -> DSACTLoss:
         """Build the value estimator (TD(0) only: targets (2) are one-step bootstraps).
 
         Args:
@@ -382,9 +400,8 @@ class DSACTLoss(LossModule):
         """The current temperature (detached)."""
         return self.log_alpha.detach().exp()
 
-    # ------------------------------------------------------------------ networks
-
-    def _sample_action(self, tensordict: TensorDictBase, params: TensorDictBase) -> tuple[Tensor, Tensor]:
+    def _sample_action(self, tensordict: TensorDictBase,
+                       params: TensorDictBase) -> tuple[Tensor, Tensor]:
         """A reparameterised tanh-Gaussian action and its log-density under ``params``."""
         if self._actor_is_tensordict:
             actor_input = tensordict.select(*self.actor_network.in_keys, strict=False)
@@ -408,19 +425,21 @@ class DSACTLoss(LossModule):
     def _critics(self, params: TensorDictBase, observation: Tensor, action: Tensor,
                  batch_size: torch.Size) -> tuple[Tensor, Tensor]:
         """Means and standard deviations of every critic, each ``[num_qvalue_nets, *batch]``."""
-        def one_critic(critic_params: TensorDictBase, obs: Tensor, act: Tensor) -> tuple[Tensor, Tensor]:
+        def one_critic(critic_params: TensorDictBase, obs: Tensor,
+                       act: Tensor) -> tuple[Tensor, Tensor]:
             with critic_params.to_module(self.qvalue_network, preserve_module_state=False):
                 return self.qvalue_network(obs, act)
 
-        mean, raw_std = torch.vmap(one_critic, (0, None, None), randomness=self.vmap_randomness)(
-            params, observation, action)
+        all_critics = torch.vmap(one_critic, (0, None, None), randomness=self.vmap_randomness)
+        mean, raw_std = all_critics(params, observation, action)
         shape = (self.num_qvalue_nets, *batch_size)
         return mean.reshape(shape), F.softplus(raw_std.reshape(shape)) + self.critic_min_std
 
     def _bootstrap(self, tensordict: TensorDictBase, next_value: Tensor) -> Tensor:
-        """``r + gamma (1 - terminated) next_value`` through the value estimator, shaped ``[*batch]``."""
+        """``r + gamma (1 - terminated) next_value`` from the value estimator, ``[*batch]``."""
         reward = tensordict.get(("next", self.tensor_keys.reward))
-        target = self.value_estimator.value_estimate(tensordict, next_value=next_value.reshape(reward.shape))
+        target = self.value_estimator.value_estimate(
+            tensordict, next_value=next_value.reshape(reward.shape))
         return target.reshape(tensordict.batch_size)
 
     @torch.no_grad()
@@ -433,8 +452,6 @@ class DSACTLoss(LossModule):
             self.omega.copy_(torch.where(self.omega_initialized, moved, batch_mean))
             self.omega_initialized.fill_(True)
         return self.omega.clone()
-
-    # ------------------------------------------------------------------ losses
 
     def critic_loss(self, tensordict: TensorDictBase) -> tuple[Tensor, dict[str, Tensor]]:
         """Eqs. (1)-(5): the twin distributional critics' loss; updates omega in training mode.
@@ -452,7 +469,8 @@ class DSACTLoss(LossModule):
         weights = self._maybe_get_priority_weight(tensordict)
         next_td = tensordict.get("next")
         with torch.no_grad():
-            next_action, next_log_prob = self._sample_action(next_td, self.target_actor_network_params)
+            next_action, next_log_prob = self._sample_action(
+                next_td, self.target_actor_network_params)
             next_mean, next_std = self._critics(self.target_qvalue_network_params,
                                                 next_td.get(self.tensor_keys.observation),
                                                 next_action, batch_size)
