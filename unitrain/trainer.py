@@ -216,9 +216,6 @@ class Trainer(L.Trainer):
             "seed": self.seed,
             "world_size": ctx.world_size,
         }
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger) and final:
-                logger.log_metrics({"final/return_mean": final["return_mean"]}, step=ctx.frames)
         _write_summary(self.run_dir, summary)
         return summary
 
