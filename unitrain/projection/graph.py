@@ -18,7 +18,9 @@ ReLU) on its own copies of ``d`` and ``b_j``; the last layer's output has one mo
 the output constraint (:class:`SquaredErrorOutput`, :class:`CrossEntropyOutput`,
 :class:`MarginOutput`, :class:`OneVsRestOutput`).
 
-A state is a ``dict`` of tensors, all with the batch as their first axis:
+A state is a ``dict`` of tensors, all with the batch as their first axis, keyed by the stage's
+position ``i`` in :attr:`ProjectionGraph.stages` (a linear layer and the ReLU fused after it form
+one stage):
 
 * ``"{i}.x"``: stage ``i``'s copies of its input, ``(B, m, n)`` for a linear stage (one per unit),
   ``(B, n)`` for a standalone ReLU;
@@ -50,17 +52,17 @@ from unitrain.projection.operators import (
 )
 
 __all__ = [
-    "State",
-    "ReduceMean",
     "SUPPORTED_LAYERS",
-    "OutputConstraint",
-    "SquaredErrorOutput",
     "CrossEntropyOutput",
+    "LinearStage",
     "MarginOutput",
     "OneVsRestOutput",
-    "LinearStage",
-    "ReLUStage",
+    "OutputConstraint",
     "ProjectionGraph",
+    "ReLUStage",
+    "ReduceMean",
+    "SquaredErrorOutput",
+    "State",
 ]
 
 State = dict[str, Tensor]
@@ -252,7 +254,9 @@ class ProjectionGraph:
             if isinstance(s, LinearStage):
                 lin = s.module
                 act = "+relu" if s.relu else ""
-                parts.append(f"{s.name or '<root>'}:linear{act}({lin.in_features}->{lin.out_features})")
+                parts.append(
+                    f"{s.name or '<root>'}:linear{act}({lin.in_features}->{lin.out_features})"
+                )
             else:
                 parts.append(f"{s.name or '<root>'}:relu")
         return f"ProjectionGraph({', '.join(parts)})"
@@ -364,7 +368,7 @@ class ProjectionGraph:
         values = flat[:-1] / flat[-1]
         out: dict[str, Tensor] = {}
         offset = 0
-        for k, s in zip(keys, sums):
+        for k, s in zip(keys, sums, strict=True):
             out[k] = values[offset : offset + s.numel()].view_as(s)
             offset += s.numel()
         return out

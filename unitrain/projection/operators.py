@@ -21,13 +21,13 @@ from torch import Tensor
 
 __all__ = [
     "project_dot",
-    "project_sum",
-    "project_relu",
     "project_equal",
-    "prox_squared_error",
-    "prox_cross_entropy",
     "project_margin",
     "project_one_vs_rest",
+    "project_relu",
+    "project_sum",
+    "prox_cross_entropy",
+    "prox_squared_error",
 ]
 
 
@@ -57,13 +57,16 @@ def project_dot(
     In the rotated coordinates ``u = (a + b)/sqrt 2``, ``v = (a - b)/sqrt 2`` the constraint is
     ``y = (|u'|^2 - |v'|^2) / 2`` and the equation reads
     ``g(t) = U / (2 (1 - t)^2) - V / (2 (1 + t)^2) + t - z = 0`` with ``U = |u|^2``,
-    ``V = |v|^2``. The Hessian of the Lagrangian is ``diag(1 - t, 1 + t, 1)`` (per block), and
-    for a single quadratic equality constraint the global minimiser is the KKT point whose
-    Hessian is positive semidefinite, so ``t`` lies in ``[-1, 1]``. There ``g`` is strictly
-    increasing (``g' = 1 + U/(1-t)^3 + V/(1+t)^3``), so the root is unique and is found by
-    Newton's method safeguarded by bisection. When no root lies inside (``u = 0`` or ``v = 0``
-    with a large enough ``|z|``, the "hard case") the bracket closes on ``t = +-1`` and the free
-    block takes any direction with the norm the constraint requires.
+    ``V = |v|^2``. The Hessian of the Lagrangian in ``(u', v', y)`` is
+    ``diag((1 - t) I, (1 + t) I, 1)``, and for a single quadratic equality constraint the global
+    minimiser is the KKT point whose Hessian is positive semidefinite, so ``t`` lies in
+    ``[-1, 1]``. There ``g`` is strictly increasing (``g' = 1 + U/(1-t)^3 + V/(1+t)^3``), so the
+    root is unique. It is found by Newton's method, safeguarded by bisection, on the pole-free
+    quintic ``P(t) = (1 - t^2)^2 g(t) = U (1+t)^2 / 2 - V (1-t)^2 / 2 + (t - z) (1 - t^2)^2``,
+    which has the sign of ``g`` inside the bracket (``P(-1) = -2V``, ``P(1) = 2U``). When no
+    root lies inside (``u = 0`` or ``v = 0`` with a large enough ``|z|``, the "hard case") the
+    bracket closes on ``t = +-1`` and the free block takes any direction with the norm the
+    constraint requires.
 
     The block whose scale ``1/(1 -+ t)`` is bounded by 1 is scaled directly; the other block
     keeps its direction and takes the norm that satisfies the constraint exactly, which keeps
@@ -74,8 +77,8 @@ def project_dot(
         b: second factor, shape ``(..., n)``.
         z: the output's current value, shape ``(...)``.
         iterations: at most this many safeguarded Newton steps on the multiplier (the loop
-            stops once every root is resolved to rounding); 60 reaches machine precision in
-            float64 even where every step falls back to bisection near ``t = +-1``.
+            stops once every root is resolved to rounding, typically within 10 steps); 60
+            reaches machine precision in float64 even if every step fell back to bisection.
 
     Returns:
         ``(a', b', y)`` with ``y = <a', b'>``.
@@ -86,7 +89,6 @@ def project_dot(
     big_u = (u * u).sum(-1)
     big_v = (v * v).sum(-1)
     z = z.to(a.dtype)
-    tiny = _tiny(a)
 
     lo = torch.full_like(z, -1.0)
     hi = torch.full_like(z, 1.0)
@@ -95,18 +97,21 @@ def project_dot(
     for _ in range(iterations):
         om = 1.0 - t
         op = 1.0 + t
-        # U/(1-t)^2 and V/(1+t)^2; t stays in [-1, 1], so only exact poles need the guard.
-        pu = big_u / (om * om).clamp_min(tiny)
-        pv = big_v / (op * op).clamp_min(tiny)
-        g = 0.5 * (pu - pv) + t - z
-        slope = 1.0 + pu / om.clamp_min(tiny) + pv / op.clamp_min(tiny)
-        lo = torch.where(g < 0, t, lo)
-        hi = torch.where(g > 0, t, hi)
-        newton = t - g / slope
+        w = om * op
+        # P(t) = (1 - t^2)^2 g(t): no poles, and the sign of g on (-1, 1).
+        poly = 0.5 * big_u * op * op - 0.5 * big_v * om * om + (t - z) * w * w
+        slope = big_u * op + big_v * om + w * w - 4.0 * t * (t - z) * w
+        lo = torch.where(poly < 0, t, lo)
+        hi = torch.where(poly > 0, t, hi)
+        step = poly / slope
+        newton = t - step
         inside = (newton > lo) & (newton < hi)
-        t_next = torch.where(g == 0, t, torch.where(inside, newton, 0.5 * (lo + hi)))
-        done = ((t_next - t).abs() <= tol) | (hi - lo <= tol)
-        t = t_next
+        done = (step.abs() <= tol) | (hi - lo <= tol) | (poly == 0)
+        t = torch.where(
+            done,
+            torch.minimum(torch.maximum(newton, lo), hi),
+            torch.where(inside, newton, 0.5 * (lo + hi)),
+        )
         if bool(done.all()):
             break
 
@@ -254,13 +259,15 @@ def prox_cross_entropy(
         H^-1 g = g/D + lam (p/D) <p, g/D> / (1 - lam <p, p/D>),   D = 1 + lam p,
 
     where ``1 - lam <p, p/D> = 1 - sum lam p_k^2 / (1 + lam p_k) > 1 - sum p_k = 0``. Each step
-    is damped by backtracking (Armijo) over the step sizes ``1, 1/2, ..., 2^-12``.
+    is damped by backtracking (Armijo) over the step sizes ``1, 1/2, ..., 2^-12`` until the
+    predicted decrease falls below the objective's rounding, where full steps are taken.
 
     Args:
         logits: current logits ``l``, shape ``(..., K)``.
         labels: class indices of shape ``(...)`` or probability vectors of shape ``(..., K)``.
         lam: weight of the cross-entropy, ``> 0``.
-        iterations: Newton steps.
+        iterations: at most this many Newton steps; the loop stops once every step is at the
+            rounding level.
 
     Returns:
         The proximal point, shaped like ``logits``.
@@ -269,29 +276,36 @@ def prox_cross_entropy(
         raise ValueError(f"lam must be > 0, got {lam}")
     y = _as_probabilities(labels, logits)
     steps = 0.5 ** torch.arange(13, dtype=logits.dtype, device=logits.device)
+    eps = torch.finfo(logits.dtype).eps
+    tol = 8.0 * eps
 
-    def objective(x: Tensor) -> Tensor:
-        d = x - logits
-        return 0.5 * (d * d).sum(-1) + lam * (torch.logsumexp(x, -1) - (y * x).sum(-1))
+    def objective(x: Tensor, centre: Tensor, probs: Tensor) -> Tensor:
+        d = x - centre
+        return 0.5 * (d * d).sum(-1) + lam * (torch.logsumexp(x, -1) - (probs * x).sum(-1))
 
     x = logits.clone()
     for _ in range(iterations):
-        p = torch.softmax(x, -1)
+        p = torch.exp(x - torch.logsumexp(x, -1, keepdim=True))
         grad = x - logits + lam * (p - y)
         d = 1.0 + lam * p
         g_d = grad / d
         p_d = p / d
         denom = 1.0 - lam * (p * p_d).sum(-1, keepdim=True)
         step = g_d + lam * p_d * (p * g_d).sum(-1, keepdim=True) / denom
-        f0 = objective(x)
+        f0 = objective(x, logits, y)
         slope = (grad * step).sum(-1)
         trial = x.unsqueeze(-2) - steps.view(-1, 1) * step.unsqueeze(-2)
-        f_trial = objective(trial)
+        f_trial = objective(trial, logits.unsqueeze(-2), y.unsqueeze(-2))
         ok = f_trial <= f0.unsqueeze(-1) - 1e-4 * steps * slope.unsqueeze(-1)
-        # The first acceptable step size; none acceptable means x is already optimal to rounding.
-        first = torch.where(ok.any(-1), ok.to(torch.int8).argmax(-1), torch.full_like(f0, -1, dtype=torch.long))
-        alpha = torch.where(first >= 0, steps[first.clamp_min(0)], torch.zeros_like(f0))
+        first = ok.to(torch.int8).argmax(-1)
+        alpha = torch.where(ok.any(-1), steps[first], torch.zeros_like(f0))
+        # Once the predicted decrease is below the objective's rounding the line search cannot
+        # judge a step, but Newton is then deep in its region of quadratic convergence.
+        resolved = slope <= 1e3 * eps * (1.0 + f0.abs())
+        alpha = torch.where(resolved, torch.ones_like(alpha), alpha)
         x = x - alpha.unsqueeze(-1) * step
+        if bool((step.abs() <= tol * (1.0 + x.abs())).all()):
+            break
     return x
 
 
@@ -325,9 +339,7 @@ def project_margin(logits: Tensor, labels: Tensor, margin: float = 1.0) -> Tenso
     counts = torch.arange(1, k + 1, dtype=logits.dtype, device=logits.device)
     in_active = finite & (c_sorted > partial / (counts + 1.0))
     r = in_active.sum(-1, keepdim=True)
-    s_r = torch.where(
-        r > 0, partial.gather(-1, (r - 1).clamp_min(0)), torch.zeros_like(x_y)
-    )
+    s_r = torch.where(r > 0, partial.gather(-1, (r - 1).clamp_min(0)), torch.zeros_like(x_y))
     delta = s_r / (r.to(logits.dtype) + 1.0)
     new_y = x_y + delta
     others = torch.minimum(logits, new_y - margin)

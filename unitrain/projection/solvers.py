@@ -26,10 +26,10 @@ from unitrain.projection.graph import OutputConstraint, ProjectionGraph, ReduceM
 __all__ = [
     "Method",
     "SolveResult",
-    "douglas_rachford",
     "alternating_projections",
-    "solve",
+    "douglas_rachford",
     "fit_batch",
+    "solve",
 ]
 
 Method = Literal["douglas_rachford", "alternating_projections"]
@@ -50,8 +50,13 @@ class SolveResult:
 
 
 def _lincomb(terms: list[tuple[float, State]]) -> State:
-    keys = terms[0][1].keys()
-    return {k: sum(c * s[k] for c, s in terms) for k in keys}  # type: ignore[misc]
+    out: State = {}
+    for key in terms[0][1]:
+        acc = terms[0][0] * terms[0][1][key]
+        for coef, state in terms[1:]:
+            acc = acc + coef * state[key]
+        out[key] = acc
+    return out
 
 
 def _check_iterations(iterations: int) -> None:
@@ -91,7 +96,7 @@ def douglas_rachford(
     _check_iterations(iterations)
     z = state
     pb_z = graph.project_consistency(z, inputs, reduce_mean)
-    violation = []
+    violation: list[Tensor] = []
     pb_x = pb_z
     for _ in range(iterations):
         x = graph.project_ops(z, output, targets)
@@ -129,7 +134,7 @@ def alternating_projections(
     """
     _check_iterations(iterations)
     z = state
-    violation = []
+    violation: list[Tensor] = []
     for _ in range(iterations):
         x = graph.project_ops(z, output, targets)
         z = graph.project_consistency(x, inputs, reduce_mean)
@@ -203,6 +208,6 @@ def fit_batch(
     """
     state = graph.init_state(inputs)
     result = solve(graph, state, inputs, targets, output, method, iterations, reduce_mean)
-    # The result state is consistent, so its parameter copies already agree across ranks.
-    graph.write_parameters(result.state, reduce_mean=lambda t: t)
+    # The result state is consistent: its parameter copies already hold the all-rank mean.
+    graph.write_parameters(result.state)
     return result
