@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 
@@ -16,15 +17,16 @@ import unitrain as ut
 from policies import TinyPolicy
 from rulecheck import CaptureStart, assert_same, checkpoint_state
 from unitrain.context import RunContext
+from unitrain.envs import env_info
 from unitrain.optim import registered_rules
 
-# rule name -> (env spec, rule arguments, frame budget)
-TASKS: dict[str, tuple[ut.EnvSpec, dict[str, Any], int]] = {
+# rule name -> (env spec, rule arguments, frame budget, required gain in eval return)
+TASKS: dict[str, tuple[ut.EnvSpec, dict[str, Any], int, float]] = {
     "ppo": (ut.EnvSpec("CartPole-v1", num_envs=4),
             dict(lr=1e-3, frames_per_batch=128, minibatch_size=128, epochs=10, gamma=0.98,
-                 gae_lambda=0.8), 4096),
+                 gae_lambda=0.8), 4096, 20.0),
     "reinforce": (ut.EnvSpec("CartPole-v1", num_envs=8),
-                  dict(lr=1e-2, frames_per_batch=128, minibatch_size=128), 8192),
+                  dict(lr=1e-2, frames_per_batch=128, minibatch_size=128), 8192, 20.0),
 }
 
 
@@ -34,23 +36,25 @@ def test_every_rule_has_a_task():
 
 def _run(name: str, run_dir: Path, budget: int | None = None, ckpt: str | None = None,
          callbacks=()) -> tuple[ut.Trainer, TinyPolicy]:
-    spec, kwargs, default_budget = TASKS[name]
+    spec, kwargs, default_budget, _ = TASKS[name]
     rule = registered_rules()[name](**kwargs)
     trainer = ut.Trainer(env=spec, optimizer=rule, max_frames=budget or default_budget,
                          eval_every=4, eval_episodes=8, seed=1, num_threads=1, run_dir=run_dir,
                          callbacks=list(callbacks), enable_progress_bar=False)
-    module = TinyPolicy(4, 2)
+    module = _module(spec)
     trainer.fit(module, ckpt_path=ckpt)
     return trainer, module
 
 
-def _initial_return(name: str) -> float:
-    spec, kwargs, _ = TASKS[name]
-    torch.manual_seed(1)
-    import lightning as L
+def _module(spec: ut.EnvSpec) -> TinyPolicy:
+    info = env_info(spec)
+    return TinyPolicy(info.obs_dim, info.act_dim)
 
+
+def _initial_return(name: str) -> float:
+    spec, kwargs, _, _ = TASKS[name]
     L.seed_everything(1, verbose=False)
-    module = TinyPolicy(4, 2)
+    module = _module(spec)
     rule = registered_rules()[name](**kwargs)
     return RunContext(module, rule, spec, 1, None, 1, 8).evaluate(8)["return_mean"]
 
@@ -60,7 +64,7 @@ def test_rule_conformance(name: str, tmp_path: Path):
     before = _initial_return(name)
     trainer, module = _run(name, tmp_path / "a")
     after = trainer.summary["eval/return_mean"]
-    assert after > before + 20, f"{name}: {before} -> {after}"
+    assert after > before + TASKS[name][3], f"{name}: {before} -> {after}"
 
     # Determinism: the same seed gives the same parameters and the same evaluation.
     again, module2 = _run(name, tmp_path / "b")

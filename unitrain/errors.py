@@ -40,3 +40,11 @@ def check(condition: bool, key: str, valid: str, value: object) -> None:
     """
     if not condition:
         raise ConfigError(key, f"got {value!r}; expected {valid}")
+
+
+class TrainingDiverged(UserError):
+    """Training produced non-finite values (a NaN loss, say).
+
+    Raised by an update rule with the iteration where it happened; the run stops and the last
+    checkpoint written before it stays usable.
+    """
