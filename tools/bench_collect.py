@@ -10,8 +10,10 @@ autoreset) with the same batched MLP policy (``obs_dim → 64 → 64 → act_dim
 * ``torchrl``: TorchRL's stock ``Collector(GymWrapper(vec_env))`` with the same module, for
   reference.
 
-The paths are measured in interleaved rounds (raw, unitrain, torchrl, raw, ...) so that drifts in
-machine load hit all of them alike; each figure is the median over rounds. Run::
+Within each round the paths take turns one batch (``--steps-per-batch`` vector steps) at a time,
+so that drifts in machine load hit all of them alike; rates are medians over rounds, and the
+headline ratio is the median of the per-round unitrain/raw ratios.
+Run::
 
     python tools/bench_collect.py --env HalfCheetah-v5 --num-envs 32
 """
@@ -19,15 +21,19 @@ machine load hit all of them alike; each figure is the median over rounds. Run::
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import gymnasium as gym
 import numpy as np
 import torch
 from tensordict.nn import TensorDictModule
 from torch import nn
+
+if TYPE_CHECKING:
+    from torchrl.collectors import Collector
 
 
 def make_policy(obs_dim: int, act_dim: int, seed: int) -> nn.Module:
@@ -60,7 +66,7 @@ def raw_runner(env_id: str, num_envs: int, net: nn.Module, seed: int) -> Callabl
     return run
 
 
-def collector_runner(collector, frames_per_batch: int) -> Callable[[int], int]:
+def collector_runner(collector: Collector) -> Callable[[int], int]:
     """A function that draws batches from ``collector`` until ``steps`` vector steps are done."""
     iterator = iter(collector)
 
@@ -77,37 +83,41 @@ def collector_runner(collector, frames_per_batch: int) -> Callable[[int], int]:
 
 def unitrain_runner(env_id: str, num_envs: int, module: TensorDictModule, seed: int,
                     frames_per_batch: int) -> Callable[[int], int]:
+    """unitrain's path: ``make_collector`` over ``make_env``."""
     from unitrain.collect import make_collector
     from unitrain.envs import EnvSpec, make_env
 
     env = make_env(EnvSpec(env_id, num_envs=num_envs), seed)
-    return collector_runner(make_collector(env, module, frames_per_batch=frames_per_batch),
-                            frames_per_batch)
+    return collector_runner(make_collector(env, module, frames_per_batch=frames_per_batch))
 
 
 def torchrl_runner(env_id: str, num_envs: int, module: TensorDictModule, seed: int,
                    frames_per_batch: int) -> Callable[[int], int]:
+    """TorchRL's stock path: ``Collector(GymWrapper(vector env))``."""
     from torchrl.collectors import Collector
-    from torchrl.envs import DoubleToFloat, GymWrapper, TransformedEnv
+    from torchrl.envs import DoubleToFloat, GymWrapper
 
     env = GymWrapper(make_gym_vec(env_id, num_envs))
     env.set_seed(seed)
     if any(spec.dtype == torch.float64 for spec in env.observation_spec.values(True, True)):
         # The policy is float32; MuJoCo observations are float64.
-        env = TransformedEnv(env, DoubleToFloat())
-    collector = Collector(env, module, frames_per_batch=frames_per_batch, total_frames=-1)
-    return collector_runner(collector, frames_per_batch)
+        env = env.append_transform(DoubleToFloat())
+    # auto_register_policy_transforms=False only silences a FutureWarning: it is what 0.14 does.
+    collector = Collector(env, module, frames_per_batch=frames_per_batch, total_frames=-1,
+                          auto_register_policy_transforms=False)
+    return collector_runner(collector)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--env", default="HalfCheetah-v5", help="gymnasium id")
+    parser.add_argument("--env", default="HalfCheetah-v5",
+                        help="gymnasium id of an env with Box observations and actions")
     parser.add_argument("--num-envs", type=int, default=32, help="vectorised env copies")
     parser.add_argument("--frames", type=int, default=32_768,
                         help="env steps (summed over envs) per path and round")
     parser.add_argument("--steps-per-batch", type=int, default=64,
                         help="vector steps per collector batch (frames_per_batch / num_envs)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument("--rounds", type=int, default=5, help="repetitions (median taken)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-torchrl", action="store_true",
@@ -115,6 +125,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    import torchrl  # noqa: F401  (configures the "torchrl" logger, which is quietened next)
+
+    logging.getLogger("torchrl").setLevel(logging.WARNING)
     probe = gym.make(args.env)
     obs_dim = int(np.prod(probe.observation_space.shape))
     act_dim = int(probe.action_space.shape[0])
@@ -123,7 +136,6 @@ def main() -> None:
     net = make_policy(obs_dim, act_dim, args.seed)
     module = TensorDictModule(net, in_keys=["observation"], out_keys=["action"])
     frames_per_batch = args.num_envs * args.steps_per_batch
-    steps = max(args.frames // args.num_envs, args.steps_per_batch)
 
     runners = {
         "raw": raw_runner(args.env, args.num_envs, net, args.seed),
@@ -137,29 +149,44 @@ def main() -> None:
     for run in runners.values():  # warm-up: first batches allocate buffers, first resets
         run(args.steps_per_batch)
 
+    chunks = max(args.frames // frames_per_batch, 1)
     wall: dict[str, list[float]] = {name: [] for name in runners}
     cpu: dict[str, list[float]] = {name: [] for name in runners}
     for r in range(args.rounds):
-        for name, run in runners.items():
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            frames = run(steps)
-            wall[name].append(frames / (time.perf_counter() - start_wall))
-            cpu[name].append(frames / (time.process_time() - start_cpu))
-        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in wall.items()),
-              flush=True)
+        frames = dict.fromkeys(runners, 0)
+        wall_s = dict.fromkeys(runners, 0.0)
+        cpu_s = dict.fromkeys(runners, 0.0)
+        # Within a round the paths take turns one batch at a time (rotating who goes first), so
+        # a change in machine load lands on all of them alike.
+        names = list(runners)
+        for c in range(chunks):
+            for name in names[c % len(names):] + names[:c % len(names)]:
+                start_wall, start_cpu = time.perf_counter(), time.process_time()
+                frames[name] += runners[name](args.steps_per_batch)
+                wall_s[name] += time.perf_counter() - start_wall
+                cpu_s[name] += time.process_time() - start_cpu
+        for name in runners:
+            wall[name].append(frames[name] / wall_s[name])
+            cpu[name].append(frames[name] / cpu_s[name])
+        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in wall.items())
+              + f"; unitrain/raw {wall['unitrain'][-1] / wall['raw'][-1]:.3f}", flush=True)
 
     wall_med = {name: statistics.median(v) for name, v in wall.items()}
     cpu_med = {name: statistics.median(v) for name, v in cpu.items()}
     print(f"\n{args.env}, {args.num_envs} envs, {args.threads} thread(s), "
-          f"{steps * args.num_envs:,} frames per path and round, median of {args.rounds} rounds")
+          f"{chunks * frames_per_batch:,} frames per path and round, "
+          f"median of {args.rounds} rounds")
     # Steps per CPU-second of this process: less sensitive than wall time to other processes
     # competing for the cores.
     print(f"{'path':<10} {'env-steps/s':>12} {'vs raw':>8} {'per CPU-s':>11} {'vs raw':>8}")
     for name in runners:
         print(f"{name:<10} {wall_med[name]:>12,.0f} {wall_med[name] / wall_med['raw']:>7.2f}x "
               f"{cpu_med[name]:>11,.0f} {cpu_med[name] / cpu_med['raw']:>7.2f}x")
-    print(f"ratio unitrain/raw: {wall_med['unitrain'] / wall_med['raw']:.3f} "
-          f"(per CPU-second: {cpu_med['unitrain'] / cpu_med['raw']:.3f})")
+    # Rounds pair the paths under the same load, so the per-round ratio is the steadier figure.
+    paired = statistics.median(u / r for u, r in zip(wall["unitrain"], wall["raw"]))
+    print(f"ratio unitrain/raw: {paired:.3f} (median of per-round ratios; "
+          f"ratio of the medians {wall_med['unitrain'] / wall_med['raw']:.3f}, "
+          f"per CPU-second {cpu_med['unitrain'] / cpu_med['raw']:.3f})")
 
 
 if __name__ == "__main__":
