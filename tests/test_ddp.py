@@ -27,12 +27,14 @@ class Dump(L.Callback):
     def on_train_end(self, trainer, module):
         torch.save({"params": {k: v.detach().clone() for k, v in module.state_dict().items()},
                     "init": self.init, "env_seed": module._ctx.train_env_seed,
+                    "obs_norm": module._ctx.obs_norm.state_dict(),
                     "world_size": trainer.world_size, "frames": module._ctx.frames},
                    f"rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
-    trainer = ut.Trainer(env=ut.EnvSpec("CartPole-v1", num_envs=4), devices=int(sys.argv[1]),
+    trainer = ut.Trainer(env=ut.EnvSpec("CartPole-v1", num_envs=4, obs_norm=True),
+                         devices=int(sys.argv[1]),
                          strategy="ddp", max_frames=2048, eval_every=4, eval_episodes=4, seed=5,
                          num_threads=1, run_dir="run", callbacks=[Dump()],
                          optimizer=ut.optim.PPO(frames_per_batch=128, minibatch_size=64, epochs=2))
@@ -56,6 +58,11 @@ def test_two_processes_identical_parameters_distinct_seeds(tmp_path: Path):
         assert torch.equal(value, last["state_dict"][key]), key
         assert torch.equal(r0["init"][key], r1["init"][key]), key
     assert any(not torch.equal(r0["init"][k], v) for k, v in r0["params"].items())
+    # Observation statistics are merged across ranks: identical, covering both ranks' frames.
+    for key, value in r0["obs_norm"].items():
+        assert torch.equal(value, r1["obs_norm"][key]), key
+    assert r0["obs_norm"]["count"].item() >= r0["frames"]
+    assert torch.equal(last["unitrain"]["obs_norm"]["mean"], r0["obs_norm"]["mean"])
     # Each rank collected from envs seeded with its own seed, so episodes differ.
     assert r0["env_seed"] == derive_seed(5, 0, 0, 0) and r1["env_seed"] == derive_seed(5, 0, 1, 0)
     spec = EnvSpec("CartPole-v1", num_envs=4)

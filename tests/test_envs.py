@@ -196,6 +196,9 @@ def test_obs_norm_merge_matches_numpy() -> None:
     for chunk in np.array_split(x1, 4):
         a.update(torch.from_numpy(chunk))
     b.update(torch.from_numpy(x2))
+    assert a.count.item() == 0  # pending until synced
+    a.sync(lambda t: t.unsqueeze(0))
+    b.sync(lambda t: t.unsqueeze(0))
     a.merge(b.count, b.mean, b.m2)
     both = np.concatenate([x1, x2])
     assert a.count.item() == len(both)
@@ -209,11 +212,15 @@ def test_obs_norm_in_env_normalises_observations() -> None:
     env = make_env(spec, seed=0, obs_norm=norm)
     collector = make_collector(env, _policy(env), frames_per_batch=4 * 50)
     batch = next(iter(collector))
-    assert norm.count.item() == 4 * 51  # the first reset and every step
+    assert norm.pending_count.item() == 4 * 51  # the first reset and every step
+    norm.sync(lambda t: t.unsqueeze(0))
+    assert norm.count.item() == 4 * 51 and norm.pending_count.item() == 0
+    batch = next(iter(collector))
     assert batch["next", "observation"].abs().max() <= norm.clip
+    assert batch["next", "observation"].abs().mean() < 3
     frozen = make_env(spec, seed=1, obs_norm=norm, update_norm=False)
     frozen.rollout(5)
-    assert norm.count.item() == 4 * 51
+    assert norm.pending_count.item() == 4 * 50
 
 
 def test_unknown_env_id_suggests_close_match() -> None:

@@ -206,7 +206,8 @@ class RunContext:
 
     def sync_obs_norm(self) -> None:
         if self.obs_norm is not None:
-            self.obs_norm.sync(self.all_gather)
+            # The statistics live with the envs on the CPU; the collective runs on the device.
+            self.obs_norm.sync(lambda t: self.all_gather(t.to(self.device)).cpu())
 
     # ------------------------------------------------------------------ Lightning side
     def setup(self) -> None:
@@ -217,8 +218,6 @@ class RunContext:
         torch.set_num_threads(self.num_threads or max(1, (os.cpu_count() or 1) // local))
         self.generator = torch.Generator().manual_seed(derive_seed(self.seed, _RULE, self.rank))
         self.rule.setup(self.module, self)
-        if self.obs_norm is not None:
-            self.obs_norm.to(self.module.device)
 
     def train_iterable(self) -> Iterable[Any]:
         return _Ticks(self.eval_every)
