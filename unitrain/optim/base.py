@@ -28,7 +28,6 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
-from torch import nn
 
 from unitrain.errors import ConfigError
 
@@ -169,8 +168,3 @@ def get_rule(name: str) -> type[UpdateRule]:
         raise ConfigError("name", f"unknown update rule {name!r}; valid: {', '.join(rules)}")
     return rules[name]
 
-
-def flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
-    """Concatenate the gradients of ``params`` (zeros where a gradient is missing)."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params])
