@@ -9,11 +9,13 @@ import unitrain as ut
 
 
 class TinyPolicy(ut.RLModule):
-    """A user-written module: one hidden layer."""
+    """A user-written module: one hidden layer (``activation``: ``"tanh"`` or ``"relu"``)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 32) -> None:
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 32,
+                 activation: str = "tanh") -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.Tanh(), nn.Linear(hidden, act_dim))
+        act = nn.ReLU() if activation == "relu" else nn.Tanh()
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), act, nn.Linear(hidden, act_dim))
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         return self.net(observation)

@@ -39,7 +39,9 @@ class CaptureStart(L.Callback):
         ctx = module._ctx
         self.state = {
             "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
-            "optimizers": [copy.deepcopy(o.state_dict()) for o in ctx.rule.optimizers()],
+            # What Lightning checkpoints: the rule's optimizers, or the placeholder Lightning
+            # uses when a gradient-free rule has none.
+            "optimizers": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
             "rule": copy.deepcopy(ctx.rule.state_dict()),
             "frames": ctx.frames,
             "iteration": ctx.iteration,

@@ -54,6 +54,7 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
     import lightning as L
 
     from unitrain.config import build_module, load_recipe
+    from unitrain.data import load_data
     from unitrain.envs import env_info
     from unitrain.errors import ConfigError, UserError
     from unitrain.trainer import Trainer
@@ -61,13 +62,19 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
     recipe = load_recipe(_find_recipe(recipe_path), overrides)
     run_dir, ckpt = _resolve_resume(recipe.resume, recipe.run_dir, recipe)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
+    loaders: dict[str, Any] = {}
+    if recipe.data is not None:
+        train, test, info = load_data(recipe.data)
+        loaders = {"train_dataloaders": train, "val_dataloaders": test}
+    else:
+        info = env_info(recipe.env)
     try:
-        module = build_module(recipe.module, env_info(recipe.env))
+        module = build_module(recipe.module, info)
     except ConfigError as e:
         raise UserError(f"{recipe.source}: {e}") from None
     trainer = Trainer(recipe.env, recipe.optimizer, seed=recipe.seed, run_dir=run_dir,
                       **recipe.trainer.trainer_kwargs())
-    trainer.fit(module, ckpt_path=ckpt)
+    trainer.fit(module, ckpt_path=ckpt, **loaders)
     if trainer.global_rank == 0 and trainer.summary is not None:
         _print_summary(trainer.summary)
     return 0
@@ -83,7 +90,8 @@ def _resolve_resume(resume: str | None, run_dir: str | None, recipe: Any) -> tup
         if run_dir is not None:
             path = Path(run_dir) / "checkpoints" / "last.ckpt"
         else:
-            env_name = "".join(c if c.isalnum() else "-" for c in recipe.env.id).strip("-").lower()
+            env_id = recipe.env.id if recipe.env is not None else "supervised"
+            env_name = "".join(c if c.isalnum() else "-" for c in env_id).strip("-").lower()
             candidates = sorted(Path("runs").glob(f"{env_name}-{recipe.optimizer.name}/*/checkpoints/last.ckpt"))
             if not candidates:
                 raise UserError(f"resume=last: no earlier run of this recipe under runs/ "
@@ -191,10 +199,14 @@ def _recipes() -> int:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     ret = summary.get("eval/return_mean")
-    ret_s = "n/a" if ret is None else f"{ret:.1f} ± {summary.get('eval/return_std') or 0:.1f}"
-    print(f"\nunitrain: {summary['optimizer']} on {summary['env']}: eval return {ret_s} "
-          f"over {int(summary.get('eval/episodes') or 0)} episodes, {summary['frames']} frames, "
-          f"{summary['wall_s']:.1f} s")
+    if ret is None and "test/accuracy" in summary:
+        print(f"\nunitrain: {summary['optimizer']}: test accuracy {summary['test/accuracy']:.4f} "
+              f"after {summary['iterations']} iterations, {summary['wall_s']:.1f} s")
+    else:
+        ret_s = "n/a" if ret is None else f"{ret:.1f} ± {summary.get('eval/return_std') or 0:.1f}"
+        print(f"\nunitrain: {summary['optimizer']} on {summary['env']}: eval return {ret_s} "
+              f"over {int(summary.get('eval/episodes') or 0)} episodes, {summary['frames']} "
+              f"frames, {summary['wall_s']:.1f} s")
     print(f"unitrain: checkpoint {summary['checkpoint']}")
     print(f"unitrain: summary {Path(summary['run_dir']) / 'summary.json'}; "
           f"tensorboard --logdir {summary['run_dir']}")

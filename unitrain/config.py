@@ -1,6 +1,6 @@
 """Recipes: omegaconf YAML files validated against typed schemas, and the objects they build.
 
-A recipe has six top-level keys::
+A recipe has these top-level keys::
 
     seed: 0                      # seeds networks, envs (per rank) and the rule
     run_dir: null                # default runs/<env>-<rule>/<time>
@@ -9,6 +9,9 @@ A recipe has six top-level keys::
     module: {target: unitrain.MLPPolicy, hidden: [64, 64]}   # class path + constructor args
     optimizer: {name: ppo, lr: 1.0e-3, ...}           # a registered update rule and its fields
     trainer: {max_frames: 100000, devices: 1, ...}    # TrainerConfig
+
+A supervised run sets ``env: null`` and a ``data:`` block (:class:`unitrain.data.DataSpec`, e.g.
+``{name: digits, batch_size: 64}``) and bounds training by ``trainer.max_epochs``.
 
 Each block is validated against the dataclass that consumes it (``EnvSpec``, the rule's class,
 :class:`TrainerConfig`, the module's constructor signature), so the Python API and recipes share
@@ -30,6 +33,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from unitrain.data import DataInfo, DataSpec
 from unitrain.envs import EnvInfo, EnvSpec
 from unitrain.errors import ConfigError, UserError, check
 from unitrain.module import RLModule
@@ -38,7 +42,7 @@ from unitrain.trainer import EarlyStop
 
 __all__ = ["Recipe", "TrainerConfig", "load_recipe", "build_module", "import_object"]
 
-_TOP_LEVEL = ("seed", "run_dir", "resume", "env", "module", "optimizer", "trainer")
+_TOP_LEVEL = ("seed", "run_dir", "resume", "env", "data", "module", "optimizer", "trainer")
 
 
 @dataclass
@@ -55,6 +59,7 @@ class TrainerConfig:
         eval_episodes: episodes per evaluation.
         early_stop: stop on ``eval/return_mean`` (``threshold``, ``patience``), or null.
         num_threads: torch threads per process (null: cores divided among local processes).
+        max_epochs: passes over the training data of a supervised run (null: unbounded).
     """
 
     max_frames: int | None = 100_000
@@ -66,6 +71,7 @@ class TrainerConfig:
     eval_episodes: int = 10
     early_stop: EarlyStop | None = None
     num_threads: int | None = None
+    max_epochs: int | None = None
 
     def __post_init__(self) -> None:
         check(self.max_frames is None or self.max_frames > 0, "max_frames", "an integer > 0 or null",
@@ -77,13 +83,16 @@ class TrainerConfig:
         check(self.num_nodes >= 1, "num_nodes", "an integer >= 1", self.num_nodes)
         check(self.eval_every >= 1, "eval_every", "an integer >= 1", self.eval_every)
         check(self.eval_episodes >= 1, "eval_episodes", "an integer >= 1", self.eval_episodes)
+        check(self.max_epochs is None or self.max_epochs >= 1, "max_epochs",
+              "an integer >= 1 or null", self.max_epochs)
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`unitrain.Trainer`."""
         return {"max_frames": self.max_frames, "devices": self.devices, "strategy": self.strategy,
                 "accelerator": self.accelerator, "num_nodes": self.num_nodes,
                 "eval_every": self.eval_every, "eval_episodes": self.eval_episodes,
-                "early_stop": self.early_stop, "num_threads": self.num_threads}
+                "early_stop": self.early_stop, "num_threads": self.num_threads,
+                **({} if self.max_epochs is None else {"max_epochs": self.max_epochs})}
 
 
 @dataclass
@@ -94,11 +103,12 @@ class Recipe:
     seed: int
     run_dir: str | None
     resume: str | None
-    env: EnvSpec
+    env: EnvSpec | None
     module: dict[str, Any]
     optimizer: UpdateRule
     trainer: TrainerConfig
     config: dict[str, Any] = field(default_factory=dict)
+    data: DataSpec | None = None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -141,7 +151,18 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def _build(src: str, merged: DictConfig) -> Recipe:
-    env = _typed(EnvSpec, merged.get("env"), "env")
+    data = None if merged.get("data") is None else _typed(DataSpec, merged.get("data"), "data")
+    env: EnvSpec | None = None
+    if data is not None:
+        # A data: block selects a supervised run, fed by a dataloader instead of an env.
+        if merged.get("env") is not None:
+            raise ConfigError("data", "a run has an env or a data: block, not both; "
+                                      "set env: null for a supervised run")
+    elif "env" in merged and merged.get("env") is None:
+        raise ConfigError("data", "missing; a recipe with env: null needs a data: block, "
+                                  "e.g. {name: digits}")
+    else:
+        env = _typed(EnvSpec, merged.get("env"), "env")
     trainer = _typed(TrainerConfig, merged.get("trainer"), "trainer")
     opt_node = merged.get("optimizer")
     if opt_node is None or "name" not in opt_node:
@@ -162,7 +183,7 @@ def _build(src: str, merged: DictConfig) -> Recipe:
     run_dir = merged.get("run_dir")
     return Recipe(src, seed, None if run_dir is None else str(run_dir),
                   None if resume is None else str(resume), env, module, rule, trainer,
-                  OmegaConf.to_container(merged, resolve=True))
+                  OmegaConf.to_container(merged, resolve=True), data)
 
 
 def _rule_names() -> list[str]:
@@ -234,12 +255,14 @@ def import_object(path: str, key: str = "module.target") -> Any:
                                "unitrain.MLPPolicy or mypackage.models.Policy") from None
 
 
-def build_module(spec: dict[str, Any], info: EnvInfo, key: str = "module") -> RLModule:
+def build_module(spec: dict[str, Any], info: EnvInfo | DataInfo,
+                 key: str = "module") -> RLModule:
     """Construct the module of a ``module:`` block, filling env-derived arguments by name.
 
     Args:
         spec: ``{"target": class path, **constructor arguments}``.
-        info: the env's shapes (``obs_dim``, ``act_dim``, ``obs_shape``, ``discrete``).
+        info: the env's (or dataset's) shapes (``obs_dim``, ``act_dim``, ``obs_shape``,
+            ``discrete``).
         key: the block's key, for error messages.
     """
     kwargs = dict(spec)

@@ -3,7 +3,8 @@
 :class:`RunContext` implements :class:`~unitrain.optim.base.RuleContext` for a rule and does the
 Lightning-side work of an :class:`~unitrain.RLModule`: one ``training_step`` is one rule
 iteration; metrics are reduced across ranks in one collective and logged against the frame count;
-the frame budget stops the run; a validation step is a deterministic evaluation; checkpoints carry
+the frame budget stops the run; a validation step is a deterministic evaluation (in a supervised
+run, the accuracy of the logits' argmax on the validation loader); checkpoints carry
 the rule's state, frame count and every rank's RNG states.
 """
 
@@ -85,6 +86,7 @@ class RunContext:
         self.train_env_seed: int | None = None
         self._eval_envs: dict[int, VecGymEnv] = {}
         self._last_return = float("nan")
+        self._correct = self._seen = 0.0
         self._clock: float | None = None
         self._start_time = time.perf_counter()
         if env_spec is not None:
@@ -254,9 +256,10 @@ class RunContext:
             self._last_return = reduced["episode/return_mean"]
         self._log({k: v for k, v in reduced.items() if not math.isnan(v)})
         m = self.module
-        m.log("return", self._last_return, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
-        m.log("fps", reduced["perf/frames_per_s"], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
-        m.log("frames", float(self.frames), prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+        if self.env_spec is not None:
+            m.log("return", self._last_return, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+            m.log("fps", reduced["perf/frames_per_s"], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+            m.log("frames", float(self.frames), prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
         if self.max_frames is not None and self.frames >= self.max_frames:
             m.trainer.should_stop = True
 
@@ -272,8 +275,8 @@ class RunContext:
                 "episode/return_min": float(rets.min()), "episode/length_mean": float(lens.mean())}
 
     def validation_step(self, batch: Any) -> None:
-        del batch
         if self.env_spec is None:
+            self._count_correct(batch)
             return
         res = self.evaluate(self.eval_episodes)
         self.last_eval = res
@@ -281,14 +284,38 @@ class RunContext:
         self.module.log("eval/return_mean", res["return_mean"], prog_bar=True, logger=False,
                         on_step=False, on_epoch=True, batch_size=1)
 
+    @torch.no_grad()
+    def _count_correct(self, batch: Any) -> None:
+        """Accumulate correct predictions of a supervised ``(inputs, labels)`` batch."""
+        inputs, labels = batch
+        predicted = self.module(inputs.to(self.device)).argmax(-1)
+        self._correct += float((predicted.cpu() == labels.cpu()).sum())
+        self._seen += float(labels.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``test/accuracy`` of a supervised run over the whole test set (all ranks)."""
+        if self.env_spec is not None:
+            return
+        counts = torch.tensor([self._correct, self._seen], dtype=torch.float64)
+        counts = self.all_reduce_(counts.to(self.device), "sum").cpu()
+        self._correct = self._seen = 0.0
+        if counts[1] == 0:
+            return
+        accuracy = float(counts[0] / counts[1])
+        self._log({"test/accuracy": accuracy})
+        self.module.log("test/accuracy", accuracy, prog_bar=True, logger=False, on_step=False,
+                        on_epoch=True, batch_size=1)
+
     def on_train_end(self) -> None:
         if self.env_spec is not None:
             self.final_eval = self.evaluate(self.eval_episodes)
             self._log({f"final/{k}": v for k, v in self.final_eval.items()})
 
     def _log(self, metrics: dict[str, float]) -> None:
+        # Scalars are stepped by env frames; supervised runs have none and step by iteration.
+        step = self.frames if self.env_spec is not None else self.iteration
         for logger in self.module.trainer.loggers:
-            logger.log_metrics(metrics, step=self.frames)
+            logger.log_metrics(metrics, step=step)
 
     @property
     def wall_s(self) -> float:

@@ -108,6 +108,10 @@ class RLModule(L.LightningModule):
         assert self._ctx is not None
         self._ctx.validation_step(batch)
 
+    def on_validation_epoch_end(self) -> None:
+        if self._ctx is not None:
+            self._ctx.on_validation_epoch_end()
+
     def on_train_end(self) -> None:
         if self._ctx is not None:
             self._ctx.on_train_end()

@@ -145,7 +145,9 @@ class Trainer(L.Trainer):
         kwargs.setdefault("max_epochs", -1)
         kwargs.setdefault("num_sanity_val_steps", 0)
         kwargs.setdefault("log_every_n_steps", 1)
-        kwargs.setdefault("use_distributed_sampler", False)
+        # Supervised runs split their dataloader's batches across ranks with Lightning's
+        # distributed sampler; env runs feed an iteration counter that every rank must see whole.
+        kwargs.setdefault("use_distributed_sampler", env is None)
         kwargs.setdefault("enable_model_summary", False)
         super().__init__(devices=devices, strategy=strategy, accelerator=accelerator,
                          callbacks=callbacks, logger=logger, default_root_dir=str(self.run_dir),
@@ -155,6 +157,8 @@ class Trainer(L.Trainer):
             datamodule: Any = None, ckpt_path: str | None = None, **kwargs: Any) -> None:
         """Train ``model``; ``ckpt_path`` resumes a run from a checkpoint (``"last"`` allowed).
 
+        A supervised run (no env) passes ``train_dataloaders`` of ``(input, target)`` pairs and
+        optionally ``val_dataloaders``, on which ``test/accuracy`` is measured after every epoch.
         Afterwards :attr:`summary` holds the final evaluation, frames, wall time and checkpoint
         path, also written to ``summary.json`` in the run directory.
         """
@@ -163,6 +167,8 @@ class Trainer(L.Trainer):
                             "subclass unitrain.RLModule to train it with an update rule")
         if self.env_spec is None and train_dataloaders is None and datamodule is None:
             raise UserError("Trainer.fit: give the Trainer an env= or pass train_dataloaders")
+        if self.env_spec is None and self.max_epochs in (None, -1) and self.max_steps == -1:
+            raise UserError("Trainer.fit: a supervised run needs max_epochs= or max_steps=")
         start = time.perf_counter()
         ctx = RunContext(model, self.rule, self.env_spec, self.seed, self.max_frames,
                          self.eval_every, self.eval_episodes, self.num_threads)
@@ -216,6 +222,10 @@ class Trainer(L.Trainer):
             "seed": self.seed,
             "world_size": ctx.world_size,
         }
+        # Numeric test metrics of supervised runs (``test/accuracy``) from the last evaluation.
+        for key, value in self.callback_metrics.items():
+            if key.startswith("test/"):
+                summary[key] = float(value)
         _write_summary(self.run_dir, summary)
         return summary
 

@@ -1,0 +1,336 @@
+"""Off-policy rules (DDPG, DSAC-T): exact resume, replay, bad input, divergence, devices=2."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensordict import TensorDict
+from torch import nn
+
+import lightning as L
+import unitrain as ut
+from conftest import run_script
+from policies import TinyPolicy
+from rulecheck import CaptureStart, assert_same, checkpoint_state
+from unitrain.cli import main
+from unitrain.config import load_recipe
+from unitrain.context import RunContext
+from unitrain.errors import ConfigError, TrainingDiverged, UserError
+from unitrain.optim import DDPG, DSACT
+from unitrain.replay import Replay
+
+PENDULUM = ut.EnvSpec("Pendulum-v1", num_envs=2)
+# Tiny settings: 64 warm-up frames, then 8 frames and 4 gradient updates per iteration.
+SMALL = dict(batch_size=32, buffer_size=1000, warmup_frames=64, frames_per_batch=8,
+             utd_ratio=0.5, critic_hidden=(32, 32))
+
+
+def _trainer(run_dir: Path, rule: ut.optim.UpdateRule, budget: int, callbacks=(),
+             env: ut.EnvSpec = PENDULUM, eval_every: int = 4) -> ut.Trainer:
+    return ut.Trainer(env=env, optimizer=rule, max_frames=budget, eval_every=eval_every,
+                      eval_episodes=2, seed=7, num_threads=1, run_dir=run_dir,
+                      callbacks=list(callbacks), enable_progress_bar=False)
+
+
+def _dsac_t(**overrides) -> DSACT:
+    return DSACT(**{**SMALL, "lr_actor": 1e-3, "lr_critic": 1e-3, **overrides})
+
+
+# ---------------------------------------------------------------- resume
+
+def test_interrupted_dsac_t_run_resumes_exactly(tmp_path: Path):
+    run = tmp_path / "run"
+    first = _trainer(run, _dsac_t(save_buffer=True), 280)
+    module = TinyPolicy(3, 1)
+    first.fit(module)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    state = ckpt["unitrain"]
+    assert state["frames"] == 280 and state["iteration"] == 28
+    rule_state = state["rule"]
+    # 64 warm-up frames in the first iteration, then 27 iterations of 8 frames and 4 updates.
+    assert rule_state["updates"] == 108 and rule_state["collected"] == 280
+    assert rule_state["replay"]["size"] == 280
+    params = ckpt["state_dict"]
+    assert params["aux.dsac_t.log_alpha"].item() != math.log(math.e)
+    assert bool(params["aux.dsac_t.omega_initialized"]) and (params["aux.dsac_t.omega"] > 0).all()
+    targets = [k for k in params if k.startswith("aux.dsac_t.target_")]
+    critics = [k for k in params if k.startswith("aux.dsac_t.qvalue_network_params.")]
+    assert targets and critics and "aux.log_std.log_std" in params
+    assert len(ckpt["optimizer_states"]) == 3 and all(o["state"] for o in ckpt["optimizer_states"])
+    # The actor's parameters are the module's own; aux networks stay out of the policy.
+    assert {n for n, _ in module.named_policy_parameters()} == {
+        "net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+
+    capture = CaptureStart()
+    second = _trainer(run, _dsac_t(save_buffer=True), 312, [capture])
+    second.fit(TinyPolicy(3, 1), ckpt_path="last")
+    # Frames, iteration, parameters (critics, targets, log alpha, omega), optimizer moments,
+    # counters, the replay memory and every RNG come back exactly as saved.
+    assert_same(capture.state, checkpoint_state(ckpt))
+    assert second.summary["frames"] == 312
+    final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["unitrain"]["rule"]["updates"] == 108 + 16
+    assert final["unitrain"]["rule"]["replay"]["size"] == 312
+
+
+def test_resume_without_saved_buffer_refills_before_updating(tmp_path: Path):
+    run = tmp_path / "run"
+    _trainer(run, _dsac_t(), 120).fit(TinyPolicy(3, 1))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["unitrain"]["rule"]["replay"] is None
+    updates = ckpt["unitrain"]["rule"]["updates"]
+    second = _trainer(run, _dsac_t(), 208)
+    second.fit(TinyPolicy(3, 1), ckpt_path="last")
+    rule = second.rule
+    # The first resumed iteration refilled the 64 warm-up frames with the policy (no updates);
+    # each of the next three 8-frame iterations made 4 updates.
+    assert len(rule.replay) == 208 - 120
+    assert rule.state_dict()["updates"] == updates + 12
+
+
+def test_replay_state_round_trip_after_wrapping():
+    gen = torch.Generator().manual_seed(0)
+    replay = Replay(capacity=10, batch_size=4, generator=gen)
+    for start in range(0, 14, 7):
+        n = 7
+        replay.extend(TensorDict({
+            "observation": torch.arange(start, start + n, dtype=torch.float32)[:, None],
+            "action": torch.zeros(n, 1), "extra": torch.zeros(n),
+            ("next", "observation"): torch.zeros(n, 1), ("next", "reward"): torch.zeros(n, 1),
+            ("next", "done"): torch.zeros(n, 1, dtype=torch.bool),
+            ("next", "terminated"): torch.zeros(n, 1, dtype=torch.bool)}, [n]))
+    assert len(replay) == 10
+    state = replay.state_dict()
+    assert "extra" not in state["rows"]
+    copy = Replay(capacity=10, batch_size=4, generator=torch.Generator().manual_seed(1))
+    copy.load_state_dict(state)
+    assert_same(copy.state_dict(), state)
+    gen_state = gen.get_state()
+    a = replay.sample()
+    copy.generator.set_state(gen_state)
+    b = copy.sample()
+    assert torch.equal(a["observation"], b["observation"])
+    # The oldest rows (0..3) were overwritten; the next write lands on slot 4.
+    assert set(state["rows"]["observation"].flatten().tolist()) == set(range(4, 14))
+
+
+# ---------------------------------------------------------------- evaluation and metrics
+
+def test_deterministic_action_needs_no_setup():
+    L.seed_everything(0, verbose=False)
+    module = TinyPolicy(3, 1)
+    rule = DSACT()
+    ctx = RunContext(module, rule, PENDULUM, 0, None, 1, 2)
+    obs = torch.randn(5, 3)
+    action = rule.act(module, obs)
+    assert torch.allclose(action, 2.0 * torch.tanh(module(obs)))  # Pendulum torque in [-2, 2]
+    assert math.isfinite(ctx.evaluate(2)["return_mean"])
+
+
+def test_tensorboard_metrics(tmp_path: Path):
+    _trainer(tmp_path / "run", _dsac_t(), 96).fit(TinyPolicy(3, 1))
+    tags: set[str] = set()
+    for path in (tmp_path / "run").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    expected = {"loss/critic", "loss/actor", "loss/temperature", "train/alpha", "train/entropy",
+                "train/omega", "train/q_mean", "train/sigma_mean", "train/target_q_mean",
+                "perf/updates_per_s", "optim/updates", "train/buffer_size"}
+    assert expected <= tags, expected - tags
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("rule", [DDPG, DSACT])
+def test_discrete_env_is_a_config_error(rule, tmp_path: Path):
+    trainer = _trainer(tmp_path / "run", rule(**SMALL), 64,
+                       env=ut.EnvSpec("CartPole-v1", num_envs=2))
+    with pytest.raises(ConfigError, match=r"env\.id: CartPole-v1 has discrete actions"):
+        trainer.fit(TinyPolicy(4, 2))
+
+
+@pytest.mark.parametrize("rule", [DDPG, DSACT])
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(batch_size=512, buffer_size=256), "batch_size"),
+    (dict(warmup_frames=300, buffer_size=256), "warmup_frames"),
+    (dict(tau=0.0), "tau"),
+    (dict(tau=1.5), "tau"),
+    (dict(utd_ratio=0.0), "utd_ratio"),
+])
+def test_bad_hyperparameters(rule, kwargs, key):
+    with pytest.raises(ConfigError) as info:
+        rule(**kwargs)
+    assert info.value.key == key
+    assert "expected" in str(info.value)
+
+
+def test_recipe_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("env: {id: Pendulum-v1}\noptimizer: {name: dsac_t, batch_size: 512, "
+                      "buffer_size: 100}\n")
+    with pytest.raises(UserError, match=r"optimizer\.batch_size: got 512; expected an integer "
+                                        r"in \[1, buffer_size=100\]"):
+        load_recipe(recipe)
+    with pytest.raises(UserError, match=r"optimizer\.tau: got 0\.0; expected a number in "
+                                        r"\(0, 1\]"):
+        load_recipe(recipe, ["optimizer.batch_size=32", "optimizer.tau=0.0"])
+    code = main(["fit", str(recipe), "optimizer.batch_size=32", "optimizer.warmup_frames=50",
+                 "env.id=CartPole-v1", "trainer.max_frames=64", f"run_dir={tmp_path / 'run'}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "unitrain: error: env.id: CartPole-v1 has discrete actions")
+
+
+def test_module_output_size_is_checked(tmp_path: Path):
+    trainer = _trainer(tmp_path / "run", _dsac_t(), 64)
+    with pytest.raises(ConfigError, match=r"module: forward returns 3 outputs.*act_dim=1"):
+        trainer.fit(TinyPolicy(3, 3))
+
+
+def test_frames_per_batch_must_fill_every_env(tmp_path: Path):
+    trainer = _trainer(tmp_path / "run", _dsac_t(frames_per_batch=5), 64)
+    with pytest.raises(ConfigError, match=r"frames_per_batch: got 5; expected a multiple of "
+                                          r"env.num_envs=2"):
+        trainer.fit(TinyPolicy(3, 1))
+
+
+# ---------------------------------------------------------------- divergence
+
+class PoisonRewards(L.Callback):
+    """Write NaN rewards into the replay memory before iteration ``at`` (0-based)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if module._ctx.iteration == self.at:
+            rewards = module._ctx.rule.replay.buffer.storage[:]["next", "reward"]
+            rewards.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("make_rule", [_dsac_t, lambda: DDPG(**SMALL)], ids=["dsac_t", "ddpg"])
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
+        make_rule, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    run = tmp_path / "run"
+    trainer = _trainer(run, make_rule(), 10_000, [PoisonRewards(at=10)])
+    module = TinyPolicy(3, 1)
+    with pytest.raises(TrainingDiverged, match=r"non-finite gradients .* at iteration 11,"):
+        trainer.fit(module)
+    # In-memory parameters were not stepped with the bad gradients.
+    assert all(torch.isfinite(p).all() for p in module.policy_parameters())
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["unitrain"]["iteration"] == 8
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()
+               if v.is_floating_point())
+    # The last checkpoint evaluates and resumes.
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "checkpoints" / "last.ckpt"), "--episodes", "2"]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["eval/return_mean"])
+    # 120 frames in the checkpoint, 64 to refill the memory, then 3 iterations of 8.
+    resumed = _trainer(run, make_rule(), 120 + 64 + 24)
+    resumed.fit(TinyPolicy(3, 1), ckpt_path="last")
+    assert math.isfinite(resumed.summary["eval/return_mean"])
+
+
+def test_divergence_through_the_cli_is_one_line(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("env: {id: Pendulum-v1, num_envs: 2}\n"
+                      "module: {target: policies.TinyPolicy}\n"
+                      "optimizer: {name: ddpg, lr_actor: 1.0e+30, lr_critic: 1.0e+30, "
+                      "batch_size: 32, buffer_size: 1000, warmup_frames: 64, "
+                      "frames_per_batch: 8, critic_hidden: [32, 32]}\n"
+                      "trainer: {max_frames: 4000, eval_every: 4, eval_episodes: 2, "
+                      "num_threads: 1}\n")
+    assert main(["fit", str(recipe), f"run_dir={tmp_path / 'run'}"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("unitrain: error: ddpg: non-finite gradients"), last
+
+
+# ---------------------------------------------------------------- custom critics, OU noise
+
+class CriticPolicy(TinyPolicy):
+    """A module that supplies its own critics (two outputs: DSAC-T's mean and raw std)."""
+
+    def make_critic(self) -> nn.Module:
+        return Pair(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2)))
+
+
+class Pair(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([observation, action], -1))
+
+
+def test_user_critics_and_ou_noise(tmp_path: Path):
+    module = CriticPolicy(3, 2)  # 2 outputs: mean and log std
+    trainer = _trainer(tmp_path / "a", _dsac_t(), 96)
+    trainer.fit(module)
+    keys = module.state_dict().keys()
+    assert any(k.startswith("aux.dsac_t.qvalue_network_params.critic.net.") for k in keys)
+    assert "aux.log_std.log_std" not in keys  # the module gives a state-dependent std
+    ddpg = DDPG(**SMALL, noise="ou", noise_std=0.2)
+    _trainer(tmp_path / "b", ddpg, 96).fit(TinyPolicy(3, 1))
+    assert ddpg._ou is not None and ddpg._ou.abs().max() > 0
+
+
+# ---------------------------------------------------------------- two processes
+
+DDP_SCRIPT = '''
+import sys
+import torch
+import lightning as L
+import unitrain as ut
+from policies import TinyPolicy
+
+
+class Dump(L.Callback):
+    def on_train_end(self, trainer, module):
+        rule = module._ctx.rule
+        obs = rule.replay.buffer.storage[:8]["observation"].clone()
+        torch.save({"state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+                    "replay_obs": obs, "updates": rule.state_dict()["updates"]},
+                   f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    rule = ut.optim.DSACT(lr_actor=1e-3, lr_critic=1e-3, batch_size=32, buffer_size=1000,
+                          warmup_frames=64, frames_per_batch=8, utd_ratio=0.5,
+                          critic_hidden=(32, 32))
+    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=2), optimizer=rule,
+                         devices=2, strategy="ddp", max_frames=256, eval_every=100,
+                         eval_episodes=2, seed=3, num_threads=1, run_dir="run",
+                         callbacks=[Dump()], enable_progress_bar=False)
+    trainer.fit(TinyPolicy(3, 1))
+'''
+
+
+def test_two_processes_keep_every_network_identical(tmp_path: Path):
+    script = tmp_path / "train.py"
+    script.write_text(DDP_SCRIPT)
+    proc = run_script(script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    # Each rank collected 128 frames: 64 of warm-up, then 8 iterations of 4 updates.
+    assert r0["updates"] == r1["updates"] == 32
+    # Ranks explored with their own seeds ...
+    assert not torch.equal(r0["replay_obs"], r1["replay_obs"])
+    # ... and end with identical actors, critics, targets, temperature and omega.
+    assert set(r0["state"]) == set(r1["state"])
+    for key in ("aux.dsac_t.log_alpha", "aux.dsac_t.omega",
+                "aux.dsac_t.target_qvalue_network_params.critic.net.0.weight", "net.0.weight"):
+        assert key in r0["state"], key
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key
+    init = TinyPolicy(3, 1).state_dict()
+    assert not torch.equal(r0["state"]["net.0.weight"], init["net.0.weight"])

@@ -1,0 +1,386 @@
+"""Population evaluation, seed-chain genomes, and the GA/ES rules across processes and resumes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+import unitrain as ut
+from policies import TinyPolicy
+from unitrain.config import load_recipe
+from unitrain.envs import EnvInfo, EnvSpec, ObsNorm
+from unitrain.errors import ConfigError, UserError
+from unitrain.population import (Genome, ParamLayout, PopulationEvaluator, PopulationPolicy,
+                                 centered_ranks, fresh_init, novelty, perturb_, shard)
+
+TESTS = Path(__file__).resolve().parent
+
+
+class Record(Logger):
+    """A logger that keeps every metrics dict it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict[str, float]] = []
+
+    @property
+    def name(self) -> str:
+        return "record"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append(dict(metrics))
+
+    def series(self, key: str) -> list[float]:
+        return [row[key] for row in self.rows if key in row]
+
+
+# ---------------------------------------------------------------------------------- genomes
+def test_seed_chain_rebuild_is_bit_identical():
+    module = TinyPolicy(4, 2, hidden=16)
+    layout = ParamLayout.of(module)
+    init = fresh_init(module, layout)
+    rng_before = torch.get_rng_state()
+    assert torch.equal(init(7), init(7)) and not torch.equal(init(7), init(8))
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global generator is untouched
+
+    # Generation by generation, as the GA breeds: each child is its cached parent + one mutation.
+    genome, params = Genome(7), init(7)
+    for seed in range(100, 130):
+        child = genome.mutate(seed, 0.02)
+        params, genome = child.build(init, cache=(genome, params)), child
+    assert torch.equal(genome.build(init), params)
+    assert not torch.equal(params, init(7))
+
+    data = genome.to_bytes()
+    assert len(data) == 8 + 8 * 30
+    assert Genome.from_bytes(data) == genome
+    assert torch.equal(Genome.from_bytes(data).build(init), params)
+    assert Genome(None, ((5, 0.5),)) == Genome.from_bytes(Genome(None, ((5, 0.5),)).to_bytes())
+
+
+def test_perturbation_is_regenerated_from_its_seed():
+    base = torch.zeros(1000)
+    a = perturb_(base.clone(), 3, 0.5)
+    b = perturb_(base.clone(), 3, -0.5)
+    assert torch.equal(a, -b) and torch.equal(a, perturb_(base.clone(), 3, 0.5))
+    assert abs(a.std().item() - 0.5) < 0.05
+
+
+# ---------------------------------------------------------------------------------- the policy
+class ConvPolicy(ut.RLModule):
+    """A small conv net with buffers (batch norm statistics and a fixed input scale)."""
+
+    def __init__(self, act_dim: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(-3))
+        self.head = nn.Linear(4 * 5 * 5, act_dim)
+        self.register_buffer("scale", torch.tensor(1 / 255))
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(observation.float() * self.scale))
+
+
+def _population(layout: ParamLayout, count: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(count, layout.numel, generator=gen) * 0.3
+
+
+@pytest.mark.parametrize("kind", ["mlp-discrete", "mlp-continuous", "conv"])
+def test_vmap_population_matches_each_individual(kind: str):
+    torch.manual_seed(0)
+    if kind == "conv":
+        module: ut.RLModule = ConvPolicy()
+        module.conv[1].running_mean.uniform_(-1, 1)  # non-trivial buffers
+        module.conv[1].running_var.uniform_(0.5, 2)
+        obs = torch.randint(0, 256, (5, 3, 2, 15, 15), dtype=torch.uint8)
+        module.env_info = EnvInfo("img", (2, 15, 15), 450, 3, True, image=True)
+    elif kind == "mlp-discrete":
+        module = TinyPolicy(4, 3)
+        obs = torch.randn(5, 3, 4)
+        module.env_info = EnvInfo("d", (4,), 4, 3, True)
+    else:
+        module = ut.MLPPolicy(4, 2, hidden=[8])
+        obs = torch.randn(5, 3, 4) * 50
+        module.env_info = EnvInfo("c", (4,), 4, 2, False, -torch.ones(2), torch.ones(2) * 0.5)
+    module.eval()
+    layout = ParamLayout.of(module)
+    params = _population(layout, 5, 1)
+    forward = PopulationPolicy(module, layout, lambda m, o: m(o))(params, obs)
+    actions = PopulationPolicy(module, layout, lambda m, o: m.act(o))(params, obs)
+    for i in range(5):
+        layout.assign(module, params[i])
+        with torch.no_grad():
+            torch.testing.assert_close(forward[i], module(obs[i]), rtol=1e-5, atol=1e-5)
+            if kind == "mlp-continuous":
+                torch.testing.assert_close(actions[i], module.act(obs[i]), rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(actions[i], module(obs[i]).argmax(-1))
+    # Splitting the population does not change any individual's result.
+    halves = torch.cat([PopulationPolicy(module, layout, lambda m, o: m(o))(params[a:b], obs[a:b])
+                        for a, b in ((0, 2), (2, 5))])
+    assert torch.equal(halves, forward)
+
+
+def _evaluator(module: ut.RLModule, spec: EnvSpec, **kwargs: Any) -> PopulationEvaluator:
+    from unitrain.envs import env_info
+
+    info = env_info(spec)
+    module.env_info = info
+    policy = PopulationPolicy(module, ParamLayout.of(module), lambda m, o: m.act(o))
+    return PopulationEvaluator(policy, spec, info.obs_shape, **kwargs)
+
+
+def test_episodes_do_not_depend_on_how_the_population_is_split():
+    module = TinyPolicy(4, 2)
+    evaluator = _evaluator(module, EnvSpec("CartPole-v1"), episodes=2, behaviour="final")
+    params = _population(evaluator.policy.layout, 6, 2)
+    seeds = lambda i, e: 1000 * i + e  # noqa: E731
+    whole = evaluator.evaluate(range(6), lambda idx: params[list(idx)], seeds)
+    parts = [evaluator.evaluate(range(a, b), lambda idx: params[list(idx)], seeds)
+             for a, b in ((0, 1), (1, 4), (4, 6))]
+    assert torch.equal(whole.returns, torch.cat([p.returns for p in parts]))
+    assert torch.equal(whole.behaviour, torch.cat([p.behaviour for p in parts]))
+    assert torch.equal(whole.returns, whole.lengths.double())  # CartPole: +1 per step
+    other = evaluator.evaluate(range(6), lambda idx: params[list(idx)],
+                               lambda i, e: seeds(i, e) + 7)
+    assert not torch.equal(other.behaviour, whole.behaviour)  # the seeds decide the episodes
+    assert whole.behaviour.shape == (6, 2, 4)
+    # Waves of at most 4 env slots (two individuals) give the same episodes.
+    waves = _evaluator(module, EnvSpec("CartPole-v1"), episodes=2, max_envs=4)
+    assert torch.equal(waves.evaluate(range(6), lambda idx: params[list(idx)], seeds).returns,
+                       whole.returns)
+    # A step cap truncates every episode.
+    capped = _evaluator(module, EnvSpec("CartPole-v1"), episodes=2, max_episode_steps=5)
+    assert capped.evaluate(range(6), lambda idx: params[list(idx)], seeds).lengths.max() <= 5
+
+
+def test_observation_normalisation_is_frozen_during_a_generation():
+    module = ut.MLPPolicy(3, 1, hidden=[])
+    norm = ObsNorm((3,))
+    evaluator = _evaluator(module, EnvSpec("Pendulum-v1"), max_episode_steps=20, obs_norm=norm,
+                           max_envs=2)
+    params = _population(evaluator.policy.layout, 4, 3)
+    res = evaluator.evaluate(range(4), lambda idx: params[list(idx)], lambda i, e: i)
+    assert norm.count.item() == 0  # two waves ran on the statistics of the generation's start
+    norm.sync(lambda t: t.unsqueeze(0))  # what the Trainer does after each iteration
+    assert norm.count.item() == res.lengths.sum().item() == 80
+
+
+def test_ranks_novelty_and_shards():
+    x = torch.tensor([3.0, -torch.inf, 1.0, 3.0])
+    assert torch.allclose(centered_ranks(x), torch.tensor([1 / 3, -0.5, -1 / 6, 1 / 3],
+                                                          dtype=torch.float64))
+    assert centered_ranks(torch.full((5,), -200.0)).tolist() == [0.0] * 5
+    pop = torch.tensor([[0.0], [1.0], [10.0]])
+    assert novelty(pop, torch.zeros(0, 1), 1).tolist() == [1.0, 1.0, 9.0]
+    assert novelty(pop, torch.tensor([[10.0]]), 1).tolist() == [1.0, 1.0, 0.0]
+    shares = [shard(7, r, 3) for r in range(3)]
+    assert [list(s) for s in shares] == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+# ---------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("make, key", [
+    (lambda: ut.optim.GA(population=10, truncation=20), "truncation"),
+    (lambda: ut.optim.GA(population=10, truncation=5, elite_candidates=11), "elite_candidates"),
+    (lambda: ut.optim.GA(sigma=0.0), "sigma"),
+    (lambda: ut.optim.ES(sigma=-0.1), "sigma"),
+    (lambda: ut.optim.ES(population=15), "population"),
+    (lambda: ut.optim.GA(population=1, truncation=1, elite_candidates=1), "population"),
+    (lambda: ut.optim.GA(novelty=1.5), "novelty"),
+])
+def test_bad_hyperparameters_name_the_key(make, key: str):
+    with pytest.raises(ConfigError) as err:
+        make()
+    assert err.value.key == key
+
+
+def test_bad_recipe_value_is_one_line(tmp_path: Path):
+    recipe = tmp_path / "ga.yaml"
+    recipe.write_text("env: {id: CartPole-v1}\noptimizer: {name: ga, population: 8}\n")
+    with pytest.raises(UserError, match=r"optimizer\.truncation: got 20; expected an integer "
+                                        r"in \[1, population=8\]"):
+        load_recipe(recipe)
+
+
+class Frozen(ut.RLModule):
+    """A module without trainable parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 2).requires_grad_(False)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.net(observation)
+
+
+@pytest.mark.parametrize("rule", [ut.optim.GA, ut.optim.ES])
+def test_module_without_parameters_is_a_user_error(rule, tmp_path: Path):
+    trainer = ut.Trainer(env=EnvSpec("CartPole-v1"), optimizer=rule(population=4, truncation=2,
+                                                                    elite_candidates=2)
+                         if rule is ut.optim.GA else rule(population=4),
+                         max_frames=100, num_threads=1, run_dir=tmp_path, logger=False,
+                         enable_progress_bar=False)
+    with pytest.raises(UserError, match="no trainable policy parameters"):
+        trainer.fit(Frozen())
+
+
+# ---------------------------------------------------------------------------------- non-finite
+class NanReward(gym.Env):
+    """Four steps per episode; the reward is NaN whenever the action exceeds 0.5."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed: int | None = None, options: Any = None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.ones(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        a = float(np.asarray(action).reshape(-1)[0])
+        reward = float("nan") if a > 0.5 else 1.0 - abs(a)
+        return np.ones(1, np.float32), reward, False, self.t >= 4, {}
+
+
+def test_nonfinite_returns_get_the_worst_fitness(tmp_path: Path):
+    if "unitrain-test/NanReward-v0" not in gym.registry:
+        gym.register("unitrain-test/NanReward-v0", entry_point=NanReward)
+    record = Record()
+    trainer = ut.Trainer(env=EnvSpec("unitrain-test/NanReward-v0", num_envs=1),
+                         optimizer=ut.optim.GA(population=16, truncation=4, sigma=0.5,
+                                               elite_candidates=2, elite_episodes=2),
+                         max_frames=16 * 4 * 4, eval_every=2, eval_episodes=2, seed=0,
+                         num_threads=1, run_dir=tmp_path, logger=[record],
+                         enable_progress_bar=False)
+    trainer.fit(ut.MLPPolicy(1, 1, hidden=[], out_scale=1.0))
+    bad = record.series("fitness/nonfinite")
+    assert len(bad) >= 3 and bad[0] > 0, bad
+    elite = record.series("fitness/elite_return")
+    assert all(np.isfinite(elite)) and elite[-1] > 3.0, elite
+    assert trainer.summary["eval/return_mean"] > 3.0
+
+
+# ---------------------------------------------------------------------------------- processes
+SCRIPT = '''
+import sys
+
+import lightning as L
+import torch
+
+import unitrain as ut
+from policies import TinyPolicy
+from test_population import Record
+
+RULES = {
+    "ga": lambda: ut.optim.GA(population=14, truncation=4, sigma=0.1, elite_candidates=3,
+                              elite_episodes=2, episodes=2, max_episode_steps=100, novelty=0.5,
+                              novelty_k=3, archive_add=2),
+    "es": lambda: ut.optim.ES(population=12, sigma=0.1, lr=0.05, max_episode_steps=100),
+}
+
+
+class Dump(L.Callback):
+    def __init__(self, name, record):
+        self.name, self.record = name, record
+
+    def on_train_end(self, trainer, module):
+        torch.save({"params": {k: v.clone() for k, v in module.state_dict().items()},
+                    "rows": self.record.rows, "frames": module._ctx.frames,
+                    "world_size": trainer.world_size},
+                   f"{self.name}-{sys.argv[1]}-rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    devices = int(sys.argv[1])
+    # Two runs in one launch: the processes and their process group serve both fits.
+    for name, make in RULES.items():
+        record = Record()
+        trainer = ut.Trainer(env=ut.EnvSpec("CartPole-v1"), optimizer=make(), devices=devices,
+                             strategy="ddp" if devices > 1 else "auto", max_frames=2500,
+                             eval_every=2, eval_episodes=2, seed=4, num_threads=1,
+                             run_dir=f"run-{name}-{devices}", logger=[record],
+                             callbacks=[Dump(name, record)], enable_progress_bar=False)
+        trainer.fit(TinyPolicy(4, 2))
+'''
+
+
+def test_one_and_two_processes_evolve_identically(tmp_path: Path):
+    script = tmp_path / "evolve.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    procs = {n: subprocess.Popen([sys.executable, str(script), n], cwd=tmp_path, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for n in ("1", "2")}
+    for n, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"devices={n}: {err[-3000:]}"
+    for rule in ("ga", "es"):
+        one = torch.load(tmp_path / f"{rule}-1-rank0.pt", weights_only=False)
+        two = [torch.load(tmp_path / f"{rule}-2-rank{r}.pt", weights_only=False) for r in (0, 1)]
+        assert one["world_size"] == 1 and two[0]["world_size"] == 2
+        best = [[row["fitness/return_max"] for row in run["rows"] if "fitness/return_max" in row]
+                for run in (one, *two)]
+        assert len(best[0]) >= 3 and best[0] == best[1] == best[2], (rule, best)
+        assert one["frames"] == two[0]["frames"] == two[1]["frames"]
+        for key, value in one["params"].items():
+            assert torch.equal(value, two[0]["params"][key]), (rule, key)
+            assert torch.equal(value, two[1]["params"][key]), (rule, key)
+        if rule == "ga":
+            novel = [[row["novelty/mean"] for row in run["rows"] if "novelty/mean" in row]
+                     for run in (one, two[0])]
+            assert novel[0] == novel[1] and len(novel[0]) == len(best[0])
+
+
+# ---------------------------------------------------------------------------------- resume
+def _fit(rule: ut.optim.UpdateRule, run_dir: Path, max_frames: int, ckpt: str | None = None
+         ) -> tuple[ut.Trainer, TinyPolicy]:
+    trainer = ut.Trainer(env=EnvSpec("CartPole-v1"), optimizer=rule, max_frames=max_frames,
+                         eval_every=1, eval_episodes=2, seed=9, num_threads=1, run_dir=run_dir,
+                         logger=False, enable_progress_bar=False)
+    module = TinyPolicy(4, 2)
+    trainer.fit(module, ckpt_path=ckpt)
+    return trainer, module
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ut.optim.GA(population=12, truncation=3, sigma=0.1, elite_candidates=2,
+                        elite_episodes=2, max_episode_steps=150, init="module", novelty=0.3,
+                        novelty_k=3),
+    lambda: ut.optim.ES(population=10, sigma=0.1, lr=0.05, max_episode_steps=150),
+], ids=["ga", "es"])
+def test_resume_continues_exactly(make, tmp_path: Path):
+    whole, module = _fit(make(), tmp_path / "whole", 3000)
+    cut, _ = _fit(make(), tmp_path / "cut", 1)  # stops after one generation, with a checkpoint
+    assert cut.summary["iterations"] == 1
+    resumed, module2 = _fit(make(), tmp_path / "cut", 3000, ckpt="last")
+    assert resumed.summary["iterations"] == whole.summary["iterations"] >= 3
+    assert resumed.summary["frames"] == whole.summary["frames"]
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, module2.state_dict()[key]), key
+    a = whole.rule.state_dict()
+    b = resumed.rule.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key

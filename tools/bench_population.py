@@ -1,0 +1,229 @@
+"""Population-evaluation throughput: unitrain against a raw gymnasium loop, and 1 vs 2 processes.
+
+Part 1 (one process) steps ``--population`` HalfCheetah-v5 envs, one per individual, each driven
+by its own parameters of the same 64-64 tanh MLP, with the same batched policy
+(:class:`unitrain.population.PopulationPolicy`: ``torch.func.vmap(functional_call)`` over the
+stacked parameters) on two paths:
+
+* ``raw``: a plain gymnasium ``SyncVectorEnv`` loop (same-step autoreset); observations become a
+  float32 tensor, actions go back as numpy; nothing is recorded;
+* ``unitrain``: :class:`unitrain.population.PopulationEvaluator` (a ``VecGymEnv``, seeded
+  episodes, returns, lengths, caps), episodes cut at ``--steps`` steps.
+
+The paths take turns chunk by chunk so that changes in machine load hit both alike; each figure
+is the median over rounds.
+
+Part 2 trains ES (``unitrain.optim.ES``, the same population and network) through
+``unitrain.Trainer`` with ``devices=1`` and then ``devices=2``, and reports env steps per second of
+the generations (population evaluation, gathering and the update), timed on rank 0, and env steps
+per CPU-second of all processes (on a machine whose cores are shared with other jobs, the
+wall-clock ratio understates what a second process adds). Run::
+
+    python tools/bench_population.py                 # both parts
+    python tools/bench_population.py --skip-ddp      # part 1 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+ENV = "HalfCheetah-v5"
+
+
+def population_policy(population: int, seed: int):
+    """The benchmark's batched policy and a population of parameters for it."""
+    import unitrain as ut
+    from unitrain.envs import EnvSpec, env_info
+    from unitrain.population import ParamLayout, PopulationPolicy
+
+    info = env_info(EnvSpec(ENV))
+    torch.manual_seed(seed)
+    module = ut.MLPPolicy(info.obs_dim, info.act_dim, hidden=[64, 64], out_scale=1.0)
+    module.env_info = info
+    module.eval()
+    layout = ParamLayout.of(module)
+    params = layout.flatten(module) + 0.1 * torch.randn(population, layout.numel)
+    return PopulationPolicy(module, layout, lambda m, o: m.act(o)), params, info
+
+
+def raw_runner(population: int, policy, params: torch.Tensor, seed: int) -> Callable[[int], int]:
+    """``steps -> env steps``: the raw gymnasium loop."""
+    vec = gym.make_vec(ENV, num_envs=population, vectorization_mode="sync",
+                       vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+    state = {"obs": vec.reset(seed=seed)[0]}
+
+    def run(steps: int) -> int:
+        obs = state["obs"]
+        for _ in range(steps):
+            x = torch.from_numpy(obs.astype(np.float32, copy=False)).reshape(population, 1, -1)
+            action = policy(params, x).reshape(population, -1).numpy()
+            obs, _reward, _terminated, _truncated, _info = vec.step(action)
+        state["obs"] = obs
+        return steps * population
+
+    return run
+
+
+def unitrain_runner(population: int, policy, params: torch.Tensor, seed: int,
+                    steps: int) -> Callable[[int], int]:
+    """``steps -> env steps``: one evaluation of the population with episodes cut at ``steps``."""
+    from unitrain.envs import EnvSpec
+    from unitrain.population import PopulationEvaluator
+
+    evaluator = PopulationEvaluator(policy, EnvSpec(ENV), policy.module.env_info.obs_shape,
+                                    max_episode_steps=steps)
+    calls = [0]
+
+    def run(_: int) -> int:
+        calls[0] += 1
+        res = evaluator.evaluate(range(population), lambda idx: params[list(idx)],
+                                 lambda i, e: seed + 1000 * calls[0] + i)
+        return res.steps
+
+    return run
+
+
+def _timed(run: Callable[[int], int], steps: int) -> np.ndarray:
+    """``[env steps, wall seconds, CPU seconds]`` of one call of ``run``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    done = run(steps)
+    return np.array([done, time.perf_counter() - wall, time.process_time() - cpu])
+
+
+def in_process(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    policy, params, _ = population_policy(args.population, args.seed)
+    runners = {"raw": raw_runner(args.population, policy, params, args.seed),
+               "unitrain": unitrain_runner(args.population, policy, params, args.seed,
+                                           args.steps)}
+    for run in runners.values():  # warm-up: env construction, first resets, vmap tracing
+        run(args.steps)
+    wall: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for r in range(args.rounds):
+        # [env steps, wall seconds, CPU seconds] per path; the paths alternate chunk by chunk,
+        # rotating who goes first.
+        totals = {name: np.zeros(3) for name in runners}
+        for c in range(args.chunks):
+            for name in names[c % 2:] + names[:c % 2]:
+                totals[name] += _timed(runners[name], args.steps)
+        for name, (steps, wall_s, cpu_s) in totals.items():
+            wall[name].append(steps / wall_s)
+            cpu[name].append(steps / cpu_s)
+        print(f"round {r + 1}: raw {wall['raw'][-1]:,.0f}, unitrain {wall['unitrain'][-1]:,.0f} "
+              f"env-steps/s; unitrain/raw {wall['unitrain'][-1] / wall['raw'][-1]:.3f}", flush=True)
+    wall_med = {name: statistics.median(v) for name, v in wall.items()}
+    cpu_med = {name: statistics.median(v) for name, v in cpu.items()}
+    print(f"\n{ENV}, population {args.population} (one env each), 64-64 MLP, "
+          f"{args.threads} thread(s), {args.chunks * args.steps * args.population:,} env steps "
+          f"per path and round, median of {args.rounds} rounds")
+    print(f"{'path':<10} {'env-steps/s':>12} {'vs raw':>8} {'per CPU-s':>11} {'vs raw':>8}")
+    for name in runners:
+        print(f"{name:<10} {wall_med[name]:>12,.0f} {wall_med[name] / wall_med['raw']:>7.2f}x "
+              f"{cpu_med[name]:>11,.0f} {cpu_med[name] / cpu_med['raw']:>7.2f}x")
+
+
+TRAIN_SCRIPT = '''
+import json, sys, time
+import lightning as L
+import unitrain as ut
+
+
+class Clock(L.Callback):
+    """Wall and CPU time of this process inside training steps (generations), and their frames."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+        self.frames0 = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.frames0 is None:
+            self.frames0 = module._ctx.frames
+        self.start = (time.perf_counter(), time.process_time())
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.wall += time.perf_counter() - self.start[0]
+        self.cpu += time.process_time() - self.start[1]
+        self.frames = module._ctx.frames
+
+
+if __name__ == "__main__":
+    devices, population, generations, out = (int(sys.argv[1]), int(sys.argv[2]),
+                                             int(sys.argv[3]), sys.argv[4])
+    clock = Clock()
+    trainer = ut.Trainer(env=ut.EnvSpec("HalfCheetah-v5"), devices=devices,
+                         strategy="ddp" if devices > 1 else "auto",
+                         optimizer=ut.optim.ES(population=population),
+                         max_frames=population * 1000 * generations, eval_every=1000,
+                         eval_episodes=1, num_threads=1, run_dir=out + ".run", logger=False,
+                         callbacks=[clock], enable_progress_bar=False)
+    trainer.fit(ut.MLPPolicy(17, 6, hidden=[64, 64]))
+    with open(f"{out}.rank{trainer.global_rank}", "w") as f:
+        json.dump({"frames": clock.frames - clock.frames0, "wall": clock.wall, "cpu": clock.cpu}, f)
+'''
+
+
+def processes(args: argparse.Namespace) -> None:
+    wall, cpu = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "train.py")
+        with open(script, "w") as f:
+            f.write(TRAIN_SCRIPT)
+        for devices in (1, 2):
+            out = os.path.join(tmp, f"d{devices}.json")
+            proc = subprocess.run([sys.executable, script, str(devices), str(args.population),
+                                   str(args.generations), out], cwd=tmp, capture_output=True,
+                                  text=True)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-3000:])
+            ranks = []
+            for r in range(devices):
+                with open(f"{out}.rank{r}") as f:
+                    ranks.append(json.load(f))
+            frames = ranks[0]["frames"]
+            wall[devices] = frames / ranks[0]["wall"]
+            # Env steps per CPU-second of all processes together: what the throughput would be
+            # per core if every process had one to itself.
+            cpu[devices] = frames / sum(r["cpu"] for r in ranks)
+            print(f"devices={devices}: {frames:,} env steps in {ranks[0]['wall']:.1f} s of "
+                  f"generations: {wall[devices]:,.0f} env-steps/s; "
+                  f"{cpu[devices]:,.0f} per CPU-second", flush=True)
+    print(f"\nES on {ENV}, population {args.population}, 64-64 MLP, {args.generations} "
+          f"generations, one thread per process, {os.cpu_count()} CPU cores")
+    print(f"devices=2 / devices=1: {wall[2] / wall[1]:.2f}x wall-clock throughput; "
+          f"CPU efficiency {cpu[2] / cpu[1]:.2f} (2 x this = the speed-up on 2 free cores)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--population", type=int, default=64, help="individuals (= envs)")
+    parser.add_argument("--steps", type=int, default=250,
+                        help="vector steps per chunk (the evaluator's episode cap)")
+    parser.add_argument("--chunks", type=int, default=2, help="chunks per path and round")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions (median taken)")
+    parser.add_argument("--generations", type=int, default=3, help="ES generations per run")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-ddp", action="store_true", help="leave out part 2")
+    args = parser.parse_args()
+    in_process(args)
+    if not args.skip_ddp:
+        print()
+        processes(args)
+
+
+if __name__ == "__main__":
+    main()

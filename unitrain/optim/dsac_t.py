@@ -1,0 +1,193 @@
+"""DSAC-T: distributional soft actor-critic with three refinements, as an update rule.
+
+Reference: J. Duan, W. Wang, L. Xiao, J. Gao, S. E. Li, C. Liu, Y.-Q. Zhang, B. Cheng, K. Li,
+"Distributional Soft Actor-Critic with Three Refinements" (DSAC-T, released as DSAC-v2),
+arXiv:2310.05858.
+
+The losses are :class:`unitrain.objectives.DSACTLoss` (the paper's critic-loss form, with
+expected value substitution, twin value distribution learning and variance-based critic gradient
+adjustment; see that module for the equations). This rule adds what the paper's training loop
+does around them (collection, replay, warm-up: :mod:`unitrain.optim.offpolicy`), and its delayed
+updates: the critics take a step on every gradient update; the policy, the temperature and the
+target networks (Polyak ``tau``) on every ``delay``-th, from gradients taken at the same
+parameters as the critics' (as in the authors' code).
+
+Policy: a tanh-squashed Gaussian. A module returning ``2 * act_dim`` outputs gives the pre-tanh
+mean and a raw log standard deviation per state (the paper's actor); a module returning
+``act_dim`` outputs gives the mean, and the log standard deviation is then a learned
+state-independent vector ``aux.log_std`` (initialised to 0), trained with the actor.
+
+Critics: two distinct networks ``(observation, action) -> (mean, raw std)`` (a tuple, or one
+tensor ``[..., 2]``), from the module's ``make_critic()`` if it has one, else MLPs with
+``critic_hidden`` GELU layers (the paper's 3 x 256). The loss keeps stacked copies of their
+parameters; it is registered as ``module.aux["dsac_t"]``, so critics, targets, ``log_alpha`` and
+the moving average ``omega`` are checkpointed with the module. With several processes ``omega``
+is averaged across processes after every update, which equals the moving average over the
+union of their batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor, nn
+from torchrl.objectives import SoftUpdate
+
+from unitrain.errors import ConfigError, check
+from unitrain.objectives import DSACTLoss
+from unitrain.optim.base import register_rule
+from unitrain.optim.offpolicy import OffPolicyRule
+
+if TYPE_CHECKING:
+    from unitrain.module import RLModule
+    from unitrain.optim.base import RuleContext
+
+__all__ = ["DSACT"]
+
+
+class _GaussianActor(nn.Module):
+    """``observation -> (loc, raw_scale)`` from the module (and a state-independent log std)."""
+
+    def __init__(self, module: nn.Module, act_dim: int, log_std: nn.Module | None) -> None:
+        super().__init__()
+        self.module, self.act_dim = module, act_dim
+        # ``log_std`` lives under ``module.aux``: registering it here too would give the loss
+        # two copies of it (one per path) to keep in step.
+        self.__dict__["log_std"] = log_std
+
+    def forward(self, observation: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.module(observation)
+        loc = out[..., : self.act_dim]
+        if self.log_std is None:
+            return loc, out[..., self.act_dim: 2 * self.act_dim]
+        return loc, self.log_std.log_std.expand_as(loc)
+
+
+class _MeanStd(nn.Module):
+    """A critic's output as DSACTLoss reads it: ``(mean, raw_std)``, each ``[..., 1]``."""
+
+    def __init__(self, critic: nn.Module) -> None:
+        super().__init__()
+        self.critic = critic
+
+    def forward(self, observation: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.critic(observation, action)
+        if isinstance(out, tuple):
+            return out
+        return out[..., :1], out[..., 1:2]
+
+
+@register_rule("dsac_t")
+@dataclass
+class DSACT(OffPolicyRule):
+    """DSAC-T (Duan et al.): twin Gaussian critics, expected value substitution, clipped targets.
+
+    Fields of :class:`~unitrain.optim.offpolicy.OffPolicyRule` (replay, warm-up, learning
+    rates, ``tau``, ...) with the paper's defaults, plus:
+
+    Args:
+        lr_alpha: Adam step size of the temperature's logarithm.
+        alpha_init: initial temperature (``e``, as in the authors' code).
+        target_entropy: target policy entropy (``None``: ``-act_dim``).
+        delay: gradient updates per policy, temperature and target-network update.
+    """
+
+    lr_actor: float = 1e-4
+    lr_critic: float = 1e-4
+    warmup_frames: int = 10_000
+    utd_ratio: float = 0.05
+    critic_hidden: tuple[int, ...] = (256, 256, 256)
+    lr_alpha: float = 3e-4
+    alpha_init: float = math.e
+    target_entropy: float | None = None
+    delay: int = 2
+
+    # The authors' MuJoCo bounds on the policy's log standard deviation.
+    log_std_bounds: ClassVar[tuple[float, float]] = (-20.0, 0.5)
+    metric_names: ClassVar[tuple[str, ...]] = (
+        "loss/critic", "loss/actor", "loss/temperature", "train/alpha", "train/entropy",
+        "train/omega", "train/q_mean", "train/sigma_mean", "train/target_q_mean")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.lr_alpha > 0, "lr_alpha", "a number > 0", self.lr_alpha)
+        check(self.alpha_init > 0, "alpha_init", "a number > 0", self.alpha_init)
+        check(self.delay >= 1, "delay", "an integer >= 1", self.delay)
+
+    def _build(self, module: "RLModule", ctx: "RuleContext") -> None:
+        actor, actor_params = self._gaussian_actor(module, ctx)
+        critics = [_MeanStd(c) for c in self._critics(module, 2, 2, nn.GELU)]
+        loss = DSACTLoss(actor, critics, gamma=self.gamma, alpha_init=self.alpha_init,
+                         target_entropy="auto" if self.target_entropy is None
+                         else self.target_entropy, tau_b=self.tau,
+                         log_std_bounds=self.log_std_bounds).to(ctx.device)
+        self.loss: DSACTLoss = module.add_aux(self.name, loss)
+        self.actor = self.loss.actor_network
+        self.updater = SoftUpdate(self.loss, tau=self.tau)
+        self.critic_opt = torch.optim.Adam(list(self.loss.qvalue_network_params.values(True, True)),
+                                           lr=self.lr_critic)
+        self.actor_opt = torch.optim.Adam(actor_params, lr=self.lr_actor)
+        self.alpha_opt = torch.optim.Adam([self.loss.log_alpha], lr=self.lr_alpha)
+
+    def _gaussian_actor(self, module: "RLModule", ctx: "RuleContext"
+                        ) -> tuple[nn.Module, list[nn.Parameter]]:
+        """The module as a Gaussian policy head ``observation -> (loc, raw_scale)``.
+
+        Args:
+            module: the user's module (``act_dim`` or ``2 * act_dim`` outputs).
+            ctx: the run context (for the device).
+
+        Returns:
+            The head and the parameters the actor's optimizer trains (the module's policy
+            parameters, plus ``aux.log_std`` when the module gives only the mean).
+        """
+        act_dim = self.info.act_dim
+        outputs = self._actor_outputs(module)
+        if outputs not in (act_dim, 2 * act_dim):
+            raise ConfigError("module", f"forward returns {outputs} outputs per observation; "
+                                        f"{self.name} needs act_dim={act_dim} (mean) or "
+                                        f"2*act_dim={2 * act_dim} (mean, then log std)")
+        params = module.policy_parameters()
+        log_std = None
+        if outputs == act_dim:
+            holder = nn.Module()
+            holder.register_parameter("log_std", nn.Parameter(torch.zeros(act_dim)))
+            log_std = module.add_aux("log_std", holder.to(ctx.device))
+            params.append(log_std.log_std)
+        return _GaussianActor(module, act_dim, log_std), params
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.critic_opt, self.actor_opt, self.alpha_opt]
+
+    def _explore(self, observation: Tensor) -> Tensor:
+        loc, raw_scale = self.actor(observation)
+        scale = raw_scale.clamp(*self.log_std_bounds).exp()
+        return torch.tanh(loc + scale * self.draw(tuple(loc.shape)))
+
+    def _update(self, batch: TensorDictBase, ctx: "RuleContext") -> dict[str, Tensor | float]:
+        delayed = self._updates % self.delay == 0
+        critic_loss, info = self.loss.critic_loss(batch)
+        metrics: dict[str, Tensor | float] = {
+            "loss/critic": critic_loss.detach(), "train/q_mean": info["pred_value"].mean(),
+            "train/sigma_mean": info["pred_std"].mean(), "train/omega": info["omega"].mean(),
+            "train/target_q_mean": info["target_value"].mean()}
+        total, optimizers = critic_loss, [self.critic_opt]
+        if delayed:
+            actor_loss, actor_info = self.loss.actor_loss(batch)
+            alpha_loss = self.loss.alpha_loss(actor_info["log_prob"])
+            total = total + actor_loss + alpha_loss
+            optimizers += [self.actor_opt, self.alpha_opt]
+            metrics.update({"loss/actor": actor_loss.detach(),
+                            "loss/temperature": alpha_loss.detach(),
+                            "train/entropy": actor_info["entropy"]})
+        # The three losses touch disjoint parameters, so one backward serves them all.
+        self.descend(total, optimizers, ctx)
+        ctx.all_reduce_(self.loss.omega, "mean")
+        if delayed:
+            self.updater.step()
+        metrics["train/alpha"] = self.loss.alpha
+        return metrics

@@ -1,0 +1,376 @@
+"""Off-policy actor-critic training: what DDPG and DSAC-T share.
+
+Both rules (:mod:`unitrain.optim.ddpg`, Lillicrap et al. 2016, "Continuous control with deep
+reinforcement learning"; :mod:`unitrain.optim.dsac_t`, Duan et al., "Distributional Soft
+Actor-Critic with Three Refinements", arXiv:2310.05858) learn from a replay memory of past
+transitions instead of the latest batch. :class:`OffPolicyRule` owns everything that does not
+depend on the loss:
+
+- **Actions.** The module's ``forward(observation)`` is the actor: its first ``act_dim`` outputs
+  are a pre-tanh action, squashed by ``tanh`` into ``[-1, 1]`` and scaled affinely to the env's
+  bounds. Critics and the replay memory see the ``[-1, 1]`` action, so one set of
+  hyperparameters fits every action range. :meth:`OffPolicyRule.act` (the deterministic
+  evaluation action) needs no ``setup``.
+- **Collection.** Each iteration collects ``frames_per_batch`` transitions per process through a
+  TorchRL collector (``ctx.collector``) with the rule's exploration (:meth:`_explore`), drawn
+  from the rule's seeded generator.
+- **Warm-up.** Until a process has collected ``warmup_frames`` transitions its actions are
+  uniform on ``[-1, 1]``; no gradient step is taken before the memory holds
+  ``max(warmup_frames, batch_size)`` transitions. Collecting them happens inside one iteration.
+- **Update-to-data ratio.** After warm-up, ``utd_ratio`` gradient updates are made per collected
+  frame (fractions carry over between iterations), each on ``batch_size`` transitions sampled
+  uniformly from the memory (:class:`~unitrain.replay.Replay`).
+- **Several processes.** Every process collects with its own seeds into its own memory; gradients
+  are averaged across processes before every optimizer step, so parameters, target networks and
+  optimizer states stay identical.
+- **Divergence.** Gradients are checked after averaging (the same verdict on every process); a
+  non-finite one stops the run with :class:`~unitrain.errors.TrainingDiverged` before any
+  parameter changes, so the last checkpoint and the in-memory parameters stay usable.
+- **Checkpoints.** The loss module (critics, target networks, and any other state of the loss)
+  is registered under ``module.aux[<rule name>]`` and saved with the module; the optimizers by
+  Lightning; the frame and update counters, and with ``save_buffer`` the replay memory, in the
+  rule's state.
+
+Critics: a module that defines ``make_critic()`` supplies its own — each call returns a new
+network ``(observation, action) -> output`` with ``action`` in ``[-1, 1]`` (the output each rule
+expects is on its page); otherwise the rule builds MLP critics over the flattened observation
+concatenated with the action (``critic_hidden`` units).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torch import Tensor, nn
+from torchrl.modules import MLP
+
+from unitrain.errors import ConfigError, TrainingDiverged, UserError, check
+from unitrain.optim.base import UpdateRule
+from unitrain.replay import Replay
+
+if TYPE_CHECKING:
+    from unitrain.envs import EnvInfo
+    from unitrain.module import RLModule
+    from unitrain.optim.base import RuleContext
+
+__all__ = ["OffPolicyRule", "Critic", "squash"]
+
+
+def squash(pre_tanh: Tensor, info: "EnvInfo") -> Tensor:
+    """Map a pre-tanh action to the env's bounds: ``low + (tanh(u) + 1) / 2 * (high - low)``.
+
+    Args:
+        pre_tanh: ``[..., act_dim]``.
+        info: the env's action bounds.
+
+    Returns:
+        The action in env units, ``[..., act_dim]``.
+    """
+    return _to_bounds(torch.tanh(pre_tanh), info)
+
+
+def _to_bounds(unit: Tensor, info: "EnvInfo") -> Tensor:
+    low = info.action_low.to(unit)
+    high = info.action_high.to(unit)
+    return low + (unit + 1.0) * (0.5 * (high - low))
+
+
+class Critic(nn.Module):
+    """The default critic: an MLP over ``[flatten(observation), action]``.
+
+    Args:
+        obs_shape: observation shape (flattened before the first layer).
+        act_dim: action size.
+        hidden: hidden layer widths.
+        activation: hidden activation class.
+        outputs: output features (1 for a Q-value; 2 for DSAC-T's mean and raw std).
+    """
+
+    def __init__(self, obs_shape: tuple[int, ...], act_dim: int, hidden: tuple[int, ...],
+                 activation: type[nn.Module], outputs: int) -> None:
+        super().__init__()
+        self.obs_ndim = len(obs_shape)
+        self.net = MLP(in_features=math.prod(obs_shape) + act_dim, out_features=outputs,
+                       num_cells=list(hidden), activation_class=activation)
+
+    def forward(self, observation: Tensor, action: Tensor) -> Tensor:
+        """The critic's outputs, ``[..., outputs]``.
+
+        Args:
+            observation: ``[..., *obs_shape]``.
+            action: ``[..., act_dim]`` in ``[-1, 1]``.
+        """
+        obs = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
+        return self.net(torch.cat([obs.to(action.dtype), action], dim=-1))
+
+
+class _Explorer(TensorDictModuleBase):
+    """The collector's policy: the rule's exploration (or uniform warm-up actions).
+
+    Writes ``"action"`` in env units (what the env steps with) and ``"action_unit"`` in
+    ``[-1, 1]`` (what the replay memory keeps). The user's module is registered so that the
+    collector sees parameters already on the policy device and runs this object as it is.
+    """
+
+    in_keys = ["observation"]
+    out_keys = ["action", "action_unit"]
+
+    def __init__(self, rule: "OffPolicyRule", module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.rule = rule
+        self.random = True
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        observation = tensordict.get("observation")
+        with torch.no_grad():
+            if self.random:
+                shape = (*observation.shape[: -len(self.rule.info.obs_shape)],
+                         self.rule.info.act_dim)
+                unit = self.rule.draw(shape, uniform=True) * 2.0 - 1.0
+            else:
+                unit = self.rule._explore(observation)
+        tensordict.set("action_unit", unit)
+        tensordict.set("action", _to_bounds(unit, self.rule.info))
+        return tensordict
+
+
+@contextmanager
+def without_run_context(module: "RLModule") -> Iterator[None]:
+    """Detach the run context from ``module`` for the duration of the block.
+
+    TorchRL losses that deep-copy their networks (``DDPGLoss`` copies a parameter-free skeleton
+    once) would otherwise copy the run context hanging off the module: envs, generators, the rule.
+    """
+    ctx = module.__dict__.get("_ctx")
+    module.__dict__["_ctx"] = None
+    try:
+        yield
+    finally:
+        module.__dict__["_ctx"] = ctx
+
+
+@dataclass
+class OffPolicyRule(UpdateRule):
+    """Replay, warm-up, collection and the update loop of off-policy actor-critic rules.
+
+    Subclasses are registered dataclasses that implement :meth:`_build` (the loss, its
+    optimizers and target updates), :meth:`_explore` (exploration actions) and :meth:`_update`
+    (one gradient update), and list their per-update metrics in :attr:`metric_names`.
+
+    Args:
+        lr_actor: Adam step size of the actor (the module).
+        lr_critic: Adam step size of the critics.
+        gamma: discount factor.
+        tau: Polyak step of the target networks, in (0, 1].
+        batch_size: transitions per gradient update.
+        buffer_size: replay memory capacity per process (oldest transitions are overwritten).
+        warmup_frames: transitions per process collected with uniform random actions before the
+            first update (the memory then holds at least ``max(warmup_frames, batch_size)``).
+        frames_per_batch: transitions collected per iteration per process, a multiple of
+            ``env.num_envs`` (``None``: one step of every env).
+        utd_ratio: gradient updates per collected frame after warm-up (update-to-data ratio).
+        critic_hidden: hidden widths of the default critics.
+        save_buffer: save the replay memory in checkpoints, so a resumed run continues with it
+            (about ``buffer_size x (2 obs_dim + act_dim + 3) x 4`` bytes per checkpoint when
+            full); otherwise a resumed run refills ``max(warmup_frames, batch_size)``
+            transitions with its current policy before updating again.
+    """
+
+    lr_actor: float = 3e-4
+    lr_critic: float = 3e-4
+    gamma: float = 0.99
+    tau: float = 0.005
+    batch_size: int = 256
+    buffer_size: int = 1_000_000
+    warmup_frames: int = 10_000
+    frames_per_batch: int | None = None
+    utd_ratio: float = 1.0
+    critic_hidden: tuple[int, ...] = (256, 256)
+    save_buffer: bool = False
+
+    metric_names: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check(self.lr_actor > 0, "lr_actor", "a number > 0", self.lr_actor)
+        check(self.lr_critic > 0, "lr_critic", "a number > 0", self.lr_critic)
+        check(0 < self.gamma <= 1, "gamma", "a number in (0, 1]", self.gamma)
+        check(0 < self.tau <= 1, "tau", "a number in (0, 1]", self.tau)
+        check(self.buffer_size >= 1, "buffer_size", "an integer >= 1", self.buffer_size)
+        check(1 <= self.batch_size <= self.buffer_size, "batch_size",
+              f"an integer in [1, buffer_size={self.buffer_size}]", self.batch_size)
+        check(0 <= self.warmup_frames <= self.buffer_size, "warmup_frames",
+              f"an integer in [0, buffer_size={self.buffer_size}]", self.warmup_frames)
+        check(self.frames_per_batch is None or self.frames_per_batch >= 1, "frames_per_batch",
+              "an integer >= 1 or null", self.frames_per_batch)
+        check(self.utd_ratio > 0, "utd_ratio", "a number > 0", self.utd_ratio)
+        self.critic_hidden = tuple(int(h) for h in self.critic_hidden)
+        check(all(h >= 1 for h in self.critic_hidden), "critic_hidden",
+              "a list of integers >= 1", list(self.critic_hidden))
+
+    # ------------------------------------------------------------------ construction
+    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
+        info = ctx.env_info
+        if info is None:
+            raise UserError(f"{self.name}: needs an env; give the Trainer env=...")
+        if info.discrete:
+            raise ConfigError("env.id", f"{info.id} has discrete actions ({info.act_dim}); "
+                                        f"{self.name} needs a continuous (Box) action space "
+                                        "(for discrete actions use ppo or reinforce)")
+        if not bool(torch.isfinite(info.action_low).all() & torch.isfinite(info.action_high).all()):
+            raise ConfigError("env.id", f"{info.id} has unbounded actions; {self.name} squashes "
+                                        "actions into the env's bounds, which must be finite")
+        num_envs = ctx.env_spec.num_envs
+        self._frames_per_batch = self.frames_per_batch or num_envs
+        check(self._frames_per_batch % num_envs == 0, "frames_per_batch",
+              f"a multiple of env.num_envs={num_envs}", self.frames_per_batch)
+        self.module, self.info = module, info
+        self.generator = ctx.generator
+        self.replay = Replay(self.buffer_size, self.batch_size, ctx.generator, ctx.device)
+        self._device = ctx.device
+        self._collector: Iterator[TensorDictBase] | None = None
+        self._env: Any = None
+        self._explorer = _Explorer(self, module)
+        self._collected = 0       # frames this process collected, warm-up included
+        self._trained_frames = 0  # frames collected in iterations that began with a ready memory
+        self._updates = 0         # gradient updates made
+        self._build(module, ctx)
+
+    def _build(self, module: "RLModule", ctx: "RuleContext") -> None:
+        """Build the loss (registered under ``module.aux``), optimizers and target updates."""
+        raise NotImplementedError
+
+    def _explore(self, observation: Tensor) -> Tensor:
+        """Exploration actions in ``[-1, 1]`` for a batch of observations (no gradient)."""
+        raise NotImplementedError
+
+    def _update(self, batch: TensorDictBase, ctx: "RuleContext") -> dict[str, Tensor | float]:
+        """One gradient update on ``batch``; returns scalars named in :attr:`metric_names`."""
+        raise NotImplementedError
+
+    def _critics(self, module: "RLModule", count: int, outputs: int,
+                 activation: type[nn.Module]) -> list[nn.Module]:
+        """``count`` distinct critics: the module's ``make_critic()`` or default MLPs."""
+        make = getattr(module, "make_critic", None)
+        if callable(make):
+            critics = [make() for _ in range(count)]
+            if not all(isinstance(c, nn.Module) for c in critics):
+                raise UserError(f"{type(module).__name__}.make_critic() must return an nn.Module")
+            return critics
+        return [Critic(self.info.obs_shape, self.info.act_dim, self.critic_hidden, activation,
+                       outputs) for _ in range(count)]
+
+    def _actor_outputs(self, module: "RLModule") -> int:
+        """The size of the module's output on one dummy observation (checked >= ``act_dim``)."""
+        info = self.info
+        dtype = torch.uint8 if info.image else torch.float32
+        with torch.no_grad():
+            out = module(torch.zeros((1, *info.obs_shape), dtype=dtype, device=self._device))
+        size = int(out.shape[-1])
+        if size < info.act_dim:
+            raise ConfigError("module", f"forward returns {size} outputs per observation; "
+                                        f"{self.name} needs act_dim={info.act_dim} "
+                                        "(the pre-tanh action)")
+        return size
+
+    def draw(self, shape: tuple[int, ...], uniform: bool = False) -> Tensor:
+        """Standard normal (or uniform on [0, 1)) draws from the rule's generator, on the device."""
+        draw = torch.rand if uniform else torch.randn
+        return draw(shape, generator=self.generator).to(self._device)
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self, ctx: "RuleContext") -> dict[str, float]:
+        if self._collector is None:
+            self._env = ctx.train_env()
+            self._collector = iter(ctx.collector(self._explorer, self._frames_per_batch))
+        ready_size = max(self.warmup_frames, self.batch_size)
+        ready = len(self.replay) >= ready_size
+        frames = self._collect()
+        while len(self.replay) < ready_size:
+            frames += self._collect()
+        if ready:
+            self._trained_frames += frames
+        due = math.floor(self.utd_ratio * self._trained_frames + 1e-9) - self._updates
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        start = time.perf_counter()
+        for _ in range(due):
+            for key, value in self._update(self.replay.sample(), ctx).items():
+                value = float(value.detach()) if isinstance(value, Tensor) else float(value)
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+            self._updates += 1
+        elapsed = time.perf_counter() - start
+        nan = float("nan")
+        # Every iteration reports the same keys (NaN when absent: not logged), on every rank.
+        metrics = {key: sums[key] / counts[key] if key in counts else nan
+                   for key in self.metric_names}
+        metrics.update({"optim/updates": float(due), "train/updates_total": float(self._updates),
+                        "train/buffer_size": float(len(self.replay)),
+                        "perf/updates_per_s": due / elapsed if due else nan,
+                        "frames": float(frames)})
+        return metrics
+
+    def _collect(self) -> int:
+        assert self._collector is not None
+        self._explorer.random = self._collected < self.warmup_frames
+        batch = next(self._collector)
+        batch.set("action", batch.get("action_unit"))
+        self.replay.extend(batch)
+        self._collected += batch.numel()
+        return batch.numel()
+
+    def descend(self, loss: Tensor, optimizers: list[torch.optim.Optimizer],
+                ctx: "RuleContext") -> None:
+        """One step of ``optimizers`` on ``loss``, gradients averaged across processes.
+
+        Args:
+            loss: a scalar whose gradient reaches the optimizers' parameters.
+            optimizers: the optimizers to step.
+            ctx: the run context (collectives, iteration number).
+
+        Raises:
+            TrainingDiverged: a gradient is NaN or infinite (no parameter is changed).
+        """
+        params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ctx.all_reduce_grads(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        # Averaged gradients are identical on every rank, so every rank stops together.
+        if grads and not bool(torch.isfinite(nn.utils.get_total_norm(grads))):
+            raise TrainingDiverged(
+                f"{self.name}: non-finite gradients (a NaN or infinite loss) at iteration "
+                f"{ctx.iteration + 1}, gradient update {self._updates + 1}; the run stopped and "
+                "its last checkpoint holds the last finite state (try lower learning rates)")
+        for opt in optimizers:
+            opt.step()
+
+    def act(self, module: "RLModule", observation: Tensor) -> Tensor:
+        """The deterministic action: the squashed pre-tanh output, scaled to the env's bounds."""
+        info = module.env_info
+        if info is None:
+            raise RuntimeError("act() needs the env's action space; "
+                               "fit or evaluate the module first")
+        return squash(module(observation)[..., : info.act_dim], info)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"collected": self._collected, "trained_frames": self._trained_frames,
+                "updates": self._updates,
+                "replay": self.replay.state_dict() if self.save_buffer else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._collected = int(state["collected"])
+        self._trained_frames = int(state["trained_frames"])
+        self._updates = int(state["updates"])
+        if self.save_buffer and state.get("replay") is not None:
+            self.replay.load_state_dict(state["replay"])

@@ -1,0 +1,694 @@
+"""Population evaluation: what every population update rule shares.
+
+A population rule (GA, ES) evaluates P candidate parameter sets of the user's module and changes
+the module from their fitness (mean episode return, higher is better). This module holds the
+pieces they share:
+
+- :class:`ParamLayout`: the module's policy parameters (``RLModule.policy_parameters()``; the
+  ``aux`` networks are left out) as one flat vector, so a population is a ``[P, n]`` matrix and a
+  perturbation is one vector addition.
+- :func:`noise` and :class:`Genome`: perturbations regenerated from integer seeds (one
+  ``torch.Generator`` per seed, no shared noise table), and the compact encoding of Deep GA
+  (Such et al. 2017, "Deep Neuroevolution: Genetic Algorithms Are a Competitive Alternative for
+  Training Deep Neural Networks for Reinforcement Learning"): a genome is an initialisation seed
+  and a list of ``(seed, σ)`` mutations, from which the parameters are rebuilt bit-identically.
+- :class:`PopulationEvaluator`: runs the episodes of many individuals at once in one batched
+  TorchRL env (:class:`~unitrain.envs.VecGymEnv`), with the module applied once per step to all
+  of them through ``torch.func.vmap(functional_call)`` over the stacked parameters. Slot
+  ``i * E + e`` plays episode ``e`` of the wave's individual ``i``.
+- :class:`PopulationRule`: the base of population rules: the fields they share, the split of the
+  population across processes (each rank evaluates a contiguous share; only fitness crosses
+  process boundaries), fitness with non-finite returns made worst, and logging.
+- :func:`centered_ranks` (fitness shaping, Salimans et al. 2017, "Evolution Strategies as a
+  Scalable Alternative to Reinforcement Learning") and :func:`novelty` (k-nearest-neighbour
+  novelty of behaviour characterisations, Lehman & Stanley 2011, "Abandoning Objectives:
+  Evolution Through the Search for Novelty Alone"; Conti et al. 2018, "Improving Exploration in
+  Evolution Strategies for Deep Reinforcement Learning via a Population of Novelty-Seeking
+  Agents").
+
+Episode seeds are derived from the run seed, the generation, the individual's index in the
+population and the episode's index, never from the rank, so a population split across any number
+of processes is evaluated on the same episodes and gets the same fitness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import struct
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from unitrain.envs import EnvSpec, ObsNorm, VecGymEnv, derive_seed, make_env
+from unitrain.errors import UserError, check
+from unitrain.optim.base import UpdateRule
+
+if TYPE_CHECKING:
+    from unitrain.module import RLModule
+    from unitrain.optim.base import RuleContext
+
+__all__ = ["ParamLayout", "Genome", "noise", "perturb_", "fresh_init", "PopulationPolicy",
+           "PopulationEvaluator", "Episodes", "Evaluation", "PopulationRule", "centered_ranks",
+           "novelty", "shard", "gather_shards", "episode_seeds", "log_histogram"]
+
+# Seed streams of population rules (the first entry of derive_seed after the run seed), distinct
+# from the context's streams so that no two uses of the run seed collide.
+STREAM_EPISODES, STREAM_ELITE_EPISODES = 101, 102
+
+
+# ---------------------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where each policy parameter of a module sits in one flat vector.
+
+    Attributes:
+        names: parameter names (``module.named_policy_parameters()`` order).
+        shapes: their shapes.
+        dtypes: their dtypes (the flat vector uses their common promoted dtype).
+        dtype: dtype of flat vectors.
+        numel: length of the flat vector.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    dtypes: tuple[torch.dtype, ...]
+    dtype: torch.dtype
+    numel: int
+
+    @classmethod
+    def of(cls, module: "RLModule") -> "ParamLayout":
+        """The layout of ``module.named_policy_parameters()``.
+
+        Raises:
+            UserError: if the module has no trainable policy parameters.
+        """
+        named = list(module.named_policy_parameters())
+        if not named:
+            raise UserError(f"{type(module).__name__} has no trainable policy parameters "
+                            "(parameters outside module.aux with requires_grad=True); a population "
+                            "rule has nothing to evolve")
+        dtype = named[0][1].dtype
+        for _, p in named[1:]:
+            dtype = torch.promote_types(dtype, p.dtype)
+        if not dtype.is_floating_point:
+            raise UserError(f"{type(module).__name__}: policy parameters must be floating point")
+        return cls(tuple(n for n, _ in named), tuple(p.shape for _, p in named),
+                   tuple(p.dtype for _, p in named), dtype, sum(p.numel() for _, p in named))
+
+    def _offsets(self) -> Iterator[tuple[str, torch.Size, torch.dtype, int, int]]:
+        offset = 0
+        for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
+            size = math.prod(shape)
+            yield name, shape, dtype, offset, offset + size
+            offset += size
+
+    def flatten(self, module: nn.Module) -> torch.Tensor:
+        """The module's policy parameters as one vector ``[numel]`` (a copy)."""
+        params = dict(module.named_parameters())
+        return torch.cat([params[n].detach().reshape(-1).to(self.dtype) for n in self.names])
+
+    def unflatten(self, flat: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
+        """``flat [..., numel]`` as tensors ``[..., *shape]`` by parameter name."""
+        lead = flat.shape[:-1]
+        return {prefix + name: flat[..., a:b].reshape(*lead, *shape).to(dtype)
+                for name, shape, dtype, a, b in self._offsets()}
+
+    def assign(self, module: nn.Module, flat: torch.Tensor) -> None:
+        """Copy ``flat [numel]`` into the module's policy parameters (in place)."""
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, value in self.unflatten(flat).items():
+                params[name].copy_(value)
+
+    def set_grads(self, module: nn.Module, flat: torch.Tensor) -> None:
+        """Set the ``.grad`` of the module's policy parameters from ``flat [numel]``."""
+        params = dict(module.named_parameters())
+        for name, value in self.unflatten(flat).items():
+            params[name].grad = value.detach().clone().to(params[name].device)
+
+
+def noise(seed: int, numel: int, dtype: torch.dtype = torch.float32,
+          device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal noise ``[numel]`` regenerated from ``seed``.
+
+    Drawn on the CPU from a generator of its own, so every process and device gets the same
+    values for the same seed.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn(numel, generator=gen, dtype=dtype).to(device)
+
+
+def perturb_(flat: torch.Tensor, seed: int, sigma: float) -> torch.Tensor:
+    """``flat += sigma * noise(seed)`` in place; the one arithmetic every rebuild repeats."""
+    return flat.add_(noise(seed, flat.shape[-1], flat.dtype, flat.device), alpha=sigma)
+
+
+def _as_float32(sigma: float) -> float:
+    """``sigma`` rounded to float32: what a genome stores, hence what a mutation applies."""
+    return float(np.float32(sigma))
+
+
+@dataclass(frozen=True)
+class Genome:
+    """A Deep GA genome: parameters as an initialisation seed and a chain of mutations.
+
+    ``θ = θ₀(init_seed) + σ₁ε(s₁) + σ₂ε(s₂) + ...``, applied in order with :func:`perturb_`, so a
+    rebuild repeats the arithmetic of the generations bit for bit.
+
+    Attributes:
+        init_seed: seed of the initial parameters; ``None``: the run's starting parameters.
+        mutations: ``(seed, σ)`` per mutation, oldest first (σ is a float32 value).
+    """
+
+    init_seed: int | None
+    mutations: tuple[tuple[int, float], ...] = ()
+
+    def mutate(self, seed: int, sigma: float) -> "Genome":
+        """The child genome with one more mutation."""
+        return Genome(self.init_seed, (*self.mutations, (int(seed), _as_float32(sigma))))
+
+    def build(self, init: Callable[[int | None], torch.Tensor],
+              cache: tuple["Genome", torch.Tensor] | None = None) -> torch.Tensor:
+        """The parameters ``[numel]``.
+
+        Args:
+            init: ``init_seed -> θ₀`` (a fresh tensor).
+            cache: an ancestor's genome and parameters to start from instead of ``θ₀``.
+        """
+        start, mutations = 0, self.mutations
+        if cache is not None and cache[0].is_ancestor_of(self):
+            flat, start = cache[1].clone(), len(cache[0].mutations)
+        else:
+            flat = init(self.init_seed)
+        for seed, sigma in mutations[start:]:
+            perturb_(flat, seed, sigma)
+        return flat
+
+    def is_ancestor_of(self, other: "Genome") -> bool:
+        """Whether ``other`` is this genome or a descendant of it."""
+        n = len(self.mutations)
+        return self.init_seed == other.init_seed and other.mutations[:n] == self.mutations
+
+    _HEAD = struct.Struct("<q")
+    _MUTATION = struct.Struct("<If")
+
+    def to_bytes(self) -> bytes:
+        """The compact encoding: int64 init seed (−1 for ``None``), then uint32 seed + float32 σ
+        per mutation."""
+        head = self._HEAD.pack(-1 if self.init_seed is None else self.init_seed)
+        return head + b"".join(self._MUTATION.pack(s, sigma) for s, sigma in self.mutations)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Genome":
+        """Inverse of :meth:`to_bytes`."""
+        (init,) = cls._HEAD.unpack_from(data)
+        size = cls._MUTATION.size
+        muts = tuple((s, float(sigma)) for s, sigma in
+                     (cls._MUTATION.unpack_from(data, i) for i in range(8, len(data), size)))
+        return cls(None if init < 0 else init, muts)
+
+
+def fresh_init(module: "RLModule", layout: ParamLayout) -> Callable[[int | None], torch.Tensor]:
+    """``seed -> θ₀``: the module's own initialisation, rerun under ``torch.manual_seed(seed)``.
+
+    The module is rebuilt from its class and recorded constructor arguments (``module.hparams``),
+    so any initialisation the user wrote is what the population starts from. Initialisation code
+    must draw from torch's global generator (``nn.init`` does) for the result to depend on the
+    seed alone.
+
+    Raises:
+        UserError: if the module cannot be rebuilt or the rebuilt module's parameters differ.
+    """
+    cls, kwargs = type(module), dict(module.hparams)
+    device = module.device
+
+    def init(seed: int | None) -> torch.Tensor:
+        assert seed is not None, "fresh initialisation needs a seed"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                fresh = cls(**kwargs)
+            except Exception as e:  # any failure of user code: report it as a setup problem
+                raise UserError(
+                    f"cannot rebuild {cls.__qualname__}(**hparams) to draw initial parameters "
+                    f"({type(e).__name__}: {e}); record every constructor argument with "
+                    "save_hyperparameters, or set optimizer.init=module") from None
+        try:
+            if ParamLayout.of(fresh) != layout:
+                raise UserError(f"{cls.__qualname__}(**hparams) builds different policy "
+                                "parameters than the module being trained; "
+                                "set optimizer.init=module")
+            return layout.flatten(fresh).to(device)
+        finally:
+            del fresh
+
+    return init
+
+
+# ---------------------------------------------------------------------------------- the policy
+class _Actor(nn.Module):
+    """``observation -> action`` through a rule's deterministic ``act`` on the user's module."""
+
+    def __init__(self, module: "RLModule",
+                 act: Callable[["RLModule", torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.module: RLModule = module
+        self._act = act
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self._act(self.module, observation)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Evaluation mode for the duration (dropout off, normalisation layers read-only)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class PopulationPolicy:
+    """The user's module applied to many parameter sets at once.
+
+    ``policy(params [w, numel], observation [w, B, *obs_shape]) -> [w, B, *action_shape]``: for
+    each individual ``i`` the rule's deterministic action of the module with parameters
+    ``params[i]`` on its ``B`` observations, computed in one call with
+    ``torch.func.vmap(functional_call)``. Buffers and non-policy parameters are shared. Call it
+    with the module in evaluation mode (the evaluator does), so that no layer writes a buffer.
+
+    Args:
+        module: the user's module.
+        layout: its policy-parameter layout.
+        act: the rule's ``act(module, observation)`` (argmax of logits / clamped mean).
+    """
+
+    def __init__(self, module: "RLModule", layout: ParamLayout,
+                 act: Callable[["RLModule", torch.Tensor], torch.Tensor]) -> None:
+        self.module, self.layout = module, layout
+        self._actor = _Actor(module, act)
+        self._batched = vmap(self._one, in_dims=(0, 0))
+
+    def _one(self, params: dict[str, torch.Tensor], observation: torch.Tensor) -> torch.Tensor:
+        return functional_call(self._actor, params, (observation,))
+
+    def stack(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-parameter tensors ``[w, *shape]`` of ``params [w, numel]``, for :meth:`apply`."""
+        return self.layout.unflatten(params, "module.")
+
+    @torch.no_grad()
+    def apply(self, stacked: dict[str, torch.Tensor], observation: torch.Tensor) -> torch.Tensor:
+        """The actions for ``observation [w, B, *obs_shape]`` under :meth:`stack`'s parameters."""
+        return self._batched(stacked, observation)
+
+    def __call__(self, params: torch.Tensor, observation: torch.Tensor) -> torch.Tensor:
+        return self.apply(self.stack(params), observation)
+
+
+# ---------------------------------------------------------------------------------- evaluation
+@dataclass
+class Episodes:
+    """Outcome of evaluating ``p`` individuals on ``E`` episodes each.
+
+    Attributes:
+        returns: ``[p, E]`` float64 episode returns (non-finite if the env produced them).
+        lengths: ``[p, E]`` int64 episode lengths (env steps).
+        behaviour: ``[p, E, d]`` float64 behaviour characterisations, or ``None``.
+        steps: env steps simulated, including slots idling while others finish.
+    """
+
+    returns: torch.Tensor
+    lengths: torch.Tensor
+    behaviour: torch.Tensor | None
+    steps: int
+
+    @staticmethod
+    def cat(parts: Sequence["Episodes"]) -> "Episodes":
+        """The episodes of consecutive groups of individuals, as one."""
+        behaviours = [p.behaviour for p in parts if p.behaviour is not None]
+        behaviour = torch.cat(behaviours) if behaviours else None
+        return Episodes(torch.cat([p.returns for p in parts]),
+                        torch.cat([p.lengths for p in parts]), behaviour,
+                        sum(p.steps for p in parts))
+
+
+class PopulationEvaluator:
+    """Run the episodes of a population in one batched env per wave.
+
+    Each wave takes as many whole individuals as fit in ``max_envs`` env slots (at least one);
+    slot ``i * E + e`` plays episode ``e`` of the wave's individual ``i`` from its own seed, and the
+    wave ends when every slot's episode has ended (slots that finish early idle until then).
+
+    Args:
+        policy: the batched policy.
+        spec: the env to run (``spec.num_envs`` is ignored: the wave decides).
+        obs_shape: shape of one observation.
+        episodes: episodes per individual ``E``.
+        max_episode_steps: cap on each episode's steps (``None``: the env's own limit).
+        max_envs: most env slots stepped together (``None``: a whole call in one wave).
+        obs_norm: observation normalisation applied to what the policy sees; each wave folds
+            the raw observations of its episodes into its pending statistics, which take effect
+            at the next :meth:`~unitrain.envs.ObsNorm.sync` (the Trainer's, after the
+            generation), so every individual of a generation sees the same normalisation.
+        behaviour: ``"final"`` or ``"mean"`` observation of each episode as its behaviour
+            characterisation (mapped through ``module.behaviour`` if the module defines it), or
+            ``None`` to skip it.
+    """
+
+    def __init__(self, policy: PopulationPolicy, spec: EnvSpec, obs_shape: Sequence[int],
+                 episodes: int = 1, max_episode_steps: int | None = None,
+                 max_envs: int | None = None, obs_norm: ObsNorm | None = None,
+                 behaviour: str | None = None) -> None:
+        self.policy, self.spec, self.episodes = policy, spec, episodes
+        self.max_episode_steps, self.max_envs = max_episode_steps, max_envs
+        self.obs_norm, self.behaviour = obs_norm, behaviour
+        self._envs: dict[int, VecGymEnv] = {}
+        self._obs_shape = tuple(obs_shape)
+        self._behaviour_dim: int | None = None
+
+    def _env(self, slots: int) -> VecGymEnv:
+        env = self._envs.get(slots)
+        if env is None:
+            env = self._envs[slots] = make_env(self.spec, 0, obs_norm=None, num_envs=slots)
+        return env
+
+    def evaluate(self, individuals: Sequence[int], params: Callable[[Sequence[int]], torch.Tensor],
+                 seeds: Callable[[int, int], int], episodes: int | None = None,
+                 behaviour: bool = True) -> Episodes:
+        """Evaluate ``individuals``.
+
+        Args:
+            individuals: indices of the individuals (passed back to ``params`` and ``seeds``).
+            params: ``indices -> [len(indices), numel]`` parameters, called once per wave so that
+                only one wave's parameters exist at a time.
+            seeds: ``(individual, episode) -> env seed``.
+            episodes: episodes per individual (default: the evaluator's ``episodes``).
+            behaviour: characterise behaviours (if the evaluator was built to).
+        """
+        episodes = self.episodes if episodes is None else episodes
+        mode = self.behaviour if behaviour else None
+        limit = len(individuals) * episodes if self.max_envs is None else self.max_envs
+        width = max(1, limit // episodes)  # whole individuals per wave
+        parts = []
+        with _eval_mode(self.policy.module):
+            for a in range(0, len(individuals), width):
+                wave = individuals[a: a + width]
+                parts.append(self._wave(params(wave), [seeds(i, e) for i in wave
+                                                       for e in range(episodes)], episodes, mode))
+        if parts:
+            return Episodes.cat(parts)
+        empty = torch.zeros(0, episodes, dtype=torch.float64)
+        dim = None if mode is None else torch.zeros(0, episodes, self.behaviour_dim(),
+                                                    dtype=torch.float64)
+        return Episodes(empty, empty.long(), dim, 0)
+
+    def behaviour_dim(self) -> int:
+        """Size ``d`` of a behaviour characterisation."""
+        if self._behaviour_dim is None:
+            probe = torch.zeros(1, math.prod(self._obs_shape), dtype=torch.float64)
+            self._behaviour_dim = self._characterise(probe, self._obs_shape).shape[1]
+        return self._behaviour_dim
+
+    @torch.no_grad()
+    def _wave(self, params: torch.Tensor, seeds: list[int], episodes: int,
+              mode: str | None) -> Episodes:
+        w, slots = params.shape[0], len(seeds)
+        env = self._env(slots)
+        # Per-slot episode seeds: VecGymEnv keeps the seed it is given and hands it to gymnasium's
+        # vector reset, which takes a list with one seed per sub-env (static: no derived seed).
+        env.set_seed(seeds, static_seed=True)  # type: ignore[arg-type]
+        td = env.reset()
+        # Reshaped once per wave: slices of a [w, numel] matrix are copied when reshaped.
+        stacked = self.policy.stack(params)
+        ret = torch.zeros(slots, dtype=torch.float64)
+        length = torch.zeros(slots, dtype=torch.int64)
+        active = torch.ones(slots, dtype=torch.bool)
+        summary: torch.Tensor | None = None
+        seen: list[torch.Tensor] = []
+        steps = 0
+        cap = self.max_episode_steps
+        while True:
+            obs = td["observation"]
+            x = obs if self.obs_norm is None else self.obs_norm(obs).to(torch.float32)
+            action = self.policy.apply(stacked, x.reshape(w, episodes, *obs.shape[1:]))
+            td["action"] = action.reshape(slots, *action.shape[2:])
+            if self.obs_norm is not None:
+                seen.append(obs[active])
+            out, td = env.step_and_maybe_reset(td)
+            nxt = out["next"]
+            reward = nxt["reward"].reshape(slots).to(torch.float64)
+            # where, not a product: a non-finite reward of an idle slot must not leak in.
+            ret += torch.where(active, reward, 0.0)
+            length += active
+            steps += 1
+            ended = active & nxt["done"].reshape(slots)
+            if cap is not None:
+                ended |= active & (length >= cap)
+            if mode == "mean":
+                flat = torch.where(active[:, None], obs.reshape(slots, -1).to(torch.float64), 0.0)
+                summary = flat if summary is None else summary.add_(flat)
+            elif mode == "final" and ended.any():
+                last = nxt["observation"].reshape(slots, -1).to(torch.float64)
+                summary = torch.zeros_like(last) if summary is None else summary
+                summary[ended] = last[ended]
+            active &= ~ended
+            if not active.any():
+                break
+        if self.obs_norm is not None:
+            self.obs_norm.update(torch.cat(seen))
+        behaviour = None
+        if mode is not None:
+            assert summary is not None
+            if mode == "mean":
+                summary = summary / length[:, None]
+            behaviour = self._characterise(summary, self._obs_shape).reshape(w, episodes, -1)
+        return Episodes(ret.reshape(w, episodes), length.reshape(w, episodes), behaviour,
+                        steps * slots)
+
+    def _characterise(self, summary: torch.Tensor, obs_shape: Sequence[int]) -> torch.Tensor:
+        hook = getattr(self.policy.module, "behaviour", None)
+        if not callable(hook):
+            return summary
+        out = hook(summary.reshape(-1, *obs_shape).to(torch.float32))
+        return torch.as_tensor(out).reshape(summary.shape[0], -1).to(torch.float64)
+
+
+# ---------------------------------------------------------------------------------- selection
+def centered_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks of ``x`` mapped linearly onto ``[-0.5, 0.5]``; tied values share their mean rank.
+
+    Salimans et al. 2017's fitness shaping: the update depends on the order of the returns only.
+    Averaging ties keeps equal returns (every episode timed out, say) from being ordered by their
+    position in the population: they carry no preference, so they get none.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    ranks = torch.empty(n, dtype=torch.float64)
+    ranks[torch.argsort(flat, stable=True)] = torch.arange(n, dtype=torch.float64)
+    _, group, size = torch.unique(flat, return_inverse=True, return_counts=True)
+    totals = torch.zeros(len(size), dtype=torch.float64).index_add_(0, group, ranks)
+    ranks = totals[group] / size[group]
+    return (ranks / max(n - 1, 1) - 0.5).reshape(x.shape)
+
+
+def novelty(behaviour: torch.Tensor, archive: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean Euclidean distance of each behaviour to its ``k`` nearest neighbours.
+
+    Neighbours are the archive and the rest of the population (Lehman & Stanley 2011).
+
+    Args:
+        behaviour: ``[P, d]`` behaviour characterisations of the population.
+        archive: ``[A, d]`` archived characterisations.
+        k: neighbours (fewer if fewer exist).
+
+    Returns:
+        ``[P]`` float64 novelty.
+    """
+    pop = behaviour.to(torch.float64)
+    others = torch.cat([archive.to(torch.float64), pop])
+    dist = torch.cdist(pop, others, compute_mode="donot_use_mm_for_euclid_dist")
+    n = pop.shape[0]
+    dist[torch.arange(n), archive.shape[0] + torch.arange(n)] = math.inf  # not its own neighbour
+    k = min(k, others.shape[0] - 1)
+    if k < 1:
+        return torch.zeros(n, dtype=torch.float64)
+    return dist.topk(k, dim=1, largest=False).values.mean(1)
+
+
+# ---------------------------------------------------------------------------------- processes
+def shard(count: int, rank: int, world_size: int) -> range:
+    """The contiguous share of ``count`` items that ``rank`` takes (sizes differ by at most 1)."""
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def gather_shards(ctx: "RuleContext", local: torch.Tensor, count: int) -> torch.Tensor:
+    """Concatenate every rank's shard ``[len(shard), ...]`` into ``[count, ...]`` on every rank.
+
+    One all-gather; shards are padded to a common length first.
+    """
+    width = math.ceil(count / ctx.world_size)
+    padded = torch.full((width, *local.shape[1:]), math.nan, dtype=torch.float64)
+    padded[: local.shape[0]] = local.to(torch.float64)
+    rows = ctx.all_gather(padded.to(ctx.device)).cpu()
+    return torch.cat([rows[r, : len(shard(count, r, ctx.world_size))]
+                      for r in range(ctx.world_size)])
+
+
+def episode_seeds(run_seed: int, stream: int, generation: int) -> Callable[[int, int], int]:
+    """``(individual, episode) -> seed`` for one generation: independent of the rank."""
+    return lambda individual, episode: derive_seed(run_seed, stream, generation, individual,
+                                                   episode)
+
+
+def log_histogram(ctx: "RuleContext", tag: str, values: torch.Tensor, step: int) -> None:
+    """Add a histogram to the run's TensorBoard log (rank 0; no-op for other loggers)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    values = values[torch.isfinite(values)]
+    trainer = getattr(ctx.module, "_trainer", None)
+    if ctx.rank != 0 or trainer is None or values.numel() == 0:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_histogram(tag, values.cpu(), global_step=step)
+
+
+# ---------------------------------------------------------------------------------- rule base
+@dataclass
+class Evaluation:
+    """A population's evaluation gathered from every rank.
+
+    Attributes:
+        returns: ``[P, E]`` episode returns.
+        fitness: ``[P]`` mean return; ``-inf`` for an individual with any non-finite return.
+        behaviour: ``[P, d]`` mean behaviour characterisation over its episodes, or ``None``.
+        frames: env frames of these episodes on all ranks together.
+        local_frames: the part of ``frames`` this rank simulated.
+        nonfinite: individuals with a non-finite return.
+    """
+
+    returns: torch.Tensor
+    fitness: torch.Tensor
+    behaviour: torch.Tensor | None
+    frames: int
+    local_frames: int
+    nonfinite: int
+
+
+@dataclass
+class PopulationRule(UpdateRule):
+    """Base of population rules: shared fields, evaluation split across ranks, metrics.
+
+    Args:
+        population: individuals per generation.
+        sigma: mutation / perturbation standard deviation σ.
+        episodes: episodes per individual; fitness is their mean return.
+        max_episode_steps: cap on each evaluated episode's steps (``None``: the env's limit).
+        max_envs: most env copies stepped together per process (``None``: a process's whole
+            share of the population at once); bounds memory for large populations and images.
+    """
+
+    population: int = 64
+    sigma: float = 0.02
+    episodes: int = 1
+    max_episode_steps: int | None = None
+    max_envs: int | None = None
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.population, int) and self.population >= 2, "population",
+              "an integer >= 2", self.population)
+        check(self.sigma > 0, "sigma", "a number > 0", self.sigma)
+        check(self.episodes >= 1, "episodes", "an integer >= 1", self.episodes)
+        check(self.max_episode_steps is None or self.max_episode_steps >= 1, "max_episode_steps",
+              "an integer >= 1 or null", self.max_episode_steps)
+        check(self.max_envs is None or self.max_envs >= 1, "max_envs", "an integer >= 1 or null",
+              self.max_envs)
+
+    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
+        if ctx.env_spec is None:
+            raise UserError(f"{type(self).__name__} needs an env: give the Trainer env=...")
+        self.module = module
+        self.layout = ParamLayout.of(module)
+        self.policy = PopulationPolicy(module, self.layout, self.act)
+        assert ctx.env_info is not None
+        self.evaluator = PopulationEvaluator(
+            self.policy, ctx.env_spec, ctx.env_info.obs_shape, self.episodes,
+            self.max_episode_steps, self.max_envs, obs_norm=getattr(ctx, "obs_norm", None),
+            behaviour=self._behaviour())
+        self._steps = 0
+        self._eval_s = 0.0
+
+    def _behaviour(self) -> str | None:
+        """The behaviour characterisation the rule needs (``None``: none)."""
+        return None
+
+    def evaluate(self, ctx: "RuleContext", count: int,
+                 params: Callable[[Sequence[int]], torch.Tensor],
+                 seeds: Callable[[int, int], int], episodes: int | None = None,
+                 behaviour: bool = True) -> Evaluation:
+        """Evaluate individuals ``0..count-1``, this rank its :func:`shard`; gather the results.
+
+        Args:
+            ctx: the run context.
+            count: individuals.
+            params: ``indices -> [len(indices), numel]`` parameters.
+            seeds: ``(individual, episode) -> env seed``.
+            episodes: episodes per individual (default ``self.episodes``).
+            behaviour: characterise behaviours (when the rule uses them).
+        """
+        episodes = self.episodes if episodes is None else episodes
+        mine = list(shard(count, ctx.rank, ctx.world_size))
+        start = time.perf_counter()
+        res = self.evaluator.evaluate(mine, params, seeds, episodes, behaviour)
+        self._eval_s += time.perf_counter() - start
+        self._steps += res.steps
+        # One collective carries returns, lengths and behaviours.
+        parts = [res.returns, res.lengths.to(torch.float64)]
+        if res.behaviour is not None:
+            parts.append(res.behaviour.mean(1))
+        rows = gather_shards(ctx, torch.cat(parts, 1), count)
+        returns, lengths = rows[:, :episodes], rows[:, episodes: 2 * episodes]
+        bcs = rows[:, 2 * episodes:] if res.behaviour is not None else None
+        bad = ~torch.isfinite(returns).all(1)
+        fitness = returns.mean(1).masked_fill(bad, -math.inf)
+        return Evaluation(returns, fitness, bcs, int(lengths.sum().item()),
+                          int(res.lengths.sum().item()), int(bad.sum().item()))
+
+    def finish_generation(self, ctx: "RuleContext", ev: Evaluation, frames: int,
+                          local_frames: int) -> dict[str, float]:
+        """Close a generation: log the fitness histogram and return the metrics every population
+        rule reports.
+
+        Args:
+            ctx: the run context.
+            ev: the generation's evaluation.
+            frames: env frames of the whole generation, all ranks (the histogram's step).
+            local_frames: env frames of the generation on this rank (the ``"frames"`` metric).
+        """
+        log_histogram(ctx, "fitness/returns", ev.fitness, ctx.frames + frames)
+        finite = ev.fitness[torch.isfinite(ev.fitness)]
+        nan = math.nan
+        steps, seconds = self._steps, self._eval_s
+        self._steps, self._eval_s = 0, 0.0
+        return {
+            "frames": float(local_frames),
+            "fitness/return_mean": finite.mean().item() if finite.numel() else nan,
+            "fitness/return_max": finite.max().item() if finite.numel() else nan,
+            "fitness/return_min": finite.min().item() if finite.numel() else nan,
+            "fitness/nonfinite": float(ev.nonfinite),
+            "optim/sigma": float(self.sigma),
+            # Env steps of slots idling after their episode ended, as a fraction of all stepped.
+            "perf/idle_fraction": 1.0 - local_frames / steps if steps else 0.0,
+            "perf/eval_steps_per_s": steps / max(seconds, 1e-9),
+        }
