@@ -231,7 +231,7 @@ class OffPolicyRule(UpdateRule):
         self._frames_per_batch = self.frames_per_batch or num_envs
         check(self._frames_per_batch % num_envs == 0, "frames_per_batch",
               f"a multiple of env.num_envs={num_envs}", self.frames_per_batch)
-        self.module, self.info = module, info
+        self.info = info
         self.generator = ctx.generator
         self.replay = Replay(self.buffer_size, self.batch_size, ctx.generator, ctx.device)
         self._device = ctx.device
