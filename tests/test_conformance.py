@@ -41,7 +41,7 @@ TASKS: dict[str, tuple[ut.EnvSpec | None, dict[str, Any], int, float]] = {
     "dsac_t": (ut.EnvSpec("Pendulum-v1", num_envs=4),
                dict(lr_actor=3e-3, lr_critic=3e-3, lr_alpha=3e-3, alpha_init=0.05, gamma=0.95,
                     delay=1, batch_size=256, buffer_size=5000, warmup_frames=256,
-                    frames_per_batch=32, utd_ratio=1.0, critic_hidden=(64, 64)), 2560, 300.0),
+                    frames_per_batch=64, utd_ratio=1.0, critic_hidden=(64, 64)), 2560, 200.0),
     "ga": (ut.EnvSpec("CartPole-v1", num_envs=4),
            dict(population=24, truncation=6, sigma=0.1, elite_candidates=3, elite_episodes=3,
                 max_episode_steps=200), 8000, 20.0),

@@ -21,6 +21,7 @@ wall-clock ratio understates what a second process adds). Run::
 
     python tools/bench_population.py                 # both parts
     python tools/bench_population.py --skip-ddp      # part 1 only
+    python tools/bench_population.py --only-ddp      # part 2 only
 """
 
 from __future__ import annotations
@@ -218,10 +219,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-ddp", action="store_true", help="leave out part 2")
+    parser.add_argument("--only-ddp", action="store_true", help="leave out part 1")
     args = parser.parse_args()
-    in_process(args)
-    if not args.skip_ddp:
+    if not args.only_ddp:
+        in_process(args)
         print()
+    if not args.skip_ddp:
         processes(args)
 
 

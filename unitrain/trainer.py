@@ -16,6 +16,7 @@ networks; the rule owns how parameters change. Defaults added on top of Lightnin
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import json
 import os
@@ -53,6 +54,18 @@ class RuleDDPStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         assert self.model is not None
         _sync_module_states(self.model)
+
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        # The group outlives fit (a script may fit again), but gloo's threads must be stopped
+        # before the interpreter exits, or the process can abort on the way out.
+        atexit.unregister(_destroy_process_group)
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @dataclass

@@ -101,10 +101,13 @@ class ES(PopulationRule):
 
         shaped = centered_ranks(ev.fitness)
         weights = (shaped[0::2] - shaped[1::2]).tolist()
-        # Accumulated pair by pair in a fixed order, so every rank computes the same bits.
-        grad = torch.zeros(n, dtype=torch.float64)
+        # Accumulated pair by pair in a fixed order, so every rank computes the same bits; a pair
+        # whose members tied adds nothing, and its noise is not regenerated.
+        grad = torch.zeros(n, dtype=torch.float64, device=theta.device)
         for seed, w in zip(seeds, weights, strict=True):
-            grad.add_(noise(seed, n, self.layout.dtype).to(torch.float64), alpha=w)
+            if w != 0.0:
+                eps = noise(seed, n, self.layout.dtype, theta.device)
+                grad.add_(eps.to(torch.float64), alpha=w)
         grad /= count
         descent = -grad + self.weight_decay * theta.to(torch.float64)
         self.layout.set_grads(self.module, descent.to(self.layout.dtype))
