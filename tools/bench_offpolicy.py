@@ -43,7 +43,6 @@ from torchrl.objectives import SACLoss, SoftUpdate, ValueEstimators
 import unitrain as ut
 from unitrain.envs import env_info
 from unitrain.optim import DSACT
-from unitrain.optim.offpolicy import without_run_context
 
 if TYPE_CHECKING:
     from unitrain.module import RLModule
@@ -105,11 +104,10 @@ class SAC(DSACT):
         critics = [TensorDictModule(c, in_keys=["observation", "action"],
                                     out_keys=["state_action_value"])
                    for c in self._critics(module, 2, 1, nn.GELU)]
-        with without_run_context(module):
-            loss = SACLoss(actor, critics, num_qvalue_nets=2, loss_function="l2",
-                           alpha_init=self.alpha_init,
-                           target_entropy=(-float(self.info.act_dim) if self.target_entropy is None
-                                           else self.target_entropy)).to(ctx.device)
+        loss = SACLoss(actor, critics, num_qvalue_nets=2, loss_function="l2",
+                       alpha_init=self.alpha_init,
+                       target_entropy=(-float(self.info.act_dim) if self.target_entropy is None
+                                       else self.target_entropy)).to(ctx.device)
         loss.make_value_estimator(ValueEstimators.TD0, gamma=self.gamma)
         self.loss = module.add_aux(self.name, loss)
         self.actor = head

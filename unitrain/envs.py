@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,7 +163,20 @@ class _AtariFrames(gym.Wrapper):
         return self._observation(), total, terminated, truncated, info
 
 
+def _route_mujoco_warnings() -> None:
+    """Send MuJoCo's C-level warnings through :mod:`warnings`, so a model-compiler warning shows
+    once per run instead of once per env on stderr."""
+    try:
+        import mujoco
+    except ImportError:  # pragma: no cover - MuJoCo is a declared dependency
+        return
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(lambda message: warnings.warn(f"MuJoCo: {message}",
+                                                                  stacklevel=2))
+
+
 def _make_single(spec: EnvSpec, render_mode: str | None = None) -> gym.Env:
+    _route_mujoco_warnings()
     kwargs = dict(spec.kwargs)
     if spec.max_episode_steps is not None:
         kwargs["max_episode_steps"] = spec.max_episode_steps

@@ -48,6 +48,13 @@ class RLModule(L.LightningModule):
         self._ctx: RunContext | None = None
         self.env_info: EnvInfo | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies and pickles of the module (TorchRL losses deep-copy their networks) leave the
+        # run context behind: envs, generators and the rule belong to the run, not the networks.
+        state = super().__getstate__()
+        state["_ctx"] = None
+        return state
+
     # ------------------------------------------------------------------ user-facing helpers
     def add_aux(self, name: str, net: nn.Module) -> nn.Module:
         """Register an auxiliary network (value function, critic) under ``self.aux[name]``.

@@ -36,7 +36,7 @@ from torchrl.objectives import DDPGLoss, SoftUpdate, ValueEstimators
 
 from unitrain.errors import check
 from unitrain.optim.base import register_rule
-from unitrain.optim.offpolicy import OffPolicyRule, without_run_context
+from unitrain.optim.offpolicy import OffPolicyRule
 
 if TYPE_CHECKING:
     from unitrain.module import RLModule
@@ -93,9 +93,8 @@ class DDPG(OffPolicyRule):
         critic = TensorDictModule(self._critics(module, 1, 1, nn.ReLU)[0],
                                   in_keys=["observation", "action"],
                                   out_keys=["state_action_value"])
-        with without_run_context(module):
-            loss = DDPGLoss(actor, critic, delay_actor=True, delay_value=True,
-                            loss_function="l2").to(ctx.device)
+        loss = DDPGLoss(actor, critic, delay_actor=True, delay_value=True,
+                        loss_function="l2").to(ctx.device)
         loss.make_value_estimator(ValueEstimators.TD0, gamma=self.gamma)
         self.loss: DDPGLoss = module.add_aux(self.name, loss)
         self.actor = self.loss.actor_network.module

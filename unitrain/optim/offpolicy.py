@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
@@ -140,21 +139,6 @@ class _Explorer(TensorDictModuleBase):
         tensordict.set("action_unit", unit)
         tensordict.set("action", _to_bounds(unit, self.rule.info))
         return tensordict
-
-
-@contextmanager
-def without_run_context(module: "RLModule") -> Iterator[None]:
-    """Detach the run context from ``module`` for the duration of the block.
-
-    TorchRL losses that deep-copy their networks (``DDPGLoss`` copies a parameter-free skeleton
-    once) would otherwise copy the run context hanging off the module: envs, generators, the rule.
-    """
-    ctx = module.__dict__.get("_ctx")
-    module.__dict__["_ctx"] = None
-    try:
-        yield
-    finally:
-        module.__dict__["_ctx"] = ctx
 
 
 @dataclass
