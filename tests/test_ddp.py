@@ -12,25 +12,9 @@ from unitrain.envs import EnvSpec, derive_seed, make_env
 
 SCRIPT = '''
 import sys
-import torch
-import lightning as L
 import unitrain as ut
+from dump import Dump
 from policies import TinyPolicy
-
-
-class Dump(L.Callback):
-    """Record each rank's parameters before and after training, and its env seed."""
-
-    def on_train_start(self, trainer, module):
-        self.init = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    def on_train_end(self, trainer, module):
-        torch.save({"params": {k: v.detach().clone() for k, v in module.state_dict().items()},
-                    "init": self.init, "env_seed": module._ctx.train_env_seed,
-                    "obs_norm": module._ctx.obs_norm.state_dict(),
-                    "world_size": trainer.world_size, "frames": module._ctx.frames},
-                   f"rank{trainer.global_rank}.pt")
-
 
 if __name__ == "__main__":
     trainer = ut.Trainer(env=ut.EnvSpec("CartPole-v1", num_envs=4, obs_norm=True),

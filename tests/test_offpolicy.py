@@ -290,16 +290,14 @@ import sys
 import torch
 import lightning as L
 import unitrain as ut
+from dump import Dump
 from policies import TinyPolicy
 
 
-class Dump(L.Callback):
-    def on_train_end(self, trainer, module):
-        rule = module._ctx.rule
-        obs = rule.replay.buffer.storage[:8]["observation"].clone()
-        torch.save({"state": {k: v.detach().clone() for k, v in module.state_dict().items()},
-                    "replay_obs": obs, "updates": rule.state_dict()["updates"]},
-                   f"rank{trainer.global_rank}.pt")
+def replay_and_updates(trainer, module):
+    rule = module._ctx.rule
+    return {"replay_obs": rule.replay.buffer.storage[:8]["observation"].clone(),
+            "updates": rule.state_dict()["updates"]}
 
 
 if __name__ == "__main__":
@@ -309,7 +307,7 @@ if __name__ == "__main__":
     trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=2), optimizer=rule,
                          devices=2, strategy="ddp", max_frames=256, eval_every=100,
                          eval_episodes=2, seed=3, num_threads=1, run_dir="run",
-                         callbacks=[Dump()], enable_progress_bar=False)
+                         callbacks=[Dump(extra=replay_and_updates)], enable_progress_bar=False)
     trainer.fit(TinyPolicy(3, 1))
 '''
 
@@ -326,11 +324,11 @@ def test_two_processes_keep_every_network_identical(tmp_path: Path):
     # Ranks explored with their own seeds ...
     assert not torch.equal(r0["replay_obs"], r1["replay_obs"])
     # ... and end with identical actors, critics, targets, temperature and omega.
-    assert set(r0["state"]) == set(r1["state"])
+    assert set(r0["params"]) == set(r1["params"])
     for key in ("aux.dsac_t.log_alpha", "aux.dsac_t.omega",
                 "aux.dsac_t.target_qvalue_network_params.critic.net.0.weight", "net.0.weight"):
-        assert key in r0["state"], key
-    for key, value in r0["state"].items():
-        assert torch.equal(value, r1["state"][key]), key
+        assert key in r0["params"], key
+    for key, value in r0["params"].items():
+        assert torch.equal(value, r1["params"][key]), key
     init = TinyPolicy(3, 1).state_dict()
-    assert not torch.equal(r0["state"]["net.0.weight"], init["net.0.weight"])
+    assert not torch.equal(r0["params"]["net.0.weight"], init["net.0.weight"])

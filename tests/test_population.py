@@ -283,10 +283,8 @@ def test_nonfinite_returns_get_the_worst_fitness(tmp_path: Path):
 SCRIPT = '''
 import sys
 
-import lightning as L
-import torch
-
 import unitrain as ut
+from dump import Dump
 from policies import TinyPolicy
 from test_population import Record
 
@@ -298,17 +296,6 @@ RULES = {
 }
 
 
-class Dump(L.Callback):
-    def __init__(self, name, record):
-        self.name, self.record = name, record
-
-    def on_train_end(self, trainer, module):
-        torch.save({"params": {k: v.clone() for k, v in module.state_dict().items()},
-                    "rows": self.record.rows, "frames": module._ctx.frames,
-                    "world_size": trainer.world_size},
-                   f"{self.name}-{sys.argv[1]}-rank{trainer.global_rank}.pt")
-
-
 if __name__ == "__main__":
     devices = int(sys.argv[1])
     # Two runs in one launch: the processes and their process group serve both fits.
@@ -318,7 +305,8 @@ if __name__ == "__main__":
                              strategy="ddp" if devices > 1 else "auto", max_frames=2500,
                              eval_every=2, eval_episodes=2, seed=4, num_threads=1,
                              run_dir=f"run-{name}-{devices}", logger=[record],
-                             callbacks=[Dump(name, record)], enable_progress_bar=False)
+                             callbacks=[Dump(f"{name}-{devices}-", record)],
+                             enable_progress_bar=False)
         trainer.fit(TinyPolicy(4, 2))
 '''
 
