@@ -62,9 +62,9 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], int]] 
     "HalfCheetah-v5": (
         dict(num_envs=4), dict(hidden=(128, 128)),
         dict(lr_actor=3e-4, lr_critic=3e-4, lr_alpha=3e-4, alpha_init=1.0, batch_size=256,
-             buffer_size=100_000, warmup_frames=5000, frames_per_batch=64, utd_ratio=0.25,
+             buffer_size=100_000, warmup_frames=5000, frames_per_batch=64, utd_ratio=1.0,
              critic_hidden=(128, 128)),
-        40_000),
+        25_000),
 }
 
 
