@@ -1,4 +1,4 @@
-"""Shipped recipes: every one validates; the CartPole PPO recipe solves CartPole."""
+"""Shipped recipes: every one validates; the CartPole and Pendulum recipes reach their targets."""
 
 from __future__ import annotations
 
@@ -22,12 +22,25 @@ def test_recipe_validates_and_names_its_command(path: Path):
     assert recipe.optimizer.name == path.stem or path.stem.startswith(recipe.optimizer.name)
 
 
-def test_cartpole_ppo_recipe_reaches_475(tmp_path: Path):
-    proc = run_cli("fit", str(REPO / "recipes" / "cartpole" / "ppo.yaml"),
-                   f"run_dir={tmp_path / 'run'}", cwd=tmp_path, timeout=900)
+def _fit_recipe(recipe: str, tmp_path: Path) -> dict:
+    proc = run_cli("fit", str(REPO / "recipes" / recipe), f"run_dir={tmp_path / 'run'}",
+                   cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["eval/episodes"] == 10
-    assert summary["eval/return_mean"] >= 475, summary
     assert Path(summary["checkpoint"]).is_file()
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+    return summary
+
+
+@pytest.mark.parametrize("recipe", ["cartpole/ppo.yaml", "cartpole/ga.yaml", "cartpole/es.yaml"])
+def test_cartpole_recipes_reach_475(recipe: str, tmp_path: Path):
+    summary = _fit_recipe(recipe, tmp_path)
+    assert summary["eval/return_mean"] >= 475, summary
+
+
+@pytest.mark.parametrize("recipe", ["pendulum/ddpg.yaml", "pendulum/dsac_t.yaml"])
+def test_pendulum_recipes_reach_minus_200_in_20k_frames(recipe: str, tmp_path: Path):
+    summary = _fit_recipe(recipe, tmp_path)
+    assert summary["frames"] <= 20_100
+    assert summary["eval/return_mean"] >= -200, summary
