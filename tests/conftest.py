@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,6 +25,15 @@ def run_script(path: Path, *args: str, timeout: float = 600) -> subprocess.Compl
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent))
     return subprocess.run([sys.executable, str(path), *args], cwd=path.parent, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_ranks(tmp_path: Path, script: str, *args: str) -> tuple[dict, dict]:
+    """Write ``script`` to ``tmp_path``, run it, and load the two ranks' ``Dump`` records."""
+    path = tmp_path / "train.py"
+    path.write_text(script)
+    proc = run_script(path, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tuple(torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import SMALL_RECIPE, run_cli, run_script
+from conftest import SMALL_RECIPE, run_cli, run_ranks
 from unitrain.envs import EnvSpec, derive_seed, make_env
 
 SCRIPT = '''
@@ -27,12 +27,7 @@ if __name__ == "__main__":
 
 
 def test_two_processes_identical_parameters_distinct_seeds(tmp_path: Path):
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    proc = run_script(script, "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    r0, r1 = run_ranks(tmp_path, SCRIPT, "2")
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["frames"] == r1["frames"] >= 2048
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)

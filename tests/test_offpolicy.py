@@ -14,7 +14,7 @@ from torch import nn
 
 import lightning as L
 import unitrain as ut
-from conftest import run_script
+from conftest import run_ranks
 from policies import TinyPolicy
 from rulecheck import CaptureStart, assert_same, checkpoint_state
 from unitrain.cli import main
@@ -313,12 +313,7 @@ if __name__ == "__main__":
 
 
 def test_two_processes_keep_every_network_identical(tmp_path: Path):
-    script = tmp_path / "train.py"
-    script.write_text(DDP_SCRIPT)
-    proc = run_script(script)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    r0, r1 = run_ranks(tmp_path, DDP_SCRIPT)
     # Each rank collected 128 frames: 64 of warm-up, then 8 iterations of 4 updates.
     assert r0["updates"] == r1["updates"] == 32
     # Ranks explored with their own seeds ...

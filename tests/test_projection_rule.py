@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import unitrain as ut
-from conftest import run_cli, run_script
+from conftest import run_cli, run_ranks
 from policies import TinyPolicy
 from unitrain.context import RunContext
 from unitrain.data import DataSpec, load_data
@@ -58,24 +58,10 @@ def test_rule_fields_are_validated():
 
 SCRIPT = '''
 import sys
-import torch
-import lightning as L
 import unitrain as ut
+from dump import Dump
 from policies import TinyPolicy
-from unitrain.context import RunContext
 from unitrain.data import DataSpec, load_data
-
-
-class Dump(L.Callback):
-    def on_train_start(self, trainer, module):
-        self.init = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    def on_train_end(self, trainer, module):
-        torch.save({"params": {k: v.detach().clone() for k, v in module.state_dict().items()},
-                    "init": self.init, "world_size": trainer.world_size,
-                    "iterations": module._ctx.iteration},
-                   f"rank{trainer.global_rank}.pt")
-
 
 if __name__ == "__main__":
     train, test, info = load_data(DataSpec(name="digits", batch_size=100))
@@ -89,12 +75,7 @@ if __name__ == "__main__":
 
 
 def test_two_processes_keep_identical_parameters(tmp_path: Path):
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    proc = run_script(script, "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    r0, r1 = run_ranks(tmp_path, SCRIPT, "2")
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["iterations"] == r1["iterations"] == 3
     for key, value in r0["params"].items():
@@ -116,3 +97,73 @@ def test_elite_imitation_improves_cartpole(tmp_path: Path):
     trainer.fit(module)
     assert trainer.summary["frames"] >= 6000
     assert trainer.summary["eval/return_mean"] > before + 20, (before, trainer.summary)
+
+
+def _plain_ctx():
+    from types import SimpleNamespace
+    return SimpleNamespace(device=torch.device("cpu"), env_info=None,
+                           all_reduce_=lambda tensor, op="mean": tensor)
+
+
+def test_new_rl_fields_are_validated():
+    with pytest.raises(ut.ConfigError, match="window"):
+        Projection(window=0)
+    with pytest.raises(ut.ConfigError, match="step_size"):
+        Projection(step_size=0.0)
+    with pytest.raises(ut.ConfigError, match="step_size"):
+        Projection(step_size=1.5)
+
+
+def test_step_size_moves_part_of_the_way_to_the_consensus():
+    torch.manual_seed(0)
+    inputs, labels = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    full = TinyPolicy(4, 2, hidden=8, activation="relu")
+    half = TinyPolicy(4, 2, hidden=8, activation="relu")
+    half.load_state_dict(full.state_dict())
+    start = {k: v.clone() for k, v in full.state_dict().items()}
+    for module, step in ((full, 1.0), (half, 0.5)):
+        rule = Projection(iterations=10, step_size=step)
+        rule.setup(module, _plain_ctx())
+        rule._fit([(inputs, labels)], _plain_ctx())
+    for key, value in half.state_dict().items():
+        torch.testing.assert_close(value, (start[key] + full.state_dict()[key]) / 2)
+
+
+def test_standardize_makes_the_fit_invariant_to_input_scaling():
+    torch.manual_seed(0)
+    inputs, labels = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    scale, shift = torch.tensor([1.0, 10.0, 0.1, 3.0]), torch.tensor([0.0, 5.0, -1.0, 2.0])
+    raw = TinyPolicy(4, 2, hidden=8, activation="relu")
+    moved = TinyPolicy(4, 2, hidden=8, activation="relu")
+    moved.load_state_dict(raw.state_dict())
+    with torch.no_grad():  # the same function of ``inputs * scale + shift``
+        first = moved.net[0]
+        first.weight.div_(scale)
+        first.bias.sub_(first.weight @ shift)
+    torch.testing.assert_close(moved(inputs * scale + shift), raw(inputs))
+    for module, x in ((raw, inputs), (moved, inputs * scale + shift)):
+        rule = Projection(iterations=10, standardize=True, output="margin")
+        rule.setup(module, _plain_ctx())
+        metrics = rule._fit([(x, labels)], _plain_ctx())
+        assert metrics["train/param_change"] > 0 and 0 <= metrics["train/dead_units"] <= 1
+    torch.testing.assert_close(moved(inputs * scale + shift), raw(inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_window_fits_the_elites_of_several_iterations():
+    spec = ut.EnvSpec("CartPole-v1", num_envs=4)
+    rule = Projection(episodes=4, elite_fraction=0.5, window=2, keep_elites=False,
+                      iterations=2, updates=1, batch_size=10_000)
+    torch.manual_seed(0)
+    module = TinyPolicy(4, 2, hidden=8, activation="relu")
+    ctx = RunContext(module, rule, spec, 0, None, 1, 4)
+    rule.setup(module, ctx)
+    sizes = []
+    for _ in range(3):
+        metrics = rule.step(ctx)
+        sizes.append(sum(len(e["action"]) for e in rule._elites))
+        assert len(rule._window) <= 2
+    assert metrics["train/elite_pairs"] == sizes[-2] + sizes[-1]
+    state = rule.state_dict()
+    other = Projection(window=2)
+    other.load_state_dict(state)
+    assert [len(w) for w in other._window] == [2, 2]

@@ -35,6 +35,7 @@ from unitrain.errors import check
 from unitrain.optim.base import UpdateRule, register_rule
 from unitrain.projection import (
     CrossEntropyOutput,
+    LinearStage,
     MarginOutput,
     OneVsRestOutput,
     OutputConstraint,
@@ -84,6 +85,16 @@ class Projection(UpdateRule):
             argmax), so exploration shrinks as the fitted logits grow confident.
         batch_size: (RL) elite pairs per fitted batch.
         updates: (RL) batches fitted per iteration.
+        window: (RL) the elites of the last ``window`` iterations are fitted together (each
+            iteration's elites are chosen among that iteration's episodes, plus the previous
+            elites when ``keep_elites``); more and more varied pairs make each fit generalise.
+        step_size: move the parameters only this share of the way from their value before a
+            batch to the batch's projection consensus (1 takes the consensus as it is).
+        standardize: fit each batch in coordinates where its inputs have zero mean and unit
+            standard deviation per feature (the first layer's weights and bias are rescaled
+            before the solve and back after it, so the network computes the same function);
+            projections measure distances in parameter space, so badly scaled inputs (CartPole's
+            pole angle is ~0.1) otherwise make the fit slow and lopsided.
     """
 
     supervised_only: ClassVar[bool] = False
@@ -100,6 +111,9 @@ class Projection(UpdateRule):
     sample: bool = True
     batch_size: int = 256
     updates: int = 4
+    window: int = 1
+    step_size: float = 1.0
+    standardize: bool = False
 
     def __post_init__(self) -> None:
         check(self.solver in _SOLVERS, "solver", f"one of {', '.join(_SOLVERS)}", self.solver)
@@ -113,6 +127,8 @@ class Projection(UpdateRule):
         check(0 <= self.explore <= 1, "explore", "a number in [0, 1]", self.explore)
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         check(self.updates >= 1, "updates", "an integer >= 1", self.updates)
+        check(self.window >= 1, "window", "an integer >= 1", self.window)
+        check(0 < self.step_size <= 1, "step_size", "a number in (0, 1]", self.step_size)
 
     # ------------------------------------------------------------------ construction
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
@@ -126,6 +142,8 @@ class Projection(UpdateRule):
             raise ValueError("projection elite imitation needs discrete actions; "
                              f"{ctx.env_info.id} has continuous actions")
         self._elites: list[dict[str, Any]] = []
+        # The elite sets of the last ``window`` iterations, newest last.
+        self._window: list[list[dict[str, Any]]] = []
 
     def _output_constraint(self) -> OutputConstraint:
         if self.output == "cross_entropy":
@@ -158,13 +176,18 @@ class Projection(UpdateRule):
         def reduce_mean(tensor: Tensor) -> Tensor:
             return ctx.all_reduce_(tensor, "mean")
 
-        firsts, lasts, accs = [], [], []
+        firsts, lasts, accs, dead = [], [], [], []
         curve = torch.zeros(self.iterations, dtype=torch.float64)
         for inputs, targets in batches:
             inputs = inputs.to(ctx.device).reshape(len(inputs), -1)
             labels = None if targets.is_floating_point() else targets.to(ctx.device)
-            result = fit_batch(self.graph, inputs, self._targets(targets.to(ctx.device)),
-                               self.constraint, self.solver, self.iterations, reduce_mean)
+            start = [p.detach().clone() for p in self.net.parameters()]
+            result = self._solve(inputs, self._targets(targets.to(ctx.device)), reduce_mean)
+            if self.step_size < 1:
+                with torch.no_grad():
+                    for p, p0 in zip(self.net.parameters(), start, strict=True):
+                        p.lerp_(p0, 1.0 - self.step_size)
+            dead.append(self._dead_share(inputs))
             violation = result.violation.detach().double().cpu()
             curve += violation
             firsts.append(float(violation[0]))
@@ -184,7 +207,51 @@ class Projection(UpdateRule):
                 metrics[f"violation/iter_{k:03d}"] = float(curve[k - 1])
         if accs:
             metrics["train/accuracy"] = sum(accs) / len(accs)
+        if dead[0] is not None:
+            metrics["train/dead_units"] = sum(dead) / len(dead)
         return metrics
+
+    def _solve(self, inputs: Tensor, targets: Tensor, reduce_mean: Any) -> Any:
+        """:func:`fit_batch` on one batch, in standardised input coordinates if asked."""
+        if not self.standardize:
+            return fit_batch(self.graph, inputs, targets, self.constraint, self.solver,
+                             self.iterations, reduce_mean)
+        first = next(s.module for s in self.graph.stages if isinstance(s, LinearStage))
+        x = inputs.to(first.weight.dtype)
+        # Per-feature mean and std over the samples of every rank, so all ranks agree.
+        moments = torch.cat([x.sum(0), (x * x).sum(0),
+                             torch.tensor([float(len(x))], dtype=x.dtype, device=x.device)])
+        moments = reduce_mean(moments)
+        width = x.shape[1]
+        mean = moments[:width] / moments[-1]
+        std = (moments[width: 2 * width] / moments[-1] - mean * mean).clamp_min(0.0).sqrt()
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+        with torch.no_grad():
+            # W x + b = (W * std) ((x - mean) / std) + (b + W mean).
+            if first.bias is not None:
+                first.bias.add_(first.weight @ mean)
+            first.weight.mul_(std)
+        try:
+            result = fit_batch(self.graph, (x - mean) / std, targets, self.constraint,
+                               self.solver, self.iterations, reduce_mean)
+        finally:
+            with torch.no_grad():
+                first.weight.div_(std)
+                if first.bias is not None:
+                    first.bias.sub_(first.weight @ mean)
+        return result
+
+    @torch.no_grad()
+    def _dead_share(self, inputs: Tensor) -> float | None:
+        """Share of the first hidden layer's ReLU units inactive on every input of the batch."""
+        stage = self.graph.stages[0]
+        if not isinstance(stage, LinearStage) or not stage.relu:
+            return None
+        lin = stage.module
+        pre = inputs.to(lin.weight.dtype) @ lin.weight.T
+        if lin.bias is not None:
+            pre = pre + lin.bias
+        return float((pre <= 0).all(0).float().mean())
 
     def _targets(self, targets: Tensor) -> Tensor:
         """The targets in the form the output constraint takes."""
@@ -211,8 +278,10 @@ class Projection(UpdateRule):
         # Stable sort: among equal returns, the newer episodes (listed first) win.
         pool.sort(key=lambda e: -e["return"])
         self._elites = pool[:keep]
-        obs = torch.cat([e["observation"] for e in self._elites])
-        act = torch.cat([e["action"] for e in self._elites])
+        self._window = (self._window + [self._elites])[-self.window:]
+        fitted = [e for elites in self._window for e in elites]
+        obs = torch.cat([e["observation"] for e in fitted])
+        act = torch.cat([e["action"] for e in fitted])
         batches = []
         for _ in range(self.updates):
             idx = torch.randperm(len(obs), generator=ctx.generator)[: self.batch_size]
@@ -278,7 +347,9 @@ class Projection(UpdateRule):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"elites": [dict(e) for e in getattr(self, "_elites", [])]}
+        return {"elites": [dict(e) for e in getattr(self, "_elites", [])],
+                "window": [[dict(e) for e in elites] for elites in getattr(self, "_window", [])]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._elites = [dict(e) for e in state.get("elites", [])]
+        self._window = [[dict(e) for e in elites] for elites in state.get("window", [])]
