@@ -117,3 +117,12 @@ def test_early_stopping_on_eval_return(tmp_path: Path):
     # The threshold is met at an early evaluation, long before the frame budget.
     assert trainer.summary["frames"] < 20_000
     assert trainer.callback_metrics["eval/return_mean"] >= 15.0
+
+
+def test_early_stopping_threshold_is_reached_at_equality(tmp_path: Path):
+    # Every episode is cut at 5 steps (CartPole cannot fail that early): the evaluation return is
+    # exactly 5, the maximum, so a threshold of 5 must stop the run at the first evaluation.
+    trainer = _api_run(tmp_path, env=ut.EnvSpec("CartPole-v1", num_envs=4, max_episode_steps=5),
+                       max_frames=20_000, early_stop=ut.EarlyStop(threshold=5.0))
+    assert trainer.callback_metrics["eval/return_mean"] == 5.0
+    assert trainer.summary["iterations"] == 4

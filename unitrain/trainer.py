@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import json
+import math
 import os
 import re
 import time
@@ -61,6 +62,15 @@ class RuleDDPStrategy(DDPStrategy):
         # before the interpreter exits, or the process can abort on the way out.
         atexit.unregister(_destroy_process_group)
         atexit.register(_destroy_process_group)
+
+
+def _just_below(value: float | None) -> float | None:
+    """The next float32 below ``value`` (metrics are compared as float32 tensors)."""
+    if value is None:
+        return None
+    below = torch.nextafter(torch.tensor(float(value), dtype=torch.float32),
+                            torch.tensor(-math.inf))
+    return float(below)
 
 
 def _destroy_process_group() -> None:
@@ -144,7 +154,10 @@ class Trainer(L.Trainer):
         if early_stop is not None:
             callbacks.append(EarlyStopping(monitor="eval/return_mean", mode="max",
                                            patience=early_stop.patience,
-                                           stopping_threshold=early_stop.threshold,
+                                           # Lightning stops when the value *exceeds* its
+                                           # threshold; EarlyStop's is reached at equality
+                                           # (CartPole's 500 is a maximum).
+                                           stopping_threshold=_just_below(early_stop.threshold),
                                            check_on_train_epoch_end=False))
         if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, TQDMProgressBar) for c in callbacks):
             callbacks.append(TQDMProgressBar(refresh_rate=1))
