@@ -32,6 +32,8 @@ import torch
 from tensordict.nn import TensorDictModule
 from torch import nn
 
+from speed_table import print_speed_table
+
 if TYPE_CHECKING:
     from torchrl.collectors import Collector
 
@@ -171,17 +173,10 @@ def main() -> None:
         print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in wall.items())
               + f"; unitrain/raw {wall['unitrain'][-1] / wall['raw'][-1]:.3f}", flush=True)
 
-    wall_med = {name: statistics.median(v) for name, v in wall.items()}
-    cpu_med = {name: statistics.median(v) for name, v in cpu.items()}
-    print(f"\n{args.env}, {args.num_envs} envs, {args.threads} thread(s), "
-          f"{chunks * frames_per_batch:,} frames per path and round, "
-          f"median of {args.rounds} rounds")
-    # Steps per CPU-second of this process: less sensitive than wall time to other processes
-    # competing for the cores.
-    print(f"{'path':<10} {'env-steps/s':>12} {'vs raw':>8} {'per CPU-s':>11} {'vs raw':>8}")
-    for name in runners:
-        print(f"{name:<10} {wall_med[name]:>12,.0f} {wall_med[name] / wall_med['raw']:>7.2f}x "
-              f"{cpu_med[name]:>11,.0f} {cpu_med[name] / cpu_med['raw']:>7.2f}x")
+    wall_med, cpu_med = print_speed_table(f"{args.env}, {args.num_envs} envs, "
+                                          f"{args.threads} thread(s), "
+                                          f"{chunks * frames_per_batch:,} frames per path and "
+                                          f"round, median of {args.rounds} rounds", wall, cpu)
     # Rounds pair the paths under the same load, so the per-round ratio is the steadier figure.
     paired = statistics.median(u / r for u, r in zip(wall["unitrain"], wall["raw"]))
     print(f"ratio unitrain/raw: {paired:.3f} (median of per-round ratios; "

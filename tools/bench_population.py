@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 import torch
+
+from speed_table import print_speed_table
 
 ENV = "HalfCheetah-v5"
 
@@ -126,16 +127,9 @@ def in_process(args: argparse.Namespace) -> None:
             cpu[name].append(steps / cpu_s)
         print(f"round {r + 1}: raw {wall['raw'][-1]:,.0f}, unitrain {wall['unitrain'][-1]:,.0f} "
               f"env-steps/s; unitrain/raw {wall['unitrain'][-1] / wall['raw'][-1]:.3f}", flush=True)
-    wall_med = {name: statistics.median(v) for name, v in wall.items()}
-    cpu_med = {name: statistics.median(v) for name, v in cpu.items()}
-    print(f"\n{ENV}, population {args.population} (one env each), 64-64 MLP, "
-          f"{args.threads} thread(s), {args.chunks * args.steps * args.population:,} env steps "
-          f"per path and round, median of {args.rounds} rounds")
-    print(f"{'path':<10} {'env-steps/s':>12} {'vs raw':>8} {'per CPU-s':>11} {'vs raw':>8}")
-    for name in runners:
-        print(f"{name:<10} {wall_med[name]:>12,.0f} {wall_med[name] / wall_med['raw']:>7.2f}x "
-              f"{cpu_med[name]:>11,.0f} {cpu_med[name] / cpu_med['raw']:>7.2f}x")
-
+    print_speed_table(f"{ENV}, population {args.population} (one env each), 64-64 MLP, "
+                      f"{args.threads} thread(s), {args.chunks * args.steps * args.population:,} "
+                      f"env steps per path and round, median of {args.rounds} rounds", wall, cpu)
 
 TRAIN_SCRIPT = '''
 import json, sys, time
