@@ -112,6 +112,27 @@ def test_new_rl_fields_are_validated():
         Projection(step_size=0.0)
     with pytest.raises(ut.ConfigError, match="step_size"):
         Projection(step_size=1.5)
+    with pytest.raises(ut.ConfigError, match="greedy_share"):
+        Projection(greedy_share=1.5)
+
+
+def test_each_env_slot_runs_its_quota_and_greedy_slots_take_the_argmax():
+    spec = ut.EnvSpec("CartPole-v1", num_envs=4)
+    rule = Projection(episodes=6, explore=0.0, greedy_share=0.5)
+    torch.manual_seed(0)
+    module = TinyPolicy(4, 2, hidden=8, activation="relu")
+    ctx = RunContext(module, rule, spec, 0, None, 1, 4)
+    rule.setup(module, ctx)
+    episodes, frames = rule._collect(ctx)
+    # Slots 0 and 1 run two episodes, 2 and 3 one each, however long each episode lasts.
+    assert sorted(e["slot"] for e in episodes) == [0, 0, 1, 1, 2, 3]
+    per_slot = {i: sum(len(e["action"]) for e in episodes if e["slot"] == i) for i in range(4)}
+    assert frames == 4 * max(per_slot.values())
+    with torch.no_grad():
+        matches = [torch.equal(module(e["observation"]).argmax(-1), e["action"])
+                   for e in episodes]
+    assert all(m for m, e in zip(matches, episodes) if e["slot"] < 2)
+    assert not all(m for m, e in zip(matches, episodes) if e["slot"] >= 2)
 
 
 def test_step_size_moves_part_of_the_way_to_the_consensus():

@@ -83,6 +83,11 @@ class Projection(UpdateRule):
         explore: (RL) probability of a uniformly random action at each step while collecting.
         sample: (RL) draw the other actions from the softmax of the logits (else take their
             argmax), so exploration shrinks as the fitted logits grow confident.
+        greedy_share: (RL) share of the env slots that take the argmax action even when
+            ``sample`` is on (``explore`` still applies). Their episodes show what the
+            deterministic policy earns; once it earns the most, they become the elites, so the
+            greedy policy is a fixed point of the fit instead of being pulled toward the
+            sampled policy's weaker episodes.
         batch_size: (RL) elite pairs per fitted batch.
         updates: (RL) batches fitted per iteration.
         window: (RL) the elites of the last ``window`` iterations are fitted together (each
@@ -109,6 +114,7 @@ class Projection(UpdateRule):
     keep_elites: bool = True
     explore: float = 0.05
     sample: bool = True
+    greedy_share: float = 0.0
     batch_size: int = 256
     updates: int = 4
     window: int = 1
@@ -125,6 +131,8 @@ class Projection(UpdateRule):
         check(0 < self.elite_fraction <= 1, "elite_fraction", "a number in (0, 1]",
               self.elite_fraction)
         check(0 <= self.explore <= 1, "explore", "a number in [0, 1]", self.explore)
+        check(0 <= self.greedy_share <= 1, "greedy_share", "a number in [0, 1]",
+              self.greedy_share)
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         check(self.updates >= 1, "updates", "an integer >= 1", self.updates)
         check(self.window >= 1, "window", "an integer >= 1", self.window)
@@ -299,14 +307,17 @@ class Projection(UpdateRule):
     def _collect(self, ctx: "RuleContext") -> tuple[list[dict[str, Any]], int]:
         """Run ``episodes`` whole episodes with exploring actions of the current policy.
 
-        Every iteration restarts the envs, so each kept episode comes from one policy; the steps
-        of episodes still running when enough have finished are counted but discarded.
+        Every iteration restarts the envs, so each kept episode comes from one policy. Env slot
+        ``i`` contributes a fixed share of the episodes, so the kept episodes are the first ones
+        started in each slot whatever their length; the steps a slot takes after its share is
+        done are counted but discarded.
 
         Args:
             ctx: the run context (training env, generator).
 
         Returns:
-            The episodes (``observation``, ``action``, ``return``) and the env steps taken.
+            The episodes (``observation``, ``action``, ``return`` and the env ``slot`` that ran
+            them) and the env steps taken.
         """
         env = ctx.train_env()
         info = ctx.env_info
@@ -316,16 +327,20 @@ class Projection(UpdateRule):
         obs_buf: list[list[Tensor]] = [[] for _ in range(n)]
         act_buf: list[list[Tensor]] = [[] for _ in range(n)]
         ret = [0.0] * n
+        # Each env slot runs a fixed quota of episodes: stopping at the first ``episodes`` to
+        # finish would drop the long (good) episodes still running in favour of short ones.
+        quota = [self.episodes // n + (i < self.episodes % n) for i in range(n)]
         done_eps: list[dict[str, Any]] = []
         frames = 0
+        greedy = torch.arange(n) < round(self.greedy_share * n)
         while len(done_eps) < self.episodes:
             obs = td["observation"]
             logits = self.module(obs.to(ctx.device)).cpu().double()
+            policy = logits.argmax(-1)
             if self.sample:
                 probs = torch.softmax(logits, -1)
-                policy = torch.multinomial(probs, 1, generator=ctx.generator).squeeze(-1)
-            else:
-                policy = logits.argmax(-1)
+                sampled = torch.multinomial(probs, 1, generator=ctx.generator).squeeze(-1)
+                policy = torch.where(greedy, policy, sampled)
             random_action = torch.randint(info.act_dim, (n,), generator=ctx.generator)
             explore = torch.rand(n, generator=ctx.generator) < self.explore
             action = torch.where(explore, random_action, policy)
@@ -339,9 +354,11 @@ class Projection(UpdateRule):
                 act_buf[i].append(action[i])
                 ret[i] += reward[i]
                 if done[i]:
-                    if len(done_eps) < self.episodes:
+                    if quota[i] > 0:
+                        quota[i] -= 1
                         done_eps.append({"observation": torch.stack(obs_buf[i]),
-                                         "action": torch.stack(act_buf[i]), "return": ret[i]})
+                                         "action": torch.stack(act_buf[i]), "return": ret[i],
+                                         "slot": i})
                     obs_buf[i], act_buf[i], ret[i] = [], [], 0.0
         return done_eps, frames
 
