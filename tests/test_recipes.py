@@ -33,7 +33,8 @@ def _fit_recipe(recipe: str, tmp_path: Path) -> dict:
     return summary
 
 
-@pytest.mark.parametrize("recipe", ["cartpole/ppo.yaml", "cartpole/ga.yaml", "cartpole/es.yaml"])
+@pytest.mark.parametrize("recipe", ["cartpole/ppo.yaml", "cartpole/ga.yaml", "cartpole/es.yaml",
+                                    "cartpole/projection.yaml"])
 def test_cartpole_recipes_reach_475(recipe: str, tmp_path: Path):
     summary = _fit_recipe(recipe, tmp_path)
     assert summary["eval/return_mean"] >= 475, summary

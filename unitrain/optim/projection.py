@@ -12,8 +12,8 @@ The same rule serves two kinds of run through one :class:`unitrain.Trainer`:
 * supervised (``env=None``, a dataloader of ``(inputs, labels)``): each iteration fits the
   current batch ``ctx.batch``;
 * reinforcement learning by elite imitation (an env with discrete actions): each iteration runs
-  episodes with the current policy (actions sampled from its logits, plus a share of uniformly
-  random actions), keeps the
+  episodes with the current policy (actions sampled from its logits or, in a share of the env
+  slots, its argmax, plus a share of uniformly random actions), keeps the
   ``(observation, action)`` pairs of the episodes with the highest returns, and fits the policy's
   logits to those actions, as the cross-entropy method does with a parametric policy.
 
