@@ -22,11 +22,15 @@ def test_recipe_validates_and_names_its_command(path: Path):
     assert recipe.optimizer.name == path.stem or path.stem.startswith(recipe.optimizer.name)
 
 
-def _fit_recipe(recipe: str, tmp_path: Path) -> dict:
+def _run_recipe(recipe: str, tmp_path: Path, *overrides: str) -> dict:
     proc = run_cli("fit", str(REPO / "recipes" / recipe), f"run_dir={tmp_path / 'run'}",
-                   cwd=tmp_path, timeout=900)
+                   *overrides, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    return json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+def _fit_recipe(recipe: str, tmp_path: Path) -> dict:
+    summary = _run_recipe(recipe, tmp_path)
     assert summary["eval/episodes"] == 10
     assert Path(summary["checkpoint"]).is_file()
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
@@ -50,8 +54,5 @@ def test_pendulum_recipes_reach_minus_200_in_20k_frames(recipe: str, tmp_path: P
 # The projection recipe is past 0.93 after its first epoch (of 3); Adam needs all 30 of its.
 @pytest.mark.parametrize("recipe, epochs", [("digits/projection.yaml", 1), ("digits/adam.yaml", 30)])
 def test_digits_recipes_reach_093_test_accuracy(recipe: str, epochs: int, tmp_path: Path):
-    proc = run_cli("fit", str(REPO / "recipes" / recipe), f"run_dir={tmp_path / 'run'}",
-                   f"trainer.max_epochs={epochs}", cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = _run_recipe(recipe, tmp_path, f"trainer.max_epochs={epochs}")
     assert summary["test/accuracy"] >= 0.93, summary
