@@ -52,5 +52,5 @@ env: {id: CartPole-v1, num_envs: 4}
 module: {target: unitrain.MLPPolicy, hidden: [32, 32]}
 optimizer: {name: ppo, lr: 1.0e-3, frames_per_batch: 128, minibatch_size: 128, epochs: 4,
             gamma: 0.98, gae_lambda: 0.8}
-trainer: {max_frames: 2048, eval_every: 4, eval_episodes: 4, num_threads: 1}
+trainer: {max_frames: 2048, eval_every_frames: 512, eval_episodes: 4}
 """

@@ -30,7 +30,7 @@ class Dump(L.Callback):
         self.init = _params(module)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        ctx = module._ctx
+        ctx = module._ctx.services
         record = {"params": _params(module), "init": self.init, "world_size": trainer.world_size,
                   "frames": ctx.frames, "iterations": ctx.iteration,
                   "env_seed": ctx.train_env_seed,

@@ -36,13 +36,14 @@ class CaptureStart(L.Callback):
     """Capture the full training state at the start of training (after any checkpoint restore)."""
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        ctx = module._ctx
+        ctx = module._ctx.services
+        rule = module._ctx.rule
         self.state = {
             "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
             # What Lightning checkpoints: the rule's optimizers, or the placeholder Lightning
             # uses when a gradient-free rule has none.
             "optimizers": [copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
-            "rule": copy.deepcopy(ctx.rule.state_dict()),
+            "rule": copy.deepcopy(rule.state_dict()),
             "frames": ctx.frames,
             "iteration": ctx.iteration,
             "torch_rng": torch.get_rng_state(),

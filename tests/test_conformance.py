@@ -1,8 +1,11 @@
 """Every registered update rule passes the same checks (one suite, not one test per rule).
 
-For each rule: training a tiny task beats the initial parameters, a checkpoint round-trips the
-rule's state (and its optimizers'), and a fixed seed gives bit-identical results. Rules that
-declare ``supervised_only`` are checked on the digits data (test accuracy) instead of an env.
+For each rule: training a tiny task beats the initial parameters; every ``step`` returns the same
+metric keys, ``frames`` among them; the rule's own deterministic action is ``module.act`` (the
+action contract); and a run interrupted right after a checkpoint and resumed restores the rule's
+and its optimizers' state exactly and ends bit-identical to an uninterrupted run of the same
+seed (so a fixed seed also gives bit-identical results). Rules that declare ``supervised_only``
+are checked on the digits data (test accuracy) instead of an env.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from tensordict import TensorDict
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 import unitrain as ut
 from policies import TinyPolicy
 from rulecheck import CaptureStart, assert_same, checkpoint_state
-from unitrain.context import RunContext
 from unitrain.data import DataSpec, load_data
 from unitrain.envs import env_info
 from unitrain.optim import registered_rules
@@ -26,22 +30,25 @@ from unitrain.optim import registered_rules
 # declaring ``supervised_only`` the spec is None, the budget is epochs of the digits data and the
 # gain is in test accuracy.
 TASKS: dict[str, tuple[ut.EnvSpec | None, dict[str, Any], int, float]] = {
-    "projection": (ut.EnvSpec("CartPole-v1", num_envs=4),
-                   dict(episodes=8, elite_fraction=0.25, explore=0.1, updates=2, batch_size=128,
-                        iterations=20), 6000, 20.0),
+    "elite_imitation": (ut.EnvSpec("CartPole-v1", num_envs=4),
+                        dict(fit=dict(iterations=20), episodes=8, elite_fraction=0.25,
+                             explore=0.1, updates=2, batch_size=128), 6000, 20.0),
+    "projection": (None, dict(iterations=10), 2, 0.3),
     "adam": (None, dict(lr=3e-3), 2, 0.3),
     "ppo": (ut.EnvSpec("CartPole-v1", num_envs=4),
             dict(lr=1e-3, frames_per_batch=128, minibatch_size=128, epochs=10, gamma=0.98,
                  gae_lambda=0.8), 4096, 20.0),
     "reinforce": (ut.EnvSpec("CartPole-v1", num_envs=8),
-                  dict(lr=1e-2, frames_per_batch=128, minibatch_size=128), 8192, 20.0),
+                  dict(lr=1e-2, frames_per_batch=128), 8192, 20.0),
     "ddpg": (ut.EnvSpec("Pendulum-v1", num_envs=4),
              dict(lr_actor=3e-3, lr_critic=3e-3, gamma=0.95, batch_size=128, buffer_size=5000,
-                  warmup_frames=256, frames_per_batch=32, critic_hidden=(64, 64)), 2560, 300.0),
+                  warmup_frames=256, frames_per_batch=32, critic_hidden=(64, 64),
+                  save_buffer=True), 2560, 300.0),
     "dsac_t": (ut.EnvSpec("Pendulum-v1", num_envs=4),
                dict(lr_actor=3e-3, lr_critic=3e-3, lr_alpha=3e-3, alpha_init=0.05, gamma=0.95,
                     delay=1, batch_size=256, buffer_size=5000, warmup_frames=256,
-                    frames_per_batch=64, utd_ratio=1.0, critic_hidden=(64, 64)), 2560, 200.0),
+                    frames_per_batch=64, utd_ratio=1.0, critic_hidden=(64, 64),
+                    save_buffer=True), 2560, 200.0),
     "ga": (ut.EnvSpec("CartPole-v1", num_envs=4),
            dict(population=24, truncation=6, sigma=0.1, elite_candidates=3, elite_episodes=3,
                 max_episode_steps=200), 8000, 20.0),
@@ -51,7 +58,8 @@ TASKS: dict[str, tuple[ut.EnvSpec | None, dict[str, Any], int, float]] = {
 
 
 # Module arguments a rule needs (projection training takes ReLU networks only).
-MODULE_ARGS: dict[str, dict[str, Any]] = {"projection": {"activation": "relu"}}
+MODULE_ARGS: dict[str, dict[str, Any]] = {"projection": {"activation": "relu"},
+                                          "elite_imitation": {"activation": "relu"}}
 
 
 def test_every_rule_has_a_task():
@@ -67,9 +75,11 @@ def _digits() -> tuple[Any, Any, Any]:
 
 
 def _run(name: str, run_dir: Path, budget: int | None = None, ckpt: str | None = None,
-         callbacks=()) -> tuple[ut.Trainer, TinyPolicy]:
+         callbacks=(), record: list | None = None) -> tuple[ut.Trainer, TinyPolicy]:
     spec, kwargs, default_budget, _ = TASKS[name]
     rule = registered_rules()[name](**kwargs)
+    if record is not None:
+        _record_keys(rule, record)
     common = dict(optimizer=rule, seed=1, num_threads=1, run_dir=run_dir,
                   callbacks=list(callbacks), enable_progress_bar=False)
     if _supervised(name):
@@ -78,7 +88,8 @@ def _run(name: str, run_dir: Path, budget: int | None = None, ckpt: str | None =
         module = _module(name, info.obs_dim, info.act_dim)
         trainer.fit(module, train_dataloaders=train, val_dataloaders=test, ckpt_path=ckpt)
         return trainer, module
-    trainer = ut.Trainer(env=spec, max_frames=budget or default_budget, eval_every=4,
+    trainer = ut.Trainer(env=spec, max_frames=budget or default_budget,
+                         eval_every_frames=(budget or default_budget) // 4,
                          eval_episodes=8, **common)
     info = env_info(spec)
     module = _module(name, info.obs_dim, info.act_dim)
@@ -102,34 +113,91 @@ def _initial_score(name: str) -> float:
         return hits / len(test.dataset)
     info = env_info(spec)
     module = _module(name, info.obs_dim, info.act_dim)
-    rule = registered_rules()[name](**kwargs)
-    return RunContext(module, rule, spec, 1, None, 1, 8).evaluate(8)["return_mean"]
+    return ut.evaluate(module, spec, episodes=8, seed=1)["return_mean"]
+
+
+class StopAfter(L.Callback):
+    """Interrupt a run after the iteration that reaches ``frames`` (its checkpoint is written
+    then, as an interrupted run's last checkpoint would be)."""
+
+    def __init__(self, frames: int) -> None:
+        self.frames = frames
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
+        if module._ctx.services.frames >= self.frames:
+            trainer.should_stop = True
+
+
+def _record_keys(rule: ut.optim.UpdateRule, keys: list[set[str]]) -> None:
+    """Wrap ``rule.step`` to append the metric keys of every call to ``keys``."""
+    step = rule.step
+
+    def recording(ctx):
+        metrics = step(ctx)
+        keys.append(set(metrics))
+        return metrics
+
+    rule.step = recording  # type: ignore[method-assign]
+
+
+def _rule_action(name: str, rule: Any, module: ut.RLModule, obs: torch.Tensor) -> torch.Tensor:
+    """The deterministic action as the rule itself computes it (its actor, its population)."""
+    if name in ("ppo", "reinforce"):
+        with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
+            return rule.actor(TensorDict(observation=obs, batch_size=obs.shape[:1]))["action"]
+    if name == "ddpg":
+        with torch.no_grad():
+            return module.actions.to_env(rule.actor(obs))
+    if name == "dsac_t":
+        with torch.no_grad():
+            return module.actions.to_env(torch.tanh(rule.actor(obs)[0]))
+    if name in ("ga", "es"):
+        params = rule.layout.flatten(module)[None]
+        return rule.pop.policy(params, obs[None])[0]
+    if name == "elite_imitation":
+        with torch.no_grad():
+            return module(obs).argmax(-1)
+    raise AssertionError(f"{name}: tell this suite how the rule computes its deterministic action")
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_rule_conformance(name: str, tmp_path: Path):
     score = "test/accuracy" if _supervised(name) else "eval/return_mean"
     before = _initial_score(name)
-    trainer, module = _run(name, tmp_path / "a")
+    keys: list[set[str]] = []
+    trainer, module = _run(name, tmp_path / "a", record=keys)
     after = trainer.summary[score]
     assert after > before + TASKS[name][3], f"{name}: {before} -> {after}"
 
-    # Determinism: the same seed gives the same parameters and the same evaluation.
-    again, module2 = _run(name, tmp_path / "b")
-    assert again.summary[score] == after
-    assert_same(dict(module.state_dict()), dict(module2.state_dict()))
+    # Every step reports the same metric keys, including the frames it used.
+    assert keys and all(k == keys[0] for k in keys), (name, keys)
+    assert "frames" in keys[0]
 
-    # Round trip: resuming restores the rule's and its optimizers' state exactly.
-    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    # The action contract: the rule's deterministic action is module.act.
+    spec = TASKS[name][0]
+    if spec is not None:
+        info = env_info(spec)
+        obs = torch.randn(16, *info.obs_shape)
+        torch.testing.assert_close(_rule_action(name, trainer.rule, module, obs),
+                                   module.act(obs), rtol=0, atol=1e-6)
+
+    # An interrupted run resumes exactly where it stopped and ends where an uninterrupted run
+    # of the same seed ends.
+    if _supervised(name):
+        cut, _ = _run(name, tmp_path / "b", budget=1)
+        budget = TASKS[name][2]
+    else:
+        budget = TASKS[name][2]
+        cut, _ = _run(name, tmp_path / "b", callbacks=[StopAfter(budget // 2)])
+        assert cut.summary["frames"] < budget
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
     capture = CaptureStart()
-    # One more epoch of data, or one more frame, than the checkpoint holds.
-    budget = ckpt["epoch"] + 2 if _supervised(name) else ckpt["unitrain"]["frames"] + 1
-    resumed, module3 = _run(name, tmp_path / "a", budget=budget, ckpt="last", callbacks=[capture])
+    resumed, module2 = _run(name, tmp_path / "b", budget=budget, ckpt="last", callbacks=[capture])
     expected = checkpoint_state(ckpt)
     if _supervised(name):
         # Lightning creates the shuffling data iterator (drawing from the torch RNG) before
-        # on_train_start; exactness of the restored RNG is checked by the continuation below.
+        # on_train_start; exactness of the restored RNG is checked by the continuation.
         del capture.state["torch_rng"], expected["torch_rng"]
-        uninterrupted, module4 = _run(name, tmp_path / "c", budget=budget)
-        assert_same(dict(module3.state_dict()), dict(module4.state_dict()))
     assert_same(capture.state, expected)
+    assert resumed.summary[score] == after
+    assert_same(dict(module.state_dict()), dict(module2.state_dict()))

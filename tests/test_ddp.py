@@ -19,7 +19,7 @@ from policies import TinyPolicy
 if __name__ == "__main__":
     trainer = ut.Trainer(env=ut.EnvSpec("CartPole-v1", num_envs=4, obs_norm=True),
                          devices=int(sys.argv[1]),
-                         strategy="ddp", max_frames=2048, eval_every=4, eval_episodes=4, seed=5,
+                         strategy="ddp", max_frames=2048, eval_every_frames=1024, eval_episodes=4, seed=5,
                          num_threads=1, run_dir="run", callbacks=[Dump()],
                          optimizer=ut.optim.PPO(frames_per_batch=128, minibatch_size=64, epochs=2))
     trainer.fit(TinyPolicy(4, 2))

@@ -19,7 +19,6 @@ from policies import TinyPolicy
 from rulecheck import CaptureStart, assert_same, checkpoint_state
 from unitrain.cli import main
 from unitrain.config import load_recipe
-from unitrain.context import RunContext
 from unitrain.errors import ConfigError, TrainingDiverged, UserError
 from unitrain.optim import DDPG, DSACT
 from unitrain.replay import Replay
@@ -31,8 +30,9 @@ SMALL = dict(batch_size=32, buffer_size=1000, warmup_frames=64, frames_per_batch
 
 
 def _trainer(run_dir: Path, rule: ut.optim.UpdateRule, budget: int, callbacks=(),
-             env: ut.EnvSpec = PENDULUM, eval_every: int = 4) -> ut.Trainer:
-    return ut.Trainer(env=env, optimizer=rule, max_frames=budget, eval_every=eval_every,
+             env: ut.EnvSpec = PENDULUM, eval_every_frames: int = 32) -> ut.Trainer:
+    return ut.Trainer(env=env, optimizer=rule, max_frames=budget,
+                      eval_every_frames=eval_every_frames,
                       eval_episodes=2, seed=7, num_threads=1, run_dir=run_dir,
                       callbacks=list(callbacks), enable_progress_bar=False)
 
@@ -89,7 +89,7 @@ def test_resume_without_saved_buffer_refills_before_updating(tmp_path: Path):
     rule = second.rule
     # The first resumed iteration refilled the 64 warm-up frames with the policy (no updates);
     # each of the next three 8-frame iterations made 4 updates.
-    assert len(rule.replay) == 208 - 120
+    assert len(rule.loop.replay) == 208 - 120
     assert rule.state_dict()["updates"] == updates + 12
 
 
@@ -121,15 +121,13 @@ def test_replay_state_round_trip_after_wrapping():
 
 # ---------------------------------------------------------------- evaluation and metrics
 
-def test_deterministic_action_needs_no_setup():
+def test_deterministic_action_is_the_squashed_mean_without_setup():
     L.seed_everything(0, verbose=False)
     module = TinyPolicy(3, 1)
-    rule = DSACT()
-    ctx = RunContext(module, rule, PENDULUM, 0, None, 1, 2)
+    assert math.isfinite(ut.evaluate(module, PENDULUM, episodes=2)["return_mean"])
     obs = torch.randn(5, 3)
-    action = rule.act(module, obs)
+    action = module.act(obs)
     assert torch.allclose(action, 2.0 * torch.tanh(module(obs)))  # Pendulum torque in [-2, 2]
-    assert math.isfinite(ctx.evaluate(2)["return_mean"])
 
 
 def test_tensorboard_metrics(tmp_path: Path):
@@ -184,12 +182,13 @@ def test_recipe_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixtur
                  "env.id=CartPole-v1", "trainer.max_frames=64", f"run_dir={tmp_path / 'run'}"])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        "unitrain: error: env.id: CartPole-v1 has discrete actions")
+        f"unitrain: error: {recipe}: env.id: CartPole-v1 has discrete actions")
 
 
 def test_module_output_size_is_checked(tmp_path: Path):
     trainer = _trainer(tmp_path / "run", _dsac_t(), 64)
-    with pytest.raises(ConfigError, match=r"module: forward returns 3 outputs.*act_dim=1"):
+    with pytest.raises(ConfigError, match=r"module: TinyPolicy.forward returns 3 outputs.*"
+                                          r"expected 1 values"):
         trainer.fit(TinyPolicy(3, 3))
 
 
@@ -209,8 +208,8 @@ class PoisonRewards(L.Callback):
         self.at = at
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if module._ctx.iteration == self.at:
-            rewards = module._ctx.rule.replay.buffer.storage[:]["next", "reward"]
+        if module._ctx.services.iteration == self.at:
+            rewards = module._ctx.rule.loop.replay.buffer.storage[:]["next", "reward"]
             rewards.fill_(float("nan"))
 
 
@@ -225,15 +224,17 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
     # In-memory parameters were not stepped with the bad gradients.
     assert all(torch.isfinite(p).all() for p in module.policy_parameters())
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["unitrain"]["iteration"] == 8
+    # Evaluations (and checkpoints) every 32 frames: the last one after iteration 9, 128 frames
+    # (64 warm-up frames in the first iteration, then 8 per iteration).
+    assert ckpt["unitrain"]["iteration"] == 9 and ckpt["unitrain"]["frames"] == 128
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()
                if v.is_floating_point())
     # The last checkpoint evaluates and resumes.
     capsys.readouterr()
     assert main(["evaluate", str(run / "checkpoints" / "last.ckpt"), "--episodes", "2"]) == 0
     assert math.isfinite(json.loads(capsys.readouterr().out)["eval/return_mean"])
-    # 120 frames in the checkpoint, 64 to refill the memory, then 3 iterations of 8.
-    resumed = _trainer(run, make_rule(), 120 + 64 + 24)
+    # 128 frames in the checkpoint, 64 to refill the memory, then 3 iterations of 8.
+    resumed = _trainer(run, make_rule(), 128 + 64 + 24)
     resumed.fit(TinyPolicy(3, 1), ckpt_path="last")
     assert math.isfinite(resumed.summary["eval/return_mean"])
 
@@ -246,7 +247,7 @@ def test_divergence_through_the_cli_is_one_line(tmp_path: Path,
                       "optimizer: {name: ddpg, lr_actor: 1.0e+30, lr_critic: 1.0e+30, "
                       "batch_size: 32, buffer_size: 1000, warmup_frames: 64, "
                       "frames_per_batch: 8, critic_hidden: [32, 32]}\n"
-                      "trainer: {max_frames: 4000, eval_every: 4, eval_episodes: 2, "
+                      "trainer: {max_frames: 4000, eval_every_frames: 32, eval_episodes: 2, "
                       "num_threads: 1}\n")
     assert main(["fit", str(recipe), f"run_dir={tmp_path / 'run'}"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -256,7 +257,9 @@ def test_divergence_through_the_cli_is_one_line(tmp_path: Path,
 # ---------------------------------------------------------------- custom critics, OU noise
 
 class CriticPolicy(TinyPolicy):
-    """A module that supplies its own critics (two outputs: DSAC-T's mean and raw std)."""
+    """A module that supplies its own critics and a state-dependent std (mean, then log std)."""
+
+    action_std = "state"
 
     def make_critic(self) -> nn.Module:
         return Pair(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2)))
@@ -296,7 +299,7 @@ from policies import TinyPolicy
 
 def replay_and_updates(trainer, module):
     rule = module._ctx.rule
-    return {"replay_obs": rule.replay.buffer.storage[:8]["observation"].clone(),
+    return {"replay_obs": rule.loop.replay.buffer.storage[:8]["observation"].clone(),
             "updates": rule.state_dict()["updates"]}
 
 
@@ -305,7 +308,7 @@ if __name__ == "__main__":
                           warmup_frames=64, frames_per_batch=8, utd_ratio=0.5,
                           critic_hidden=(32, 32))
     trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=2), optimizer=rule,
-                         devices=2, strategy="ddp", max_frames=256, eval_every=100,
+                         devices=2, strategy="ddp", max_frames=256, eval_every_frames=10000,
                          eval_episodes=2, seed=3, num_threads=1, run_dir="run",
                          callbacks=[Dump(extra=replay_and_updates)], enable_progress_bar=False)
     trainer.fit(TinyPolicy(3, 1))

@@ -20,8 +20,9 @@ from policies import TinyPolicy
 from unitrain.config import load_recipe
 from unitrain.envs import EnvInfo, EnvSpec, ObsNorm
 from unitrain.errors import ConfigError, UserError
-from unitrain.population import (Genome, ParamLayout, PopulationEvaluator, PopulationPolicy,
-                                 centered_ranks, fresh_init, novelty, perturb_, shard)
+from unitrain.optim.ga import Genome, fresh_init, novelty
+from unitrain.population import (ParamLayout, PopulationEvaluator, PopulationPolicy,
+                                 centered_ranks, perturb_, shard)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -111,15 +112,15 @@ def test_vmap_population_matches_each_individual(kind: str):
         module.conv[1].running_mean.uniform_(-1, 1)  # non-trivial buffers
         module.conv[1].running_var.uniform_(0.5, 2)
         obs = torch.randint(0, 256, (5, 3, 2, 15, 15), dtype=torch.uint8)
-        module.env_info = EnvInfo("img", (2, 15, 15), 450, 3, True, image=True)
+        module.bind_env(EnvInfo("img", (2, 15, 15), 450, 3, True, image=True))
     elif kind == "mlp-discrete":
         module = TinyPolicy(4, 3)
         obs = torch.randn(5, 3, 4)
-        module.env_info = EnvInfo("d", (4,), 4, 3, True)
+        module.bind_env(EnvInfo("d", (4,), 4, 3, True))
     else:
         module = ut.MLPPolicy(4, 2, hidden=[8])
         obs = torch.randn(5, 3, 4) * 50
-        module.env_info = EnvInfo("c", (4,), 4, 2, False, -torch.ones(2), torch.ones(2) * 0.5)
+        module.bind_env(EnvInfo("c", (4,), 4, 2, False, -torch.ones(2), torch.ones(2) * 0.5))
     module.eval()
     layout = ParamLayout.of(module)
     params = _population(layout, 5, 1)
@@ -143,7 +144,7 @@ def _evaluator(module: ut.RLModule, spec: EnvSpec, **kwargs: Any) -> PopulationE
     from unitrain.envs import env_info
 
     info = env_info(spec)
-    module.env_info = info
+    module.bind_env(info)
     policy = PopulationPolicy(module, ParamLayout.of(module), lambda m, o: m.act(o))
     return PopulationEvaluator(policy, spec, info.obs_shape, **kwargs)
 
@@ -268,7 +269,7 @@ def test_nonfinite_returns_get_the_worst_fitness(tmp_path: Path):
     trainer = ut.Trainer(env=EnvSpec("unitrain-test/NanReward-v0", num_envs=1),
                          optimizer=ut.optim.GA(population=16, truncation=4, sigma=0.5,
                                                elite_candidates=2, elite_episodes=2),
-                         max_frames=16 * 4 * 4, eval_every=2, eval_episodes=2, seed=0,
+                         max_frames=16 * 4 * 4, eval_every_frames=128, eval_episodes=2, seed=0,
                          num_threads=1, run_dir=tmp_path, logger=[record],
                          enable_progress_bar=False)
     trainer.fit(ut.MLPPolicy(1, 1, hidden=[], out_scale=1.0))
@@ -303,7 +304,7 @@ if __name__ == "__main__":
         record = Record()
         trainer = ut.Trainer(env=ut.EnvSpec("CartPole-v1"), optimizer=make(), devices=devices,
                              strategy="ddp" if devices > 1 else "auto", max_frames=2500,
-                             eval_every=2, eval_episodes=2, seed=4, num_threads=1,
+                             eval_every_frames=1, eval_episodes=3, seed=4, num_threads=1,
                              run_dir=f"run-{name}-{devices}", logger=[record],
                              callbacks=[Dump(f"{name}-{devices}-", record)],
                              enable_progress_bar=False)
@@ -329,6 +330,11 @@ def test_one_and_two_processes_evolve_identically(tmp_path: Path):
                 for run in (one, *two)]
         assert len(best[0]) >= 3 and best[0] == best[1] == best[2], (rule, best)
         assert one["frames"] == two[0]["frames"] == two[1]["frames"]
+        # Evaluation episodes are seeded by their index, not by the process that plays them
+        # (3 episodes: 2 on rank 0 and 1 on rank 1), so the reported returns agree too.
+        evals = [[row["eval/return_mean"] for row in run["rows"] if "eval/return_mean" in row]
+                 for run in (one, *two)]
+        assert len(evals[0]) >= 3 and evals[0] == evals[1] == evals[2], (rule, evals)
         for key, value in one["params"].items():
             assert torch.equal(value, two[0]["params"][key]), (rule, key)
             assert torch.equal(value, two[1]["params"][key]), (rule, key)
@@ -342,7 +348,7 @@ def test_one_and_two_processes_evolve_identically(tmp_path: Path):
 def _fit(rule: ut.optim.UpdateRule, run_dir: Path, max_frames: int, ckpt: str | None = None
          ) -> tuple[ut.Trainer, TinyPolicy]:
     trainer = ut.Trainer(env=EnvSpec("CartPole-v1"), optimizer=rule, max_frames=max_frames,
-                         eval_every=1, eval_episodes=2, seed=9, num_threads=1, run_dir=run_dir,
+                         eval_every_frames=1, eval_episodes=2, seed=9, num_threads=1, run_dir=run_dir,
                          logger=False, enable_progress_bar=False)
     module = TinyPolicy(4, 2)
     trainer.fit(module, ckpt_path=ckpt)

@@ -1,4 +1,5 @@
-"""The projection update rule through the Trainer: supervised digits, two processes, elite imitation."""
+"""The projection rule through the Trainer (supervised digits, two processes) and elite imitation,
+the RL rule composed over it."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 import unitrain as ut
 from conftest import run_cli, run_ranks
 from policies import TinyPolicy
-from unitrain.context import RunContext
 from unitrain.data import DataSpec, load_data
-from unitrain.optim import Projection
+from unitrain.optim import EliteImitation, Projection
+from unitrain.services import RunServices
 
 FAST = dict(iterations=20, output="cross_entropy", lam=5.0)
 
@@ -84,14 +85,20 @@ def test_two_processes_keep_identical_parameters(tmp_path: Path):
     assert any(not torch.equal(r0["init"][k], v) for k, v in r0["params"].items())
 
 
+def _services(module: ut.RLModule, spec: ut.EnvSpec) -> RunServices:
+    services = RunServices(module, spec, 0, None)
+    services.start(0, 1)
+    return services
+
+
 def test_elite_imitation_improves_cartpole(tmp_path: Path):
     spec = ut.EnvSpec("CartPole-v1", num_envs=4)
-    rule = Projection(episodes=8, elite_fraction=0.25, explore=0.1, updates=2, batch_size=128,
-                      iterations=20)
+    rule = EliteImitation(fit=Projection(iterations=20), episodes=8, elite_fraction=0.25,
+                          explore=0.1, updates=2, batch_size=128)
     torch.manual_seed(0)
     module = TinyPolicy(4, 2, activation="relu")
-    before = RunContext(module, rule, spec, 0, None, 1, 8).evaluate(8)["return_mean"]
-    trainer = ut.Trainer(env=spec, optimizer=rule, max_frames=6000, eval_every=4,
+    before = ut.evaluate(module, spec, episodes=8)["return_mean"]
+    trainer = ut.Trainer(env=spec, optimizer=rule, max_frames=6000, eval_every_frames=1500,
                          eval_episodes=8, seed=0, num_threads=1, run_dir=tmp_path,
                          enable_progress_bar=False)
     trainer.fit(module)
@@ -107,21 +114,33 @@ def _plain_ctx():
 
 def test_new_rl_fields_are_validated():
     with pytest.raises(ut.ConfigError, match="window"):
-        Projection(window=0)
+        EliteImitation(window=0)
     with pytest.raises(ut.ConfigError, match="step_size"):
         Projection(step_size=0.0)
     with pytest.raises(ut.ConfigError, match="step_size"):
         Projection(step_size=1.5)
     with pytest.raises(ut.ConfigError, match="greedy_share"):
-        Projection(greedy_share=1.5)
+        EliteImitation(greedy_share=1.5)
+    with pytest.raises(ut.ConfigError, match=r"^fit\.lam"):
+        EliteImitation(fit={"lam": 0.0})
+
+
+def test_each_rule_serves_its_kind_of_run():
+    spec = ut.EnvSpec("CartPole-v1", num_envs=2)
+    module = TinyPolicy(4, 2, hidden=8, activation="relu")
+    with pytest.raises(ut.UserError, match="use elite_imitation"):
+        Projection().setup(module, _services(module, spec))
+    continuous = TinyPolicy(3, 1, hidden=8, activation="relu")
+    with pytest.raises(ut.ConfigError, match="Pendulum-v1 has continuous actions"):
+        EliteImitation().setup(continuous, _services(continuous, ut.EnvSpec("Pendulum-v1")))
 
 
 def test_each_env_slot_runs_its_quota_and_greedy_slots_take_the_argmax():
     spec = ut.EnvSpec("CartPole-v1", num_envs=4)
-    rule = Projection(episodes=6, explore=0.0, greedy_share=0.5)
+    rule = EliteImitation(episodes=6, explore=0.0, greedy_share=0.5)
     torch.manual_seed(0)
     module = TinyPolicy(4, 2, hidden=8, activation="relu")
-    ctx = RunContext(module, rule, spec, 0, None, 1, 4)
+    ctx = _services(module, spec)
     rule.setup(module, ctx)
     episodes, frames = rule._collect(ctx)
     # Slots 0 and 1 run two episodes, 2 and 3 one each, however long each episode lasts.
@@ -144,8 +163,8 @@ def test_step_size_moves_part_of_the_way_to_the_consensus():
     start = {k: v.clone() for k, v in full.state_dict().items()}
     for module, step in ((full, 1.0), (half, 0.5)):
         rule = Projection(iterations=10, step_size=step)
-        rule.setup(module, _plain_ctx())
-        rule._fit([(inputs, labels)], _plain_ctx())
+        rule.attach(module)
+        rule.fit([(inputs, labels)], _plain_ctx())
     for key, value in half.state_dict().items():
         torch.testing.assert_close(value, (start[key] + full.state_dict()[key]) / 2)
 
@@ -164,19 +183,19 @@ def test_standardize_makes_the_fit_invariant_to_input_scaling():
     torch.testing.assert_close(moved(inputs * scale + shift), raw(inputs))
     for module, x in ((raw, inputs), (moved, inputs * scale + shift)):
         rule = Projection(iterations=10, standardize=True, output="margin")
-        rule.setup(module, _plain_ctx())
-        metrics = rule._fit([(x, labels)], _plain_ctx())
+        rule.attach(module)
+        metrics = rule.fit([(x, labels)], _plain_ctx())
         assert metrics["train/param_change"] > 0 and 0 <= metrics["train/dead_units"] <= 1
     torch.testing.assert_close(moved(inputs * scale + shift), raw(inputs), rtol=1e-4, atol=1e-4)
 
 
 def test_window_fits_the_elites_of_several_iterations():
     spec = ut.EnvSpec("CartPole-v1", num_envs=4)
-    rule = Projection(episodes=4, elite_fraction=0.5, window=2, keep_elites=False,
-                      iterations=2, updates=1, batch_size=10_000)
+    rule = EliteImitation(fit=Projection(iterations=2), episodes=4, elite_fraction=0.5,
+                          window=2, keep_elites=False, updates=1, batch_size=10_000)
     torch.manual_seed(0)
     module = TinyPolicy(4, 2, hidden=8, activation="relu")
-    ctx = RunContext(module, rule, spec, 0, None, 1, 4)
+    ctx = _services(module, spec)
     rule.setup(module, ctx)
     sizes = []
     for _ in range(3):
@@ -185,6 +204,6 @@ def test_window_fits_the_elites_of_several_iterations():
         assert len(rule._window) <= 2
     assert metrics["train/elite_pairs"] == sizes[-2] + sizes[-1]
     state = rule.state_dict()
-    other = Projection(window=2)
+    other = EliteImitation(window=2)
     other.load_state_dict(state)
     assert [len(w) for w in other._window] == [2, 2]

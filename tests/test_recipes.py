@@ -38,7 +38,7 @@ def _fit_recipe(recipe: str, tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize("recipe", ["cartpole/ppo.yaml", "cartpole/ga.yaml", "cartpole/es.yaml",
-                                    "cartpole/projection.yaml"])
+                                    "cartpole/elite_imitation.yaml"])
 def test_cartpole_recipes_reach_475(recipe: str, tmp_path: Path):
     summary = _fit_recipe(recipe, tmp_path)
     assert summary["eval/return_mean"] >= 475, summary

@@ -13,7 +13,7 @@ from rulecheck import CaptureStart, assert_same, checkpoint_state
 
 
 def _trainer(run_dir: Path, budget: int, callbacks=()) -> ut.Trainer:
-    return ut.Trainer(env=ut.EnvSpec("CartPole-v1", num_envs=4), max_frames=budget, eval_every=4,
+    return ut.Trainer(env=ut.EnvSpec("CartPole-v1", num_envs=4), max_frames=budget, eval_every_frames=512,
                       eval_episodes=2, seed=11, num_threads=1, run_dir=run_dir,
                       callbacks=list(callbacks),
                       optimizer=ut.optim.PPO(frames_per_batch=128, minibatch_size=64, epochs=2))

@@ -15,7 +15,7 @@ from unitrain.cli import main
 
 
 def _api_run(run_dir: Path, **overrides) -> ut.Trainer:
-    args = dict(env=ut.EnvSpec("CartPole-v1", num_envs=4), max_frames=2048, eval_every=4,
+    args = dict(env=ut.EnvSpec("CartPole-v1", num_envs=4), max_frames=2048, eval_every_frames=512,
                 eval_episodes=4, seed=3, num_threads=1, run_dir=run_dir,
                 optimizer=ut.optim.PPO(lr=1e-3, frames_per_batch=128, minibatch_size=128, epochs=4,
                                        gamma=0.98, gae_lambda=0.8))
@@ -34,7 +34,7 @@ env: {id: CartPole-v1, num_envs: 4}
 module: {target: policies.TinyPolicy, hidden: 32}
 optimizer: {name: ppo, lr: 1.0e-3, frames_per_batch: 128, minibatch_size: 128, epochs: 4,
             gamma: 0.98, gae_lambda: 0.8}
-trainer: {max_frames: 2048, eval_every: 4, eval_episodes: 4, num_threads: 1}
+trainer: {max_frames: 2048, eval_every_frames: 512, eval_episodes: 4}
 """)
     assert main(["fit", str(recipe), f"run_dir={tmp_path / 'cli'}"]) == 0
     cli = json.loads((tmp_path / "cli" / "summary.json").read_text())
@@ -88,7 +88,7 @@ def test_seeded_runs_reproduce_and_seeds_matter(tmp_path: Path):
 
 
 def test_continuous_actions_train(tmp_path: Path):
-    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=4), max_frames=2048, eval_every=4,
+    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=4), max_frames=2048, eval_every_frames=512,
                          eval_episodes=2, seed=0, num_threads=1, run_dir=tmp_path,
                          optimizer=ut.optim.PPO(frames_per_batch=256, minibatch_size=128, epochs=2))
     module = ut.MLPPolicy(obs_dim=3, act_dim=1)

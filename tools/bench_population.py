@@ -53,7 +53,7 @@ def population_policy(population: int, seed: int):
     info = env_info(EnvSpec(ENV))
     torch.manual_seed(seed)
     module = ut.MLPPolicy(info.obs_dim, info.act_dim, hidden=[64, 64], out_scale=1.0)
-    module.env_info = info
+    module.bind_env(info)
     module.eval()
     layout = ParamLayout.of(module)
     params = layout.flatten(module) + 0.1 * torch.randn(population, layout.numel)

@@ -3,7 +3,7 @@
 Such et al. 2017 ("Deep Neuroevolution") store a genome as its initialisation seed plus one
 ``(seed, σ)`` per generation, and report encodings up to 10,000-fold smaller than the parameter
 vector. This prints that ratio for :class:`unitrain.models.NatureCNN` (the paper's Atari network)
-after ``--generations`` mutations, using :class:`unitrain.population.Genome`'s byte encoding,
+after ``--generations`` mutations, using :class:`unitrain.optim.ga.Genome`'s byte encoding,
 and checks that the genome rebuilds the parameters bit for bit. Run::
 
     python tools/genome_compression.py --generations 100
@@ -17,7 +17,8 @@ import time
 import torch
 
 from unitrain.models import NatureCNN
-from unitrain.population import Genome, ParamLayout, fresh_init
+from unitrain.optim.ga import Genome, fresh_init
+from unitrain.population import ParamLayout
 
 
 def main() -> None:

@@ -1,16 +1,18 @@
 """unitrain: one Lightning Trainer for every way of training a network.
 
-Gradient rules (PPO, REINFORCE), evolutionary rules and projection updates are interchangeable
+Gradient rules (PPO, REINFORCE, DDPG, DSAC-T), evolutionary rules (GA, ES) and projection
+updates are interchangeable
 update rules in :mod:`unitrain.optim`, run by :class:`unitrain.Trainer` on a user's
 :class:`unitrain.RLModule` over TorchRL collection from gymnasium environments.
 """
 
 from unitrain import optim
+from unitrain.checkpoint import evaluate
 from unitrain.envs import EnvSpec
 from unitrain.errors import ConfigError, UserError
 from unitrain.module import MLPPolicy, RLModule
 from unitrain.trainer import EarlyStop, Trainer
 
-__all__ = ["Trainer", "RLModule", "MLPPolicy", "EnvSpec", "EarlyStop", "optim", "UserError",
-           "ConfigError"]
+__all__ = ["Trainer", "RLModule", "MLPPolicy", "EnvSpec", "EarlyStop", "optim", "evaluate",
+           "UserError", "ConfigError"]
 __version__ = "0.1.0"

@@ -61,6 +61,10 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
 
     recipe = load_recipe(_find_recipe(recipe_path), overrides)
     run_dir, ckpt = _resolve_resume(recipe.resume, recipe.run_dir, recipe)
+    if recipe.init is not None:
+        from unitrain.checkpoint import read_checkpoint
+
+        read_checkpoint(recipe.init, f"init={recipe.init}")
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     loaders: dict[str, Any] = {}
     if recipe.data is not None:
@@ -74,7 +78,10 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
         raise UserError(f"{recipe.source}: {e}") from None
     trainer = Trainer(recipe.env, recipe.optimizer, seed=recipe.seed, run_dir=run_dir,
                       **recipe.trainer.trainer_kwargs())
-    trainer.fit(module, ckpt_path=ckpt, **loaders)
+    try:
+        trainer.fit(module, ckpt_path=ckpt, init=recipe.init, **loaders)
+    except ConfigError as e:  # found once the env or the processes exist (a module that
+        raise UserError(f"{recipe.source}: {e}") from None  # does not fit the action space)
     if trainer.global_rank == 0 and trainer.summary is not None:
         _print_summary(trainer.summary)
     return 0
@@ -101,68 +108,21 @@ def _resolve_resume(resume: str | None, run_dir: str | None, recipe: Any) -> tup
         path = Path(resume)
     if not path.is_file():
         raise UserError(f"resume={resume}: no checkpoint at {path}")
-    _load_checkpoint(path, f"resume={resume}")
+    from unitrain.checkpoint import read_checkpoint
+
+    read_checkpoint(path, f"resume={resume}")
     if run_dir is None:
         run_dir = str(path.parent.parent)
     return run_dir, str(path)
 
 
-def _load_checkpoint(path: Path, what: str) -> dict[str, Any]:
-    import torch
-
-    from unitrain.errors import UserError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: any unpickling error
-        raise UserError(f"{what}: {path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "unitrain" not in ckpt or "state_dict" not in ckpt:
-        raise UserError(f"{what}: {path} is not a unitrain checkpoint (no unitrain state inside)")
-    return ckpt
-
-
 def _evaluate(checkpoint: str, episodes: int, seed: int) -> int:
-    import torch
-
-    from unitrain.config import import_object
-    from unitrain.context import RunContext
-    from unitrain.envs import EnvSpec
-    from unitrain.errors import ConfigError, UserError
-    from unitrain.optim.base import get_rule
+    from unitrain.checkpoint import evaluate_checkpoint
+    from unitrain.errors import UserError
 
     if episodes < 1:
         raise UserError(f"--episodes {episodes}: expected an integer >= 1")
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise UserError(f"{checkpoint}: no such checkpoint file")
-    ckpt = _load_checkpoint(path, checkpoint)
-    state = ckpt["unitrain"]
-    if state.get("env") is None:
-        raise UserError(f"{checkpoint}: this run has no environment to evaluate in")
-    try:
-        cls = import_object(state["module_class"], "module_class")
-    except ConfigError:
-        raise UserError(f"{checkpoint}: module class {state['module_class']} is not importable here; "
-                        "load the checkpoint from Python with that class") from None
-    module = cls(**state["module_hparams"])
-    rule_cfg = dict(state["rule_config"])
-    rule = get_rule(rule_cfg.pop("name"))(**rule_cfg)
-    spec = EnvSpec(**state["env"])
-    ctx = RunContext(module, rule, spec, seed, None, 1, episodes)
-    own = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("aux.")}
-    module.load_state_dict(own, strict=False)
-    missing = [k for k in module.state_dict() if k not in own and not k.startswith("aux.")]
-    if missing:
-        raise UserError(f"{checkpoint}: parameters {', '.join(missing[:3])} missing from the checkpoint")
-    if ctx.obs_norm is not None and state.get("obs_norm") is not None:
-        ctx.obs_norm.load_state_dict(state["obs_norm"])
-    module.eval()
-    with torch.no_grad():
-        result = ctx.evaluate(episodes)
-    print(json.dumps({"checkpoint": str(path), "env": spec.id, "frames": state["frames"],
-                      **{f"eval/{k}": v for k, v in result.items()}}, indent=2))
+    print(json.dumps(evaluate_checkpoint(checkpoint, episodes=episodes, seed=seed), indent=2))
     return 0
 
 
@@ -204,9 +164,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
               f"after {summary['iterations']} iterations, {summary['wall_s']:.1f} s")
     else:
         ret_s = "n/a" if ret is None else f"{ret:.1f} ± {summary.get('eval/return_std') or 0:.1f}"
+        over = summary.get("frames_over_budget") or 0
+        over_s = f" ({over} past the budget: the last iteration's)" if over else ""
         print(f"\nunitrain: {summary['optimizer']} on {summary['env']}: eval return {ret_s} "
               f"over {int(summary.get('eval/episodes') or 0)} episodes, {summary['frames']} "
-              f"frames, {summary['wall_s']:.1f} s")
+              f"frames{over_s}, {summary['wall_s']:.1f} s")
     print(f"unitrain: checkpoint {summary['checkpoint']}")
     print(f"unitrain: summary {Path(summary['run_dir']) / 'summary.json'}; "
           f"tensorboard --logdir {summary['run_dir']}")

@@ -5,6 +5,7 @@ A recipe has these top-level keys::
     seed: 0                      # seeds networks, envs (per rank) and the rule
     run_dir: null                # default runs/<env>-<rule>/<time>
     resume: null                 # a checkpoint path, or "last"
+    init: null                   # start from the policy of any run's checkpoint (any rule)
     env: {id: CartPole-v1, num_envs: 8, ...}          # unitrain.envs.EnvSpec
     module: {target: unitrain.MLPPolicy, hidden: [64, 64]}   # class path + constructor args
     optimizer: {name: ppo, lr: 1.0e-3, ...}           # a registered update rule and its fields
@@ -42,7 +43,8 @@ from unitrain.trainer import EarlyStop
 
 __all__ = ["Recipe", "TrainerConfig", "load_recipe", "build_module", "import_object"]
 
-_TOP_LEVEL = ("seed", "run_dir", "resume", "env", "data", "module", "optimizer", "trainer")
+_TOP_LEVEL = ("seed", "run_dir", "resume", "init", "env", "data", "module", "optimizer",
+              "trainer")
 
 
 @dataclass
@@ -55,10 +57,11 @@ class TrainerConfig:
         strategy: ``"auto"`` or ``"ddp"``.
         accelerator: ``"auto"``, ``"cpu"``, ``"gpu"``.
         num_nodes: machines (launched by torchrun/SLURM).
-        eval_every: rule iterations between evaluations and checkpoints.
+        eval_every_frames: env frames between evaluations and checkpoints (null: a tenth of
+            ``max_frames``).
         eval_episodes: episodes per evaluation.
         early_stop: stop on ``eval/return_mean`` (``threshold``, ``patience``), or null.
-        num_threads: torch threads per process (null: cores divided among local processes).
+        num_threads: torch threads per process (null: 1).
         max_epochs: passes over the training data of a supervised run (null: unbounded).
     """
 
@@ -67,7 +70,7 @@ class TrainerConfig:
     strategy: str = "auto"
     accelerator: str = "auto"
     num_nodes: int = 1
-    eval_every: int = 10
+    eval_every_frames: int | None = None
     eval_episodes: int = 10
     early_stop: EarlyStop | None = None
     num_threads: int | None = None
@@ -81,7 +84,8 @@ class TrainerConfig:
         check(self.accelerator in ("auto", "cpu", "gpu", "cuda", "mps"), "accelerator",
               "one of auto, cpu, gpu, cuda, mps", self.accelerator)
         check(self.num_nodes >= 1, "num_nodes", "an integer >= 1", self.num_nodes)
-        check(self.eval_every >= 1, "eval_every", "an integer >= 1", self.eval_every)
+        check(self.eval_every_frames is None or self.eval_every_frames >= 1, "eval_every_frames",
+              "an integer >= 1 or null", self.eval_every_frames)
         check(self.eval_episodes >= 1, "eval_episodes", "an integer >= 1", self.eval_episodes)
         check(self.max_epochs is None or self.max_epochs >= 1, "max_epochs",
               "an integer >= 1 or null", self.max_epochs)
@@ -90,7 +94,7 @@ class TrainerConfig:
         """Keyword arguments for :class:`unitrain.Trainer`."""
         return {"max_frames": self.max_frames, "devices": self.devices, "strategy": self.strategy,
                 "accelerator": self.accelerator, "num_nodes": self.num_nodes,
-                "eval_every": self.eval_every, "eval_episodes": self.eval_episodes,
+                "eval_every_frames": self.eval_every_frames, "eval_episodes": self.eval_episodes,
                 "early_stop": self.early_stop, "num_threads": self.num_threads,
                 **({} if self.max_epochs is None else {"max_epochs": self.max_epochs})}
 
@@ -109,6 +113,7 @@ class Recipe:
     trainer: TrainerConfig
     config: dict[str, Any] = field(default_factory=dict)
     data: DataSpec | None = None
+    init: str | None = None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -181,9 +186,14 @@ def _build(src: str, merged: DictConfig) -> Recipe:
     check(isinstance(seed, int) and seed >= 0, "seed", "an integer >= 0", seed)
     resume = merged.get("resume")
     run_dir = merged.get("run_dir")
+    init = merged.get("init")
+    if init is not None and resume is not None:
+        raise ConfigError("init", "a run either resumes (resume=) or starts from another run's "
+                                  "policy (init=), not both")
     return Recipe(src, seed, None if run_dir is None else str(run_dir),
                   None if resume is None else str(resume), env, module, rule, trainer,
-                  OmegaConf.to_container(merged, resolve=True), data)
+                  OmegaConf.to_container(merged, resolve=True), data,
+                  None if init is None else str(init))
 
 
 def _rule_names() -> list[str]:
@@ -199,12 +209,24 @@ def _typed(cls: type, node: Any, prefix: str) -> Any:
     if not isinstance(node, DictConfig):
         raise ConfigError(prefix, f"expected a mapping of {cls.__name__} fields, got {node!r}")
     valid = [f.name for f in dataclasses.fields(cls)]
+    # A block composed of another (elite_imitation's ``fit:``) is validated as its own block, so
+    # its errors name its keys.
+    hints = typing.get_type_hints(cls)
+    nested = {f.name: hints[f.name] for f in dataclasses.fields(cls)
+              if dataclasses.is_dataclass(hints.get(f.name)) and f.name in node}
+    parts = {name: _typed(sub, node[name], f"{prefix}.{name}") for name, sub in nested.items()}
+    if parts:
+        node = OmegaConf.create({k: v for k, v in node.items() if k not in parts})
     try:
         merged = OmegaConf.merge(OmegaConf.structured(cls), node)
-        return OmegaConf.to_object(merged)
+        obj = OmegaConf.to_object(merged)
+        for name, part in parts.items():
+            setattr(obj, name, part)
+        return obj
     except ConfigKeyError as e:
         key = f"{prefix}.{e.full_key}" if e.full_key else prefix
-        raise ConfigError(key, f"unknown key; valid keys: {', '.join(valid)}") from None
+        hint = _RENAMED.get(key, "")
+        raise ConfigError(key, f"unknown key{hint}; valid keys: {', '.join(valid)}") from None
     except ValidationError as e:
         key = str(e.full_key or "")
         value = _value_at(node, key)
@@ -215,6 +237,10 @@ def _typed(cls: type, node: Any, prefix: str) -> Any:
         raise e.prefixed(prefix) from None
     except OmegaConfBaseException as e:
         raise ConfigError(prefix, _first_line(e)) from None
+
+
+# Keys that were renamed, with what replaced them.
+_RENAMED = {"trainer.eval_every": " (rule iterations; now trainer.eval_every_frames, in env frames)"}
 
 
 def _value_at(node: DictConfig, key: str) -> Any:

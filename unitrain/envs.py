@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import pickle
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -395,6 +396,8 @@ class VecGymEnv(EnvBase):
         self.obs_norm, self.update_norm = obs_norm, update_norm
         self._seed: int | None = seed
         self._run = _Running(n)
+        self._restored = False
+        self._continue = False
         self.finished: list[tuple[float, int]] = []
         self.episodes_done = np.zeros(n, dtype=np.int64)
         self._make_specs()
@@ -450,7 +453,10 @@ class VecGymEnv(EnvBase):
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: Any) -> TensorDictBase:
         run = self._run
         partial = tensordict is not None and "_reset" in tensordict.keys()
-        if not partial or run.obs is None:
+        if self._continue:
+            # The first reset after continue_episodes() goes on with the restored episodes.
+            self._continue = False
+        elif not partial or run.obs is None:
             obs, _ = self.vec.reset(seed=self._seed)
             self._seed = None
             run.ep_return[:] = 0.0
@@ -515,6 +521,53 @@ class VecGymEnv(EnvBase):
         carried = {key: value.copy() if isinstance(value, TensorDictBase) else value
                    for key, value in tensordict.items() if key not in self._NOT_CARRIED}
         return tensordict, self._td({**carried, "observation": self._run.obs, **self._not_done()})
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The running episodes (every sub-env pickled, current observations, returns so far),
+        or ``None`` when a sub-env cannot be restored from a pickle.
+
+        Envs pickled by re-construction (``gymnasium.utils.EzPickle``: MuJoCo, Atari, Box2D)
+        would come back at their initial state, so they are not saved: a resumed run starts
+        their episodes afresh.
+        """
+        for env in self.vec.envs:
+            layer: Any = env
+            while layer is not None:
+                if isinstance(layer, gym.utils.EzPickle):
+                    return None
+                layer = getattr(layer, "env", None)
+        run = self._run
+        try:
+            envs = pickle.dumps(list(self.vec.envs))
+        except Exception:  # an env holding an unpicklable resource
+            return None
+        return {"envs": envs, "seed": self._seed,
+                "obs": None if run.obs is None else run.obs.clone(),
+                "ep_return": run.ep_return.copy(), "ep_length": run.ep_length.copy(),
+                "episodes_done": self.episodes_done.copy(), "finished": list(self.finished)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved: the sub-envs (their episodes and random
+        streams), and the running episodes for :meth:`continue_episodes`."""
+        envs = pickle.loads(state["envs"])
+        if len(envs) != self.num_envs:
+            raise ValueError(f"saved env state has {len(envs)} envs, this env {self.num_envs}")
+        for old in self.vec.envs:
+            old.close()
+        self.vec.envs = envs
+        # The sub-envs carry their random streams; a seed still pending at the save is kept.
+        self._seed = state["seed"]
+        run = self._run
+        run.obs, run.ep_return, run.ep_length = state["obs"], state["ep_return"], state["ep_length"]
+        self.episodes_done = state["episodes_done"]
+        self.finished = list(state["finished"])
+        self._restored = run.obs is not None
+
+    def continue_episodes(self) -> None:
+        """Make the next full reset go on with the episodes running when the state was saved
+        (what a collector built on a restored env needs); without it, a reset starts new
+        episodes from the restored random streams."""
+        self._continue, self._restored = self._restored, False
 
     def pop_finished(self) -> list[tuple[float, int]]:
         """Return and clear the (return, length) pairs of episodes completed since the last call."""

@@ -3,9 +3,13 @@
 Users subclass :class:`RLModule`, build their networks in ``__init__`` and write ``forward``:
 
 - discrete actions: ``forward(observation) -> logits`` of shape ``[..., n_actions]``;
-- continuous actions: ``forward(observation) -> action mean`` of shape ``[..., act_dim]`` in
-  the env's units (rules that need a state-dependent spread accept ``[..., 2 * act_dim]``:
-  mean, then an unconstrained scale).
+- continuous actions: ``forward(observation) -> pre-squash mean`` of shape ``[..., act_dim]``
+  (or ``[..., 2 * act_dim]``, the mean then a log standard deviation, when the module sets
+  ``action_std = "state"``); the action is the mean squashed into the env's bounds.
+
+What the output means is decided once, by the action space, in :mod:`unitrain.action`: every
+update rule reads it through ``module.actions``, and :meth:`RLModule.act` is the deterministic
+action whichever rule trained the module.
 
 Everything else (the training step, evaluation, checkpoint contents, the dataloader Lightning
 expects) has defaults supplied here and by the update rule chosen on the :class:`~unitrain.Trainer`.
@@ -17,15 +21,21 @@ out, so population rules evolve only the policy.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import lightning as L
 import torch
 from torch import nn
 
+from unitrain.action import ACTION_STD, ActionHead, LogStd
+from unitrain.errors import ConfigError, UserError
+
 if TYPE_CHECKING:
-    from unitrain.context import RunContext
+    from unitrain.adapter import RunAdapter
     from unitrain.envs import EnvInfo
 
 __all__ = ["RLModule", "MLPPolicy", "mlp"]
@@ -37,7 +47,15 @@ class RLModule(L.LightningModule):
     Constructor arguments of subclasses are recorded as hyperparameters (so a checkpoint can
     rebuild the module); recipes may leave ``obs_dim``, ``act_dim``, ``obs_shape`` and
     ``discrete`` out, and they are filled in from the environment.
+
+    Attributes:
+        action_std: for continuous actions, where the policy's log standard deviation comes
+            from: ``"param"`` (a learned vector ``aux.log_std``; ``forward`` returns ``act_dim``
+            values) or ``"state"`` (``forward`` returns ``2 * act_dim`` values: mean, log std).
+            Set it in ``__init__`` (``MLPPolicy`` takes it as an argument).
     """
+
+    action_std: str = "param"
 
     def __init__(self) -> None:
         super().__init__()
@@ -45,8 +63,9 @@ class RLModule(L.LightningModule):
         # Lightning logs module hparams itself; unitrain logs the whole run's configuration.
         self._log_hyperparams = False
         self.save_hyperparameters()
-        self._ctx: RunContext | None = None
+        self._ctx: RunAdapter | None = None
         self.env_info: EnvInfo | None = None
+        self._actions: ActionHead | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies and pickles of the module (TorchRL losses deep-copy their networks) leave the
@@ -77,27 +96,95 @@ class RLModule(L.LightningModule):
         """See :meth:`named_policy_parameters`."""
         return [p for _, p in self.named_policy_parameters()]
 
+    def bind_env(self, info: "EnvInfo", check: bool = True) -> ActionHead:
+        """Attach the env's action space: builds :attr:`actions` and checks the output size.
+
+        Args:
+            info: the env's shapes and action space.
+            check: run ``forward`` once on a zero observation to check its output size.
+
+        Raises:
+            ConfigError: the output size does not fit the action space, or ``action_std`` is
+                not ``"param"``/``"state"``.
+        """
+        if self.action_std not in ACTION_STD:
+            raise ConfigError("module.action_std",
+                              f"got {self.action_std!r}; expected 'param' or 'state'")
+        self.env_info = info
+        self._actions = ActionHead(info, self.action_std)
+        if check:
+            dtype = torch.uint8 if info.image else torch.float32
+            with torch.no_grad():
+                out = self(torch.zeros((1, *info.obs_shape), dtype=dtype, device=self.device))
+            self._actions.check(out, type(self).__name__)
+        return self._actions
+
+    @property
+    def actions(self) -> ActionHead:
+        """The :class:`~unitrain.action.ActionHead` reading this module's output."""
+        if self._actions is None:
+            raise RuntimeError(f"{type(self).__name__} has no action space yet; fit or evaluate "
+                               "it (or call bind_env) first")
+        return self._actions
+
+    def log_std_param(self, init: float = 0.0) -> LogStd | None:
+        """The learned state-independent log std ``aux.log_std`` (created on first use), or
+        ``None`` when the std is state-dependent or actions are discrete."""
+        head = self.actions
+        if head.discrete or head.std == "state":
+            return None
+        return self.add_aux("log_std", LogStd(head.act_dim, init).to(self.device))
+
     def act(self, observation: torch.Tensor) -> torch.Tensor:
-        """The deterministic action: argmax of the logits, or the mean clamped to the bounds."""
-        out = self(observation)
-        info = self.env_info
-        if info is None:
-            raise RuntimeError("act() needs the env's action space; fit or evaluate the module first")
-        if info.discrete:
-            return out.argmax(-1)
-        mean = out[..., : info.act_dim]
-        return torch.clamp(mean, info.action_low.to(mean), info.action_high.to(mean))
+        """The deterministic action: argmax of the logits, or the squashed mean in the bounds."""
+        return self.actions.deterministic(self(observation))
+
+    def load_policy(self, checkpoint: str | os.PathLike) -> None:
+        """Load the policy (and ``aux.log_std``) of any unitrain checkpoint into this module.
+
+        The other rule's auxiliary networks (critics, value functions) are left out, so a policy
+        trained by one rule can start training with another.
+
+        Raises:
+            UserError: the file is not a readable unitrain checkpoint or its policy parameters
+                do not fit this module.
+        """
+        path = Path(checkpoint)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            state = ckpt["state_dict"]
+        except Exception as e:  # a missing, truncated or foreign file
+            raise UserError(f"init={checkpoint}: not a readable unitrain checkpoint "
+                            f"({type(e).__name__})") from None
+        own = {k: v for k, v in state.items()
+               if not k.startswith("aux.") or k.startswith("aux.log_std.")}
+        if any(k.startswith("aux.log_std.") for k in own):
+            head = self._actions
+            if head is not None and not head.discrete and head.std == "param":
+                self.log_std_param()
+            else:
+                own = {k: v for k, v in own.items() if not k.startswith("aux.log_std.")}
+        mine = {k for k in self.state_dict() if not k.startswith("aux.")}
+        missing = sorted(mine - set(own))
+        if missing:
+            raise UserError(f"init={checkpoint}: parameters {', '.join(missing[:3])} are not in "
+                            f"the checkpoint (it holds another module)")
+        try:
+            self.load_state_dict(own, strict=False)
+        except RuntimeError as e:
+            raise UserError(f"init={checkpoint}: {str(e).splitlines()[-1].strip()}") from None
 
     # ------------------------------------------------------------------ Lightning plumbing
+    # Every hook hands over to the run's adapter (unitrain.adapter), set by unitrain.Trainer.
     def setup(self, stage: str) -> None:
         if self._ctx is not None and stage == "fit":
             self._ctx.setup()
 
     def configure_optimizers(self) -> Any:
-        if self._ctx is None:
-            return None
-        opts = self._ctx.rule.optimizers()
-        return opts or None
+        # An empty list (not None) tells Lightning that a gradient-free rule has no optimizer.
+        return self._ctx.rule.optimizers() if self._ctx is not None else []
 
     def train_dataloader(self) -> Any:
         assert self._ctx is not None, "RLModule.train_dataloader: the module is not attached to a unitrain.Trainer"
@@ -107,9 +194,11 @@ class RLModule(L.LightningModule):
         assert self._ctx is not None
         return self._ctx.val_iterable()
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
+    def training_step(self, dataloader_iter: Iterator[Any]) -> None:
+        # The iterator itself (not a prefetched batch): the adapter ends an evaluation period
+        # right after the iteration that completes it.
         assert self._ctx is not None
-        self._ctx.training_step(batch)
+        self._ctx.training_step(dataloader_iter)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         assert self._ctx is not None
@@ -171,16 +260,25 @@ class MLPPolicy(RLModule):
         activation: ``"tanh"``, ``"relu"``, ``"gelu"`` or ``"elu"``.
         out_scale: gain of the output layer's init (small values start near-uniform/zero actions).
         obs_shape: observation shape; multi-dimensional observations are flattened.
+        action_std: continuous actions: ``"param"`` (a learned state-independent log std) or
+            ``"state"`` (the network also outputs the log std: ``2 * act_dim`` outputs).
+        discrete: whether actions are discrete (filled in by recipes; discrete actions always
+            take ``act_dim`` logits).
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (64, 64),
                  activation: str = "tanh", out_scale: float = 0.01,
-                 obs_shape: Sequence[int] | None = None) -> None:
+                 obs_shape: Sequence[int] | None = None, action_std: str = "param",
+                 discrete: bool | None = None) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not one of {sorted(_ACTIVATIONS)}")
+        if action_std not in ACTION_STD:
+            raise ValueError(f"action_std {action_std!r} is not one of {list(ACTION_STD)}")
+        self.action_std = action_std
         self.obs_ndim = len(obs_shape) if obs_shape else 1
-        self.net = mlp(obs_dim, act_dim, tuple(hidden), _ACTIVATIONS[activation], out_scale)
+        outputs = 2 * act_dim if action_std == "state" and not discrete else act_dim
+        self.net = mlp(obs_dim, outputs, tuple(hidden), _ACTIVATIONS[activation], out_scale)
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         x = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation

@@ -2,29 +2,24 @@
 
 A population rule (GA, ES) evaluates P candidate parameter sets of the user's module and changes
 the module from their fitness (mean episode return, higher is better). This module holds the
-pieces they share:
+pieces they share; a rule composes them (GA-only pieces, the genomes and novelty, live in
+:mod:`unitrain.optim.ga`):
 
 - :class:`ParamLayout`: the module's policy parameters (``RLModule.policy_parameters()``; the
   ``aux`` networks are left out) as one flat vector, so a population is a ``[P, n]`` matrix and a
-  perturbation is one vector addition.
-- :func:`noise` and :class:`Genome`: perturbations regenerated from integer seeds (one
-  ``torch.Generator`` per seed, no shared noise table), and the compact encoding of Deep GA
-  (Such et al. 2017, "Deep Neuroevolution: Genetic Algorithms Are a Competitive Alternative for
-  Training Deep Neural Networks for Reinforcement Learning"): a genome is an initialisation seed
-  and a list of ``(seed, σ)`` mutations, from which the parameters are rebuilt bit-identically.
+  perturbation is one vector addition; :func:`noise` regenerates a perturbation from its seed
+  (one ``torch.Generator`` per seed, no shared noise table).
 - :class:`PopulationEvaluator`: runs the episodes of many individuals at once in one batched
-  TorchRL env (:class:`~unitrain.envs.VecGymEnv`), with the module applied once per step to all
-  of them through ``torch.func.vmap(functional_call)`` over the stacked parameters. Slot
-  ``i * E + e`` plays episode ``e`` of the wave's individual ``i``.
-- :class:`PopulationRule`: the base of population rules: the fields they share, the split of the
-  population across processes (each rank evaluates a contiguous share; only fitness crosses
-  process boundaries), fitness with non-finite returns made worst, and logging.
-- :func:`centered_ranks` (fitness shaping, Salimans et al. 2017, "Evolution Strategies as a
-  Scalable Alternative to Reinforcement Learning") and :func:`novelty` (k-nearest-neighbour
-  novelty of behaviour characterisations, Lehman & Stanley 2011, "Abandoning Objectives:
-  Evolution Through the Search for Novelty Alone"; Conti et al. 2018, "Improving Exploration in
-  Evolution Strategies for Deep Reinforcement Learning via a Population of Novelty-Seeking
-  Agents").
+  TorchRL env through :func:`unitrain.rollout.rollout`, with the module applied once per step to
+  all of them through ``torch.func.vmap(functional_call)`` over the stacked parameters
+  (:class:`PopulationPolicy`). Slot ``i * E + e`` plays episode ``e`` of the wave's individual
+  ``i``.
+- :class:`PopulationFields` (the hyperparameters every population rule has) and
+  :class:`PopulationEvaluation` (the service a rule composes: the split of the population across
+  processes, each rank evaluating a contiguous share and only fitness crossing process
+  boundaries; fitness with non-finite returns made worst; the metrics every rule reports).
+- :func:`centered_ranks`: fitness shaping (Salimans et al. 2017, "Evolution Strategies as a
+  Scalable Alternative to Reinforcement Learning").
 
 Episode seeds are derived from the run seed, the generation, the individual's index in the
 population and the episode's index, never from the rank, so a population split across any number
@@ -35,13 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
@@ -49,18 +42,19 @@ from torch.func import functional_call, vmap
 from unitrain.envs import EnvSpec, ObsNorm, VecGymEnv, derive_seed, make_env
 from unitrain.errors import UserError, check
 from unitrain.optim.base import UpdateRule
+from unitrain.rollout import Step, rollout, shard
 
 if TYPE_CHECKING:
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
 
-__all__ = ["ParamLayout", "Genome", "noise", "perturb_", "fresh_init", "PopulationPolicy",
-           "PopulationEvaluator", "Episodes", "Evaluation", "PopulationRule", "centered_ranks",
-           "novelty", "shard", "gather_shards", "episode_seeds", "log_histogram"]
+__all__ = ["ParamLayout", "noise", "perturb_", "PopulationPolicy", "PopulationEvaluator",
+           "Episodes", "Evaluation", "PopulationFields", "PopulationEvaluation", "centered_ranks",
+           "shard", "gather_shards", "episode_seeds"]
 
-# Seed streams of population rules (the first entry of derive_seed after the run seed), distinct
-# from the context's streams so that no two uses of the run seed collide.
-STREAM_EPISODES, STREAM_ELITE_EPISODES = 101, 102
+# Seed stream of population episodes (the first entry of derive_seed after the run seed), distinct
+# from the run's other streams so that no two uses of the run seed collide.
+STREAM_EPISODES = 101
 
 
 # ---------------------------------------------------------------------------------- parameters
@@ -150,119 +144,20 @@ def perturb_(flat: torch.Tensor, seed: int, sigma: float) -> torch.Tensor:
     return flat.add_(noise(seed, flat.shape[-1], flat.dtype, flat.device), alpha=sigma)
 
 
-def _as_float32(sigma: float) -> float:
-    """``sigma`` rounded to float32: what a genome stores, hence what a mutation applies."""
-    return float(np.float32(sigma))
-
-
-@dataclass(frozen=True)
-class Genome:
-    """A Deep GA genome: parameters as an initialisation seed and a chain of mutations.
-
-    ``θ = θ₀(init_seed) + σ₁ε(s₁) + σ₂ε(s₂) + ...``, applied in order with :func:`perturb_`, so a
-    rebuild repeats the arithmetic of the generations bit for bit.
-
-    Attributes:
-        init_seed: seed of the initial parameters; ``None``: the run's starting parameters.
-        mutations: ``(seed, σ)`` per mutation, oldest first (σ is a float32 value).
-    """
-
-    init_seed: int | None
-    mutations: tuple[tuple[int, float], ...] = ()
-
-    def mutate(self, seed: int, sigma: float) -> "Genome":
-        """The child genome with one more mutation."""
-        return Genome(self.init_seed, (*self.mutations, (int(seed), _as_float32(sigma))))
-
-    def build(self, init: Callable[[int | None], torch.Tensor],
-              cache: tuple["Genome", torch.Tensor] | None = None) -> torch.Tensor:
-        """The parameters ``[numel]``.
-
-        Args:
-            init: ``init_seed -> θ₀`` (a fresh tensor).
-            cache: an ancestor's genome and parameters to start from instead of ``θ₀``.
-        """
-        start, mutations = 0, self.mutations
-        if cache is not None and cache[0].is_ancestor_of(self):
-            flat, start = cache[1].clone(), len(cache[0].mutations)
-        else:
-            flat = init(self.init_seed)
-        for seed, sigma in mutations[start:]:
-            perturb_(flat, seed, sigma)
-        return flat
-
-    def is_ancestor_of(self, other: "Genome") -> bool:
-        """Whether ``other`` is this genome or a descendant of it."""
-        n = len(self.mutations)
-        return self.init_seed == other.init_seed and other.mutations[:n] == self.mutations
-
-    _HEAD = struct.Struct("<q")
-    _MUTATION = struct.Struct("<If")
-
-    def to_bytes(self) -> bytes:
-        """The compact encoding: int64 init seed (−1 for ``None``), then uint32 seed + float32 σ
-        per mutation."""
-        head = self._HEAD.pack(-1 if self.init_seed is None else self.init_seed)
-        return head + b"".join(self._MUTATION.pack(s, sigma) for s, sigma in self.mutations)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "Genome":
-        """Inverse of :meth:`to_bytes`."""
-        (init,) = cls._HEAD.unpack_from(data)
-        size = cls._MUTATION.size
-        muts = tuple((s, float(sigma)) for s, sigma in
-                     (cls._MUTATION.unpack_from(data, i) for i in range(8, len(data), size)))
-        return cls(None if init < 0 else init, muts)
-
-
-def fresh_init(module: "RLModule", layout: ParamLayout) -> Callable[[int | None], torch.Tensor]:
-    """``seed -> θ₀``: the module's own initialisation, rerun under ``torch.manual_seed(seed)``.
-
-    The module is rebuilt from its class and recorded constructor arguments (``module.hparams``),
-    so any initialisation the user wrote is what the population starts from. Initialisation code
-    must draw from torch's global generator (``nn.init`` does) for the result to depend on the
-    seed alone.
-
-    Raises:
-        UserError: if the module cannot be rebuilt or the rebuilt module's parameters differ.
-    """
-    cls, kwargs = type(module), dict(module.hparams)
-    device = module.device
-
-    def init(seed: int | None) -> torch.Tensor:
-        assert seed is not None, "fresh initialisation needs a seed"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            try:
-                fresh = cls(**kwargs)
-            except Exception as e:  # any failure of user code: report it as a setup problem
-                raise UserError(
-                    f"cannot rebuild {cls.__qualname__}(**hparams) to draw initial parameters "
-                    f"({type(e).__name__}: {e}); record every constructor argument with "
-                    "save_hyperparameters, or set optimizer.init=module") from None
-        try:
-            if ParamLayout.of(fresh) != layout:
-                raise UserError(f"{cls.__qualname__}(**hparams) builds different policy "
-                                "parameters than the module being trained; "
-                                "set optimizer.init=module")
-            return layout.flatten(fresh).to(device)
-        finally:
-            del fresh
-
-    return init
-
-
 # ---------------------------------------------------------------------------------- the policy
 class _Actor(nn.Module):
-    """``observation -> action`` through a rule's deterministic ``act`` on the user's module."""
+    """``observation -> act(module, observation)`` (``module.act``, the contract's deterministic
+    action, unless told otherwise)."""
 
     def __init__(self, module: "RLModule",
-                 act: Callable[["RLModule", torch.Tensor], torch.Tensor]) -> None:
+                 act: Callable[["RLModule", torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
         self.module: RLModule = module
         self._act = act
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        if self._act is None:
+            return self.module.act(observation)
         return self._act(self.module, observation)
 
 
@@ -281,7 +176,7 @@ class PopulationPolicy:
     """The user's module applied to many parameter sets at once.
 
     ``policy(params [w, numel], observation [w, B, *obs_shape]) -> [w, B, *action_shape]``: for
-    each individual ``i`` the rule's deterministic action of the module with parameters
+    each individual ``i`` the deterministic action (``module.act``) of the module with parameters
     ``params[i]`` on its ``B`` observations, computed in one call with
     ``torch.func.vmap(functional_call)``. Buffers and non-policy parameters are shared. Call it
     with the module in evaluation mode (the evaluator does), so that no layer writes a buffer.
@@ -289,11 +184,11 @@ class PopulationPolicy:
     Args:
         module: the user's module.
         layout: its policy-parameter layout.
-        act: the rule's ``act(module, observation)`` (argmax of logits / clamped mean).
+        act: ``(module, observation) -> output`` to apply instead of ``module.act``.
     """
 
     def __init__(self, module: "RLModule", layout: ParamLayout,
-                 act: Callable[["RLModule", torch.Tensor], torch.Tensor]) -> None:
+                 act: Callable[["RLModule", torch.Tensor], torch.Tensor] | None = None) -> None:
         self.module, self.layout = module, layout
         self._actor = _Actor(module, act)
         self._batched = vmap(self._one, in_dims=(0, 0))
@@ -422,57 +317,43 @@ class PopulationEvaluator:
     def _wave(self, params: torch.Tensor, seeds: list[int], episodes: int,
               mode: str | None) -> Episodes:
         w, slots = params.shape[0], len(seeds)
-        env = self._env(slots)
-        # Per-slot episode seeds: VecGymEnv keeps the seed it is given and hands it to gymnasium's
-        # vector reset, which takes a list with one seed per sub-env (static: no derived seed).
-        env.set_seed(seeds, static_seed=True)  # type: ignore[arg-type]
-        td = env.reset()
         # Reshaped once per wave: slices of a [w, numel] matrix are copied when reshaped.
         stacked = self.policy.stack(params)
-        ret = torch.zeros(slots, dtype=torch.float64)
-        length = torch.zeros(slots, dtype=torch.int64)
-        active = torch.ones(slots, dtype=torch.bool)
-        summary: torch.Tensor | None = None
-        seen: list[torch.Tensor] = []
-        steps = 0
-        cap = self.max_episode_steps
-        while True:
-            obs = td["observation"]
-            x = obs if self.obs_norm is None else self.obs_norm(obs).to(torch.float32)
+        norm = self.obs_norm
+
+        def policy(obs: torch.Tensor) -> torch.Tensor:
+            x = obs if norm is None else norm(obs).to(torch.float32)
             action = self.policy.apply(stacked, x.reshape(w, episodes, *obs.shape[1:]))
-            td["action"] = action.reshape(slots, *action.shape[2:])
-            if self.obs_norm is not None:
-                seen.append(obs[active])
-            out, td = env.step_and_maybe_reset(td)
-            nxt = out["next"]
-            reward = nxt["reward"].reshape(slots).to(torch.float64)
-            # where, not a product: a non-finite reward of an idle slot must not leak in.
-            ret += torch.where(active, reward, 0.0)
-            length += active
-            steps += 1
-            ended = active & nxt["done"].reshape(slots)
-            if cap is not None:
-                ended |= active & (length >= cap)
+            return action.reshape(slots, *action.shape[2:])
+
+        seen: list[torch.Tensor] = []
+        summary: list[torch.Tensor | None] = [None]
+
+        def observe(step: Step) -> None:
+            if norm is not None:
+                seen.append(step.observation[step.active])
             if mode == "mean":
-                flat = torch.where(active[:, None], obs.reshape(slots, -1).to(torch.float64), 0.0)
-                summary = flat if summary is None else summary.add_(flat)
-            elif mode == "final" and ended.any():
-                last = nxt["observation"].reshape(slots, -1).to(torch.float64)
-                summary = torch.zeros_like(last) if summary is None else summary
-                summary[ended] = last[ended]
-            active &= ~ended
-            if not active.any():
-                break
-        if self.obs_norm is not None:
-            self.obs_norm.update(torch.cat(seen))
+                flat = torch.where(step.active[:, None],
+                                   step.observation.reshape(slots, -1).to(torch.float64), 0.0)
+                summary[0] = flat if summary[0] is None else summary[0].add_(flat)
+            elif mode == "final" and bool(step.ended.any()):
+                last = step.next["observation"].reshape(slots, -1).to(torch.float64)
+                if summary[0] is None:
+                    summary[0] = torch.zeros_like(last)
+                summary[0][step.ended] = last[step.ended]
+
+        played = rollout(self._env(slots), policy, seeds=seeds, max_steps=self.max_episode_steps,
+                         observe=observe if norm is not None or mode is not None else None)
+        if norm is not None:
+            norm.update(torch.cat(seen))
+        ret, length = played.by_slot()
         behaviour = None
         if mode is not None:
-            assert summary is not None
-            if mode == "mean":
-                summary = summary / length[:, None]
-            behaviour = self._characterise(summary, self._obs_shape).reshape(w, episodes, -1)
+            assert summary[0] is not None
+            bcs = summary[0] / length[:, None] if mode == "mean" else summary[0]
+            behaviour = self._characterise(bcs, self._obs_shape).reshape(w, episodes, -1)
         return Episodes(ret.reshape(w, episodes), length.reshape(w, episodes), behaviour,
-                        steps * slots)
+                        played.steps)
 
     def _characterise(self, summary: torch.Tensor, obs_shape: Sequence[int]) -> torch.Tensor:
         hook = getattr(self.policy.module, "behaviour", None)
@@ -500,38 +381,7 @@ def centered_ranks(x: torch.Tensor) -> torch.Tensor:
     return (ranks / max(n - 1, 1) - 0.5).reshape(x.shape)
 
 
-def novelty(behaviour: torch.Tensor, archive: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean Euclidean distance of each behaviour to its ``k`` nearest neighbours.
-
-    Neighbours are the archive and the rest of the population (Lehman & Stanley 2011).
-
-    Args:
-        behaviour: ``[P, d]`` behaviour characterisations of the population.
-        archive: ``[A, d]`` archived characterisations.
-        k: neighbours (fewer if fewer exist).
-
-    Returns:
-        ``[P]`` float64 novelty.
-    """
-    pop = behaviour.to(torch.float64)
-    others = torch.cat([archive.to(torch.float64), pop])
-    dist = torch.cdist(pop, others, compute_mode="donot_use_mm_for_euclid_dist")
-    n = pop.shape[0]
-    dist[torch.arange(n), archive.shape[0] + torch.arange(n)] = math.inf  # not its own neighbour
-    k = min(k, others.shape[0] - 1)
-    if k < 1:
-        return torch.zeros(n, dtype=torch.float64)
-    return dist.topk(k, dim=1, largest=False).values.mean(1)
-
-
 # ---------------------------------------------------------------------------------- processes
-def shard(count: int, rank: int, world_size: int) -> range:
-    """The contiguous share of ``count`` items that ``rank`` takes (sizes differ by at most 1)."""
-    base, extra = divmod(count, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
-
-
 def gather_shards(ctx: "RuleContext", local: torch.Tensor, count: int) -> torch.Tensor:
     """Concatenate every rank's shard ``[len(shard), ...]`` into ``[count, ...]`` on every rank.
 
@@ -551,20 +401,7 @@ def episode_seeds(run_seed: int, stream: int, generation: int) -> Callable[[int,
                                                    episode)
 
 
-def log_histogram(ctx: "RuleContext", tag: str, values: torch.Tensor, step: int) -> None:
-    """Add a histogram to the run's TensorBoard log (rank 0; no-op for other loggers)."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    values = values[torch.isfinite(values)]
-    trainer = getattr(ctx.module, "_trainer", None)
-    if ctx.rank != 0 or trainer is None or values.numel() == 0:
-        return
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_histogram(tag, values.cpu(), global_step=step)
-
-
-# ---------------------------------------------------------------------------------- rule base
+# ---------------------------------------------------------------------------------- the service
 @dataclass
 class Evaluation:
     """A population's evaluation gathered from every rank.
@@ -587,8 +424,8 @@ class Evaluation:
 
 
 @dataclass
-class PopulationRule(UpdateRule):
-    """Base of population rules: shared fields, evaluation split across ranks, metrics.
+class PopulationFields(UpdateRule):
+    """The hyperparameters every population rule has (fields and their validation only).
 
     Args:
         population: individuals per generation.
@@ -615,23 +452,34 @@ class PopulationRule(UpdateRule):
         check(self.max_envs is None or self.max_envs >= 1, "max_envs", "an integer >= 1 or null",
               self.max_envs)
 
-    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        if ctx.env_spec is None:
-            raise UserError(f"{type(self).__name__} needs an env: give the Trainer env=...")
-        self.module = module
+
+class PopulationEvaluation:
+    """The population evaluation a rule composes: split across ranks, gathered, summarised.
+
+    Args:
+        rule: the rule's :class:`PopulationFields`.
+        module: the user's module (its policy parameters are the population's genotype).
+        ctx: the run's services.
+        behaviour: ``"final"`` or ``"mean"`` observation as each episode's behaviour
+            characterisation (for novelty), or ``None``.
+
+    Attributes:
+        layout: the module's :class:`ParamLayout`.
+        evaluator: the :class:`PopulationEvaluator`.
+    """
+
+    def __init__(self, rule: PopulationFields, module: "RLModule", ctx: "RuleContext",
+                 behaviour: str | None = None) -> None:
+        if ctx.env_spec is None or ctx.env_info is None:
+            raise UserError(f"{type(rule).__name__} needs an env: give the Trainer env=...")
+        self.rule = rule
         self.layout = ParamLayout.of(module)
-        self.policy = PopulationPolicy(module, self.layout, self.act)
-        assert ctx.env_info is not None
+        self.policy = PopulationPolicy(module, self.layout)
         self.evaluator = PopulationEvaluator(
-            self.policy, ctx.env_spec, ctx.env_info.obs_shape, self.episodes,
-            self.max_episode_steps, self.max_envs, obs_norm=getattr(ctx, "obs_norm", None),
-            behaviour=self._behaviour())
+            self.policy, ctx.env_spec, ctx.env_info.obs_shape, rule.episodes,
+            rule.max_episode_steps, rule.max_envs, obs_norm=ctx.obs_norm, behaviour=behaviour)
         self._steps = 0
         self._eval_s = 0.0
-
-    def _behaviour(self) -> str | None:
-        """The behaviour characterisation the rule needs (``None``: none)."""
-        return None
 
     def evaluate(self, ctx: "RuleContext", count: int,
                  params: Callable[[Sequence[int]], torch.Tensor],
@@ -640,14 +488,14 @@ class PopulationRule(UpdateRule):
         """Evaluate individuals ``0..count-1``, this rank its :func:`shard`; gather the results.
 
         Args:
-            ctx: the run context.
+            ctx: the run's services.
             count: individuals.
             params: ``indices -> [len(indices), numel]`` parameters.
             seeds: ``(individual, episode) -> env seed``.
-            episodes: episodes per individual (default ``self.episodes``).
-            behaviour: characterise behaviours (when the rule uses them).
+            episodes: episodes per individual (default ``rule.episodes``).
+            behaviour: characterise behaviours (when the evaluator was built to).
         """
-        episodes = self.episodes if episodes is None else episodes
+        episodes = self.rule.episodes if episodes is None else episodes
         mine = list(shard(count, ctx.rank, ctx.world_size))
         start = time.perf_counter()
         res = self.evaluator.evaluate(mine, params, seeds, episodes, behaviour)
@@ -665,18 +513,17 @@ class PopulationRule(UpdateRule):
         return Evaluation(returns, fitness, bcs, int(lengths.sum().item()),
                           int(res.lengths.sum().item()), int(bad.sum().item()))
 
-    def finish_generation(self, ctx: "RuleContext", ev: Evaluation, frames: int,
+    def finish_generation(self, ctx: "RuleContext", ev: Evaluation,
                           local_frames: int) -> dict[str, float]:
         """Close a generation: log the fitness histogram and return the metrics every population
         rule reports.
 
         Args:
-            ctx: the run context.
+            ctx: the run's services.
             ev: the generation's evaluation.
-            frames: env frames of the whole generation, all ranks (the histogram's step).
             local_frames: env frames of the generation on this rank (the ``"frames"`` metric).
         """
-        log_histogram(ctx, "fitness/returns", ev.fitness, ctx.frames + frames)
+        ctx.log_histogram("fitness/returns", ev.fitness)
         finite = ev.fitness[torch.isfinite(ev.fitness)]
         nan = math.nan
         steps, seconds = self._steps, self._eval_s
@@ -687,7 +534,7 @@ class PopulationRule(UpdateRule):
             "fitness/return_max": finite.max().item() if finite.numel() else nan,
             "fitness/return_min": finite.min().item() if finite.numel() else nan,
             "fitness/nonfinite": float(ev.nonfinite),
-            "optim/sigma": float(self.sigma),
+            "optim/sigma": float(self.rule.sigma),
             # Env steps of slots idling after their episode ended, as a fraction of all stepped.
             "perf/idle_fraction": 1.0 - local_frames / steps if steps else 0.0,
             "perf/eval_steps_per_s": steps / max(seconds, 1e-9),

@@ -4,10 +4,15 @@ The Trainer owns the loop, the processes, callbacks, loggers and checkpoints; th
 networks; the rule owns how parameters change. Defaults added on top of Lightning's:
 
 - a TensorBoard logger writing into the run directory, scalars stepped by env frames;
+- ``max_frames``: the env-frame budget, summed over all processes, and ``eval_every_frames``: the
+  cadence of deterministic evaluations and checkpoints, also in env frames (a tenth of the
+  budget by default), so one set of Trainer arguments serves every rule;
 - ``ModelCheckpoint``: ``last.ckpt`` after every evaluation and ``best.ckpt`` (``eval/return_mean``);
 - optional ``EarlyStopping`` on ``eval/return_mean`` (``early_stop=``);
-- the progress bar showing the latest episode return, frames/s and frames;
-- ``max_frames``: the env-frame budget, summed over all processes;
+- one progress bar over the frame budget (:class:`~unitrain.progress.FrameProgressBar`), and none
+  of Lightning's banner lines;
+- one torch thread per process unless told otherwise (more threads per process collapse when
+  another process shares the cores);
 - ``strategy="ddp"``: one process per device; ranks collect with their own env seeds and the
   rule synchronises what it needs (gradients, fitness) with explicit collectives. The module is
   not wrapped in ``DistributedDataParallel``: rules run any number of backward passes per
@@ -18,10 +23,13 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
+import itertools
 import json
+import logging
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +37,18 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.overrides.distributed import _sync_module_states
 
-from unitrain.context import RunContext
+from unitrain.adapter import RunAdapter, default_eval_every
 from unitrain.envs import EnvSpec
 from unitrain.errors import UserError, check
 from unitrain.module import RLModule
 from unitrain.optim.base import UpdateRule
+from unitrain.progress import FrameProgressBar
+from unitrain.services import RunServices
 
 __all__ = ["Trainer", "RuleDDPStrategy", "EarlyStop"]
 
@@ -54,7 +63,9 @@ class RuleDDPStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         assert self.model is not None
-        _sync_module_states(self.model)
+        with torch.no_grad():
+            for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
+                torch.distributed.broadcast(tensor, src=0)
 
     def setup_distributed(self) -> None:
         super().setup_distributed()
@@ -101,22 +112,25 @@ class Trainer(L.Trainer):
         env: a gymnasium id or an :class:`~unitrain.envs.EnvSpec` (``None`` for supervised runs
             that pass a dataloader to :meth:`fit`).
         optimizer: the update rule, e.g. ``unitrain.optim.PPO()``.
-        max_frames: env-frame budget summed over processes (``None``: no budget).
+        max_frames: env-frame budget summed over processes (``None``: no budget). The run stops
+            after the iteration that reaches it; ``summary["frames_over_budget"]`` says by how
+            many frames that iteration went past it.
         num_envs: shortcut for ``EnvSpec.num_envs`` when ``env`` is an id.
-        eval_every: rule iterations between deterministic evaluations (and checkpoints).
+        eval_every_frames: env frames between deterministic evaluations (and checkpoints);
+            ``None``: a tenth of ``max_frames`` (100,000 without a budget).
         eval_episodes: episodes per evaluation, split across processes.
         early_stop: an :class:`EarlyStop` (or dict of its fields) on ``eval/return_mean``.
         seed: seeds networks, envs (per rank) and the rule.
-        num_threads: torch intra-op threads per process (default: the cores divided among the
-            processes on this machine).
+        num_threads: torch intra-op threads per process (default 1).
         run_dir: where logs, checkpoints and ``summary.json`` go (default ``runs/<env>-<rule>/<time>``).
         devices, strategy, accelerator, callbacks, logger, **kwargs: as for ``lightning.Trainer``;
             ``strategy="ddp"`` selects unitrain's DDP launch.
     """
 
     def __init__(self, env: str | EnvSpec | None = None, optimizer: UpdateRule | None = None, *,
-                 max_frames: int | None = None, num_envs: int | None = None, eval_every: int = 10,
-                 eval_episodes: int = 10, early_stop: EarlyStop | dict | None = None, seed: int = 0,
+                 max_frames: int | None = None, num_envs: int | None = None,
+                 eval_every_frames: int | None = None, eval_episodes: int = 10,
+                 early_stop: EarlyStop | dict | None = None, seed: int = 0,
                  num_threads: int | None = None,
                  run_dir: str | os.PathLike | None = None, devices: Any = 1, strategy: Any = "auto",
                  accelerator: str = "auto", callbacks: list | None = None, logger: Any = True,
@@ -124,21 +138,30 @@ class Trainer(L.Trainer):
         if not isinstance(optimizer, UpdateRule):
             raise UserError("Trainer: optimizer= must be an update rule, e.g. unitrain.optim.PPO(); "
                             f"got {type(optimizer).__name__}")
+        if "eval_every" in kwargs:
+            raise UserError("Trainer: eval_every (rule iterations) is now eval_every_frames "
+                            "(env frames between evaluations)")
         if isinstance(env, str):
             env = EnvSpec(id=env, num_envs=num_envs or EnvSpec.num_envs)
         check(max_frames is None or max_frames > 0, "trainer.max_frames", "an integer > 0", max_frames)
-        check(eval_every >= 1, "trainer.eval_every", "an integer >= 1", eval_every)
+        check(eval_every_frames is None or eval_every_frames >= 1, "trainer.eval_every_frames",
+              "an integer >= 1 or null", eval_every_frames)
         check(eval_episodes >= 1, "trainer.eval_episodes", "an integer >= 1", eval_episodes)
         check(num_threads is None or num_threads >= 1, "trainer.num_threads", "an integer >= 1 or null",
               num_threads)
         if isinstance(early_stop, dict):
             early_stop = EarlyStop(**early_stop)
         self.env_spec, self.rule = env, optimizer
-        self.max_frames, self.seed, self.num_threads = max_frames, seed, num_threads
-        self.eval_every, self.eval_episodes = eval_every, eval_episodes
+        self.max_frames, self.seed, self.num_threads = max_frames, seed, num_threads or 1
+        self.eval_every_frames = eval_every_frames or default_eval_every(max_frames)
+        self.eval_episodes = eval_episodes
         self.run_dir = _resolve_run_dir(run_dir, env, optimizer)
+        self._created_dir = _probe_run_dir(self.run_dir)
         self.summary: dict[str, Any] | None = None
         L.seed_everything(seed, workers=True, verbose=False)
+        # Lightning's banner (accelerators available and used) and tips are INFO records.
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         callbacks = list(callbacks or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
@@ -159,8 +182,8 @@ class Trainer(L.Trainer):
                                            # (CartPole's 500 is a maximum).
                                            stopping_threshold=_just_below(early_stop.threshold),
                                            check_on_train_epoch_end=False))
-        if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, TQDMProgressBar) for c in callbacks):
-            callbacks.append(TQDMProgressBar(refresh_rate=1))
+        if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(FrameProgressBar())
         if logger is True:
             logger = TensorBoardLogger(save_dir=str(self.run_dir), name="", version="",
                                        default_hp_metric=False)
@@ -180,11 +203,14 @@ class Trainer(L.Trainer):
                          **kwargs)
 
     def fit(self, model: RLModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
-            datamodule: Any = None, ckpt_path: str | None = None, **kwargs: Any) -> None:
+            datamodule: Any = None, ckpt_path: str | None = None, init: str | None = None,
+            **kwargs: Any) -> None:
         """Train ``model``; ``ckpt_path`` resumes a run from a checkpoint (``"last"`` allowed).
 
         A supervised run (no env) passes ``train_dataloaders`` of ``(input, target)`` pairs and
         optionally ``val_dataloaders``, on which ``test/accuracy`` is measured after every epoch.
+        ``init`` starts from the policy of another run's checkpoint (any rule's; see
+        :meth:`RLModule.load_policy`) with this run's rule, counters and optimizers fresh.
         Afterwards :attr:`summary` holds the final evaluation, frames, wall time and checkpoint
         path, also written to ``summary.json`` in the run directory.
         """
@@ -196,24 +222,43 @@ class Trainer(L.Trainer):
         if self.env_spec is None and self.max_epochs in (None, -1) and self.max_steps == -1:
             raise UserError("Trainer.fit: a supervised run needs max_epochs= or max_steps=")
         start = time.perf_counter()
-        ctx = RunContext(model, self.rule, self.env_spec, self.seed, self.max_frames,
-                         self.eval_every, self.eval_episodes, self.num_threads)
-        model._ctx = ctx
-        if self.env_spec is not None and train_dataloaders is None:
-            train_dataloaders, val_dataloaders = ctx.train_iterable(), ctx.val_iterable()
-        self._log_run_config(model)
-        # Training randomness starts from the seed however the module was built (Python or recipe).
-        L.seed_everything(self.seed, workers=True, verbose=False)
-        if ckpt_path == "last":
-            ckpt_path = str(self.run_dir / "checkpoints" / "last.ckpt")
-        # unitrain checkpoints hold RNG states (numpy, python) besides tensors: load them in full
-        # (resume only from checkpoints you trust, as with any pickle).
-        kwargs.setdefault("weights_only", False)
-        super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
-        self.summary = self._summarize(ctx, time.perf_counter() - start)
+        try:
+            services = RunServices(model, self.env_spec, self.seed, self.max_frames)
+            if init is not None:
+                _init_from(model, services, init)
+            run = RunAdapter(model, self.rule, services, self.eval_every_frames,
+                             self.eval_episodes, self.num_threads)
+            model._ctx = run
+            if self.env_spec is not None and train_dataloaders is None:
+                train_dataloaders, val_dataloaders = run.train_iterable(), run.val_iterable()
+            self._log_run_config(model)
+            # Training randomness starts from the seed however the module was built.
+            L.seed_everything(self.seed, workers=True, verbose=False)
+            if ckpt_path == "last":
+                ckpt_path = str(self.run_dir / "checkpoints" / "last.ckpt")
+            # unitrain checkpoints hold RNG states (numpy, python) besides tensors: load them in
+            # full (resume only from checkpoints you trust, as with any pickle).
+            kwargs.setdefault("weights_only", False)
+            super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+        except BaseException:
+            self._clean_failed_start()
+            raise
+        self.summary = self._summarize(run, time.perf_counter() - start)
+
+    def _clean_failed_start(self) -> None:
+        """Remove the run directory this Trainer created if no checkpoint was written in it."""
+        created = self._created_dir
+        if created is None or not created.exists():
+            return
+        if any(created.rglob("*.ckpt")):
+            return
+        shutil.rmtree(created, ignore_errors=True)
 
     def _log_run_config(self, model: RLModule) -> None:
         hp: dict[str, Any] = {"seed": self.seed, "max_frames": self.max_frames,
+                              "eval_every_frames": self.eval_every_frames,
+                              "eval_episodes": self.eval_episodes,
+                              "num_threads": self.num_threads,
                               "devices": self.num_devices if hasattr(self, "num_devices") else 1}
         hp.update({f"module/{k}": v for k, v in dict(model.hparams).items()})
         hp["module/class"] = type(model).__qualname__
@@ -228,17 +273,21 @@ class Trainer(L.Trainer):
             else:
                 logger.log_hyperparams(hp)
 
-    def _summarize(self, ctx: RunContext, wall_s: float) -> dict[str, Any]:
+    def _summarize(self, run: RunAdapter, wall_s: float) -> dict[str, Any]:
         ckpts = [c for c in self.callbacks if isinstance(c, ModelCheckpoint)]
         last = next((c.best_model_path for c in ckpts if c.monitor is None and c.best_model_path), None)
         best = next((c.best_model_path for c in ckpts if c.monitor and c.best_model_path), None)
-        final = ctx.final_eval or {}
+        final = run.final_eval or {}
+        s = run.services
         summary = {
             "eval/return_mean": final.get("return_mean"),
             "eval/return_std": final.get("return_std"),
             "eval/episodes": final.get("episodes"),
-            "frames": ctx.frames,
-            "iterations": ctx.iteration,
+            "frames": s.frames,
+            "max_frames": self.max_frames,
+            "frames_over_budget": (max(0, s.frames - self.max_frames)
+                                   if self.max_frames is not None else None),
+            "iterations": s.iteration,
             "wall_s": round(wall_s, 2),
             "checkpoint": last,
             "best_checkpoint": best,
@@ -246,7 +295,7 @@ class Trainer(L.Trainer):
             "optimizer": self.rule.name,
             "env": self.env_spec.id if self.env_spec else None,
             "seed": self.seed,
-            "world_size": ctx.world_size,
+            "world_size": s.world_size,
         }
         # Numeric test metrics of supervised runs (``test/accuracy``) from the last evaluation.
         for key, value in self.callback_metrics.items():
@@ -254,6 +303,16 @@ class Trainer(L.Trainer):
                 summary[key] = float(value)
         _write_summary(self.run_dir, summary)
         return summary
+
+
+def _init_from(module: RLModule, services: RunServices, checkpoint: str) -> None:
+    """Start ``module`` (and the run's observation statistics) from another run's checkpoint."""
+    module.load_policy(checkpoint)
+    norm = services.obs_norm
+    if norm is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("unitrain", {})
+        if state.get("obs_norm") is not None:
+            norm.load_state_dict(state["obs_norm"])
 
 
 @rank_zero_only
@@ -268,6 +327,28 @@ def _many(devices: Any) -> bool:
     if isinstance(devices, (list, tuple)):
         return len(devices) > 1
     return isinstance(devices, str) and devices not in ("1", "auto")
+
+
+def _probe_run_dir(path: Path) -> Path | None:
+    """Check that ``path`` can be written; return the topmost directory this created (if any).
+
+    Raises:
+        UserError: the directory cannot be created or written to.
+    """
+    top = None
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            break
+        top = parent
+    probe = path / f".unitrain-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run_dir: cannot write to {path} ({e.strerror or type(e).__name__}); "
+                        "choose a writable run_dir=") from None
+    return top
 
 
 def _resolve_run_dir(run_dir: str | os.PathLike | None, env: EnvSpec | None,

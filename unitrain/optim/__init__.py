@@ -1,16 +1,18 @@
 """Update rules: every way of training a module, behind one interface (see :mod:`.base`)."""
 
 from unitrain.optim.base import RuleContext, UpdateRule, get_rule, register_rule, registered_rules
-from unitrain.optim.ppo import PPO, REINFORCE
+from unitrain.optim.ppo import PPO
+from unitrain.optim.reinforce import REINFORCE
 from unitrain.optim.ddpg import DDPG
 from unitrain.optim.dsac_t import DSACT
 from unitrain.optim.es import ES
 from unitrain.optim.ga import GA
 from unitrain.optim.projection import Projection
+from unitrain.optim.elite_imitation import EliteImitation
 from unitrain.optim.supervised import Adam
 
 __all__ = ["UpdateRule", "RuleContext", "register_rule", "registered_rules", "get_rule",
            "PPO", "REINFORCE"]
 __all__ += ["DDPG", "DSACT"]
 __all__ += ["ES", "GA"]
-__all__ += ["Projection", "Adam"]
+__all__ += ["Projection", "EliteImitation", "Adam"]

@@ -1,7 +1,7 @@
 """The update-rule interface: the one contract every way of training implements.
 
 An update rule decides what evidence it needs and how the module's parameters change. The
-Trainer calls the same five methods on every rule and never asks what kind of rule it is:
+Trainer calls the same methods on every rule and never asks what kind of rule it is:
 
 ========================  ====================================================================
 ``setup(module, ctx)``    once per process, before optimizers exist: build auxiliary networks
@@ -9,7 +9,6 @@ Trainer calls the same five methods on every rule and never asks what kind of ru
 ``optimizers()``          the ``torch.optim`` optimizers whose state Lightning checkpoints.
 ``step(ctx)``             one iteration: gather evidence through ``ctx``, change parameters,
                           return a dict of float metrics (``"frames"`` = env frames used here).
-``act(module, obs)``      the deterministic action used for evaluation.
 ``state_dict()`` /        the rule's own state (generators, counters, populations); optimizer
 ``load_state_dict()``     and module state are checkpointed by Lightning.
 ========================  ====================================================================
@@ -17,6 +16,10 @@ Trainer calls the same five methods on every rule and never asks what kind of ru
 Rules are dataclasses: their fields are the hyperparameters (validated in ``__post_init__``
 with messages naming the field), so one class serves the Python API (``PPO(lr=1e-3)``) and the
 recipe schema (``optimizer: {name: ppo, lr: 1e-3}``).
+
+A rule never decides what the module's output means: every rule reads it through the shared
+action contract (``module.actions``, :mod:`unitrain.action`), and the deterministic action used
+for evaluation is ``module.act`` whichever rule trained the module. A rule adds exploration.
 
 Every rank runs ``step`` in lock step. A rule must call the same collectives in the same order on
 every rank and return the same metric keys on every rank.
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     from tensordict import TensorDictBase
     from torchrl.collectors import Collector
 
-    from unitrain.envs import EnvInfo, EnvSpec, VecGymEnv
+    from unitrain.envs import EnvInfo, EnvSpec, ObsNorm, VecGymEnv
     from unitrain.module import RLModule
 
 __all__ = ["UpdateRule", "RuleContext", "register_rule", "get_rule", "registered_rules"]
@@ -44,36 +47,37 @@ _REGISTRY: dict[str, type["UpdateRule"]] = {}
 
 
 class RuleContext(Protocol):
-    """What a rule receives: services of the run, identical in shape on every rank.
+    """What a rule receives: the run's services, identical in shape on every rank and free of
+    Lightning (implemented by :class:`unitrain.services.RunServices`).
 
     Attributes:
-        module: the module being trained.
-        device: the module's device; put tensors here.
         rank: this process's global rank; ``world_size`` processes in all.
         seed: the run's seed (identical on every rank).
         generator: a ``torch.Generator`` (on CPU) seeded from ``seed`` and the rank; for
             randomness that must match across ranks derive one with :meth:`shared_generator`.
         env_spec, env_info: the environment and its shapes (``None`` for supervised runs).
+        obs_norm: the run's observation normalisation (``None`` unless ``env.obs_norm``).
         frames: total env frames of the run so far, all ranks summed.
         max_frames: the budget (``None``: unbounded).
         iteration: number of ``step`` calls completed before this one.
-        batch: the current batch of the Lightning loop (a dataloader item in supervised runs).
+        batch: the current batch of a supervised run (a dataloader item).
     """
 
-    module: "RLModule"
     rank: int
     world_size: int
     seed: int
     generator: torch.Generator
     env_spec: "EnvSpec | None"
     env_info: "EnvInfo | None"
+    obs_norm: "ObsNorm | None"
     frames: int
     max_frames: int | None
     iteration: int
     batch: Any
 
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        """The module's device; put tensors here."""
 
     @property
     def progress(self) -> float:
@@ -88,12 +92,6 @@ class RuleContext(Protocol):
     def collector(self, policy: Any, frames_per_batch: int) -> "Collector":
         """A TorchRL collector over :meth:`train_env` running ``policy`` on :attr:`device`."""
 
-    def make_env(self, num_envs: int, seed: int, train: bool = False) -> "VecGymEnv":
-        """A further env of this run's spec (sharing observation normalisation)."""
-
-    def evaluate(self, episodes: int, act: Any = None) -> dict[str, float]:
-        """Deterministic evaluation over ``episodes`` episodes split across ranks."""
-
     def all_reduce_(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
         """In-place all-reduce (``"mean"``, ``"sum"``, ``"max"``, ``"min"``) across ranks."""
 
@@ -103,8 +101,8 @@ class RuleContext(Protocol):
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Stack ``tensor`` from every rank along a new leading dim of size ``world_size``."""
 
-    def sync_obs_norm(self) -> None:
-        """Merge observation-normalisation statistics gathered since the last sync across ranks."""
+    def log_histogram(self, tag: str, values: torch.Tensor) -> None:
+        """Log a histogram of ``values`` at the current frame count (rank 0)."""
 
 
 class UpdateRule:
@@ -123,10 +121,6 @@ class UpdateRule:
         """Run one iteration and return its metrics (include ``"frames"`` collected here)."""
         raise NotImplementedError
 
-    def act(self, module: "RLModule", observation: torch.Tensor) -> torch.Tensor:
-        """The deterministic action for ``observation`` (argmax or clamped mean by default)."""
-        return module.act(observation)
-
     def state_dict(self) -> dict[str, Any]:
         """The rule's own state (not the module's, not the optimizers')."""
         return {}
@@ -136,8 +130,13 @@ class UpdateRule:
         del state
 
     def config(self) -> dict[str, Any]:
-        """The hyperparameters, as recipe keys (``name`` first)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        """The hyperparameters, as recipe keys (``name`` first; a composed rule as a mapping)."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, UpdateRule):
+                return {k: v for k, v in value.config().items() if k != "name"}
+            return value
+
+        fields = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         return {"name": self.name, **fields}
 
 

@@ -4,14 +4,16 @@ Reference: T. P. Lillicrap, J. J. Hunt, A. Pritzel, N. Heess, T. Erez, Y. Tassa,
 D. Wierstra, "Continuous control with deep reinforcement learning", ICLR 2016 (arXiv:1509.02971),
 building on the deterministic policy gradient of Silver et al. 2014.
 
-A deterministic actor ``a = tanh(module(s))`` and a critic ``Q(s, a)`` learn from replayed
+A deterministic actor ``a = tanh(u(s))`` (``u`` the module's pre-squash mean, read through the
+shared action contract of :mod:`unitrain.action`) and a critic ``Q(s, a)`` learn from replayed
 transitions with TorchRL's ``DDPGLoss``: the critic regresses on ``r + gamma (1 - terminated)
 Q'(s', mu'(s'))`` from the target networks ``Q'`` and ``mu'`` (both kept, as in the paper), the
 actor ascends ``Q(s, mu(s))``; each gradient update steps the critic, then the actor (its loss
 taken with the updated critic), then moves both targets by Polyak averaging (``SoftUpdate``,
-``tau``). Collection, replay and warm-up are those of :mod:`unitrain.optim.offpolicy`.
+``tau``). Collection, replay, warm-up and the update-to-data schedule are the
+:class:`~unitrain.optim.offpolicy.OffPolicyLoop` this rule composes.
 
-Exploration adds noise to the squashed action ``tanh(module(s))`` in ``[-1, 1]`` (then clipped to
+Exploration adds noise to the squashed action ``tanh(u(s))`` in ``[-1, 1]`` (then clipped to
 ``[-1, 1]``): independent Gaussian noise with standard deviation ``noise_std`` (``"normal"``, as
 in TD3 and rl-baselines3-zoo), or the paper's Ornstein-Uhlenbeck process ``x <- (1 - theta) x +
 noise_std * N(0, 1)`` per env, restarted at 0 with every episode (``"ou"``; the paper's
@@ -25,7 +27,7 @@ loss, holding the critic and both target networks, is registered as ``module.aux
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ from torchrl.objectives import DDPGLoss, SoftUpdate, ValueEstimators
 
 from unitrain.errors import check
 from unitrain.optim.base import register_rule
-from unitrain.optim.offpolicy import OffPolicyRule
+from unitrain.optim.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
 
 if TYPE_CHECKING:
     from unitrain.module import RLModule
@@ -44,24 +46,26 @@ if TYPE_CHECKING:
 
 __all__ = ["DDPG"]
 
+_METRICS = ("loss/critic", "loss/actor", "train/q_mean", "train/target_q_mean")
+
 
 class _TanhActor(nn.Module):
-    """``observation -> tanh(module(observation)[..., :act_dim])``, an action in ``[-1, 1]``."""
+    """``observation -> tanh(u(observation))``, the module's action in ``[-1, 1]``."""
 
-    def __init__(self, module: nn.Module, act_dim: int) -> None:
+    def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.module, self.act_dim = module, act_dim
+        self.module = module
 
     def forward(self, observation: Tensor) -> Tensor:
-        return torch.tanh(self.module(observation)[..., : self.act_dim])
+        return torch.tanh(self.module.actions.loc(self.module(observation)))
 
 
 @register_rule("ddpg")
 @dataclass
-class DDPG(OffPolicyRule):
+class DDPG(OffPolicyFields):
     """DDPG (Lillicrap et al. 2016) with target actor and critic, Gaussian or OU exploration.
 
-    Fields of :class:`~unitrain.optim.offpolicy.OffPolicyRule` (replay, warm-up, learning
+    Fields of :class:`~unitrain.optim.offpolicy.OffPolicyFields` (replay, warm-up, learning
     rates, ``tau``, ...), plus:
 
     Args:
@@ -77,20 +81,16 @@ class DDPG(OffPolicyRule):
     noise_std: float = 0.1
     ou_theta: float = 0.15
 
-    metric_names: ClassVar[tuple[str, ...]] = (
-        "loss/critic", "loss/actor", "train/q_mean", "train/target_q_mean")
-
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.noise in ("normal", "ou"), "noise", "'normal' or 'ou'", self.noise)
         check(self.noise_std >= 0, "noise_std", "a number >= 0", self.noise_std)
         check(0 < self.ou_theta <= 1, "ou_theta", "a number in (0, 1]", self.ou_theta)
 
-    def _build(self, module: "RLModule", ctx: "RuleContext") -> None:
-        self._actor_outputs(module)
-        actor = TensorDictModule(_TanhActor(module, self.info.act_dim), in_keys=["observation"],
-                                 out_keys=["action"])
-        critic = TensorDictModule(self._critics(module, 1, 1, nn.ReLU)[0],
+    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
+        self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)
+        actor = TensorDictModule(_TanhActor(module), in_keys=["observation"], out_keys=["action"])
+        critic = TensorDictModule(make_critics(module, 1, 1, self.critic_hidden, nn.ReLU)[0],
                                   in_keys=["observation", "action"],
                                   out_keys=["state_action_value"])
         loss = DDPGLoss(actor, critic, delay_actor=True, delay_value=True,
@@ -108,15 +108,18 @@ class DDPG(OffPolicyRule):
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.critic_opt, self.actor_opt]
 
+    def step(self, ctx: "RuleContext") -> dict[str, float]:
+        return self.loop.step(ctx, self._update)
+
     def _explore(self, observation: Tensor) -> Tensor:
         action = self.actor(observation)
-        eps = self.draw(tuple(action.shape))
+        eps = self.loop.draw(tuple(action.shape))
         noise = self._ou_step(eps) if self.noise == "ou" else self.noise_std * eps
         return (action + noise).clamp(-1.0, 1.0)
 
     def _ou_step(self, eps: Tensor) -> Tensor:
         """Advance the per-env OU process (restarting finished episodes at 0)."""
-        done = self._env.episodes_done
+        done = self.loop.env.episodes_done
         if self._ou is None or self._ou.shape != eps.shape:
             self._ou = torch.zeros_like(eps)
         elif self._episodes_seen is not None:
@@ -128,10 +131,17 @@ class DDPG(OffPolicyRule):
 
     def _update(self, batch: TensorDictBase, ctx: "RuleContext") -> dict[str, Tensor | float]:
         critic_loss, info = self.loss.loss_value(batch)
-        self.descend(critic_loss, [self.critic_opt], ctx)
+        self.loop.descend(critic_loss, [self.critic_opt], ctx)
         actor_loss, _ = self.loss.loss_actor(batch)
-        self.descend(actor_loss, [self.actor_opt], ctx)
+        self.loop.descend(actor_loss, [self.actor_opt], ctx)
         self.updater.step()
         return {"loss/critic": critic_loss.detach(), "loss/actor": actor_loss.detach(),
                 "train/q_mean": info["pred_value"].mean(),
                 "train/target_q_mean": info["target_value"].mean()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.loop.state_dict(), "ou": self._ou, "episodes_seen": self._episodes_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loop.load_state_dict(state)
+        self._ou, self._episodes_seen = state.get("ou"), state.get("episodes_seen")

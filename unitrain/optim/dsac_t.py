@@ -7,14 +7,15 @@ arXiv:2310.05858.
 The losses are :class:`unitrain.objectives.DSACTLoss` (the paper's critic-loss form, with
 expected value substitution, twin value distribution learning and variance-based critic gradient
 adjustment; see that module for the equations). This rule adds what the paper's training loop
-does around them (collection, replay, warm-up: :mod:`unitrain.optim.offpolicy`), and its delayed
+does around them (collection, replay, warm-up: the composed
+:class:`~unitrain.optim.offpolicy.OffPolicyLoop`), and its delayed
 updates: the critics take a step on every gradient update; the policy, the temperature and the
 target networks (Polyak ``tau``) on every ``delay``-th, from gradients taken at the same
 parameters as the critics' (as in the authors' code).
 
-Policy: a tanh-squashed Gaussian. A module returning ``2 * act_dim`` outputs gives the pre-tanh
-mean and a raw log standard deviation per state (the paper's actor); a module returning
-``act_dim`` outputs gives the mean, and the log standard deviation is then a learned
+Policy: the module's tanh-squashed Gaussian of the shared action contract (:mod:`unitrain.action`).
+With ``action_std="state"`` the module gives the pre-tanh mean and a raw log standard deviation
+per state (the paper's actor); with ``"param"`` the log standard deviation is the learned
 state-independent vector ``aux.log_std`` (initialised to 0), trained with the actor.
 
 Critics: two distinct networks ``(observation, action) -> (mean, raw std)`` (a tuple, or one
@@ -30,17 +31,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from tensordict import TensorDictBase
 from torch import Tensor, nn
 from torchrl.objectives import SoftUpdate
 
-from unitrain.errors import ConfigError, check
+from unitrain.errors import check
 from unitrain.objectives import DSACTLoss
 from unitrain.optim.base import register_rule
-from unitrain.optim.offpolicy import OffPolicyRule
+from unitrain.optim.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
 
 if TYPE_CHECKING:
     from unitrain.module import RLModule
@@ -48,23 +49,24 @@ if TYPE_CHECKING:
 
 __all__ = ["DSACT"]
 
+_METRICS = ("loss/critic", "loss/actor", "loss/temperature", "train/alpha", "train/entropy",
+            "train/omega", "train/q_mean", "train/sigma_mean", "train/target_q_mean")
+
 
 class _GaussianActor(nn.Module):
-    """``observation -> (loc, raw_scale)`` from the module (and a state-independent log std)."""
+    """``observation -> (loc, raw log std)`` of the module's pre-tanh Gaussian."""
 
-    def __init__(self, module: nn.Module, act_dim: int, log_std: nn.Module | None) -> None:
+    def __init__(self, module: nn.Module, log_std: nn.Module | None) -> None:
         super().__init__()
-        self.module, self.act_dim = module, act_dim
+        self.module = module
         # ``log_std`` lives under ``module.aux``: registering it here too would give the loss
         # two copies of it (one per path) to keep in step.
         self.__dict__["log_std"] = log_std
 
     def forward(self, observation: Tensor) -> tuple[Tensor, Tensor]:
+        head = self.module.actions
         out = self.module(observation)
-        loc = out[..., : self.act_dim]
-        if self.log_std is None:
-            return loc, out[..., self.act_dim: 2 * self.act_dim]
-        return loc, self.log_std.log_std.expand_as(loc)
+        return head.loc(out), head.log_std(out, self.log_std)
 
 
 class _MeanStd(nn.Module):
@@ -83,10 +85,10 @@ class _MeanStd(nn.Module):
 
 @register_rule("dsac_t")
 @dataclass
-class DSACT(OffPolicyRule):
+class DSACT(OffPolicyFields):
     """DSAC-T (Duan et al.): twin Gaussian critics, expected value substitution, clipped targets.
 
-    Fields of :class:`~unitrain.optim.offpolicy.OffPolicyRule` (replay, warm-up, learning
+    Fields of :class:`~unitrain.optim.offpolicy.OffPolicyFields` (replay, warm-up, learning
     rates, ``tau``, ...) with the paper's defaults, plus:
 
     Args:
@@ -108,9 +110,6 @@ class DSACT(OffPolicyRule):
 
     # The authors' MuJoCo bounds on the policy's log standard deviation.
     log_std_bounds: ClassVar[tuple[float, float]] = (-20.0, 0.5)
-    metric_names: ClassVar[tuple[str, ...]] = (
-        "loss/critic", "loss/actor", "loss/temperature", "train/alpha", "train/entropy",
-        "train/omega", "train/q_mean", "train/sigma_mean", "train/target_q_mean")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,10 +117,13 @@ class DSACT(OffPolicyRule):
         check(self.alpha_init > 0, "alpha_init", "a number > 0", self.alpha_init)
         check(self.delay >= 1, "delay", "an integer >= 1", self.delay)
 
-    def _build(self, module: "RLModule", ctx: "RuleContext") -> None:
-        actor, actor_params = self._gaussian_actor(module, ctx)
-        critics = [_MeanStd(c) for c in self._critics(module, 2, 2, nn.GELU)]
-        loss = DSACTLoss(actor, critics, gamma=self.gamma, alpha_init=self.alpha_init,
+    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
+        self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)
+        log_std = module.log_std_param()
+        actor_params = module.policy_parameters() + ([] if log_std is None else [log_std.log_std])
+        critics = [_MeanStd(c) for c in make_critics(module, 2, 2, self.critic_hidden, nn.GELU)]
+        loss = DSACTLoss(_GaussianActor(module, log_std), critics, gamma=self.gamma,
+                         alpha_init=self.alpha_init,
                          target_entropy="auto" if self.target_entropy is None
                          else self.target_entropy, tau_b=self.tau,
                          log_std_bounds=self.log_std_bounds).to(ctx.device)
@@ -133,43 +135,19 @@ class DSACT(OffPolicyRule):
         self.actor_opt = torch.optim.Adam(actor_params, lr=self.lr_actor)
         self.alpha_opt = torch.optim.Adam([self.loss.log_alpha], lr=self.lr_alpha)
 
-    def _gaussian_actor(self, module: "RLModule", ctx: "RuleContext"
-                        ) -> tuple[nn.Module, list[nn.Parameter]]:
-        """The module as a Gaussian policy head ``observation -> (loc, raw_scale)``.
-
-        Args:
-            module: the user's module (``act_dim`` or ``2 * act_dim`` outputs).
-            ctx: the run context (for the device).
-
-        Returns:
-            The head and the parameters the actor's optimizer trains (the module's policy
-            parameters, plus ``aux.log_std`` when the module gives only the mean).
-        """
-        act_dim = self.info.act_dim
-        outputs = self._actor_outputs(module)
-        if outputs not in (act_dim, 2 * act_dim):
-            raise ConfigError("module", f"forward returns {outputs} outputs per observation; "
-                                        f"{self.name} needs act_dim={act_dim} (mean) or "
-                                        f"2*act_dim={2 * act_dim} (mean, then log std)")
-        params = module.policy_parameters()
-        log_std = None
-        if outputs == act_dim:
-            holder = nn.Module()
-            holder.register_parameter("log_std", nn.Parameter(torch.zeros(act_dim)))
-            log_std = module.add_aux("log_std", holder.to(ctx.device))
-            params.append(log_std.log_std)
-        return _GaussianActor(module, act_dim, log_std), params
-
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.critic_opt, self.actor_opt, self.alpha_opt]
+
+    def step(self, ctx: "RuleContext") -> dict[str, float]:
+        return self.loop.step(ctx, self._update)
 
     def _explore(self, observation: Tensor) -> Tensor:
         loc, raw_scale = self.actor(observation)
         scale = raw_scale.clamp(*self.log_std_bounds).exp()
-        return torch.tanh(loc + scale * self.draw(tuple(loc.shape)))
+        return torch.tanh(loc + scale * self.loop.draw(tuple(loc.shape)))
 
     def _update(self, batch: TensorDictBase, ctx: "RuleContext") -> dict[str, Tensor | float]:
-        delayed = self._updates % self.delay == 0
+        delayed = self.loop.updates % self.delay == 0
         critic_loss, info = self.loss.critic_loss(batch)
         metrics: dict[str, Tensor | float] = {
             "loss/critic": critic_loss.detach(), "train/q_mean": info["pred_value"].mean(),
@@ -185,9 +163,15 @@ class DSACT(OffPolicyRule):
                             "loss/temperature": alpha_loss.detach(),
                             "train/entropy": actor_info["entropy"]})
         # The three losses touch disjoint parameters, so one backward serves them all.
-        self.descend(total, optimizers, ctx)
+        self.loop.descend(total, optimizers, ctx)
         ctx.all_reduce_(self.loss.omega, "mean")
         if delayed:
             self.updater.step()
         metrics["train/alpha"] = self.loss.alpha
         return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loop.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loop.load_state_dict(state)

@@ -29,8 +29,8 @@ import torch
 
 from unitrain.errors import check
 from unitrain.optim.base import register_rule
-from unitrain.population import (STREAM_EPISODES, PopulationRule, centered_ranks, episode_seeds,
-                                 noise, perturb_)
+from unitrain.population import (STREAM_EPISODES, PopulationEvaluation, PopulationFields,
+                                 centered_ranks, episode_seeds, noise, perturb_)
 
 if TYPE_CHECKING:
     from unitrain.module import RLModule
@@ -44,7 +44,7 @@ _SEED_HIGH = 2**31 - 1
 
 @register_rule("es")
 @dataclass
-class ES(PopulationRule):
+class ES(PopulationFields):
     """OpenAI evolution strategies (mirrored sampling, centred ranks, Adam, L2 decay).
 
     Args:
@@ -73,7 +73,9 @@ class ES(PopulationRule):
         check(self.update in ("adam", "sgd"), "update", "'adam' or 'sgd'", self.update)
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        super().setup(module, ctx)
+        self.module = module
+        self.pop = PopulationEvaluation(self, module, ctx)
+        self.layout = self.pop.layout
         params = module.policy_parameters()
         if self.update == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr)
@@ -97,7 +99,7 @@ class ES(PopulationRule):
                                 for j in idx])
 
         pair_seeds = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
-        ev = self.evaluate(ctx, count, candidates, lambda j, e: pair_seeds(j // 2, e))
+        ev = self.pop.evaluate(ctx, count, candidates, lambda j, e: pair_seeds(j // 2, e))
 
         shaped = centered_ranks(ev.fitness)
         weights = (shaped[0::2] - shaped[1::2]).tolist()
@@ -115,7 +117,7 @@ class ES(PopulationRule):
         self.optimizer.zero_grad(set_to_none=True)
         self._generation += 1
 
-        metrics = self.finish_generation(ctx, ev, ev.frames, ev.local_frames)
+        metrics = self.pop.finish_generation(ctx, ev, ev.local_frames)
         new_theta = self.layout.flatten(self.module)
         metrics.update({
             "optim/lr": self.optimizer.param_groups[0]["lr"],

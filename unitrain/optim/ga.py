@@ -11,7 +11,7 @@ Training Deep Neural Networks for Reinforcement Learning". Each generation:
 4. the other ``population − 1`` individuals of the next generation are mutations
    ``θ' = θ + σ·ε`` of uniformly chosen parents (no crossover).
 
-Genomes are seed chains (the paper's compact encoding, :class:`~unitrain.population.Genome`): an
+Genomes are seed chains (the paper's compact encoding, :class:`Genome`): an
 initialisation seed and one ``(seed, σ)`` per mutation. Only the parents' parameters are held in
 memory; a child is its parent plus one regenerated noise vector, and a checkpoint stores seeds.
 
@@ -32,31 +32,168 @@ random streams, so ``devices=1`` and ``devices=N`` evolve the same population.
 
 from __future__ import annotations
 
+import math
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
 import torch
 
-from unitrain.errors import check
+from unitrain.errors import UserError, check
 from unitrain.optim.base import register_rule
-from unitrain.population import (STREAM_ELITE_EPISODES, STREAM_EPISODES, Evaluation, Genome,
-                                 PopulationRule, centered_ranks, episode_seeds, fresh_init,
-                                 novelty)
+from unitrain.population import (STREAM_EPISODES, Evaluation, ParamLayout, PopulationEvaluation,
+                                 PopulationFields, centered_ranks, episode_seeds, perturb_)
 
 if TYPE_CHECKING:
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
 
-__all__ = ["GA"]
+__all__ = ["GA", "Genome", "fresh_init", "novelty"]
 
 # Shared random streams (ctx.shared_generator): identical draws on every rank.
 _INIT, _BREED, _ARCHIVE = 11, 12, 13
+# Seed stream of the elite's re-evaluation episodes (next to the population's, 101).
+STREAM_ELITE_EPISODES = 102
 _SEED_HIGH = 2**31 - 1  # seeds fit a genome's uint32 field
+
+
+# ---------------------------------------------------------------------------------- genomes
+def _as_float32(sigma: float) -> float:
+    """``sigma`` rounded to float32: what a genome stores, hence what a mutation applies."""
+    return float(np.float32(sigma))
+
+
+@dataclass(frozen=True)
+class Genome:
+    """A Deep GA genome: parameters as an initialisation seed and a chain of mutations.
+
+    ``θ = θ₀(init_seed) + σ₁ε(s₁) + σ₂ε(s₂) + ...``, applied in order with :func:`perturb_`, so a
+    rebuild repeats the arithmetic of the generations bit for bit.
+
+    Attributes:
+        init_seed: seed of the initial parameters; ``None``: the run's starting parameters.
+        mutations: ``(seed, σ)`` per mutation, oldest first (σ is a float32 value).
+    """
+
+    init_seed: int | None
+    mutations: tuple[tuple[int, float], ...] = ()
+
+    def mutate(self, seed: int, sigma: float) -> "Genome":
+        """The child genome with one more mutation."""
+        return Genome(self.init_seed, (*self.mutations, (int(seed), _as_float32(sigma))))
+
+    def build(self, init: Callable[[int | None], torch.Tensor],
+              cache: tuple["Genome", torch.Tensor] | None = None) -> torch.Tensor:
+        """The parameters ``[numel]``.
+
+        Args:
+            init: ``init_seed -> θ₀`` (a fresh tensor).
+            cache: an ancestor's genome and parameters to start from instead of ``θ₀``.
+        """
+        start, mutations = 0, self.mutations
+        if cache is not None and cache[0].is_ancestor_of(self):
+            flat, start = cache[1].clone(), len(cache[0].mutations)
+        else:
+            flat = init(self.init_seed)
+        for seed, sigma in mutations[start:]:
+            perturb_(flat, seed, sigma)
+        return flat
+
+    def is_ancestor_of(self, other: "Genome") -> bool:
+        """Whether ``other`` is this genome or a descendant of it."""
+        n = len(self.mutations)
+        return self.init_seed == other.init_seed and other.mutations[:n] == self.mutations
+
+    _HEAD = struct.Struct("<q")
+    _MUTATION = struct.Struct("<If")
+
+    def to_bytes(self) -> bytes:
+        """The compact encoding: int64 init seed (−1 for ``None``), then uint32 seed + float32 σ
+        per mutation."""
+        head = self._HEAD.pack(-1 if self.init_seed is None else self.init_seed)
+        return head + b"".join(self._MUTATION.pack(s, sigma) for s, sigma in self.mutations)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Genome":
+        """Inverse of :meth:`to_bytes`."""
+        (init,) = cls._HEAD.unpack_from(data)
+        size = cls._MUTATION.size
+        muts = tuple((s, float(sigma)) for s, sigma in
+                     (cls._MUTATION.unpack_from(data, i) for i in range(8, len(data), size)))
+        return cls(None if init < 0 else init, muts)
+
+
+def fresh_init(module: "RLModule", layout: ParamLayout) -> Callable[[int | None], torch.Tensor]:
+    """``seed -> θ₀``: the module's own initialisation, rerun under ``torch.manual_seed(seed)``.
+
+    The module is rebuilt from its class and recorded constructor arguments (``module.hparams``),
+    so any initialisation the user wrote is what the population starts from. Initialisation code
+    must draw from torch's global generator (``nn.init`` does) for the result to depend on the
+    seed alone.
+
+    Raises:
+        UserError: if the module cannot be rebuilt or the rebuilt module's parameters differ.
+    """
+    cls, kwargs = type(module), dict(module.hparams)
+    device = module.device
+
+    def init(seed: int | None) -> torch.Tensor:
+        assert seed is not None, "fresh initialisation needs a seed"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                fresh = cls(**kwargs)
+            except Exception as e:  # any failure of user code: report it as a setup problem
+                raise UserError(
+                    f"cannot rebuild {cls.__qualname__}(**hparams) to draw initial parameters "
+                    f"({type(e).__name__}: {e}); record every constructor argument with "
+                    "save_hyperparameters, or set optimizer.init=module") from None
+        try:
+            if ParamLayout.of(fresh) != layout:
+                raise UserError(f"{cls.__qualname__}(**hparams) builds different policy "
+                                "parameters than the module being trained; "
+                                "set optimizer.init=module")
+            return layout.flatten(fresh).to(device)
+        finally:
+            del fresh
+
+    return init
+
+
+
+# ---------------------------------------------------------------------------------- novelty
+def novelty(behaviour: torch.Tensor, archive: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean Euclidean distance of each behaviour to its ``k`` nearest neighbours.
+
+    Neighbours are the archive and the rest of the population (Lehman & Stanley 2011).
+
+    Args:
+        behaviour: ``[P, d]`` behaviour characterisations of the population.
+        archive: ``[A, d]`` archived characterisations.
+        k: neighbours (fewer if fewer exist).
+
+    Returns:
+        ``[P]`` float64 novelty.
+    """
+    pop = behaviour.to(torch.float64)
+    others = torch.cat([archive.to(torch.float64), pop])
+    dist = torch.cdist(pop, others, compute_mode="donot_use_mm_for_euclid_dist")
+    n = pop.shape[0]
+    dist[torch.arange(n), archive.shape[0] + torch.arange(n)] = math.inf  # not its own neighbour
+    k = min(k, others.shape[0] - 1)
+    if k < 1:
+        return torch.zeros(n, dtype=torch.float64)
+    return dist.topk(k, dim=1, largest=False).values.mean(1)
+
+
+# ---------------------------------------------------------------------------------- the rule
 
 
 @register_rule("ga")
 @dataclass
-class GA(PopulationRule):
+class GA(PopulationFields):
     """Deep GA: truncation selection, Gaussian mutation, elitism with re-evaluation, optional
     novelty search. Defaults are the paper's Atari settings.
 
@@ -108,7 +245,10 @@ class GA(PopulationRule):
 
     # ------------------------------------------------------------------ construction
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        super().setup(module, ctx)
+        self.module = module
+        self.pop = PopulationEvaluation(self, module, ctx,
+                                        self.behaviour if self.novelty > 0 else None)
+        self.layout = self.pop.layout
         self._fresh = fresh_init(module, self.layout) if self.init == "fresh" else None
         if self._fresh is not None:
             self._fresh(0)  # fail now, with the reason, if the module cannot be rebuilt
@@ -119,9 +259,6 @@ class GA(PopulationRule):
         self._cache: torch.Tensor | None = None
         self._base: torch.Tensor | None = None
         self._archive = torch.zeros(0, 0, dtype=torch.float64)
-
-    def _behaviour(self) -> str | None:
-        return self.behaviour if self.novelty > 0 else None
 
     def _init_params(self, seed: int | None) -> torch.Tensor:
         if seed is None:
@@ -164,8 +301,8 @@ class GA(PopulationRule):
         if not self._genomes:
             self._first_generation(ctx)
         gen, count = self._generation, self.population
-        ev = self.evaluate(ctx, count, self._materialise,
-                           episode_seeds(ctx.seed, STREAM_EPISODES, gen))
+        ev = self.pop.evaluate(ctx, count, self._materialise,
+                               episode_seeds(ctx.seed, STREAM_EPISODES, gen))
         metrics: dict[str, float] = {}
         score = ev.fitness
         if self.novelty > 0:
@@ -188,9 +325,8 @@ class GA(PopulationRule):
         self.layout.assign(self.module, cache[-1])
         self._generation += 1
 
-        frames = ev.frames + (elite_ev.frames if elite_ev is not None else 0)
         local = ev.local_frames + (elite_ev.local_frames if elite_ev is not None else 0)
-        metrics.update(self.finish_generation(ctx, ev, frames, local))
+        metrics.update(self.pop.finish_generation(ctx, ev, local))
         metrics["fitness/elite_return"] = elite_return
         metrics["ga/elite_mutations"] = float(len(kept[-1].mutations))
         return metrics
@@ -209,10 +345,10 @@ class GA(PopulationRule):
             best = int(torch.argmax(fitness[candidates]))
             return candidates[best], fitness[candidates[best]].item(), None
         seeds = episode_seeds(ctx.seed, STREAM_ELITE_EPISODES, self._generation)
-        ev = self.evaluate(ctx, len(candidates),
-                           lambda idx: self._materialise([candidates[j] for j in idx]),
-                           lambda j, e: seeds(candidates[j], e), self.elite_episodes,
-                           behaviour=False)
+        ev = self.pop.evaluate(ctx, len(candidates),
+                               lambda idx: self._materialise([candidates[j] for j in idx]),
+                               lambda j, e: seeds(candidates[j], e), self.elite_episodes,
+                               behaviour=False)
         best = int(torch.argmax(ev.fitness))
         return candidates[best], ev.fitness[best].item(), ev
 

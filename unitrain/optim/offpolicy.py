@@ -3,23 +3,25 @@
 Both rules (:mod:`unitrain.optim.ddpg`, Lillicrap et al. 2016, "Continuous control with deep
 reinforcement learning"; :mod:`unitrain.optim.dsac_t`, Duan et al., "Distributional Soft
 Actor-Critic with Three Refinements", arXiv:2310.05858) learn from a replay memory of past
-transitions instead of the latest batch. :class:`OffPolicyRule` owns everything that does not
-depend on the loss:
+transitions instead of the latest batch. A rule composes :class:`OffPolicyLoop`, which owns
+everything that does not depend on the loss, and keeps its own ``step``: ``return
+self.loop.step(ctx, self.update)``. Their shared hyperparameters are the fields of
+:class:`OffPolicyFields`.
 
-- **Actions.** The module's ``forward(observation)`` is the actor: its first ``act_dim`` outputs
-  are a pre-tanh action, squashed by ``tanh`` into ``[-1, 1]`` and scaled affinely to the env's
-  bounds. Critics and the replay memory see the ``[-1, 1]`` action, so one set of
-  hyperparameters fits every action range. :meth:`OffPolicyRule.act` (the deterministic
-  evaluation action) needs no ``setup``.
+- **Actions.** The module is the actor through the shared action contract
+  (:mod:`unitrain.action`): its pre-squash mean ``u`` gives the action ``tanh(u)`` in ``[-1, 1]``,
+  scaled affinely to the env's bounds. Critics and the replay memory see the ``[-1, 1]`` action,
+  so one set of hyperparameters fits every action range; the deterministic action is
+  ``module.act``, as for every rule.
 - **Collection.** Each iteration collects ``frames_per_batch`` transitions per process through a
-  TorchRL collector (``ctx.collector``) with the rule's exploration (:meth:`_explore`), drawn
-  from the rule's seeded generator.
+  TorchRL collector (``ctx.collector``) with the rule's exploration (a function of the
+  observation giving actions in ``[-1, 1]``), drawn from the loop's seeded generator.
 - **Warm-up.** Until a process has collected ``warmup_frames`` transitions its actions are
   uniform on ``[-1, 1]``; no gradient step is taken before the memory holds
   ``max(warmup_frames, batch_size)`` transitions. Collecting them happens inside one iteration.
 - **Update-to-data ratio.** After warm-up, ``utd_ratio`` gradient updates are made per collected
   frame (fractions carry over between iterations), each on ``batch_size`` transitions sampled
-  uniformly from the memory (:class:`~unitrain.replay.Replay`).
+  uniformly from the memory (:class:`~unitrain.replay.Replay`); the rule's ``update(batch, ctx)`` makes one.
 - **Several processes.** Every process collects with its own seeds into its own memory; gradients
   are averaged across processes before every optimizer step, so parameters, target networks and
   optimizer states stay identical.
@@ -27,9 +29,9 @@ depend on the loss:
   non-finite one stops the run with :class:`~unitrain.errors.TrainingDiverged` before any
   parameter changes, so the last checkpoint and the in-memory parameters stay usable.
 - **Checkpoints.** The loss module (critics, target networks, and any other state of the loss)
-  is registered under ``module.aux[<rule name>]`` and saved with the module; the optimizers by
-  Lightning; the frame and update counters, and with ``save_buffer`` the replay memory, in the
-  rule's state.
+  is registered under ``module.aux[<rule name>]`` and saved with the module; the optimizers with
+  the run; the frame and update counters, and with ``save_buffer`` the replay memory, in the
+  rule's state (:meth:`OffPolicyLoop.state_dict`).
 
 Critics: a module that defines ``make_critic()`` supplies its own — each call returns a new
 network ``(observation, action) -> output`` with ``action`` in ``[-1, 1]`` (the output each rule
@@ -42,12 +44,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import Tensor, nn
+from torchrl.data import Composite
 from torchrl.modules import MLP
 
 from unitrain.errors import ConfigError, TrainingDiverged, UserError, check
@@ -55,30 +58,11 @@ from unitrain.optim.base import UpdateRule
 from unitrain.replay import Replay
 
 if TYPE_CHECKING:
-    from unitrain.envs import EnvInfo
+    from unitrain.action import ActionHead
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
 
-__all__ = ["OffPolicyRule", "Critic", "squash"]
-
-
-def squash(pre_tanh: Tensor, info: "EnvInfo") -> Tensor:
-    """Map a pre-tanh action to the env's bounds: ``low + (tanh(u) + 1) / 2 * (high - low)``.
-
-    Args:
-        pre_tanh: ``[..., act_dim]``.
-        info: the env's action bounds.
-
-    Returns:
-        The action in env units, ``[..., act_dim]``.
-    """
-    return _to_bounds(torch.tanh(pre_tanh), info)
-
-
-def _to_bounds(unit: Tensor, info: "EnvInfo") -> Tensor:
-    low = info.action_low.to(unit)
-    high = info.action_high.to(unit)
-    return low + (unit + 1.0) * (0.5 * (high - low))
+__all__ = ["OffPolicyFields", "OffPolicyLoop", "Critic", "make_critics"]
 
 
 class Critic(nn.Module):
@@ -110,6 +94,29 @@ class Critic(nn.Module):
         return self.net(torch.cat([obs.to(action.dtype), action], dim=-1))
 
 
+def make_critics(module: "RLModule", count: int, outputs: int, hidden: tuple[int, ...],
+                 activation: type[nn.Module]) -> list[nn.Module]:
+    """``count`` distinct critics: the module's ``make_critic()`` or default MLPs.
+
+    Args:
+        module: the user's module (bound to its env).
+        count: critics to build.
+        outputs: output features of a default critic.
+        hidden: hidden widths of a default critic.
+        activation: hidden activation of a default critic.
+    """
+    make = getattr(module, "make_critic", None)
+    if callable(make):
+        critics = [make() for _ in range(count)]
+        if not all(isinstance(c, nn.Module) for c in critics):
+            raise UserError(f"{type(module).__name__}.make_critic() must return an nn.Module")
+        return critics
+    info = module.env_info
+    assert info is not None
+    return [Critic(info.obs_shape, info.act_dim, hidden, activation, outputs)
+            for _ in range(count)]
+
+
 class _Explorer(TensorDictModuleBase):
     """The collector's policy: the rule's exploration (or uniform warm-up actions).
 
@@ -121,33 +128,35 @@ class _Explorer(TensorDictModuleBase):
     in_keys = ["observation"]
     out_keys = ["action", "action_unit"]
 
-    def __init__(self, rule: "OffPolicyRule", module: nn.Module) -> None:
+    def __init__(self, loop: "OffPolicyLoop", module: nn.Module,
+                 explore: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.module = module
-        self.rule = rule
+        self.__dict__["loop"] = loop
+        self.__dict__["explore"] = explore
         self.random = True
+        # Output specs spare the collector a dry run of the policy (a draw of exploration noise).
+        spec = loop.head.spec(loop.device, "action_unit")
+        self.spec = Composite(action=spec["action"], action_unit=spec["action_unit"],
+                              device=loop.device)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         observation = tensordict.get("observation")
+        head = self.loop.head
         with torch.no_grad():
             if self.random:
-                shape = (*observation.shape[: -len(self.rule.info.obs_shape)],
-                         self.rule.info.act_dim)
-                unit = self.rule.draw(shape, uniform=True) * 2.0 - 1.0
+                shape = (*observation.shape[: -len(self.loop.obs_shape)], head.act_dim)
+                unit = self.loop.draw(shape, uniform=True) * 2.0 - 1.0
             else:
-                unit = self.rule._explore(observation)
+                unit = self.explore(observation)
         tensordict.set("action_unit", unit)
-        tensordict.set("action", _to_bounds(unit, self.rule.info))
+        tensordict.set("action", head.to_env(unit))
         return tensordict
 
 
 @dataclass
-class OffPolicyRule(UpdateRule):
-    """Replay, warm-up, collection and the update loop of off-policy actor-critic rules.
-
-    Subclasses are registered dataclasses that implement :meth:`_build` (the loss, its
-    optimizers and target updates), :meth:`_explore` (exploration actions) and :meth:`_update`
-    (one gradient update), and list their per-update metrics in :attr:`metric_names`.
+class OffPolicyFields(UpdateRule):
+    """The hyperparameters every off-policy actor-critic rule shares (fields only).
 
     Args:
         lr_actor: Adam step size of the actor (the module).
@@ -180,8 +189,6 @@ class OffPolicyRule(UpdateRule):
     critic_hidden: tuple[int, ...] = (256, 256)
     save_buffer: bool = False
 
-    metric_names: ClassVar[tuple[str, ...]] = ()
-
     def __post_init__(self) -> None:
         check(self.lr_actor > 0, "lr_actor", "a number > 0", self.lr_actor)
         check(self.lr_critic > 0, "lr_critic", "a number > 0", self.lr_critic)
@@ -199,104 +206,88 @@ class OffPolicyRule(UpdateRule):
         check(all(h >= 1 for h in self.critic_hidden), "critic_hidden",
               "a list of integers >= 1", list(self.critic_hidden))
 
-    # ------------------------------------------------------------------ construction
-    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
+
+class OffPolicyLoop:
+    """Replay, warm-up, collection and the update-to-data schedule of an off-policy rule.
+
+    Args:
+        rule: the rule's hyperparameters (its name is used in messages).
+        module: the user's module, bound to a continuous, bounded action space.
+        ctx: the run's services.
+        explore: ``observation -> action in [-1, 1]``, the rule's exploration (no gradient).
+        metric_names: the per-update metrics the rule's ``update`` returns (reported as NaN,
+            hence not logged, in iterations without updates, so every step has the same keys).
+    """
+
+    def __init__(self, rule: OffPolicyFields, module: "RLModule", ctx: "RuleContext",
+                 explore: Callable[[Tensor], Tensor], metric_names: tuple[str, ...]) -> None:
         info = ctx.env_info
         if info is None:
-            raise UserError(f"{self.name}: needs an env; give the Trainer env=...")
+            raise UserError(f"{rule.name}: needs an env; give the Trainer env=...")
         if info.discrete:
             raise ConfigError("env.id", f"{info.id} has discrete actions ({info.act_dim}); "
-                                        f"{self.name} needs a continuous (Box) action space "
+                                        f"{rule.name} needs a continuous (Box) action space "
                                         "(for discrete actions use ppo or reinforce)")
-        if not bool(torch.isfinite(info.action_low).all() & torch.isfinite(info.action_high).all()):
-            raise ConfigError("env.id", f"{info.id} has unbounded actions; {self.name} squashes "
+        self.head: ActionHead = module.actions
+        if not self.head.bounded:
+            raise ConfigError("env.id", f"{info.id} has unbounded actions; {rule.name} squashes "
                                         "actions into the env's bounds, which must be finite")
         num_envs = ctx.env_spec.num_envs
-        self._frames_per_batch = self.frames_per_batch or num_envs
-        check(self._frames_per_batch % num_envs == 0, "frames_per_batch",
-              f"a multiple of env.num_envs={num_envs}", self.frames_per_batch)
-        self.info = info
+        self.frames_per_batch = rule.frames_per_batch or num_envs
+        check(self.frames_per_batch % num_envs == 0, "frames_per_batch",
+              f"a multiple of env.num_envs={num_envs}", rule.frames_per_batch)
+        self.rule, self.metric_names = rule, metric_names
+        self.obs_shape = info.obs_shape
         self.generator = ctx.generator
-        self.replay = Replay(self.buffer_size, self.batch_size, ctx.generator, ctx.device)
-        self._device = ctx.device
+        self.device = ctx.device
+        self.replay = Replay(rule.buffer_size, rule.batch_size, ctx.generator, ctx.device)
+        self.env: Any = None
         self._collector: Iterator[TensorDictBase] | None = None
-        self._env: Any = None
-        self._explorer = _Explorer(self, module)
-        self._collected = 0       # frames this process collected, warm-up included
-        self._trained_frames = 0  # frames collected in iterations that began with a ready memory
-        self._updates = 0         # gradient updates made
-        self._build(module, ctx)
-
-    def _build(self, module: "RLModule", ctx: "RuleContext") -> None:
-        """Build the loss (registered under ``module.aux``), optimizers and target updates."""
-        raise NotImplementedError
-
-    def _explore(self, observation: Tensor) -> Tensor:
-        """Exploration actions in ``[-1, 1]`` for a batch of observations (no gradient)."""
-        raise NotImplementedError
-
-    def _update(self, batch: TensorDictBase, ctx: "RuleContext") -> dict[str, Tensor | float]:
-        """One gradient update on ``batch``; returns scalars named in :attr:`metric_names`."""
-        raise NotImplementedError
-
-    def _critics(self, module: "RLModule", count: int, outputs: int,
-                 activation: type[nn.Module]) -> list[nn.Module]:
-        """``count`` distinct critics: the module's ``make_critic()`` or default MLPs."""
-        make = getattr(module, "make_critic", None)
-        if callable(make):
-            critics = [make() for _ in range(count)]
-            if not all(isinstance(c, nn.Module) for c in critics):
-                raise UserError(f"{type(module).__name__}.make_critic() must return an nn.Module")
-            return critics
-        return [Critic(self.info.obs_shape, self.info.act_dim, self.critic_hidden, activation,
-                       outputs) for _ in range(count)]
-
-    def _actor_outputs(self, module: "RLModule") -> int:
-        """The size of the module's output on one dummy observation (checked >= ``act_dim``)."""
-        info = self.info
-        dtype = torch.uint8 if info.image else torch.float32
-        with torch.no_grad():
-            out = module(torch.zeros((1, *info.obs_shape), dtype=dtype, device=self._device))
-        size = int(out.shape[-1])
-        if size < info.act_dim:
-            raise ConfigError("module", f"forward returns {size} outputs per observation; "
-                                        f"{self.name} needs act_dim={info.act_dim} "
-                                        "(the pre-tanh action)")
-        return size
+        self._explorer = _Explorer(self, module, explore)
+        self.collected = 0       # frames this process collected, warm-up included
+        self.trained_frames = 0  # frames collected in iterations that began with a ready memory
+        self.updates = 0         # gradient updates made
 
     def draw(self, shape: tuple[int, ...], uniform: bool = False) -> Tensor:
-        """Standard normal (or uniform on [0, 1)) draws from the rule's generator, on the device."""
+        """Standard normal (or uniform on [0, 1)) draws from the loop's generator, on the device."""
         draw = torch.rand if uniform else torch.randn
-        return draw(shape, generator=self.generator).to(self._device)
+        return draw(shape, generator=self.generator).to(self.device)
 
-    # ------------------------------------------------------------------ one iteration
-    def step(self, ctx: "RuleContext") -> dict[str, float]:
+    def step(self, ctx: "RuleContext",
+             update: Callable[[TensorDictBase, "RuleContext"], dict[str, Tensor | float]]
+             ) -> dict[str, float]:
+        """Collect one iteration's frames, then make the updates they are due.
+
+        Args:
+            ctx: the run's services.
+            update: one gradient update on a replayed batch, returning its metrics.
+        """
         if self._collector is None:
-            self._env = ctx.train_env()
-            self._collector = iter(ctx.collector(self._explorer, self._frames_per_batch))
-        ready_size = max(self.warmup_frames, self.batch_size)
+            self.env = ctx.train_env()
+            self._collector = iter(ctx.collector(self._explorer, self.frames_per_batch))
+        rule = self.rule
+        ready_size = max(rule.warmup_frames, rule.batch_size)
         ready = len(self.replay) >= ready_size
         frames = self._collect()
         while len(self.replay) < ready_size:
             frames += self._collect()
         if ready:
-            self._trained_frames += frames
-        due = math.floor(self.utd_ratio * self._trained_frames + 1e-9) - self._updates
+            self.trained_frames += frames
+        due = math.floor(rule.utd_ratio * self.trained_frames + 1e-9) - self.updates
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         start = time.perf_counter()
         for _ in range(due):
-            for key, value in self._update(self.replay.sample(), ctx).items():
+            for key, value in update(self.replay.sample(), ctx).items():
                 value = float(value.detach()) if isinstance(value, Tensor) else float(value)
                 sums[key] = sums.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0) + 1
-            self._updates += 1
+            self.updates += 1
         elapsed = time.perf_counter() - start
         nan = float("nan")
-        # Every iteration reports the same keys (NaN when absent: not logged), on every rank.
         metrics = {key: sums[key] / counts[key] if key in counts else nan
                    for key in self.metric_names}
-        metrics.update({"optim/updates": float(due), "train/updates_total": float(self._updates),
+        metrics.update({"optim/updates": float(due), "train/updates_total": float(self.updates),
                         "train/buffer_size": float(len(self.replay)),
                         "perf/updates_per_s": due / elapsed if due else nan,
                         "frames": float(frames)})
@@ -304,11 +295,11 @@ class OffPolicyRule(UpdateRule):
 
     def _collect(self) -> int:
         assert self._collector is not None
-        self._explorer.random = self._collected < self.warmup_frames
+        self._explorer.random = self.collected < self.rule.warmup_frames
         batch = next(self._collector)
         batch.set("action", batch.get("action_unit"))
         self.replay.extend(batch)
-        self._collected += batch.numel()
+        self.collected += batch.numel()
         return batch.numel()
 
     def descend(self, loss: Tensor, optimizers: list[torch.optim.Optimizer],
@@ -318,7 +309,7 @@ class OffPolicyRule(UpdateRule):
         Args:
             loss: a scalar whose gradient reaches the optimizers' parameters.
             optimizers: the optimizers to step.
-            ctx: the run context (collectives, iteration number).
+            ctx: the run's services (collectives, iteration number).
 
         Raises:
             TrainingDiverged: a gradient is NaN or infinite (no parameter is changed).
@@ -332,29 +323,22 @@ class OffPolicyRule(UpdateRule):
         # Averaged gradients are identical on every rank, so every rank stops together.
         if grads and not bool(torch.isfinite(nn.utils.get_total_norm(grads))):
             raise TrainingDiverged(
-                f"{self.name}: non-finite gradients (a NaN or infinite loss) at iteration "
-                f"{ctx.iteration + 1}, gradient update {self._updates + 1}; the run stopped and "
+                f"{self.rule.name}: non-finite gradients (a NaN or infinite loss) at iteration "
+                f"{ctx.iteration + 1}, gradient update {self.updates + 1}; the run stopped and "
                 "its last checkpoint holds the last finite state (try lower learning rates)")
         for opt in optimizers:
             opt.step()
 
-    def act(self, module: "RLModule", observation: Tensor) -> Tensor:
-        """The deterministic action: the squashed pre-tanh output, scaled to the env's bounds."""
-        info = module.env_info
-        if info is None:
-            raise RuntimeError("act() needs the env's action space; "
-                               "fit or evaluate the module first")
-        return squash(module(observation)[..., : info.act_dim], info)
-
-    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"collected": self._collected, "trained_frames": self._trained_frames,
-                "updates": self._updates,
-                "replay": self.replay.state_dict() if self.save_buffer else None}
+        """Counters, and the replay memory when the rule saves it."""
+        return {"collected": self.collected, "trained_frames": self.trained_frames,
+                "updates": self.updates,
+                "replay": self.replay.state_dict() if self.rule.save_buffer else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._collected = int(state["collected"])
-        self._trained_frames = int(state["trained_frames"])
-        self._updates = int(state["updates"])
-        if self.save_buffer and state.get("replay") is not None:
+        """Restore what :meth:`state_dict` returned."""
+        self.collected = int(state["collected"])
+        self.trained_frames = int(state["trained_frames"])
+        self.updates = int(state["updates"])
+        if self.rule.save_buffer and state.get("replay") is not None:
             self.replay.load_state_dict(state["replay"])

@@ -1,16 +1,14 @@
-"""On-policy policy gradient: PPO (clipped surrogate) and REINFORCE with a learned baseline.
+"""PPO: proximal policy optimisation with a clipped surrogate objective.
 
-PPO: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", with generalized advantage
+Schulman et al. 2017, "Proximal Policy Optimization Algorithms", with generalized advantage
 estimation (Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
-Estimation"). REINFORCE: Williams 1992, "Simple statistical gradient-following algorithms for
-connectionist reinforcement learning", here with a value baseline and one gradient step per batch.
-
-Both use TorchRL's losses (``ClipPPOLoss``, ``ReinforceLoss``) and ``GAE``. The policy is the
-user's module: logits for discrete actions; for continuous actions the module's output is the
-mean of a Gaussian whose log standard deviation is a state-independent parameter (``aux.log_std``)
-and actions are clipped to the env's bounds by the env, as in the PPO paper's MuJoCo setup. A value
-function (``aux.value``, an MLP over the flattened observation) is added unless the module has a
-``value(observation)`` method.
+Estimation"), over TorchRL's ``ClipPPOLoss`` and ``GAE``. The policy is the
+user's module read through the shared action contract (:mod:`unitrain.action`): a categorical
+policy over logits, or a tanh-squashed Gaussian scaled to the env's bounds whose log standard
+deviation is ``aux.log_std`` or the module's own second half of outputs. A value function
+(``aux.value``, an MLP over the flattened observation) is added unless the module has a
+``value(observation)`` method. :class:`REINFORCE` lives in :mod:`unitrain.optim.reinforce` and
+shares :func:`value_operator`, :func:`gradient_step` and :func:`annealed_lr` with PPO.
 """
 
 from __future__ import annotations
@@ -19,21 +17,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tensordict.nn import TensorDictModule
 from torch import nn
-from torchrl.modules import IndependentNormal, ProbabilisticActor, ValueOperator
-from torchrl.objectives import ClipPPOLoss, ReinforceLoss
+from torchrl.modules import ValueOperator
+from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
-from unitrain.errors import check
+from unitrain.action import stochastic_actor
+from unitrain.errors import UserError, check
 from unitrain.module import mlp
 from unitrain.optim.base import UpdateRule, register_rule
 
 if TYPE_CHECKING:
+    from unitrain.envs import EnvInfo
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
 
-__all__ = ["PPO", "REINFORCE"]
+__all__ = ["PPO", "value_operator", "gradient_step", "annealed_lr"]
 
 
 class _Flatten(nn.Module):
@@ -59,22 +58,50 @@ class _ModuleValue(nn.Module):
         return self.module.value(observation)
 
 
-class _LogStd(nn.Module):
-    def __init__(self, act_dim: int, init: float) -> None:
-        super().__init__()
-        self.log_std = nn.Parameter(torch.full((act_dim,), float(init)))
+def value_operator(module: "RLModule", info: "EnvInfo", hidden: tuple[int, ...]) -> ValueOperator:
+    """The state-value function: ``module.value`` if defined, else an MLP under ``aux.value``.
+
+    Args:
+        module: the user's module.
+        info: the env's shapes.
+        hidden: hidden sizes of the default MLP.
+    """
+    if callable(getattr(module, "value", None)):
+        value_net: nn.Module = _ModuleValue(module)
+    else:
+        value_net = module.add_aux("value", _Flatten(
+            mlp(info.obs_dim, 1, hidden, nn.Tanh, out_gain=1.0), len(info.obs_shape)))
+    return ValueOperator(value_net, in_keys=["observation"])
 
 
-class _GaussianHead(nn.Module):
-    """``observation -> (loc, scale)`` from the module's mean and a state-independent log std."""
+def gradient_step(loss: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
+                  max_grad_norm: float, ctx: "RuleContext", sums: dict[str, float]) -> None:
+    """One optimizer step on the sum of ``loss(batch)``'s ``loss_*`` entries.
 
-    def __init__(self, module: nn.Module, log_std: _LogStd, act_dim: int) -> None:
-        super().__init__()
-        self.module, self.log_std, self.act_dim = module, log_std, act_dim
+    Gradients are averaged across processes, then clipped to ``max_grad_norm``; the scalars of
+    the loss's output and the gradient norm are added to ``sums``.
+    """
+    out = loss(batch)
+    total = sum(v for k, v in out.items() if k.startswith("loss_"))
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ctx.all_reduce_grads(params)
+    grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    for k, v in out.items():
+        if v.numel() == 1:
+            name = f"loss/{k[5:]}" if k.startswith("loss_") else f"train/{k}"
+            sums[name] = sums.get(name, 0.0) + float(v.detach())
+    sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + float(grad_norm)
 
-    def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc = self.module(observation)[..., : self.act_dim]
-        return loc, self.log_std.log_std.exp().expand_as(loc)
+
+def annealed_lr(optimizer: torch.optim.Optimizer, lr: float, anneal: bool, progress: float) -> float:
+    """Set (and return) ``lr``, decayed linearly to 0 over the budget if ``anneal``."""
+    lr = lr * (1.0 - progress) if anneal else lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 @register_rule("ppo")
@@ -132,42 +159,20 @@ class PPO(UpdateRule):
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         info = ctx.env_info
         if info is None:
-            raise ValueError(f"{type(self).__name__} needs an env: give the Trainer env=...")
+            raise UserError(f"{self.name} needs an env: give the Trainer env=...")
         check(self.frames_per_batch % ctx.env_spec.num_envs == 0, "frames_per_batch",
               f"a multiple of env.num_envs={ctx.env_spec.num_envs}", self.frames_per_batch)
-        self.module = module
-        if info.discrete:
-            policy = TensorDictModule(module, in_keys=["observation"], out_keys=["logits"])
-            self.actor = ProbabilisticActor(policy, in_keys=["logits"],
-                                            distribution_class=torch.distributions.Categorical,
-                                            return_log_prob=True)
-        else:
-            log_std = module.add_aux("log_std", _LogStd(info.act_dim, self.log_std_init))
-            head = TensorDictModule(_GaussianHead(module, log_std, info.act_dim),
-                                    in_keys=["observation"], out_keys=["loc", "scale"])
-            self.actor = ProbabilisticActor(head, in_keys=["loc", "scale"],
-                                            distribution_class=IndependentNormal,
-                                            return_log_prob=True)
-        if callable(getattr(module, "value", None)):
-            value_net: nn.Module = _ModuleValue(module)
-        else:
-            value_net = module.add_aux("value", _Flatten(
-                mlp(info.obs_dim, 1, self.value_hidden, nn.Tanh, out_gain=1.0), len(info.obs_shape)))
-        self.critic = ValueOperator(value_net, in_keys=["observation"])
-        self.loss = self._make_loss()
+        self.actor = stochastic_actor(module, self.log_std_init)
+        self.critic = value_operator(module, info, self.value_hidden)
+        self.loss = ClipPPOLoss(self.actor, self.critic, clip_epsilon=self.clip,
+                                entropy_bonus=self.entropy_coef > 0,
+                                entropy_coeff=self.entropy_coef or None,
+                                critic_coeff=self.value_coef, loss_critic_type="l2",
+                                normalize_advantage=self.normalize_advantage)
         self.advantage = GAE(gamma=self.gamma, lmbda=self.gae_lambda, value_network=self.critic,
                              average_gae=False)
         self.optimizer = torch.optim.Adam(module.parameters(), lr=self.lr, eps=1e-5)
         self._batches: Any = None
-
-    def _make_loss(self) -> nn.Module:
-        return ClipPPOLoss(self.actor, self.critic, clip_epsilon=self.clip,
-                           entropy_bonus=self.entropy_coef > 0,
-                           entropy_coeff=self.entropy_coef or None, critic_coeff=self.value_coef,
-                           loss_critic_type="l2", normalize_advantage=self.normalize_advantage)
-
-    def _post_advantage(self, batch: Any) -> None:
-        """Hook on the batch after GAE (ClipPPOLoss standardises per minibatch itself)."""
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
@@ -179,60 +184,16 @@ class PPO(UpdateRule):
         batch = next(self._batches)
         with torch.no_grad():
             self.advantage(batch)
-            self._post_advantage(batch)
         flat = batch.reshape(-1)
-        lr = self.lr * (1.0 - ctx.progress) if self.anneal_lr else self.lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        lr = annealed_lr(self.optimizer, self.lr, self.anneal_lr, ctx.progress)
         sums: dict[str, float] = {}
         updates = 0
         for _ in range(self.epochs):
             order = torch.randperm(flat.shape[0], generator=ctx.generator).to(flat.device)
             for idx in order.split(self.minibatch_size):
-                out = self.loss(flat[idx])
-                loss = sum(v for k, v in out.items() if k.startswith("loss_"))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                ctx.all_reduce_grads(params)
-                grad_norm = nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                self.optimizer.step()
-                for k, v in out.items():
-                    if v.numel() == 1:
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                gradient_step(self.loss, flat[idx], self.optimizer, self.max_grad_norm, ctx, sums)
                 updates += 1
-        metrics = {_metric_name(k): v / updates for k, v in sums.items()}
+        metrics = {k: v / updates for k, v in sums.items()}
         metrics.update({"optim/lr": lr, "optim/updates": float(updates),
                         "frames": float(batch.numel())})
         return metrics
-
-
-def _metric_name(key: str) -> str:
-    return f"loss/{key[5:]}" if key.startswith("loss_") else f"train/{key}"
-
-
-@register_rule("reinforce")
-@dataclass
-class REINFORCE(PPO):
-    """REINFORCE with a learned value baseline: one gradient step on each whole batch.
-
-    Advantages are discounted returns minus the baseline (GAE with λ = 1; an episode cut by the
-    end of a batch is bootstrapped with the baseline), standardised over the batch. Fields are
-    those of :class:`PPO`; ``clip`` is unused and ``minibatch_size`` should equal
-    ``frames_per_batch`` for the textbook single step per batch.
-    """
-
-    lr: float = 1e-2
-    frames_per_batch: int = 256
-    minibatch_size: int = 256
-    epochs: int = 1
-    gae_lambda: float = 1.0
-
-    def _make_loss(self) -> nn.Module:
-        return ReinforceLoss(self.actor, self.critic, loss_critic_type="l2")
-
-    def _post_advantage(self, batch: Any) -> None:
-        if self.normalize_advantage:
-            adv = batch.get("advantage")
-            batch.set("advantage", (adv - adv.mean()) / (adv.std() + 1e-8))
