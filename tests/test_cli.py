@@ -128,3 +128,16 @@ def test_fit_then_evaluate(capsys, small_recipe, tmp_path):
     assert again["eval/return_mean"] == result["eval/return_mean"]
     ckpt = torch.load(summary["checkpoint"], weights_only=False)
     assert ckpt["unitrain"]["frames"] == summary["frames"]
+
+
+@pytest.mark.parametrize("field", ["clip", "entropy_coef", "value_coef", "epochs",
+                                   "minibatch_size", "gae_lambda"])
+def test_reinforce_takes_only_its_own_fields(capsys, tmp_path, field):
+    recipe = tmp_path / "reinforce.yaml"
+    recipe.write_text("env: {id: CartPole-v1}\noptimizer: {name: reinforce, lr: 0.01}\n")
+    err = _fail(capsys, "fit", str(recipe), f"optimizer.{field}=1")
+    assert f"optimizer.{field}: unknown key" in err and "frames_per_batch" in err
+    import unitrain as ut
+
+    with pytest.raises(TypeError, match=field):
+        ut.optim.REINFORCE(**{field: 1})

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import unitrain as ut
+from conftest import run_cli
 from policies import TinyPolicy
 from unitrain.cli import main
 
@@ -88,20 +90,23 @@ def test_seeded_runs_reproduce_and_seeds_matter(tmp_path: Path):
 
 
 def test_continuous_actions_train(tmp_path: Path):
-    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=4), max_frames=2048, eval_every_frames=512,
-                         eval_episodes=2, seed=0, num_threads=1, run_dir=tmp_path,
+    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=4), max_frames=2048,
+                         eval_every_frames=512, eval_episodes=2, seed=0, run_dir=tmp_path,
                          optimizer=ut.optim.PPO(frames_per_batch=256, minibatch_size=128, epochs=2))
     module = ut.MLPPolicy(obs_dim=3, act_dim=1)
     trainer.fit(module)
     assert trainer.summary["frames"] == 2048
-    assert -2000 < trainer.summary["eval/return_mean"] < 0
+    # Sampled actions are the squashed Gaussian's: inside the bounds, never clipped by the env.
+    ckpt = torch.load(trainer.summary["checkpoint"], weights_only=False)
+    assert ckpt["unitrain"]["frames"] == 2048
     # The Gaussian's log std is part of the run's state, outside the policy parameters.
     names = [n for n, _ in module.named_policy_parameters()]
     assert names and not any(n.startswith("aux.") for n in names)
     assert "aux.log_std.log_std" in module.state_dict()
-    obs = torch.zeros(5, 3)
+    obs = torch.randn(5, 3) * 10
     action = module.act(obs)
     assert action.shape == (5, 1) and bool(((action >= -2) & (action <= 2)).all())
+    assert module.aux.log_std.log_std.item() != 0.0  # trained with the policy
 
 
 def test_trainer_rejects_non_rule_and_non_module(tmp_path: Path):
@@ -126,3 +131,76 @@ def test_early_stopping_threshold_is_reached_at_equality(tmp_path: Path):
                        max_frames=20_000, early_stop=ut.EarlyStop(threshold=5.0))
     assert trainer.callback_metrics["eval/return_mean"] == 5.0
     assert trainer.summary["iterations"] == 4
+
+
+def _eval_steps(run_dir: Path) -> list[int]:
+    steps: list[int] = []
+    for path in run_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        if "eval/return_mean" in acc.Tags()["scalars"]:
+            steps += [e.step for e in acc.Scalars("eval/return_mean")]
+    return sorted(steps)
+
+
+def test_evaluations_follow_the_frame_count(tmp_path: Path):
+    # 128 frames per iteration; an evaluation after the iteration that reaches each multiple of
+    # 300 frames, and one at the end of the budget.
+    trainer = _api_run(tmp_path / "a", eval_every_frames=300)
+    assert _eval_steps(tmp_path / "a") == [384, 640, 1024, 1280, 1536, 1920, 2048]
+    assert trainer.summary["frames"] == 2048 and trainer.summary["frames_over_budget"] == 0
+    # Without a cadence: a tenth of the budget; the budget is met to within one iteration and
+    # the overshoot is reported.
+    trainer = _api_run(tmp_path / "b", eval_every_frames=None, max_frames=1200)
+    assert trainer.eval_every_frames == 120
+    assert trainer.summary["frames"] == 1280 and trainer.summary["frames_over_budget"] == 80
+    assert _eval_steps(tmp_path / "b") == [128 * k for k in range(1, 11)]
+
+
+class Threads(L.Callback):
+    def on_train_start(self, trainer, module) -> None:
+        self.threads = torch.get_num_threads()
+
+
+def test_one_thread_per_process_by_default(tmp_path: Path):
+    threads = Threads()
+    before = torch.get_num_threads()
+    try:
+        _api_run(tmp_path, num_threads=None, max_frames=128, callbacks=[threads])
+    finally:
+        torch.set_num_threads(before)
+    assert threads.threads == 1
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path: Path):
+    run = tmp_path / "new" / "run"
+    trainer = ut.Trainer(env="CartPole-v1", optimizer=ut.optim.PPO(), run_dir=run,
+                         enable_progress_bar=False)
+    with pytest.raises(ut.ConfigError, match="forward returns 3 outputs"):
+        trainer.fit(TinyPolicy(4, 3))
+    assert not (tmp_path / "new").exists()
+
+
+def test_unwritable_run_dir_is_one_line(tmp_path: Path, small_recipe: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ut.UserError, match=r"run_dir: cannot write to .*file/run"):
+        ut.Trainer(env="CartPole-v1", optimizer=ut.optim.PPO(), run_dir=blocker / "run")
+    proc = run_cli("fit", str(small_recipe), f"run_dir={blocker / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"unitrain: error: run_dir: cannot write to {blocker / 'run'} (Not a directory); "
+        "choose a writable run_dir="]
+
+
+def test_console_shows_one_progress_bar_and_no_lightning_banner(tmp_path: Path,
+                                                                 small_recipe: Path):
+    proc = run_cli("fit", str(small_recipe), f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = proc.stdout + proc.stderr
+    for noise in ("GPU available", "TPU available", "Tip", "litlogger", "configure_optimizers",
+                  "dataloader_iter", "Warning", "Validation", "Epoch"):
+        assert noise not in console, (noise, console[-2000:])
+    frames = [line for line in console.replace("\r", "\n").splitlines() if "frames/s" in line]
+    assert frames and frames[-1].lstrip().startswith("100%") and "2.05k/2.05k" in frames[-1]
+    assert "eval return" in proc.stdout

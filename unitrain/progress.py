@@ -3,7 +3,7 @@
 Lightning's bars count batches per epoch and add one per validation; a unitrain epoch is an
 evaluation period of varying length, so :class:`FrameProgressBar` shows the frame count against
 ``max_frames`` instead, with the latest training-episode return, the latest evaluation return,
-frames per second and tqdm's time estimate. It is a Lightning ``ProgressBar`` callback: pass your
+frames per second and the time left (tqdm's rate and estimate). It is a Lightning ``ProgressBar`` callback: pass your
 own progress bar (or ``enable_progress_bar=False``) to replace it.
 """
 
@@ -85,6 +85,4 @@ class FrameProgressBar(ProgressBar):
             post["return"] = f"{run.last_return:.1f}"
         if run.last_eval is not None:
             post["eval"] = f"{run.last_eval['return_mean']:.1f}"
-        if not math.isnan(run.frames_per_s):
-            post["fps"] = f"{run.frames_per_s:,.0f}"
         return post

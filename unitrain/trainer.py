@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,27 @@ class RuleDDPStrategy(DDPStrategy):
         # before the interpreter exits, or the process can abort on the way out.
         atexit.unregister(_destroy_process_group)
         atexit.register(_destroy_process_group)
+
+
+# Lightning warnings about choices unitrain makes on purpose, with the reason for each.
+_EXPECTED_WARNINGS = (
+    # The adapter takes the training iterator itself to end an evaluation period on time.
+    r".*`dataloader_iter`.*",
+    # A resumed run writes its checkpoints where the interrupted run wrote them.
+    r"Checkpoint directory .* exists and is not empty",
+    # Lightning's own use of a torch pytree API deprecated in newer torch releases.
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
+def _quiet_console() -> None:
+    """No banner, tips or warnings about unitrain's own choices on the console."""
+    # Lightning's banner (accelerators available and used) and tips, and TorchRL's notes on
+    # storage it allocates, are INFO records.
+    for name in ("lightning.pytorch", "lightning.fabric", "torchrl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def _just_below(value: float | None) -> float | None:
@@ -159,9 +181,7 @@ class Trainer(L.Trainer):
         self._created_dir = _probe_run_dir(self.run_dir)
         self.summary: dict[str, Any] | None = None
         L.seed_everything(seed, workers=True, verbose=False)
-        # Lightning's banner (accelerators available and used) and tips are INFO records.
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        _quiet_console()
 
         callbacks = list(callbacks or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
