@@ -32,7 +32,8 @@ from unitrain.optim import registered_rules
 TASKS: dict[str, tuple[ut.EnvSpec | None, dict[str, Any], int, float]] = {
     "elite_imitation": (ut.EnvSpec("CartPole-v1", num_envs=4),
                         dict(fit=dict(iterations=20), episodes=8, elite_fraction=0.25,
-                             explore=0.1, updates=2, batch_size=128), 6000, 20.0),
+                             keep_elites=True, greedy_share=0.0, explore=0.1, updates=2,
+                             batch_size=128), 6000, 20.0),
     "projection": (None, dict(iterations=10), 2, 0.3),
     "adam": (None, dict(lr=3e-3), 2, 0.3),
     "ppo": (ut.EnvSpec("CartPole-v1", num_envs=4),
@@ -144,7 +145,8 @@ def _rule_action(name: str, rule: Any, module: ut.RLModule, obs: torch.Tensor) -
     """The deterministic action as the rule itself computes it (its actor, its population)."""
     if name in ("ppo", "reinforce"):
         with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
-            return rule.actor(TensorDict(observation=obs, batch_size=obs.shape[:1]))["action"]
+            return rule.data.actor(TensorDict(observation=obs,
+                                              batch_size=obs.shape[:1]))["action"]
     if name == "ddpg":
         with torch.no_grad():
             return module.actions.to_env(rule.actor(obs))

@@ -94,7 +94,8 @@ def _services(module: ut.RLModule, spec: ut.EnvSpec) -> RunServices:
 def test_elite_imitation_improves_cartpole(tmp_path: Path):
     spec = ut.EnvSpec("CartPole-v1", num_envs=4)
     rule = EliteImitation(fit=Projection(iterations=20), episodes=8, elite_fraction=0.25,
-                          explore=0.1, updates=2, batch_size=128)
+                          keep_elites=True, greedy_share=0.0, explore=0.1, updates=2,
+                          batch_size=128)
     torch.manual_seed(0)
     module = TinyPolicy(4, 2, activation="relu")
     before = ut.evaluate(module, spec, episodes=8)["return_mean"]

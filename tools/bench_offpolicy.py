@@ -42,7 +42,9 @@ from torchrl.objectives import SACLoss, SoftUpdate, ValueEstimators
 
 import unitrain as ut
 from unitrain.envs import env_info
+from unitrain.errors import check
 from unitrain.optim import DSACT
+from unitrain.optim.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
 
 if TYPE_CHECKING:
     from unitrain.module import RLModule
@@ -69,21 +71,30 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], int]] 
 
 
 class _LocScale(nn.Module):
-    """``(loc, raw_scale) -> (loc, scale)`` with the scale bounded as DSAC-T bounds it."""
+    """``observation -> (loc, scale)`` of the module's pre-tanh Gaussian, read through the action
+    contract, with the log standard deviation bounded as DSAC-T bounds it."""
 
-    def __init__(self, head: nn.Module, bounds: tuple[float, float]) -> None:
+    def __init__(self, module: nn.Module, log_std: nn.Module | None,
+                 bounds: tuple[float, float]) -> None:
         super().__init__()
-        self.head, self.bounds = head, bounds
+        self.module, self.bounds = module, bounds
+        # ``log_std`` (action_std "param") lives under ``module.aux``, which ``module`` already
+        # registers: registering it here too would give the loss two copies of it.
+        self.__dict__["log_std"] = log_std
 
     def forward(self, observation: Tensor) -> tuple[Tensor, Tensor]:
-        loc, raw_scale = self.head(observation)
-        return loc, raw_scale.clamp(*self.bounds).exp()
+        head = self.module.actions
+        out = self.module(observation)
+        return head.loc(out), head.log_std(out, self.log_std).clamp(*self.bounds).exp()
 
 
 @dataclass
-class SAC(DSACT):
-    """SAC with TorchRL's ``SACLoss`` in DSAC-T's loop (fields as :class:`DSACT`).
+class SAC(OffPolicyFields):
+    """SAC with TorchRL's ``SACLoss`` in the off-policy loop DSAC-T composes (fields as
+    :class:`DSACT`).
 
+    The policy is the module's tanh-Gaussian of the shared action contract (``action_std``
+    ``"state"``: mean and log std from the network; ``"param"``: the learned ``aux.log_std``).
     The critics are two MLPs ``(observation, action) -> Q`` (``critic_hidden`` GELU layers)
     regressed with a squared error on ``r + gamma (1 - terminated) (min_i Q'_i(s', a') - alpha
     log pi(a'|s'))``, ``a'`` from the current policy; ``delay`` spaces the policy, temperature and
@@ -91,34 +102,64 @@ class SAC(DSACT):
     """
 
     name: ClassVar[str] = "sac"
+    # DSAC-T's defaults, so that both rules differ only in their loss.
+    lr_actor: float = 1e-4
+    lr_critic: float = 1e-4
+    warmup_frames: int = 10_000
+    utd_ratio: float = 0.05
+    critic_hidden: tuple[int, ...] = (256, 256, 256)
+    lr_alpha: float = 3e-4
+    alpha_init: float = math.e
+    target_entropy: float | None = None
     delay: int = 1
+
+    log_std_bounds: ClassVar[tuple[float, float]] = DSACT.log_std_bounds
     metric_names: ClassVar[tuple[str, ...]] = (
         "loss/critic", "loss/actor", "loss/temperature", "train/alpha", "train/entropy")
 
-    def _build(self, module: "RLModule", ctx: "RuleContext") -> None:
-        head, actor_params = self._gaussian_actor(module, ctx)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.lr_alpha > 0, "lr_alpha", "a number > 0", self.lr_alpha)
+        check(self.alpha_init > 0, "alpha_init", "a number > 0", self.alpha_init)
+        check(self.delay >= 1, "delay", "an integer >= 1", self.delay)
+
+    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
+        self.loop = OffPolicyLoop(self, module, ctx, self._explore, self.metric_names)
+        log_std = module.log_std_param()
+        actor_params = module.policy_parameters() + ([] if log_std is None else [log_std.log_std])
+        self.actor = _LocScale(module, log_std, self.log_std_bounds)
+        # Actions in [-1, 1] (TanhNormal's default bounds): what the critics and the replay see.
         actor = ProbabilisticActor(
-            TensorDictModule(_LocScale(head, self.log_std_bounds), in_keys=["observation"],
-                             out_keys=["loc", "scale"]),
+            TensorDictModule(self.actor, in_keys=["observation"], out_keys=["loc", "scale"]),
             in_keys=["loc", "scale"], distribution_class=TanhNormal, return_log_prob=True)
         critics = [TensorDictModule(c, in_keys=["observation", "action"],
                                     out_keys=["state_action_value"])
-                   for c in self._critics(module, 2, 1, nn.GELU)]
+                   for c in make_critics(module, 2, 1, self.critic_hidden, nn.GELU)]
+        act_dim = module.actions.act_dim
         loss = SACLoss(actor, critics, num_qvalue_nets=2, loss_function="l2",
                        alpha_init=self.alpha_init,
-                       target_entropy=(-float(self.info.act_dim) if self.target_entropy is None
+                       target_entropy=(-float(act_dim) if self.target_entropy is None
                                        else self.target_entropy)).to(ctx.device)
         loss.make_value_estimator(ValueEstimators.TD0, gamma=self.gamma)
         self.loss = module.add_aux(self.name, loss)
-        self.actor = head
         self.updater = SoftUpdate(self.loss, tau=self.tau)
         self.critic_opt = torch.optim.Adam(list(self.loss.qvalue_network_params.values(True, True)),
                                            lr=self.lr_critic)
         self.actor_opt = torch.optim.Adam(actor_params, lr=self.lr_actor)
         self.alpha_opt = torch.optim.Adam([self.loss.log_alpha], lr=self.lr_alpha)
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.critic_opt, self.actor_opt, self.alpha_opt]
+
+    def step(self, ctx: "RuleContext") -> dict[str, float]:
+        return self.loop.step(ctx, self._update)
+
+    def _explore(self, observation: Tensor) -> Tensor:
+        loc, scale = self.actor(observation)
+        return torch.tanh(loc + scale * self.loop.draw(tuple(loc.shape)))
+
     def _update(self, batch: TensorDictBase, ctx: "RuleContext") -> dict[str, Tensor | float]:
-        delayed = self._updates % self.delay == 0
+        delayed = self.loop.updates % self.delay == 0
         out = self.loss(batch)
         # SACLoss detaches the critics in the actor loss and the policy in the temperature loss:
         # the three losses touch disjoint parameters.
@@ -126,7 +167,7 @@ class SAC(DSACT):
         if delayed:
             total = total + out["loss_actor"] + out["loss_alpha"]
             optimizers += [self.actor_opt, self.alpha_opt]
-        self.descend(total, optimizers, ctx)
+        self.loop.descend(total, optimizers, ctx)
         if delayed:
             self.updater.step()
         metrics: dict[str, Tensor | float] = {"loss/critic": out["loss_qvalue"].detach(),
@@ -136,6 +177,12 @@ class SAC(DSACT):
             metrics.update({"loss/actor": out["loss_actor"].detach(),
                             "loss/temperature": out["loss_alpha"].detach()})
         return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loop.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loop.load_state_dict(state)
 
 
 @dataclass
@@ -163,13 +210,15 @@ def run(env_id: str, rule_name: str, seed: int, frames: int, root: Path) -> Resu
     rule = (DSACT if rule_name == "dsac_t" else SAC)(**rule_kwargs)
     info = env_info(spec)
     run_dir = root / f"{env_id}-{rule_name}-{seed}"
-    # Evaluate about ten times per run, on iteration boundaries.
-    eval_every = max(1, frames // (10 * rule_kwargs["frames_per_batch"]))
-    trainer = ut.Trainer(env=spec, optimizer=rule, max_frames=frames, eval_every=eval_every,
+    # Evaluate about ten times per run (after the first iteration that reaches each tenth).
+    eval_every_frames = max(1, frames // 10)
+    trainer = ut.Trainer(env=spec, optimizer=rule, max_frames=frames,
+                         eval_every_frames=eval_every_frames,
                          eval_episodes=10, seed=seed, num_threads=1, run_dir=run_dir,
                          enable_progress_bar=False)
     L.seed_everything(seed, verbose=False)
-    module = ut.MLPPolicy(info.obs_dim, 2 * info.act_dim, activation="gelu", **module_kwargs)
+    module = ut.MLPPolicy(info.obs_dim, info.act_dim, activation="gelu", action_std="state",
+                          **module_kwargs)
     trainer.fit(module)
     summary = trainer.summary
     evals, rates = _scalars(run_dir, "eval/return_mean"), _scalars(run_dir, "perf/updates_per_s")

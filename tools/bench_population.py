@@ -57,7 +57,7 @@ def population_policy(population: int, seed: int):
     module.eval()
     layout = ParamLayout.of(module)
     params = layout.flatten(module) + 0.1 * torch.randn(population, layout.numel)
-    return PopulationPolicy(module, layout, lambda m, o: m.act(o)), params, info
+    return PopulationPolicy(module, layout), params, info
 
 
 def raw_runner(population: int, policy, params: torch.Tensor, seed: int) -> Callable[[int], int]:
@@ -146,23 +146,25 @@ class Clock(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if self.frames0 is None:
-            self.frames0 = module._ctx.frames
+            self.frames0 = module._ctx.services.frames
         self.start = (time.perf_counter(), time.process_time())
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.wall += time.perf_counter() - self.start[0]
         self.cpu += time.process_time() - self.start[1]
-        self.frames = module._ctx.frames
+        self.frames = module._ctx.services.frames
 
 
 if __name__ == "__main__":
     devices, population, generations, out = (int(sys.argv[1]), int(sys.argv[2]),
                                              int(sys.argv[3]), sys.argv[4])
     clock = Clock()
+    max_frames = population * 1000 * generations
+    # One evaluation, at the end of the budget (outside the timed generations).
     trainer = ut.Trainer(env=ut.EnvSpec("HalfCheetah-v5"), devices=devices,
                          strategy="ddp" if devices > 1 else "auto",
                          optimizer=ut.optim.ES(population=population),
-                         max_frames=population * 1000 * generations, eval_every=1000,
+                         max_frames=max_frames, eval_every_frames=max_frames,
                          eval_episodes=1, num_threads=1, run_dir=out + ".run", logger=False,
                          callbacks=[clock], enable_progress_bar=False)
     trainer.fit(ut.MLPPolicy(17, 6, hidden=[64, 64]))

@@ -42,6 +42,11 @@ __all__ = ["EliteImitation"]
 class EliteImitation(UpdateRule):
     """Fit the policy by projection to the actions of its best episodes (discrete actions).
 
+    The defaults are the settings measured on CartPole (``docs/projection.md``): a calibrated,
+    relaxed fit (cross-entropy with ``lam`` 1, 20 solver iterations on standardised inputs, 30%
+    of the way to each consensus) of one batch per iteration, with a quarter of the env slots
+    acting greedily.
+
     Args:
         fit: the projection fit of the elite pairs (a :class:`Projection` block: solver,
             iterations, output, lam, margin, step_size, standardize).
@@ -64,15 +69,16 @@ class EliteImitation(UpdateRule):
             elites when ``keep_elites``); more and more varied pairs make each fit generalise.
     """
 
-    fit: Projection = field(default_factory=Projection)
+    fit: Projection = field(default_factory=lambda: Projection(
+        iterations=20, lam=1.0, step_size=0.3, standardize=True))
     episodes: int = 16
-    elite_fraction: float = 0.25
-    keep_elites: bool = True
+    elite_fraction: float = 0.3
+    keep_elites: bool = False
     explore: float = 0.05
     sample: bool = True
-    greedy_share: float = 0.0
-    batch_size: int = 256
-    updates: int = 4
+    greedy_share: float = 0.25
+    batch_size: int = 512
+    updates: int = 1
     window: int = 1
 
     def __post_init__(self) -> None:

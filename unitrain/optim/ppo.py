@@ -8,7 +8,8 @@ policy over logits, or a tanh-squashed Gaussian scaled to the env's bounds whose
 deviation is ``aux.log_std`` or the module's own second half of outputs. A value function
 (``aux.value``, an MLP over the flattened observation) is added unless the module has a
 ``value(observation)`` method. :class:`REINFORCE` lives in :mod:`unitrain.optim.reinforce` and
-shares :func:`value_operator`, :func:`gradient_step` and :func:`annealed_lr` with PPO.
+composes :class:`OnPolicyBatches` (policy, value function, collection, GAE) and uses
+:func:`gradient_step` and :func:`annealed_lr` like PPO.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
 
-__all__ = ["PPO", "value_operator", "gradient_step", "annealed_lr"]
+__all__ = ["PPO", "OnPolicyBatches", "value_operator", "gradient_step", "annealed_lr"]
 
 
 class _Flatten(nn.Module):
@@ -96,6 +97,46 @@ def gradient_step(loss: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
     sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + float(grad_norm)
 
 
+class OnPolicyBatches:
+    """The on-policy evidence PPO and REINFORCE share: the module's stochastic policy (the action
+    contract's) and a state-value function, ``frames_per_batch`` transitions per iteration from a
+    TorchRL collector, and GAE advantages.
+
+    Args:
+        rule: the rule's name (for messages).
+        module: the user's module.
+        ctx: the run's services.
+        frames_per_batch: transitions per batch on each rank (a multiple of ``env.num_envs``).
+        gamma, lmbda: GAE's discount and λ.
+        log_std_init: initial log std of continuous actions (``aux.log_std``, if created here).
+        value_hidden: hidden sizes of the default value network.
+    """
+
+    def __init__(self, rule: str, module: "RLModule", ctx: "RuleContext", frames_per_batch: int,
+                 gamma: float, lmbda: float, log_std_init: float,
+                 value_hidden: tuple[int, ...]) -> None:
+        info = ctx.env_info
+        if info is None:
+            raise UserError(f"{rule} needs an env: give the Trainer env=...")
+        check(frames_per_batch % ctx.env_spec.num_envs == 0, "frames_per_batch",
+              f"a multiple of env.num_envs={ctx.env_spec.num_envs}", frames_per_batch)
+        self.frames_per_batch = frames_per_batch
+        self.actor = stochastic_actor(module, log_std_init)
+        self.critic = value_operator(module, info, value_hidden)
+        self.advantage = GAE(gamma=gamma, lmbda=lmbda, value_network=self.critic,
+                             average_gae=False)
+        self._batches: Any = None
+
+    def next(self, ctx: "RuleContext") -> Any:
+        """The next batch ``[num_envs, steps]`` with its ``"advantage"`` and value targets."""
+        if self._batches is None:
+            self._batches = iter(ctx.collector(self.actor, self.frames_per_batch))
+        batch = next(self._batches)
+        with torch.no_grad():
+            self.advantage(batch)
+        return batch
+
+
 def annealed_lr(optimizer: torch.optim.Optimizer, lr: float, anneal: bool, progress: float) -> float:
     """Set (and return) ``lr``, decayed linearly to 0 over the budget if ``anneal``."""
     lr = lr * (1.0 - progress) if anneal else lr
@@ -157,33 +198,21 @@ class PPO(UpdateRule):
 
     # ------------------------------------------------------------------ construction
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        info = ctx.env_info
-        if info is None:
-            raise UserError(f"{self.name} needs an env: give the Trainer env=...")
-        check(self.frames_per_batch % ctx.env_spec.num_envs == 0, "frames_per_batch",
-              f"a multiple of env.num_envs={ctx.env_spec.num_envs}", self.frames_per_batch)
-        self.actor = stochastic_actor(module, self.log_std_init)
-        self.critic = value_operator(module, info, self.value_hidden)
-        self.loss = ClipPPOLoss(self.actor, self.critic, clip_epsilon=self.clip,
+        self.data = OnPolicyBatches(self.name, module, ctx, self.frames_per_batch, self.gamma,
+                                    self.gae_lambda, self.log_std_init, self.value_hidden)
+        self.loss = ClipPPOLoss(self.data.actor, self.data.critic, clip_epsilon=self.clip,
                                 entropy_bonus=self.entropy_coef > 0,
                                 entropy_coeff=self.entropy_coef or None,
                                 critic_coeff=self.value_coef, loss_critic_type="l2",
                                 normalize_advantage=self.normalize_advantage)
-        self.advantage = GAE(gamma=self.gamma, lmbda=self.gae_lambda, value_network=self.critic,
-                             average_gae=False)
         self.optimizer = torch.optim.Adam(module.parameters(), lr=self.lr, eps=1e-5)
-        self._batches: Any = None
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
 
     # ------------------------------------------------------------------ one iteration
     def step(self, ctx: "RuleContext") -> dict[str, float]:
-        if self._batches is None:
-            self._batches = iter(ctx.collector(self.actor, self.frames_per_batch))
-        batch = next(self._batches)
-        with torch.no_grad():
-            self.advantage(batch)
+        batch = self.data.next(ctx)
         flat = batch.reshape(-1)
         lr = annealed_lr(self.optimizer, self.lr, self.anneal_lr, ctx.progress)
         sums: dict[str, float] = {}

@@ -7,24 +7,23 @@ discounted returns minus the baseline ``V(s)`` (GAE with λ = 1: an episode cut 
 batch is bootstrapped with the baseline), standardises them over the batch, and takes one Adam
 step on TorchRL's ``ReinforceLoss``: ``−mean[log π(a|s) · Â] + mean[(V(s) − R)²]``.
 
-The value function and the gradient step are PPO's (:func:`~unitrain.optim.ppo.value_operator`,
-:func:`~unitrain.optim.ppo.gradient_step`); REINFORCE has no clipping, epochs or minibatches, so
-it has no such fields.
+The policy, value function, collection and advantages are PPO's
+(:class:`~unitrain.optim.ppo.OnPolicyBatches`), and so is the gradient step
+(:func:`~unitrain.optim.ppo.gradient_step`); REINFORCE has no clipping, epochs or minibatches,
+so it has no such fields.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torchrl.objectives import ReinforceLoss
-from torchrl.objectives.value import GAE
 
-from unitrain.action import stochastic_actor
-from unitrain.errors import UserError, check
+from unitrain.errors import check
 from unitrain.optim.base import UpdateRule, register_rule
-from unitrain.optim.ppo import annealed_lr, gradient_step, value_operator
+from unitrain.optim.ppo import OnPolicyBatches, annealed_lr, gradient_step
 
 if TYPE_CHECKING:
     from unitrain.module import RLModule
@@ -68,28 +67,18 @@ class REINFORCE(UpdateRule):
         self.value_hidden = tuple(int(h) for h in self.value_hidden)
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        info = ctx.env_info
-        if info is None:
-            raise UserError(f"{self.name} needs an env: give the Trainer env=...")
-        check(self.frames_per_batch % ctx.env_spec.num_envs == 0, "frames_per_batch",
-              f"a multiple of env.num_envs={ctx.env_spec.num_envs}", self.frames_per_batch)
-        self.actor = stochastic_actor(module, self.log_std_init)
-        self.critic = value_operator(module, info, self.value_hidden)
-        self.loss = ReinforceLoss(self.actor, self.critic, loss_critic_type="l2")
-        self.advantage = GAE(gamma=self.gamma, lmbda=1.0, value_network=self.critic,
-                             average_gae=False)
+        # GAE with λ = 1: discounted returns minus the baseline.
+        self.data = OnPolicyBatches(self.name, module, ctx, self.frames_per_batch, self.gamma,
+                                    1.0, self.log_std_init, self.value_hidden)
+        self.loss = ReinforceLoss(self.data.actor, self.data.critic, loss_critic_type="l2")
         self.optimizer = torch.optim.Adam(module.parameters(), lr=self.lr, eps=1e-5)
-        self._batches: Any = None
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
 
     def step(self, ctx: "RuleContext") -> dict[str, float]:
-        if self._batches is None:
-            self._batches = iter(ctx.collector(self.actor, self.frames_per_batch))
-        batch = next(self._batches)
+        batch = self.data.next(ctx)
         with torch.no_grad():
-            self.advantage(batch)
             if self.normalize_advantage:
                 adv = batch.get("advantage")
                 batch.set("advantage", (adv - adv.mean()) / (adv.std() + 1e-8))
