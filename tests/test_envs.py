@@ -12,7 +12,7 @@ from torch import nn
 from torchrl.envs.utils import check_env_specs, step_mdp
 
 from unitrain.collect import make_collector
-from unitrain.envs import EnvSpec, ObsNorm, VecGymEnv, env_info, make_env
+from unitrain.envs import EnvSpec, ObsNorm, BatchedEnv, env_info, make_env
 from unitrain.errors import ConfigError
 
 
@@ -27,7 +27,7 @@ class _Argmax(nn.Module):
         return self.net(observation).argmax(-1)
 
 
-def _policy(env: VecGymEnv, seed: int = 0) -> TensorDictModule:
+def _policy(env: BatchedEnv, seed: int = 0) -> TensorDictModule:
     """A deterministic policy for ``env`` with weights drawn from ``seed``."""
     torch.manual_seed(seed)
     info = env.info
@@ -40,7 +40,7 @@ def _policy(env: VecGymEnv, seed: int = 0) -> TensorDictModule:
 
 
 def _collect(spec: EnvSpec, seed: int, steps: int, policy_seed: int = 0,
-             random_actions: bool = False) -> tuple[TensorDictBase, VecGymEnv]:
+             random_actions: bool = False) -> tuple[TensorDictBase, BatchedEnv]:
     """One batch of ``steps`` vector steps from a fresh env."""
     env = make_env(spec, seed)
     torch.manual_seed(policy_seed)  # random actions come from torch's global generator
@@ -50,14 +50,17 @@ def _collect(spec: EnvSpec, seed: int, steps: int, policy_seed: int = 0,
     return batch, env
 
 
+@pytest.mark.parametrize("backend", ["gymnasium", "envpool"])
 @pytest.mark.parametrize("env_id, obs_shape, obs_dtype", [
     ("CartPole-v1", (4,), torch.float32),
     ("Pendulum-v1", (3,), torch.float32),
     ("HalfCheetah-v5", (17,), torch.float32),
     ("ALE/Pong-v5", (4, 84, 84), torch.uint8),
 ])
-def test_check_env_specs(env_id: str, obs_shape: tuple[int, ...], obs_dtype: torch.dtype) -> None:
-    env = make_env(EnvSpec(env_id, num_envs=2), seed=3)
+def test_check_env_specs(env_id: str, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
+                         backend: str) -> None:
+    env = make_env(EnvSpec(env_id, num_envs=2, backend=backend), seed=3)
+    assert env.backend_name == backend
     try:
         assert env.observation_spec["observation"].shape == (2, *obs_shape)
         assert env.observation_spec["observation"].dtype == obs_dtype
@@ -74,9 +77,10 @@ def test_env_info_matches_env() -> None:
     assert (info.obs_dim, info.act_dim, info.discrete, info.image) == (17, 6, False, False)
 
 
+@pytest.mark.parametrize("backend", ["gymnasium", "envpool"])
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "HalfCheetah-v5"])
-def test_batch_shape_and_keys(env_id: str) -> None:
-    spec = EnvSpec(env_id, num_envs=3, max_episode_steps=25)
+def test_batch_shape_and_keys(env_id: str, backend: str) -> None:
+    spec = EnvSpec(env_id, num_envs=3, max_episode_steps=25, backend=backend)
     batch, env = _collect(spec, seed=1, steps=10)
     assert batch.batch_size == (3, 10)
     info = env.info
@@ -104,7 +108,7 @@ def test_batch_shape_and_keys(env_id: str) -> None:
 @pytest.mark.parametrize("env_id, max_steps", [("CartPole-v1", None), ("HalfCheetah-v5", 12)])
 def test_episode_boundaries_match_gymnasium(env_id: str, max_steps: int | None) -> None:
     """Replays the batch's actions in plain gymnasium envs seeded like the vector env's slots."""
-    spec = EnvSpec(env_id, num_envs=2, max_episode_steps=max_steps)
+    spec = EnvSpec(env_id, num_envs=2, max_episode_steps=max_steps, backend="gymnasium")
     seed, steps = 11, 40
     batch, env = _collect(spec, seed=seed, steps=steps, random_actions=True)
     kwargs = {} if max_steps is None else {"max_episode_steps": max_steps}

@@ -5,8 +5,10 @@ autoreset) with the same batched MLP policy (``obs_dim → 64 → 64 → act_dim
 
 * ``raw``: a plain gymnasium loop; observations become a float32 tensor, the policy runs under
   ``torch.no_grad()``, actions go back as numpy. Nothing is stored.
-* ``unitrain``: :func:`unitrain.collect.make_collector` over :func:`unitrain.envs.make_env`,
-  the policy wrapped in a ``TensorDictModule``; every transition is kept in the batch.
+* ``unitrain``: :func:`unitrain.collect.make_collector` over :func:`unitrain.envs.make_env` on
+  the gymnasium backend, the policy wrapped in a ``TensorDictModule``; every transition is kept
+  in the batch.
+* ``envpool``: the same on the EnvPool backend (``--env-threads`` threads of EnvPool's own).
 * ``torchrl``: TorchRL's stock ``Collector(GymWrapper(vec_env))`` with the same module, for
   reference.
 
@@ -15,7 +17,7 @@ so that drifts in machine load hit all of them alike; rates are medians over rou
 headline ratio is the median of the per-round unitrain/raw ratios.
 Run::
 
-    python tools/bench_collect.py --env HalfCheetah-v5 --num-envs 32
+    python tools/bench_collect.py --env HalfCheetah-v5 --num-envs 32 --env-threads 1 2
 """
 
 from __future__ import annotations
@@ -84,12 +86,14 @@ def collector_runner(collector: Collector) -> Callable[[int], int]:
 
 
 def unitrain_runner(env_id: str, num_envs: int, module: TensorDictModule, seed: int,
-                    frames_per_batch: int) -> Callable[[int], int]:
-    """unitrain's path: ``make_collector`` over ``make_env``."""
+                    frames_per_batch: int, backend: str = "gymnasium",
+                    env_threads: int = 1) -> Callable[[int], int]:
+    """unitrain's path: ``make_collector`` over ``make_env`` on ``backend``."""
     from unitrain.collect import make_collector
     from unitrain.envs import EnvSpec, make_env
 
-    env = make_env(EnvSpec(env_id, num_envs=num_envs), seed)
+    env = make_env(EnvSpec(env_id, num_envs=num_envs, backend=backend), seed,
+                   num_threads=env_threads)
     return collector_runner(make_collector(env, module, frames_per_batch=frames_per_batch))
 
 
@@ -124,6 +128,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-torchrl", action="store_true",
                         help="leave out the stock TorchRL reference")
+    parser.add_argument("--env-threads", type=int, nargs="*", default=[1],
+                        help="EnvPool thread counts to measure (none: leave EnvPool out)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -144,6 +150,10 @@ def main() -> None:
         "unitrain": unitrain_runner(args.env, args.num_envs, module, args.seed,
                                     frames_per_batch),
     }
+    for threads in args.env_threads:
+        runners[f"envpool/{threads}"] = unitrain_runner(args.env, args.num_envs, module,
+                                                        args.seed, frames_per_batch, "envpool",
+                                                        threads)
     if not args.skip_torchrl:
         runners["torchrl"] = torchrl_runner(args.env, args.num_envs, module, args.seed,
                                             frames_per_batch)
@@ -178,10 +188,11 @@ def main() -> None:
                                           f"{chunks * frames_per_batch:,} frames per path and "
                                           f"round, median of {args.rounds} rounds", wall, cpu)
     # Rounds pair the paths under the same load, so the per-round ratio is the steadier figure.
-    paired = statistics.median(u / r for u, r in zip(wall["unitrain"], wall["raw"]))
-    print(f"ratio unitrain/raw: {paired:.3f} (median of per-round ratios; "
-          f"ratio of the medians {wall_med['unitrain'] / wall_med['raw']:.3f}, "
-          f"per CPU-second {cpu_med['unitrain'] / cpu_med['raw']:.3f})")
+    for name in [n for n in runners if n.startswith(("unitrain", "envpool"))]:
+        paired = statistics.median(u / r for u, r in zip(wall[name], wall["raw"]))
+        print(f"ratio {name}/raw: {paired:.3f} (median of per-round ratios; ratio of the "
+              f"medians {wall_med[name] / wall_med['raw']:.3f}, per CPU-second of this process "
+              f"{cpu_med[name] / cpu_med['raw']:.3f})")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ stacked parameters) on two paths:
 
 * ``raw``: a plain gymnasium ``SyncVectorEnv`` loop (same-step autoreset); observations become a
   float32 tensor, actions go back as numpy; nothing is recorded;
-* ``unitrain``: :class:`unitrain.population.PopulationEvaluator` (a ``VecGymEnv``, seeded
-  episodes, returns, lengths, caps), episodes cut at ``--steps`` steps.
+* ``unitrain``: :class:`unitrain.population.PopulationEvaluator` (a ``BatchedEnv`` on the
+  gymnasium backend, seeded episodes, returns, lengths, caps), episodes cut at ``--steps`` steps;
+* ``envpool/N``: the same evaluator on the EnvPool backend with ``N`` env threads
+  (``--env-threads``).
 
 The paths take turns chunk by chunk so that changes in machine load hit both alike; each figure
 is the median over rounds.
@@ -79,13 +81,15 @@ def raw_runner(population: int, policy, params: torch.Tensor, seed: int) -> Call
 
 
 def unitrain_runner(population: int, policy, params: torch.Tensor, seed: int,
-                    steps: int) -> Callable[[int], int]:
+                    steps: int, backend: str = "gymnasium",
+                    env_threads: int = 1) -> Callable[[int], int]:
     """``steps -> env steps``: one evaluation of the population with episodes cut at ``steps``."""
     from unitrain.envs import EnvSpec
     from unitrain.population import PopulationEvaluator
 
-    evaluator = PopulationEvaluator(policy, EnvSpec(ENV), policy.module.env_info.obs_shape,
-                                    max_episode_steps=steps)
+    evaluator = PopulationEvaluator(policy, EnvSpec(ENV, backend=backend),
+                                    policy.module.env_info.obs_shape, max_episode_steps=steps,
+                                    num_threads=env_threads)
     calls = [0]
 
     def run(_: int) -> int:
@@ -110,6 +114,9 @@ def in_process(args: argparse.Namespace) -> None:
     runners = {"raw": raw_runner(args.population, policy, params, args.seed),
                "unitrain": unitrain_runner(args.population, policy, params, args.seed,
                                            args.steps)}
+    for threads in args.env_threads:
+        runners[f"envpool/{threads}"] = unitrain_runner(args.population, policy, params,
+                                                        args.seed, args.steps, "envpool", threads)
     for run in runners.values():  # warm-up: env construction, first resets, vmap tracing
         run(args.steps)
     wall: dict[str, list[float]] = {name: [] for name in runners}
@@ -120,13 +127,13 @@ def in_process(args: argparse.Namespace) -> None:
         # rotating who goes first.
         totals = {name: np.zeros(3) for name in runners}
         for c in range(args.chunks):
-            for name in names[c % 2:] + names[:c % 2]:
+            for name in names[c % len(names):] + names[:c % len(names)]:
                 totals[name] += _timed(runners[name], args.steps)
         for name, (steps, wall_s, cpu_s) in totals.items():
             wall[name].append(steps / wall_s)
             cpu[name].append(steps / cpu_s)
-        print(f"round {r + 1}: raw {wall['raw'][-1]:,.0f}, unitrain {wall['unitrain'][-1]:,.0f} "
-              f"env-steps/s; unitrain/raw {wall['unitrain'][-1] / wall['raw'][-1]:.3f}", flush=True)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in wall.items())
+              + " env-steps/s", flush=True)
     print_speed_table(f"{ENV}, population {args.population} (one env each), 64-64 MLP, "
                       f"{args.threads} thread(s), {args.chunks * args.steps * args.population:,} "
                       f"env steps per path and round, median of {args.rounds} rounds", wall, cpu)
@@ -215,6 +222,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-ddp", action="store_true", help="leave out part 2")
+    parser.add_argument("--env-threads", type=int, nargs="*", default=[1, 2],
+                        help="EnvPool thread counts for part 1 (none: leave EnvPool out)")
     parser.add_argument("--only-ddp", action="store_true", help="leave out part 1")
     args = parser.parse_args()
     if not args.only_ddp:

@@ -112,7 +112,7 @@ class RunAdapter:
         # One thread per process by default: with more, small matrix products collapse as soon
         # as another process shares the cores.
         torch.set_num_threads(self.num_threads)
-        self.services.start(trainer.global_rank, trainer.world_size)
+        self.services.start(trainer.global_rank, trainer.world_size, self.num_threads)
         self.services.histogram = self._histogram
         self.rule.setup(self.module, self.services)
 

@@ -1,6 +1,6 @@
 """Transition collection through a TorchRL :class:`~torchrl.collectors.Collector`.
 
-The collector runs the policy on the module's device and steps a :class:`~unitrain.envs.VecGymEnv`
+The collector runs the policy on the module's device and steps a :class:`~unitrain.envs.BatchedEnv`
 on the CPU; each batch is a TensorDict of shape ``[num_envs, steps]`` with ``("next", ...)``
 entries, the layout TorchRL's losses and value estimators expect.
 """

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from unitrain.envs import EnvSpec, ObsNorm, VecGymEnv, derive_seed, make_env
+from unitrain.envs import EnvSpec, ObsNorm, BatchedEnv, derive_seed, make_env
 from unitrain.errors import UserError, check
 from unitrain.optim.base import UpdateRule
 from unitrain.rollout import Step, rollout, shard
@@ -257,23 +257,26 @@ class PopulationEvaluator:
         behaviour: ``"final"`` or ``"mean"`` observation of each episode as its behaviour
             characterisation (mapped through ``module.behaviour`` if the module defines it), or
             ``None`` to skip it.
+        num_threads: threads EnvPool envs step on.
     """
 
     def __init__(self, policy: PopulationPolicy, spec: EnvSpec, obs_shape: Sequence[int],
                  episodes: int = 1, max_episode_steps: int | None = None,
                  max_envs: int | None = None, obs_norm: ObsNorm | None = None,
-                 behaviour: str | None = None) -> None:
+                 behaviour: str | None = None, num_threads: int = 1) -> None:
         self.policy, self.spec, self.episodes = policy, spec, episodes
+        self.num_threads = num_threads
         self.max_episode_steps, self.max_envs = max_episode_steps, max_envs
         self.obs_norm, self.behaviour = obs_norm, behaviour
-        self._envs: dict[int, VecGymEnv] = {}
+        self._envs: dict[int, BatchedEnv] = {}
         self._obs_shape = tuple(obs_shape)
         self._behaviour_dim: int | None = None
 
-    def _env(self, slots: int) -> VecGymEnv:
+    def _env(self, slots: int) -> BatchedEnv:
         env = self._envs.get(slots)
         if env is None:
-            env = self._envs[slots] = make_env(self.spec, 0, obs_norm=None, num_envs=slots)
+            env = self._envs[slots] = make_env(self.spec, 0, obs_norm=None, num_envs=slots,
+                                               num_threads=self.num_threads)
         return env
 
     def evaluate(self, individuals: Sequence[int], params: Callable[[Sequence[int]], torch.Tensor],
@@ -477,7 +480,8 @@ class PopulationEvaluation:
         self.policy = PopulationPolicy(module, self.layout)
         self.evaluator = PopulationEvaluator(
             self.policy, ctx.env_spec, ctx.env_info.obs_shape, rule.episodes,
-            rule.max_episode_steps, rule.max_envs, obs_norm=ctx.obs_norm, behaviour=behaviour)
+            rule.max_episode_steps, rule.max_envs, obs_norm=ctx.obs_norm, behaviour=behaviour,
+            num_threads=ctx.num_threads)
         self._steps = 0
         self._eval_s = 0.0
 

@@ -20,7 +20,7 @@ import torch
 from tensordict import TensorDictBase
 
 if TYPE_CHECKING:
-    from unitrain.envs import VecGymEnv
+    from unitrain.envs import BatchedEnv
 
 __all__ = ["Rollout", "Step", "rollout", "evaluate_policy", "eval_seed", "shard",
            "EVAL_STREAM", "MAX_EVAL_ENVS"]
@@ -76,7 +76,7 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(env: "VecGymEnv", policy: Callable[[torch.Tensor], torch.Tensor], *,
+def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor], torch.Tensor], *,
             quota: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
             max_steps: int | None = None,
             observe: Callable[[Step], None] | None = None) -> Rollout:
@@ -104,7 +104,7 @@ def rollout(env: "VecGymEnv", policy: Callable[[torch.Tensor], torch.Tensor], *,
     if max_steps is not None and bool((remaining > 1).any()):
         raise ValueError("rollout: max_steps needs one episode per slot")
     if seeds is not None:
-        # VecGymEnv keeps a list of per-slot seeds for gymnasium's vector reset.
+        # A list seeds each slot: gymnasium reseeds its envs, EnvPool makes a pool with them.
         env.set_seed(list(seeds), static_seed=True)  # type: ignore[arg-type]
     td = env.reset()
     ret = torch.zeros(n, dtype=torch.float64)
@@ -159,7 +159,7 @@ def eval_seed(run_seed: int, evaluation: int, episode: int) -> int:
 
 @torch.no_grad()
 def evaluate_policy(act: Callable[[torch.Tensor], torch.Tensor],
-                    make_env: Callable[[int], "VecGymEnv"], episodes: int, seed: int,
+                    make_env: Callable[[int], "BatchedEnv"], episodes: int, seed: int,
                     evaluation: int = 0, rank: int = 0, world_size: int = 1,
                     all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     device: torch.device | str = "cpu") -> dict[str, float]:

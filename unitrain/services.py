@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from unitrain.collect import make_collector
-from unitrain.envs import EnvInfo, EnvSpec, ObsNorm, VecGymEnv, derive_seed, make_env
+from unitrain.envs import EnvInfo, EnvSpec, ObsNorm, BatchedEnv, derive_seed, make_env
 from unitrain.rollout import evaluate_policy
 
 if TYPE_CHECKING:
@@ -126,6 +126,7 @@ class RunServices:
         self.module, self.env_spec = module, env_spec
         self.seed, self.max_frames = seed, max_frames
         self.comm = Collectives(device=lambda: self.module.device)
+        self.num_threads = 1
         self.frames = 0
         self.iteration = 0
         self.eval_count = 0
@@ -135,9 +136,9 @@ class RunServices:
         self.generator = torch.Generator()
         self.train_env_seed: int | None = None
         self.histogram: Callable[[str, torch.Tensor, int], None] | None = None
-        self._train_env: VecGymEnv | None = None
+        self._train_env: BatchedEnv | None = None
         self._train_env_state: dict[str, Any] | None = None
-        self._eval_envs: dict[int, VecGymEnv] = {}
+        self._eval_envs: dict[int, BatchedEnv] = {}
         if env_spec is not None:
             from unitrain.envs import env_info as read_info
 
@@ -146,9 +147,11 @@ class RunServices:
             if env_spec.obs_norm:
                 self.obs_norm = ObsNorm(self.env_info.obs_shape)
 
-    def start(self, rank: int, world_size: int) -> None:
-        """Set the process's place in the run (before the rule's ``setup``)."""
+    def start(self, rank: int, world_size: int, num_threads: int = 1) -> None:
+        """Set the process's place in the run and its thread budget (before the rule's
+        ``setup``); EnvPool envs step on ``num_threads`` threads too."""
         self.comm.rank, self.comm.world_size = rank, world_size
+        self.num_threads = num_threads
         self.generator = torch.Generator().manual_seed(derive_seed(self.seed, _RULE, rank))
 
     # ------------------------------------------------------------------ identity and progress
@@ -176,24 +179,25 @@ class RunServices:
         return torch.Generator().manual_seed(derive_seed(self.seed, _SHARED, *stream))
 
     # ------------------------------------------------------------------ envs
-    def train_env(self) -> VecGymEnv:
+    def train_env(self) -> BatchedEnv:
         """This rank's training env (built on first use with this rank's seeds)."""
         if self._train_env is None:
             assert self.env_spec is not None, "this run has no env"
             # The frame count enters the seed so that a resumed run starts fresh episodes.
             self.train_env_seed = derive_seed(self.seed, _TRAIN_ENV, self.rank, self.frames)
             self._train_env = make_env(self.env_spec, self.train_env_seed, self.obs_norm,
-                                       update_norm=True)
+                                       update_norm=True, num_threads=self.num_threads)
             if self._train_env_state is not None:
                 # A resumed run continues the episodes that were running at the checkpoint.
                 self._train_env.load_state_dict(self._train_env_state)
                 self._train_env_state = None
         return self._train_env
 
-    def make_env(self, num_envs: int, seed: int = 0, train: bool = False) -> VecGymEnv:
+    def make_env(self, num_envs: int, seed: int = 0, train: bool = False) -> BatchedEnv:
         """A further env of this run's spec (sharing observation normalisation)."""
         assert self.env_spec is not None, "this run has no env"
-        return make_env(self.env_spec, seed, self.obs_norm, update_norm=train, num_envs=num_envs)
+        return make_env(self.env_spec, seed, self.obs_norm, update_norm=train, num_envs=num_envs,
+                        num_threads=self.num_threads)
 
     def collector(self, policy: Any, frames_per_batch: int) -> "Collector":
         """A TorchRL collector over :meth:`train_env` running ``policy`` on :attr:`device`.
@@ -216,7 +220,7 @@ class RunServices:
         Each call plays new episodes (seeded by the run seed, the evaluation's number and the
         episode's index, not by the rank).
         """
-        def env(slots: int) -> VecGymEnv:
+        def env(slots: int) -> BatchedEnv:
             if slots not in self._eval_envs:
                 self._eval_envs[slots] = self.make_env(slots)
             return self._eval_envs[slots]

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from tensordict import TensorDictBase
     from torchrl.collectors import Collector
 
-    from unitrain.envs import EnvInfo, EnvSpec, ObsNorm, VecGymEnv
+    from unitrain.envs import EnvInfo, EnvSpec, ObsNorm, BatchedEnv
     from unitrain.module import RLModule
 
 __all__ = ["UpdateRule", "RuleContext", "register_rule", "get_rule", "registered_rules"]
@@ -57,6 +57,7 @@ class RuleContext(Protocol):
             randomness that must match across ranks derive one with :meth:`shared_generator`.
         env_spec, env_info: the environment and its shapes (``None`` for supervised runs).
         obs_norm: the run's observation normalisation (``None`` unless ``env.obs_norm``).
+        num_threads: the process's thread budget (torch, and EnvPool's env threads).
         frames: total env frames of the run so far, all ranks summed.
         max_frames: the budget (``None``: unbounded).
         iteration: number of ``step`` calls completed before this one.
@@ -70,6 +71,7 @@ class RuleContext(Protocol):
     env_spec: "EnvSpec | None"
     env_info: "EnvInfo | None"
     obs_norm: "ObsNorm | None"
+    num_threads: int
     frames: int
     max_frames: int | None
     iteration: int
@@ -86,7 +88,7 @@ class RuleContext(Protocol):
     def shared_generator(self, *stream: int) -> torch.Generator:
         """A generator seeded identically on every rank from the run seed and ``stream``."""
 
-    def train_env(self) -> "VecGymEnv":
+    def train_env(self) -> "BatchedEnv":
         """This rank's training env (built on first use with this rank's seeds)."""
 
     def collector(self, policy: Any, frames_per_batch: int) -> "Collector":

@@ -1,0 +1,168 @@
+"""The EnvPool backend against the gymnasium reference: spaces, episodes, returns, seeding, and
+the rules that run on it (resume, devices=1 vs devices=2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import unitrain as ut
+from conftest import run_script
+from policies import TinyPolicy
+from unitrain.envs import EnvSpec, env_info, make_env, resolve_backend
+from unitrain.errors import ConfigError
+from unitrain.rollout import rollout
+
+FAMILIES = ["CartPole-v1", "Pendulum-v1", "HalfCheetah-v5", "ALE/Pong-v5"]
+
+
+def test_auto_backend_is_envpool_for_mujoco_and_atari_only():
+    assert resolve_backend(EnvSpec("HalfCheetah-v5")) == "envpool"
+    assert resolve_backend(EnvSpec("ALE/Pong-v5")) == "envpool"
+    assert resolve_backend(EnvSpec("CartPole-v1")) == "gymnasium"
+    assert resolve_backend(EnvSpec("CartPole-v1", backend="envpool")) == "envpool"
+    # Extra gymnasium.make kwargs need gymnasium.
+    assert resolve_backend(EnvSpec("HalfCheetah-v5", kwargs={"ctrl_cost_weight": 0.2})) == \
+        "gymnasium"
+    with pytest.raises(ConfigError, match=r"backend: envpool cannot run HalfCheetah-v5 \(extra "
+                                          r"kwargs need gymnasium\)"):
+        EnvSpec("HalfCheetah-v5", backend="envpool", kwargs={"ctrl_cost_weight": 0.2})
+    with pytest.raises(ConfigError, match=r"backend: got 'cuda'; expected one of auto"):
+        EnvSpec("CartPole-v1", backend="cuda")
+
+
+@pytest.mark.parametrize("env_id", FAMILIES)
+def test_spaces_and_dtypes_match_gymnasium(env_id: str):
+    envs = [make_env(EnvSpec(env_id, num_envs=2, backend=b), seed=0)
+            for b in ("gymnasium", "envpool")]
+    a, b = (e.info for e in envs)
+    assert (a.obs_shape, a.act_dim, a.discrete, a.image) == (b.obs_shape, b.act_dim, b.discrete,
+                                                             b.image)
+    if not a.discrete:
+        assert torch.equal(a.action_low, b.action_low) and torch.equal(a.action_high,
+                                                                        b.action_high)
+    for key in ("observation",):
+        assert envs[0].observation_spec[key] == envs[1].observation_spec[key]
+    assert envs[0].action_spec == envs[1].action_spec
+    for env in envs:
+        env.close()
+
+
+def _linear(info, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(info.obs_dim, info.act_dim, generator=gen) * 0.5
+
+    def act(obs: torch.Tensor) -> torch.Tensor:
+        out = obs.reshape(len(obs), -1).float() @ w
+        if info.discrete:
+            return out.argmax(-1)
+        return torch.tanh(out) * info.action_high
+
+    return act
+
+
+@pytest.mark.parametrize("env_id, max_steps, episodes", [
+    ("CartPole-v1", None, 40), ("Pendulum-v1", None, 24), ("HalfCheetah-v5", 200, 24)])
+def test_episodes_of_a_fixed_policy_match_gymnasium_in_distribution(env_id, max_steps, episodes):
+    """Lengths, terminations and returns of a fixed linear policy over seeded episodes.
+
+    The backends draw initial states from different generators, so episodes are compared as
+    samples: a two-sample Kolmogorov-Smirnov test on the returns at the 1% level (a wrong
+    reward, termination or time limit shifts the distribution far beyond it; identical numbers
+    are not expected), and the same time limits and share of terminations.
+    """
+    results = {}
+    for backend in ("gymnasium", "envpool"):
+        spec = EnvSpec(env_id, backend=backend, max_episode_steps=max_steps)
+        env = make_env(spec, 0, num_envs=episodes)
+        played = rollout(env, _linear(env.info, 3), seeds=list(range(100, 100 + episodes)))
+        results[backend] = played.by_slot()
+        env.close()
+    (ra, la), (rb, lb) = results["gymnasium"], results["envpool"]
+    assert stats.ks_2samp(ra.numpy(), rb.numpy()).pvalue > 0.01, (ra, rb)
+    limit = max_steps or {"CartPole-v1": 500, "Pendulum-v1": 200}[env_id]
+    assert int(la.max()) <= limit and int(lb.max()) <= limit
+    assert abs(float((la < limit).float().mean()) - float((lb < limit).float().mean())) <= 0.25
+
+
+def test_seeded_episodes_do_not_depend_on_the_slot_or_the_batch():
+    spec = EnvSpec("HalfCheetah-v5", backend="envpool", max_episode_steps=30)
+    act = _linear(env_info(spec), 1)
+    three = rollout(make_env(spec, 0, num_envs=3), act, seeds=[5, 6, 7], max_steps=30)
+    two = rollout(make_env(spec, 0, num_envs=2), act, seeds=[7, 5], max_steps=30)
+    r3, r2 = three.by_slot()[0], two.by_slot()[0]
+    assert torch.equal(r3[[2, 0]], r2)
+    again = rollout(make_env(spec, 0, num_envs=3), act, seeds=[5, 6, 7], max_steps=30)
+    assert torch.equal(again.by_slot()[0], r3)
+
+
+def test_atari_settings_follow_the_gymnasium_path():
+    env = make_env(EnvSpec("ALE/Pong-v5", backend="envpool"), 0, num_envs=1)
+    cfg = env.backend.pool.spec.config
+    assert (cfg.repeat_action_probability, cfg.frame_skip, cfg.noop_max, cfg.stack_num) == \
+        (0.25, 4, 30, 4)
+    assert (cfg.episodic_life, cfg.reward_clip, cfg.use_fire_reset, cfg.gray_scale) == \
+        (False, False, False, True)
+    env.close()
+
+
+def _es(run_dir, max_frames, ckpt=None):
+    trainer = ut.Trainer(env=EnvSpec("CartPole-v1", backend="envpool"),
+                         optimizer=ut.optim.ES(population=8, sigma=0.1, lr=0.05,
+                                               max_episode_steps=100),
+                         max_frames=max_frames, eval_every_frames=1, eval_episodes=3, seed=2,
+                         run_dir=run_dir, logger=False, enable_progress_bar=False)
+    module = TinyPolicy(4, 2)
+    trainer.fit(module, ckpt_path=ckpt)
+    return trainer, module
+
+
+def test_population_runs_reproduce_and_resume_exactly_on_envpool(tmp_path):
+    whole, module = _es(tmp_path / "a", 2000)
+    again, module2 = _es(tmp_path / "b", 2000)
+    assert whole.summary["eval/return_mean"] == again.summary["eval/return_mean"]
+    cut, _ = _es(tmp_path / "c", 1)
+    resumed, module3 = _es(tmp_path / "c", 2000, ckpt="last")
+    assert resumed.summary["frames"] == whole.summary["frames"]
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, module2.state_dict()[key]), key
+        assert torch.equal(value, module3.state_dict()[key]), key
+
+
+SCRIPT = '''
+import sys
+import unitrain as ut
+from dump import Dump
+from policies import TinyPolicy
+
+if __name__ == "__main__":
+    devices = int(sys.argv[1])
+    for name, rule in (("ga", ut.optim.GA(population=10, truncation=3, sigma=0.1,
+                                          elite_candidates=2, elite_episodes=2,
+                                          max_episode_steps=100)),
+                       ("es", ut.optim.ES(population=10, sigma=0.1, lr=0.05,
+                                          max_episode_steps=100))):
+        trainer = ut.Trainer(env=ut.EnvSpec("CartPole-v1", backend="envpool"), optimizer=rule,
+                             devices=devices, strategy="ddp" if devices > 1 else "auto",
+                             max_frames=1500, eval_every_frames=1, eval_episodes=3, seed=4,
+                             run_dir=f"run-{name}-{devices}", logger=False,
+                             callbacks=[Dump(f"{name}-{devices}-")], enable_progress_bar=False)
+        trainer.fit(TinyPolicy(4, 2))
+'''
+
+
+def test_one_and_two_processes_evolve_identically_on_envpool(tmp_path):
+    script = tmp_path / "evolve.py"
+    script.write_text(SCRIPT)
+    for devices in ("1", "2"):
+        proc = run_script(script, devices)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("ga", "es"):
+        single = torch.load(tmp_path / f"{name}-1-rank0.pt", weights_only=False)
+        pair = [torch.load(tmp_path / f"{name}-2-rank{r}.pt", weights_only=False) for r in (0, 1)]
+        assert single["frames"] == pair[0]["frames"] == pair[1]["frames"]
+        for key, value in single["params"].items():
+            assert torch.equal(value, pair[0]["params"][key]), (name, key)
+            assert torch.equal(value, pair[1]["params"][key]), (name, key)
