@@ -57,8 +57,9 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
     from unitrain.data import load_data
     from unitrain.envs import env_info
     from unitrain.errors import ConfigError, UserError
-    from unitrain.trainer import Trainer
+    from unitrain.trainer import Trainer, quiet_console
 
+    quiet_console()
     recipe = load_recipe(_find_recipe(recipe_path), overrides)
     run_dir, ckpt = _resolve_resume(recipe.resume, recipe.run_dir, recipe)
     if recipe.init is not None:

@@ -84,10 +84,14 @@ _EXPECTED_WARNINGS = (
     r"Checkpoint directory .* exists and is not empty",
     # Lightning's own use of a torch pytree API deprecated in newer torch releases.
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    # gymnasium's own MuJoCo model files use an attribute MuJoCo deprecates.
+    r"MuJoCo: compiler attribute 'settotalmass' is deprecated.*",
+    # EnvPool declares float64 bounds for float32 spaces; gymnasium notes the cast.
+    r".*Box (low|high)'s precision lowered by casting to float32.*",
 )
 
 
-def _quiet_console() -> None:
+def quiet_console() -> None:
     """No banner, tips or warnings about unitrain's own choices on the console."""
     # Lightning's banner (accelerators available and used) and tips, and TorchRL's notes on
     # storage it allocates, are INFO records.
@@ -181,7 +185,7 @@ class Trainer(L.Trainer):
         self._created_dir = _probe_run_dir(self.run_dir)
         self.summary: dict[str, Any] | None = None
         L.seed_everything(seed, workers=True, verbose=False)
-        _quiet_console()
+        quiet_console()
 
         callbacks = list(callbacks or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
