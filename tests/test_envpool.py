@@ -108,10 +108,15 @@ def test_atari_settings_follow_the_gymnasium_path():
     env.close()
 
 
-def _es(run_dir, max_frames, ckpt=None):
-    trainer = ut.Trainer(env=EnvSpec("CartPole-v1", backend="envpool"),
-                         optimizer=ut.optim.ES(population=8, sigma=0.1, lr=0.05,
-                                               max_episode_steps=100),
+RULES = {
+    "es": lambda: ut.optim.ES(population=8, sigma=0.1, lr=0.05, max_episode_steps=100),
+    "ga": lambda: ut.optim.GA(population=8, truncation=3, sigma=0.1, elite_candidates=2,
+                              elite_episodes=2, max_episode_steps=100),
+}
+
+
+def _fit(name, run_dir, max_frames, ckpt=None):
+    trainer = ut.Trainer(env=EnvSpec("CartPole-v1", backend="envpool"), optimizer=RULES[name](),
                          max_frames=max_frames, eval_every_frames=1, eval_episodes=3, seed=2,
                          run_dir=run_dir, logger=False, enable_progress_bar=False)
     module = TinyPolicy(4, 2)
@@ -119,12 +124,14 @@ def _es(run_dir, max_frames, ckpt=None):
     return trainer, module
 
 
-def test_population_runs_reproduce_and_resume_exactly_on_envpool(tmp_path):
-    whole, module = _es(tmp_path / "a", 2000)
-    again, module2 = _es(tmp_path / "b", 2000)
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_population_runs_reproduce_and_resume_exactly_on_envpool(name, tmp_path):
+    whole, module = _fit(name, tmp_path / "a", 2000)
+    again, module2 = _fit(name, tmp_path / "b", 2000)
     assert whole.summary["eval/return_mean"] == again.summary["eval/return_mean"]
-    cut, _ = _es(tmp_path / "c", 1)
-    resumed, module3 = _es(tmp_path / "c", 2000, ckpt="last")
+    cut, _ = _fit(name, tmp_path / "c", 1)
+    assert cut.summary["iterations"] == 1
+    resumed, module3 = _fit(name, tmp_path / "c", 2000, ckpt="last")
     assert resumed.summary["frames"] == whole.summary["frames"]
     for key, value in module.state_dict().items():
         assert torch.equal(value, module2.state_dict()[key]), key

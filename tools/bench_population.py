@@ -46,15 +46,20 @@ from speed_table import print_speed_table
 ENV = "HalfCheetah-v5"
 
 
-def population_policy(population: int, seed: int):
-    """The benchmark's batched policy and a population of parameters for it."""
+def population_policy(population: int, seed: int, env: str = ENV):
+    """The benchmark's batched policy and a population of parameters for it: the 64-64 MLP, or
+    on Atari the Nature-DQN network of Deep GA."""
     import unitrain as ut
     from unitrain.envs import EnvSpec, env_info
+    from unitrain.models import NatureCNN
     from unitrain.population import ParamLayout, PopulationPolicy
 
-    info = env_info(EnvSpec(ENV))
+    info = env_info(EnvSpec(env))
     torch.manual_seed(seed)
-    module = ut.MLPPolicy(info.obs_dim, info.act_dim, hidden=[64, 64], out_scale=1.0)
+    if info.image:
+        module: ut.RLModule = NatureCNN(obs_shape=info.obs_shape, act_dim=info.act_dim)
+    else:
+        module = ut.MLPPolicy(info.obs_dim, info.act_dim, hidden=[64, 64], out_scale=1.0)
     module.bind_env(info)
     module.eval()
     layout = ParamLayout.of(module)
@@ -80,14 +85,31 @@ def raw_runner(population: int, policy, params: torch.Tensor, seed: int) -> Call
     return run
 
 
+def policy_runner(population: int, policy, params: torch.Tensor,
+                  info) -> Callable[[int], int]:
+    """``steps -> env steps``: the batched policy alone on stored observations (no env)."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (population, 1, *info.obs_shape)
+    obs = (torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8) if info.image
+           else torch.randn(shape, generator=gen))
+    stacked = policy.stack(params)
+
+    def run(steps: int) -> int:
+        for _ in range(steps):
+            policy.apply(stacked, obs)
+        return steps * population
+
+    return run
+
+
 def unitrain_runner(population: int, policy, params: torch.Tensor, seed: int,
                     steps: int, backend: str = "gymnasium",
-                    env_threads: int = 1) -> Callable[[int], int]:
+                    env_threads: int = 1, env: str = ENV) -> Callable[[int], int]:
     """``steps -> env steps``: one evaluation of the population with episodes cut at ``steps``."""
     from unitrain.envs import EnvSpec
     from unitrain.population import PopulationEvaluator
 
-    evaluator = PopulationEvaluator(policy, EnvSpec(ENV, backend=backend),
+    evaluator = PopulationEvaluator(policy, EnvSpec(env, backend=backend),
                                     policy.module.env_info.obs_shape, max_episode_steps=steps,
                                     num_threads=env_threads)
     calls = [0]
@@ -110,13 +132,20 @@ def _timed(run: Callable[[int], int], steps: int) -> np.ndarray:
 
 def in_process(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    policy, params, _ = population_policy(args.population, args.seed)
-    runners = {"raw": raw_runner(args.population, policy, params, args.seed),
-               "unitrain": unitrain_runner(args.population, policy, params, args.seed,
-                                           args.steps)}
+    policy, params, info = population_policy(args.population, args.seed, args.env)
+    # Atari has no raw gymnasium loop with the same preprocessing: there the gymnasium path of
+    # unitrain is the baseline.
+    runners = {} if info.image else {"raw": raw_runner(args.population, policy, params,
+                                                       args.seed)}
+    runners["unitrain"] = unitrain_runner(args.population, policy, params, args.seed,
+                                          args.steps, env=args.env)
     for threads in args.env_threads:
         runners[f"envpool/{threads}"] = unitrain_runner(args.population, policy, params,
-                                                        args.seed, args.steps, "envpool", threads)
+                                                        args.seed, args.steps, "envpool", threads,
+                                                        args.env)
+    if args.policy_only:
+        runners["policy"] = policy_runner(args.population, policy, params, info)
+    baseline = "unitrain" if info.image else "raw"
     for run in runners.values():  # warm-up: env construction, first resets, vmap tracing
         run(args.steps)
     wall: dict[str, list[float]] = {name: [] for name in runners}
@@ -134,9 +163,11 @@ def in_process(args: argparse.Namespace) -> None:
             cpu[name].append(steps / cpu_s)
         print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in wall.items())
               + " env-steps/s", flush=True)
-    print_speed_table(f"{ENV}, population {args.population} (one env each), 64-64 MLP, "
+    network = "Nature-DQN CNN" if info.image else "64-64 MLP"
+    print_speed_table(f"{args.env}, population {args.population} (one env each), {network}, "
                       f"{args.threads} thread(s), {args.chunks * args.steps * args.population:,} "
-                      f"env steps per path and round, median of {args.rounds} rounds", wall, cpu)
+                      f"env steps per path and round, median of {args.rounds} rounds", wall, cpu,
+                      baseline=baseline)
 
 TRAIN_SCRIPT = '''
 import json, sys, time
@@ -224,6 +255,9 @@ def main() -> None:
     parser.add_argument("--skip-ddp", action="store_true", help="leave out part 2")
     parser.add_argument("--env-threads", type=int, nargs="*", default=[1, 2],
                         help="EnvPool thread counts for part 1 (none: leave EnvPool out)")
+    parser.add_argument("--env", default=ENV, help="part 1's env (ALE/* uses the Nature CNN)")
+    parser.add_argument("--policy-only", action="store_true",
+                        help="part 1 also times the batched policy alone (where time goes)")
     parser.add_argument("--only-ddp", action="store_true", help="leave out part 1")
     args = parser.parse_args()
     if not args.only_ddp:

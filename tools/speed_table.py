@@ -22,7 +22,8 @@ def print_speed_table(title: str, wall: dict[str, list[float]], cpu: dict[str, l
     wall_med = {name: statistics.median(v) for name, v in wall.items()}
     cpu_med = {name: statistics.median(v) for name, v in cpu.items()}
     print(f"\n{title}")
-    print(f"{'path':<10} {'env-steps/s':>12} {'vs raw':>8} {'per CPU-s':>11} {'vs raw':>8}")
+    vs = "vs raw" if baseline == "raw" else "vs base"
+    print(f"{'path':<10} {'env-steps/s':>12} {vs:>8} {'per CPU-s':>11} {vs:>8}")
     for name in wall:
         print(f"{name:<10} {wall_med[name]:>12,.0f} {wall_med[name] / wall_med[baseline]:>7.2f}x "
               f"{cpu_med[name]:>11,.0f} {cpu_med[name] / cpu_med[baseline]:>7.2f}x")
