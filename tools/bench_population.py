@@ -196,10 +196,11 @@ class Clock(L.Callback):
 if __name__ == "__main__":
     devices, population, generations, out = (int(sys.argv[1]), int(sys.argv[2]),
                                              int(sys.argv[3]), sys.argv[4])
+    backend = sys.argv[5]
     clock = Clock()
     max_frames = population * 1000 * generations
     # One evaluation, at the end of the budget (outside the timed generations).
-    trainer = ut.Trainer(env=ut.EnvSpec("HalfCheetah-v5"), devices=devices,
+    trainer = ut.Trainer(env=ut.EnvSpec("HalfCheetah-v5", backend=backend), devices=devices,
                          strategy="ddp" if devices > 1 else "auto",
                          optimizer=ut.optim.ES(population=population),
                          max_frames=max_frames, eval_every_frames=max_frames,
@@ -220,8 +221,8 @@ def processes(args: argparse.Namespace) -> None:
         for devices in (1, 2):
             out = os.path.join(tmp, f"d{devices}.json")
             proc = subprocess.run([sys.executable, script, str(devices), str(args.population),
-                                   str(args.generations), out], cwd=tmp, capture_output=True,
-                                  text=True)
+                                   str(args.generations), out, args.backend], cwd=tmp,
+                                  capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr[-3000:])
             ranks = []
@@ -236,8 +237,8 @@ def processes(args: argparse.Namespace) -> None:
             print(f"devices={devices}: {frames:,} env steps in {ranks[0]['wall']:.1f} s of "
                   f"generations: {wall[devices]:,.0f} env-steps/s; "
                   f"{cpu[devices]:,.0f} per CPU-second", flush=True)
-    print(f"\nES on {ENV}, population {args.population}, 64-64 MLP, {args.generations} "
-          f"generations, one thread per process, {os.cpu_count()} CPU cores")
+    print(f"\nES on {ENV} ({args.backend} backend), population {args.population}, 64-64 MLP, "
+          f"{args.generations} generations, one thread per process, {os.cpu_count()} CPU cores")
     print(f"devices=2 / devices=1: {wall[2] / wall[1]:.2f}x wall-clock throughput; "
           f"CPU efficiency {cpu[2] / cpu[1]:.2f} (2 x this = the speed-up on 2 free cores)")
 
@@ -256,6 +257,7 @@ def main() -> None:
     parser.add_argument("--env-threads", type=int, nargs="*", default=[1, 2],
                         help="EnvPool thread counts for part 1 (none: leave EnvPool out)")
     parser.add_argument("--env", default=ENV, help="part 1's env (ALE/* uses the Nature CNN)")
+    parser.add_argument("--backend", default="auto", help="part 2's env backend")
     parser.add_argument("--policy-only", action="store_true",
                         help="part 1 also times the batched policy alone (where time goes)")
     parser.add_argument("--only-ddp", action="store_true", help="leave out part 1")
