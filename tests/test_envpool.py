@@ -51,11 +51,13 @@ def test_spaces_and_dtypes_match_gymnasium(env_id: str):
 
 
 def _linear(info, seed: int):
+    """A fixed linear policy whose action for a row does not depend on the other rows (a
+    matrix product's rounding can depend on the number of rows)."""
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(info.obs_dim, info.act_dim, generator=gen) * 0.5
+    w = torch.randn(info.obs_dim, info.act_dim, generator=gen, dtype=torch.float64) * 0.5
 
-    def act(obs: torch.Tensor) -> torch.Tensor:
-        out = obs.reshape(len(obs), -1).float() @ w
+    def act(obs: torch.Tensor, slots: slice | None = None) -> torch.Tensor:
+        out = (obs.reshape(len(obs), -1, 1).double() * w).sum(1).float()
         if info.discrete:
             return out.argmax(-1)
         return torch.tanh(out) * info.action_high
@@ -173,3 +175,33 @@ def test_one_and_two_processes_evolve_identically_on_envpool(tmp_path):
         for key, value in single["params"].items():
             assert torch.equal(value, pair[0]["params"][key]), (name, key)
             assert torch.equal(value, pair[1]["params"][key]), (name, key)
+
+
+def test_a_pipelined_rollout_plays_the_same_episodes_as_an_unsplit_one():
+    """Two slot groups stepped in a pipeline: the same returns, lengths, order of endings and
+    observed steps as one group, with step caps and with several episodes per slot."""
+    spec = EnvSpec("Hopper-v5", backend="envpool")
+    act = _linear(env_info(spec), 2)
+    for kwargs in ({"seeds": [3, 4, 5, 6, 7], "max_steps": 40}, {"quota": [2, 1, 3, 0, 1]}):
+        seen = {}
+        results = {}
+        for parts in (None, [3, 2]):
+            env = make_env(spec, 0, num_envs=5, parts=parts)
+            assert len(env.parts) == (1 if parts is None else 2)
+            steps = []
+            results[str(parts)] = rollout(env, act, observe=lambda s: steps.append(
+                (s.observation.clone(), s.action.clone(), s.next["reward"].clone(),
+                 s.active.clone(), s.ended.clone(), s.length.clone())), **kwargs)
+            seen[str(parts)] = steps
+            env.close()
+        one, two = results["None"], results["[3, 2]"]
+        for field in ("returns", "lengths", "slots"):
+            assert torch.equal(getattr(one, field), getattr(two, field)), field
+        assert one.steps == two.steps
+        assert len(seen["None"]) == len(seen["[3, 2]"])
+        for a, b in zip(seen["None"], seen["[3, 2]"]):
+            active = a[3]
+            assert torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
+            assert torch.equal(a[5][active], b[5][active])
+            for x, y in zip(a[:3], b[:3]):
+                assert torch.equal(x[active], y[active])

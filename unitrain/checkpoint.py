@@ -96,7 +96,7 @@ def evaluate(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None"
         ``return_mean``, ``return_std``, ``return_max``, ``return_min``, ``length_mean``,
         ``episodes``.
     """
-    from unitrain.envs import EnvSpec, ObsNorm, env_info, make_env
+    from unitrain.envs import EnvSpec, ObsNorm, env_info, halves, make_env
     from unitrain.module import RLModule
     from unitrain.rollout import evaluate_policy
 
@@ -124,7 +124,8 @@ def evaluate(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None"
 
     def make(slots: int) -> Any:
         if slots not in envs:
-            envs[slots] = make_env(spec, 0, norm, update_norm=False, num_envs=slots)
+            envs[slots] = make_env(spec, 0, norm, update_norm=False, num_envs=slots,
+                                   parts=halves(slots))
         return envs[slots]
 
     was_training = policy.training

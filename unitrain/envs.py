@@ -454,6 +454,14 @@ class _GymnasiumVector:
         obs, reward, terminated, truncated, infos = self.vec.step(action)
         return obs, reward, terminated, truncated, infos.get("final_obs")
 
+    def send(self, action: np.ndarray) -> None:
+        """Start a step (gymnasium steps in this thread: at :meth:`recv`)."""
+        self._action = action
+
+    def recv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Finish the step :meth:`send` started; what :meth:`step` returns."""
+        return self.step(self._action)
+
     def state(self) -> bytes | None:
         """Every sub-env pickled, or ``None`` when they cannot be restored from a pickle.
 
@@ -540,7 +548,16 @@ class _EnvPoolVector:
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                                                   np.ndarray | None]:
-        obs, reward, terminated, truncated, _ = self.pool.step(action)
+        self.send(action)
+        return self.recv()
+
+    def send(self, action: np.ndarray) -> None:
+        """Hand the actions to EnvPool's threads and return at once."""
+        self.pool.send(action)
+
+    def recv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Wait for the step :meth:`send` started; reset the slots whose episode ended."""
+        obs, reward, terminated, truncated, _ = self.pool.recv()
         done = terminated | truncated
         if not done.any():
             return obs, reward, terminated, truncated, None
@@ -560,6 +577,55 @@ class _EnvPoolVector:
 
     def close(self) -> None:
         self.pool.close()
+
+
+class _Split:
+    """Slots split into groups, each with a backend (and, on EnvPool, threads) of its own.
+
+    :meth:`step` steps every group (all started before any is waited for); a rollout can instead
+    :meth:`send` to one group and run the policy of another while the first one's envs step
+    (:func:`unitrain.rollout.rollout`). Slot ``i`` is the same env, with the same seed, as in an
+    unsplit backend of the same size.
+    """
+
+    def __init__(self, make: Callable[[int, int | None], Any], sizes: Sequence[int],
+                 seed: int | None) -> None:
+        starts = np.cumsum([0, *sizes])
+        self.slices = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+        base = seed or 0
+        self.parts = [make(len(range(*sl.indices(int(starts[-1])))), base + sl.start)
+                      for sl in self.slices]
+        self.name = self.parts[0].name
+        self.observation_space = self.parts[0].observation_space
+        self.action_space = self.parts[0].action_space
+
+    def reset(self, seed: int | list[int] | None) -> np.ndarray:
+        return np.concatenate([
+            part.reset(seed[sl] if isinstance(seed, list) else
+                       None if seed is None else seed + sl.start)
+            for part, sl in zip(self.parts, self.slices)])
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                  np.ndarray | None]:
+        for part, sl in zip(self.parts, self.slices):
+            part.send(action[sl])
+        outs = [part.recv() for part in self.parts]
+        obs, reward, terminated, truncated = (np.concatenate([o[k] for o in outs])
+                                              for k in range(4))
+        final = None
+        if any(o[4] is not None for o in outs):
+            final = np.concatenate([o[0] if o[4] is None else o[4] for o in outs])
+        return obs, reward, terminated, truncated, final
+
+    def state(self) -> None:
+        return None
+
+    def load(self, state: bytes) -> None:
+        raise ValueError("a split env has no saved state to load")
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
 
 
 # Backends by name (EnvSpec.backend, after resolve_backend).
@@ -585,6 +651,10 @@ class BatchedEnv(EnvBase):
         update_norm: whether stepping this env updates ``obs_norm`` (training) or not (evaluation).
         num_envs: overrides ``spec.num_envs``.
         num_threads: threads the backend may step envs on (EnvPool; gymnasium steps in this one).
+        parts: sizes of slot groups that :meth:`send_part`/:meth:`recv_part` step one at a time
+            (summing to ``num_envs``), so that a rollout can run the policy of one group while
+            EnvPool's threads step another; only the EnvPool backend splits (on gymnasium, which
+            steps in this thread, there is nothing to overlap and ``parts`` is ignored).
 
     Attributes:
         finished: ``(return, length)`` of the episodes completed since the last
@@ -599,14 +669,22 @@ class BatchedEnv(EnvBase):
 
     def __init__(self, spec: EnvSpec, seed: int = 0, obs_norm: ObsNorm | None = None,
                  update_norm: bool = True, num_envs: int | None = None,
-                 num_threads: int = 1) -> None:
+                 num_threads: int = 1, parts: Sequence[int] | None = None) -> None:
         n = spec.num_envs if num_envs is None else num_envs
         check(isinstance(n, int) and n >= 1, "num_envs", "an integer >= 1", n)
         super().__init__(batch_size=torch.Size([n]), device=torch.device("cpu"))
         self.spec_ = spec
         self.num_envs = n
         self.backend_name = resolve_backend(spec)
-        self.backend = BACKENDS[self.backend_name](spec, n, seed, num_threads)
+        make = BACKENDS[self.backend_name]
+        sizes = [int(k) for k in parts or () if k > 0]
+        if self.backend_name == "envpool" and len(sizes) > 1:
+            check(sum(sizes) == n, "parts", f"sizes summing to num_envs={n}", list(parts or ()))
+            self.backend = _Split(lambda k, s: make(spec, k, s, num_threads), sizes, seed)
+            self.parts = self.backend.slices
+        else:
+            self.backend = make(spec, n, seed, num_threads)
+            self.parts = [slice(0, n)]
         self.info = _info_from_spaces(spec.id, self.backend.observation_space,
                                       self.backend.action_space)
         self._obs_dtype = np.uint8 if self.info.image else np.float32
@@ -654,11 +732,12 @@ class BatchedEnv(EnvBase):
             t = self.obs_norm(t).to(torch.float32)
         return t
 
-    def _td(self, entries: dict[str, Any]) -> TensorDict:
-        # Entries are built here with the env's batch size, on the env's device: the validation
-        # the public constructor runs on every entry would only repeat that (TorchRL's own
-        # gym/brax wrappers build their step outputs the same way).
-        return TensorDict._new_unsafe(entries, batch_size=self.batch_size, device=self.device)
+    def _td(self, entries: dict[str, Any], size: int | None = None) -> TensorDict:
+        # Entries are built here with the env's (or a slot group's) batch size, on the env's
+        # device: the validation the public constructor runs on every entry would only repeat
+        # that (TorchRL's own gym/brax wrappers build their step outputs the same way).
+        batch = self.batch_size if size is None else torch.Size([size])
+        return TensorDict._new_unsafe(entries, batch_size=batch, device=self.device)
 
     def _not_done(self) -> dict[str, torch.Tensor]:
         n = self.num_envs
@@ -683,16 +762,42 @@ class BatchedEnv(EnvBase):
         # first observation is waiting in run.obs.
         return self._td({"observation": run.obs, **self._not_done()})
 
-    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        run = self._run
-        action = tensordict.get("action").numpy(force=True)  # detach, to CPU, numpy: one call
+    def _action_array(self, action: torch.Tensor) -> np.ndarray:
+        action = action.numpy(force=True)  # detach, to CPU, numpy: one call
         if self._low is not None:
             # np.clip's Python-level dispatch costs more than the two ufuncs on small arrays.
             action = np.minimum(np.maximum(action, self._low), self._high)
-        obs, reward, terminated, truncated, final = self.backend.step(action)
+        return action
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        out = self.backend.step(self._action_array(tensordict.get("action")))
+        next_td, self._run.obs = self._finish(slice(0, self.num_envs), *out)
+        return next_td
+
+    def send_part(self, part: int, action: torch.Tensor) -> None:
+        """Start a step of slot group ``part`` (``self.parts[part]``) and return at once."""
+        backend = self.backend.parts[part] if isinstance(self.backend, _Split) else self.backend
+        backend.send(self._action_array(action))
+
+    def recv_part(self, part: int) -> tuple[TensorDictBase, torch.Tensor]:
+        """Finish the step :meth:`send_part` started: the group's ``next`` entries (as
+        :meth:`step` gives them) and the observations its next step starts from."""
+        backend = self.backend.parts[part] if isinstance(self.backend, _Split) else self.backend
+        # The whole-env observation is not kept up to date part by part: a later reset or
+        # step of the whole env starts afresh.
+        self._run.obs = None
+        return self._finish(self.parts[part], *backend.recv())
+
+    def _finish(self, sl: slice, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray,
+                truncated: np.ndarray, final: np.ndarray | None
+                ) -> tuple[TensorDictBase, torch.Tensor]:
+        """Book a step of slots ``sl``: the ``next`` entries and the observations the slots'
+        next step starts from (the next episode's first one where an episode ended)."""
+        run = self._run
         done = terminated | truncated
-        run.ep_return += reward
-        run.ep_length += 1
+        ep_return, ep_length = run.ep_return[sl], run.ep_length[sl]  # views
+        ep_return += reward
+        ep_length += 1
         first_obs = self._as_array(obs)
         last_obs = first_obs
         any_done = bool(done.any())
@@ -700,12 +805,12 @@ class BatchedEnv(EnvBase):
             last_obs = first_obs.copy()
             for i in np.flatnonzero(done):
                 last_obs[i] = final[i]
-                self.finished.append((float(run.ep_return[i]), int(run.ep_length[i])))
-            self.episodes_done += done
-            run.ep_return[done] = 0.0
-            run.ep_length[done] = 0
+                self.finished.append((float(ep_return[i]), int(ep_length[i])))
+            self.episodes_done[sl] += done
+            ep_return[done] = 0.0
+            ep_length[done] = 0
         next_obs = self._to_tensor(last_obs, update=True)
-        run.obs = self._to_tensor(first_obs, update=False) if any_done else next_obs
+        start = self._to_tensor(first_obs, update=False) if any_done else next_obs
         # Trailing dimensions are added in numpy, where a view costs a fraction of a torch op.
         return self._td({
             "observation": next_obs,
@@ -713,7 +818,7 @@ class BatchedEnv(EnvBase):
             "done": torch.from_numpy(done[:, None]),
             "terminated": torch.from_numpy(terminated[:, None]),
             "truncated": torch.from_numpy(truncated[:, None]),
-        })
+        }, len(reward)), start
 
     def _step_and_maybe_reset(
             self, tensordict: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase]:
@@ -780,7 +885,7 @@ class BatchedEnv(EnvBase):
 
 def make_env(spec: EnvSpec, seed: int, obs_norm: ObsNorm | None = None,
              update_norm: bool = True, num_envs: int | None = None,
-             num_threads: int = 1) -> BatchedEnv:
+             num_threads: int = 1, parts: Sequence[int] | None = None) -> BatchedEnv:
     """Build the batched TorchRL env for ``spec``, seeded with ``seed``.
 
     Args:
@@ -790,7 +895,15 @@ def make_env(spec: EnvSpec, seed: int, obs_norm: ObsNorm | None = None,
         update_norm: whether stepping updates ``obs_norm``.
         num_envs: slots (default ``spec.num_envs``).
         num_threads: threads EnvPool may step the envs on.
+        parts: slot groups a rollout steps in a pipeline (see :class:`BatchedEnv`).
     """
     return BatchedEnv(spec, seed=seed, obs_norm=obs_norm, update_norm=update_norm,
-                      num_envs=num_envs, num_threads=num_threads)
+                      num_envs=num_envs, num_threads=num_threads, parts=parts)
+
+
+def halves(n: int, unit: int = 1) -> list[int]:
+    """Two slot groups of ``n`` slots, split at a multiple of ``unit`` (``[n]`` if that leaves
+    one empty): the split a pipelined rollout uses."""
+    first = unit * math.ceil(n // unit / 2)
+    return [first, n - first] if 0 < first < n else [n]
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from unitrain.envs import EnvSpec, ObsNorm, BatchedEnv, derive_seed, make_env
+from unitrain.envs import BatchedEnv, EnvSpec, ObsNorm, derive_seed, halves, make_env
 from unitrain.errors import UserError, check
 from unitrain.optim.base import UpdateRule
 from unitrain.rollout import Step, rollout, shard
@@ -268,15 +268,17 @@ class PopulationEvaluator:
         self.num_threads = num_threads
         self.max_episode_steps, self.max_envs = max_episode_steps, max_envs
         self.obs_norm, self.behaviour = obs_norm, behaviour
-        self._envs: dict[int, BatchedEnv] = {}
+        self._envs: dict[tuple[int, int], BatchedEnv] = {}
         self._obs_shape = tuple(obs_shape)
         self._behaviour_dim: int | None = None
 
-    def _env(self, slots: int) -> BatchedEnv:
-        env = self._envs.get(slots)
+    def _env(self, slots: int, episodes: int) -> BatchedEnv:
+        # Two slot groups of whole individuals, stepped in a pipeline on EnvPool.
+        env = self._envs.get((slots, episodes))
         if env is None:
-            env = self._envs[slots] = make_env(self.spec, 0, obs_norm=None, num_envs=slots,
-                                               num_threads=self.num_threads)
+            env = self._envs[slots, episodes] = make_env(
+                self.spec, 0, obs_norm=None, num_envs=slots, num_threads=self.num_threads,
+                parts=halves(slots, episodes))
         return env
 
     def evaluate(self, individuals: Sequence[int], params: Callable[[Sequence[int]], torch.Tensor],
@@ -324,10 +326,16 @@ class PopulationEvaluator:
         stacked = self.policy.stack(params)
         norm = self.obs_norm
 
-        def policy(obs: torch.Tensor) -> torch.Tensor:
+        env = self._env(slots, episodes)
+        # The stacked parameters of each slot group's individuals (groups hold whole ones).
+        parts = {sl.start: {k: v[sl.start // episodes: sl.stop // episodes]
+                            for k, v in stacked.items()} for sl in env.parts}
+
+        def policy(obs: torch.Tensor, group: slice) -> torch.Tensor:
             x = obs if norm is None else norm(obs).to(torch.float32)
-            action = self.policy.apply(stacked, x.reshape(w, episodes, *obs.shape[1:]))
-            return action.reshape(slots, *action.shape[2:])
+            action = self.policy.apply(parts[group.start],
+                                       x.reshape(-1, episodes, *obs.shape[1:]))
+            return action.reshape(obs.shape[0], *action.shape[2:])
 
         seen: list[torch.Tensor] = []
         summary: list[torch.Tensor | None] = [None]
@@ -345,7 +353,7 @@ class PopulationEvaluator:
                     summary[0] = torch.zeros_like(last)
                 summary[0][step.ended] = last[step.ended]
 
-        played = rollout(self._env(slots), policy, seeds=seeds, max_steps=self.max_episode_steps,
+        played = rollout(env, policy, seeds=seeds, max_steps=self.max_episode_steps,
                          observe=observe if norm is not None or mode is not None else None)
         if norm is not None:
             norm.update(torch.cat(seen))

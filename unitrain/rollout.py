@@ -76,7 +76,7 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor], torch.Tensor], *,
+def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Tensor], *,
             quota: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
             max_steps: int | None = None,
             observe: Callable[[Step], None] | None = None) -> Rollout:
@@ -85,15 +85,21 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor], torch.Tensor], *
     The env is reset first. Rewards of idle slots are ignored (``where``, so a non-finite reward
     of an idle slot does not leak in).
 
+    The env's slot groups (``env.parts``: one, or two on EnvPool) are stepped in a pipeline:
+    each group's next step is handed to EnvPool's threads as soon as its policy has run, and the
+    policy of the other group runs while those envs step. Each group's episodes are what they
+    would be unsplit; a group whose slots are all done is no longer stepped.
+
     Args:
         env: the batched env (``n = env.num_envs`` slots).
-        policy: ``observation [n, *obs_shape] -> action [n, ...]`` (on the env's device).
+        policy: ``(observation [k, *obs_shape], slots) -> action [k, ...]`` for the slots
+            ``slots`` (a ``slice`` of ``range(n)``, ``k`` long), on the env's device.
         quota: episodes per slot.
         seeds: one seed per slot for the reset (static: slot ``i`` starts from ``seeds[i]``);
             ``None`` keeps the env's own seeding.
         max_steps: cap on each episode's steps (one episode per slot only: a capped episode is
             not reset by the env, so its slot cannot go on).
-        observe: called with a :class:`Step` after every step.
+        observe: called with a :class:`Step` of all ``n`` slots after every step.
 
     Returns:
         The episodes, in the order they ended.
@@ -106,41 +112,82 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor], torch.Tensor], *
     if seeds is not None:
         # A list seeds each slot: gymnasium reseeds its envs, EnvPool makes a pool with them.
         env.set_seed(list(seeds), static_seed=True)  # type: ignore[arg-type]
-    td = env.reset()
+    first = env.reset()["observation"]
     ret = torch.zeros(n, dtype=torch.float64)
     length = torch.zeros(n, dtype=torch.int64)
     active = remaining > 0
+    groups = [_Group(j, sl, first[sl]) for j, sl in enumerate(env.parts)]
     returns: list[torch.Tensor] = []
     lengths: list[torch.Tensor] = []
     slots: list[torch.Tensor] = []
-    steps = 0
-    while bool(active.any()):
-        obs = td["observation"]
-        action = policy(obs)
-        td["action"] = action
-        out, td = env.step_and_maybe_reset(td)
-        nxt = out["next"]
-        ret += torch.where(active, nxt["reward"].reshape(n).to(torch.float64), 0.0)
-        length += active
-        steps += 1
-        ended = active & nxt["done"].reshape(n)
+    rounds = 0
+
+    def launch(g: _Group) -> None:
+        g.last_obs = g.obs
+        g.action = policy(g.obs, g.slots)
+        env.send_part(g.index, g.action)
+        g.flying = True
+
+    def land(g: _Group) -> Step:
+        nxt, g.obs = env.recv_part(g.index)
+        g.flying = False
+        sl = g.slots
+        on = active[sl].clone()
+        ret[sl] += torch.where(on, nxt["reward"].reshape(-1).to(torch.float64), 0.0)
+        length[sl] += on
+        ended = on & nxt["done"].reshape(-1)
         if max_steps is not None:
-            ended |= active & (length >= max_steps)
-        if observe is not None:
-            observe(Step(obs, action, nxt, active, ended, length))
+            ended |= on & (length[sl] >= max_steps)
+        g.record = Step(g.last_obs, g.action, nxt, on, ended, length[sl].clone())
         if bool(ended.any()):
-            idx = ended.nonzero().squeeze(-1)
+            idx = ended.nonzero().squeeze(-1) + sl.start
             returns.append(ret[idx].clone())
             lengths.append(length[idx].clone())
             slots.append(idx)
             ret[idx] = 0.0
             length[idx] = 0
-            remaining -= ended.long()
-            active = remaining > 0
+            remaining[sl] -= ended.long()
+            active[sl] = remaining[sl] > 0
+        return g.record
+
+    if bool(active.any()):
+        for g in groups:  # every group steps at least once, so an idle one has a record
+            launch(g)
+    while any(g.flying for g in groups):
+        records = []
+        for g in groups:
+            records.append(land(g) if g.flying else g.idle())
+            if bool(active[g.slots].any()):
+                launch(g)
+        rounds += 1
+        if observe is not None:
+            observe(records[0] if len(records) == 1 else Step(
+                *(torch.cat([getattr(r, f) for r in records]) for f in ("observation", "action")),
+                torch.cat([r.next for r in records]),
+                *(torch.cat([getattr(r, f) for r in records])
+                  for f in ("active", "ended", "length"))))
     if not slots:
         empty = torch.zeros(0, dtype=torch.int64)
-        return Rollout(empty.double(), empty, empty, steps * n)
-    return Rollout(torch.cat(returns), torch.cat(lengths), torch.cat(slots), steps * n)
+        return Rollout(empty.double(), empty, empty, rounds * n)
+    return Rollout(torch.cat(returns), torch.cat(lengths), torch.cat(slots), rounds * n)
+
+
+class _Group:
+    """A slot group of a :func:`rollout`: its observations and its step in flight."""
+
+    def __init__(self, index: int, slots: slice, obs: torch.Tensor) -> None:
+        self.index, self.slots, self.obs = index, slots, obs
+        self.last_obs = obs
+        self.action: torch.Tensor | None = None
+        self.flying = False
+        self.record: Step | None = None
+
+    def idle(self) -> Step:
+        """The group's entry in a step it sat out (every slot inactive)."""
+        r = self.record
+        assert r is not None, "a group is launched once before it can sit a step out"
+        none = torch.zeros_like(r.active)
+        return Step(r.observation, r.action, r.next, none, none, torch.zeros_like(r.length))
 
 
 def shard(count: int, rank: int, world_size: int) -> range:
@@ -189,7 +236,7 @@ def evaluate_policy(act: Callable[[torch.Tensor], torch.Tensor],
     for a in range(0, len(mine), MAX_EVAL_ENVS):
         wave = mine[a: a + MAX_EVAL_ENVS]
         env = make_env(len(wave))
-        played = rollout(env, lambda obs: act(obs.to(device)).cpu(),
+        played = rollout(env, lambda obs, _: act(obs.to(device)).cpu(),
                          seeds=[eval_seed(seed, evaluation, k) for k in wave])
         r, n = played.by_slot()
         rets[a: a + len(wave)], lens[a: a + len(wave)] = r, n.double()

@@ -12,7 +12,7 @@ states. The Lightning side (:mod:`unitrain.adapter`) drives it; a rule never see
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from unitrain.collect import make_collector
-from unitrain.envs import EnvInfo, EnvSpec, ObsNorm, BatchedEnv, derive_seed, make_env
+from unitrain.envs import BatchedEnv, EnvInfo, EnvSpec, ObsNorm, derive_seed, halves, make_env
 from unitrain.rollout import evaluate_policy
 
 if TYPE_CHECKING:
@@ -193,11 +193,13 @@ class RunServices:
                 self._train_env_state = None
         return self._train_env
 
-    def make_env(self, num_envs: int, seed: int = 0, train: bool = False) -> BatchedEnv:
-        """A further env of this run's spec (sharing observation normalisation)."""
+    def make_env(self, num_envs: int, seed: int = 0, train: bool = False,
+                 parts: Sequence[int] | None = None) -> BatchedEnv:
+        """A further env of this run's spec (sharing observation normalisation); ``parts``
+        splits its slots for a pipelined rollout (see :class:`~unitrain.envs.BatchedEnv`)."""
         assert self.env_spec is not None, "this run has no env"
         return make_env(self.env_spec, seed, self.obs_norm, update_norm=train, num_envs=num_envs,
-                        num_threads=self.num_threads)
+                        num_threads=self.num_threads, parts=parts)
 
     def collector(self, policy: Any, frames_per_batch: int) -> "Collector":
         """A TorchRL collector over :meth:`train_env` running ``policy`` on :attr:`device`.
@@ -222,7 +224,7 @@ class RunServices:
         """
         def env(slots: int) -> BatchedEnv:
             if slots not in self._eval_envs:
-                self._eval_envs[slots] = self.make_env(slots)
+                self._eval_envs[slots] = self.make_env(slots, parts=halves(slots))
             return self._eval_envs[slots]
 
         result = evaluate_policy(act or self.module.act, env, episodes, self.seed,

@@ -151,15 +151,16 @@ class EliteImitation(UpdateRule):
         act_dim = self.module.actions.act_dim
         greedy = torch.arange(n) < round(self.greedy_share * n)
 
-        def policy(obs: Tensor) -> Tensor:
+        def policy(obs: Tensor, slots: slice) -> Tensor:
+            k = obs.shape[0]
             logits = self.module(obs.to(ctx.device)).cpu().double()
             action = logits.argmax(-1)
             if self.sample:
                 probs = torch.softmax(logits, -1)
                 sampled = torch.multinomial(probs, 1, generator=ctx.generator).squeeze(-1)
-                action = torch.where(greedy, action, sampled)
-            random_action = torch.randint(act_dim, (n,), generator=ctx.generator)
-            explore = torch.rand(n, generator=ctx.generator) < self.explore
+                action = torch.where(greedy[slots], action, sampled)
+            random_action = torch.randint(act_dim, (k,), generator=ctx.generator)
+            explore = torch.rand(k, generator=ctx.generator) < self.explore
             return torch.where(explore, random_action, action)
 
         obs_buf: list[list[Tensor]] = [[] for _ in range(n)]
