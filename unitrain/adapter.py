@@ -20,10 +20,12 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from unitrain.safety import RunStopped, StopSignals, slurm_requeue, slurm_requeue_signal
 from unitrain.services import RunServices, episode_stats
 
 if TYPE_CHECKING:
@@ -100,6 +102,7 @@ class RunAdapter:
         self._eval_frames: int | None = None
         self._correct = self._seen = 0.0
         self._clock: float | None = None
+        self.signals = StopSignals(on_abort=self._flush_loggers)
 
     @property
     def env_run(self) -> bool:
@@ -131,9 +134,13 @@ class RunAdapter:
     # ------------------------------------------------------------------ training
     def training_step(self, ticks: Iterator[Any]) -> None:
         item = next(ticks, None)
-        if item is None:
-            return
         s = self.services
+        if item is None:
+            # A period that was over when it began (a run resumed where an evaluation was due,
+            # or at its budget): Lightning validates now; at the budget the run ends.
+            if s.max_frames is not None and s.frames >= s.max_frames:
+                self.module.trainer.should_stop = True
+            return
         s.batch = item[0]
         if self._clock is None:
             self._clock = time.perf_counter()
@@ -142,10 +149,13 @@ class RunAdapter:
         s.sync_obs_norm()
         metrics.update(episode_stats(s.pop_episodes()))
         keys = sorted(metrics)
-        values = torch.tensor([local_frames] + [metrics[k] for k in keys], dtype=torch.float64)
+        # A stop requested by a signal on any rank rides on the gather every iteration makes.
+        values = torch.tensor([local_frames, float(self.signals.requested)]
+                              + [metrics[k] for k in keys], dtype=torch.float64)
         rows = s.comm.gather_cpu(values)
         frames = int(rows[:, 0].sum().item())
-        reduced = {k: _reduce(k, rows[:, i + 1]) for i, k in enumerate(keys)}
+        stop = int(rows[:, 1].max().item())
+        reduced = {k: _reduce(k, rows[:, i + 2]) for i, k in enumerate(keys)}
         s.frames += frames
         s.iteration += 1
         trainer = self.module.trainer
@@ -160,18 +170,40 @@ class RunAdapter:
         self._log({k: v for k, v in reduced.items() if not math.isnan(v)})
         if s.max_frames is not None and s.frames >= s.max_frames:
             trainer.should_stop = True
+        if stop:
+            # The checkpoint keeps an evaluation that this iteration made due: a resumed run
+            # makes it first, where this run would have.
+            self._stop(trainer, stop)
         if self.env_run and self.period_over():
             next(ticks, None)  # ends the epoch: Lightning validates (evaluates, checkpoints)
+
+    def _stop(self, trainer: "L.Trainer", signum: int) -> None:
+        """Write ``last.ckpt`` (every rank takes part) and stop the run (asking SLURM to
+        requeue the job on its requeue signal)."""
+        path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(path)
+        s = self.services
+        note = ""
+        if signum == self.signals.requeue_signal and trainer.global_rank == 0:
+            note = slurm_requeue()
+        raise RunStopped(signum, s.frames if self.env_run else s.iteration, str(path), note)
+
+    def on_train_start(self) -> None:
+        self.signals.install(slurm_requeue_signal(self.module.trainer.strategy))
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Any) -> None:
         if not self.env_run:
             self._count_correct(batch)
             return
-        self.evaluate()
+        res = self.evaluate()
+        # For the progress bar and the callbacks that monitor it (best.ckpt, early stopping).
+        self.module.log("eval/return_mean", res["return_mean"], prog_bar=True, logger=False,
+                        on_step=False, on_epoch=True, batch_size=1)
 
     def evaluate(self) -> dict[str, float]:
-        """One deterministic evaluation, logged, and the next one scheduled."""
+        """One deterministic evaluation, logged, and the next one scheduled (the last one again
+        if nothing was trained since)."""
         s = self.services
         if self._eval_frames == s.frames and self.last_eval is not None:
             return self.last_eval
@@ -179,8 +211,6 @@ class RunAdapter:
         self.last_eval, self._eval_frames = res, s.frames
         self.next_eval = (s.frames // self.eval_every_frames + 1) * self.eval_every_frames
         self._log({f"eval/{k}": v for k, v in res.items()})
-        self.module.log("eval/return_mean", res["return_mean"], prog_bar=True, logger=False,
-                        on_step=False, on_epoch=True, batch_size=1)
         return res
 
     @torch.no_grad()
@@ -211,6 +241,10 @@ class RunAdapter:
             self._log({f"final/{k}": v for k, v in self.final_eval.items()})
 
     # ------------------------------------------------------------------ logging
+    def _flush_loggers(self) -> None:
+        for logger in self.module.trainer.loggers:
+            logger.save()
+
     def _log(self, metrics: dict[str, float]) -> None:
         # Scalars are stepped by env frames; supervised runs have none and step by iteration.
         s = self.services
@@ -233,13 +267,23 @@ class RunAdapter:
             "env": None if s.env_spec is None else dataclasses.asdict(s.env_spec),
             "module_class": f"{type(module).__module__}:{type(module).__qualname__}",
             "module_hparams": dict(module.hparams),
+            "next_eval": self.next_eval, "eval_every_frames": self.eval_every_frames,
+            "last_eval": self.last_eval, "eval_frames": self._eval_frames,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.services.load_state_dict(state)
         self.rule.load_state_dict(state["rule"])
         s = self.services
-        self.next_eval = (s.frames // self.eval_every_frames + 1) * self.eval_every_frames
+        if state.get("eval_every_frames") == self.eval_every_frames and "next_eval" in state:
+            # A checkpoint written between evaluations (a run stopped by a signal) keeps the
+            # evaluation that was due: the resumed run makes it where the run would have.
+            self.next_eval = state["next_eval"]
+        else:
+            self.next_eval = (s.frames // self.eval_every_frames + 1) * self.eval_every_frames
+        # An evaluation already made at these frames is not made again (a run resumed from
+        # its final checkpoint, say).
+        self.last_eval, self._eval_frames = state.get("last_eval"), state.get("eval_frames")
 
 
 def _reduce(key: str, column: torch.Tensor) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -57,6 +58,7 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
     from unitrain.data import load_data
     from unitrain.envs import env_info
     from unitrain.errors import ConfigError, UserError
+    from unitrain.safety import RunStopped, exit_code
     from unitrain.trainer import Trainer, quiet_console
 
     quiet_console()
@@ -83,6 +85,13 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
         trainer.fit(module, ckpt_path=ckpt, init=recipe.init, **loaders)
     except ConfigError as e:  # found once the env or the processes exist (a module that
         raise UserError(f"{recipe.source}: {e}") from None  # does not fit the action space)
+    except RunStopped as e:
+        if trainer.global_rank == 0:
+            args = " ".join(shlex.quote(a) for a in [recipe_path, *overrides]
+                            if not a.startswith(("resume=", "run_dir=")))
+            print(f"\nunitrain: {e}; resume with: unitrain fit {args} "
+                  f"run_dir={shlex.quote(str(trainer.run_dir))} resume=last", file=sys.stderr)
+        return exit_code(e.signum)
     if trainer.global_rank == 0 and trainer.summary is not None:
         _print_summary(trainer.summary)
     return 0

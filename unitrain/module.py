@@ -208,6 +208,10 @@ class RLModule(L.LightningModule):
         if self._ctx is not None:
             self._ctx.on_validation_epoch_end()
 
+    def on_train_start(self) -> None:
+        if self._ctx is not None:
+            self._ctx.on_train_start()
+
     def on_train_end(self) -> None:
         if self._ctx is not None:
             self._ctx.on_train_end()

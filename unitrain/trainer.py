@@ -11,6 +11,8 @@ networks; the rule owns how parameters change. Defaults added on top of Lightnin
 - optional ``EarlyStopping`` on ``eval/return_mean`` (``early_stop=``);
 - one progress bar over the frame budget (:class:`~unitrain.progress.FrameProgressBar`), and none
   of Lightning's banner lines;
+- checkpoints and ``summary.json`` written atomically, and SIGINT/SIGTERM stopping the run
+  after the current iteration with ``last.ckpt`` written (:mod:`unitrain.safety`);
 - one torch thread per process unless told otherwise (more threads per process collapse when
   another process shares the cores);
 - ``strategy="ddp"``: one process per device; ranks collect with their own env seeds and the
@@ -40,6 +42,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -49,6 +52,7 @@ from unitrain.errors import UserError, check
 from unitrain.module import RLModule
 from unitrain.optim.base import UpdateRule
 from unitrain.progress import FrameProgressBar
+from unitrain.safety import AtomicCheckpointIO, atomic_write, slurm_restarted
 from unitrain.services import RunServices
 
 __all__ = ["Trainer", "RuleDDPStrategy", "EarlyStop"]
@@ -86,6 +90,9 @@ _EXPECTED_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     # gymnasium's own MuJoCo model files use an attribute MuJoCo deprecates.
     r"MuJoCo: compiler attribute 'settotalmass' is deprecated.*",
+    # eval/* and test/* are computed from every process's episodes or samples already, so
+    # Lightning's own reduction across processes would only repeat that.
+    r"It is recommended to use `self.log\('(eval|test)/.*sync_dist=True.*",
     # EnvPool declares float64 bounds for float32 spaces; gymnasium notes the cast.
     r".*Box (low|high)'s precision lowered by casting to float32.*",
 )
@@ -183,6 +190,10 @@ class Trainer(L.Trainer):
         self.eval_episodes = eval_episodes
         self.run_dir = _resolve_run_dir(run_dir, env, optimizer)
         self._created_dir = _probe_run_dir(self.run_dir)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            # Temporary files of checkpoint writes that a killed run left half-way.
+            for stale in (self.run_dir / "checkpoints").glob(".*.tmp-*"):
+                stale.unlink(missing_ok=True)
         self.summary: dict[str, Any] | None = None
         L.seed_everything(seed, workers=True, verbose=False)
         quiet_console()
@@ -222,6 +233,12 @@ class Trainer(L.Trainer):
         # distributed sampler; env runs feed an iteration counter that every rank must see whole.
         kwargs.setdefault("use_distributed_sampler", env is None)
         kwargs.setdefault("enable_model_summary", False)
+        # Checkpoints are written atomically (unitrain.safety), unless the caller brings its own
+        # checkpoint I/O.
+        plugins = list(kwargs.pop("plugins", None) or [])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs["plugins"] = plugins
         super().__init__(devices=devices, strategy=strategy, accelerator=accelerator,
                          callbacks=callbacks, logger=logger, default_root_dir=str(self.run_dir),
                          **kwargs)
@@ -258,8 +275,11 @@ class Trainer(L.Trainer):
             self._log_run_config(model)
             # Training randomness starts from the seed however the module was built.
             L.seed_everything(self.seed, workers=True, verbose=False)
+            last = self.run_dir / "checkpoints" / "last.ckpt"
+            if ckpt_path is None and init is None and slurm_restarted() and last.is_file():
+                ckpt_path = "last"  # a requeued SLURM job goes on where it was stopped
             if ckpt_path == "last":
-                ckpt_path = str(self.run_dir / "checkpoints" / "last.ckpt")
+                ckpt_path = str(last)
             # unitrain checkpoints hold RNG states (numpy, python) besides tensors: load them in
             # full (resume only from checkpoints you trust, as with any pickle).
             kwargs.setdefault("weights_only", False)
@@ -341,8 +361,8 @@ def _init_from(module: RLModule, services: RunServices, checkpoint: str) -> None
 
 @rank_zero_only
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode(),
+                 what="summary")
 
 
 def _many(devices: Any) -> bool:
