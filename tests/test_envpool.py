@@ -89,6 +89,28 @@ def test_episodes_of_a_fixed_policy_match_gymnasium_in_distribution(env_id, max_
     assert abs(float((la < limit).float().mean()) - float((lb < limit).float().mean())) <= 0.25
 
 
+def test_atari_episodes_of_a_fixed_policy_match_gymnasium():
+    """Pong under a fixed policy on 12x12-pixel block means: the episodes end the same way
+    (the opponent reaches 21) after as many agent steps, within 2% (sticky actions and no-op
+    starts draw from different generators, so single episodes differ by a few steps)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4 * 7 * 7, 6, generator=gen, dtype=torch.float64)
+
+    def act(obs: torch.Tensor, slots: slice) -> torch.Tensor:
+        blocks = obs.double().reshape(len(obs), 4, 7, 12, 7, 12).mean((3, 5))
+        return (blocks.reshape(len(obs), -1, 1) * w).sum(1).argmax(-1)
+
+    played = {}
+    for backend in ("gymnasium", "envpool"):
+        env = make_env(EnvSpec("ALE/Pong-v5", backend=backend), 0, num_envs=8)
+        played[backend] = rollout(env, act, seeds=list(range(200, 208))).by_slot()
+        env.close()
+    (ra, la), (rb, lb) = played["gymnasium"], played["envpool"]
+    assert torch.equal(ra, rb) and bool((ra == -21).all()), (ra, rb)
+    assert abs(la.double().mean() / lb.double().mean() - 1) < 0.02, (la, lb)
+    assert int(la.max() - la.min()) < 40 and int(lb.max() - lb.min()) < 40
+
+
 def test_seeded_episodes_do_not_depend_on_the_slot_or_the_batch():
     spec = EnvSpec("HalfCheetah-v5", backend="envpool", max_episode_steps=30)
     act = _linear(env_info(spec), 1)
