@@ -107,6 +107,9 @@ def test_recipes_lists_shipped(capsys):
     shipped = sorted(p.relative_to(REPO / "recipes").with_suffix("").as_posix()
                      for p in (REPO / "recipes").glob("*/*.yaml"))
     assert shipped and all(name in out for name in shipped)
+    lines = out.splitlines()
+    starts = {len(line) - len(line.split("  ", 1)[1].lstrip()) for line in lines}
+    assert len(starts) == 1, "the descriptions start in one column"
 
 
 def test_fit_then_evaluate(capsys, small_recipe, tmp_path):

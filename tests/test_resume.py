@@ -46,3 +46,16 @@ def test_resume_via_cli_continues_run_dir(tmp_path: Path, small_recipe: Path):
     assert main(["fit", str(small_recipe), f"run_dir={run}", "resume=last"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["frames"] == 2048 and summary["iterations"] == 16
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path: Path, small_recipe: Path, capsys):
+    from unitrain.cli import main
+
+    run = tmp_path / "run"
+    assert main(["fit", str(small_recipe), f"run_dir={run}", "trainer.max_frames=1024"]) == 0
+    files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["fit", str(small_recipe), f"run_dir={run}", "trainer.max_frames=1024",
+                 "resume=last"]) == 0
+    assert "is finished (1,024 frames, budget 1,024); nothing to do" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files

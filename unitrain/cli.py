@@ -92,6 +92,11 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
             print(f"\nunitrain: {e}; resume with: unitrain fit {args} "
                   f"run_dir={shlex.quote(str(trainer.run_dir))} resume=last", file=sys.stderr)
         return exit_code(e.signum)
+    if trainer.summary is not None and trainer.summary.get("finished"):
+        s = trainer.summary
+        print(f"unitrain: the run in {trainer.run_dir} is finished ({s['frames']:,} frames, "
+              f"budget {s['max_frames']:,}); nothing to do (raise trainer.max_frames to go on)")
+        return 0
     if trainer.global_rank == 0 and trainer.summary is not None:
         _print_summary(trainer.summary)
     return 0
@@ -158,12 +163,15 @@ def _find_recipe(name: str) -> str:
 
 
 def _recipes() -> int:
+    rows = []
     for root in recipe_roots():
         for path in sorted(root.glob("*/*.yaml")):
             comments = [line.lstrip("# ").strip() for line in path.read_text().splitlines()[:2]
                         if line.startswith("#")]
-            note = comments[1] if len(comments) > 1 else ""
-            print(f"{path.parent.name}/{path.stem:<14} {note}")
+            rows.append((f"{path.parent.name}/{path.stem}", comments[1] if len(comments) > 1 else ""))
+    width = max((len(name) for name, _ in rows), default=0)
+    for name, note in rows:
+        print(f"{name:<{width}}  {note}")
     return 0
 
 

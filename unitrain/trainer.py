@@ -263,6 +263,13 @@ class Trainer(L.Trainer):
         if self.env_spec is None and self.max_epochs in (None, -1) and self.max_steps == -1:
             raise UserError("Trainer.fit: a supervised run needs max_epochs= or max_steps=")
         start = time.perf_counter()
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        if ckpt_path is None and init is None and slurm_restarted() and last.is_file():
+            ckpt_path = "last"  # a requeued SLURM job goes on where it was stopped
+        if ckpt_path == "last":
+            ckpt_path = str(last)
+        if ckpt_path is not None and self._finished(ckpt_path):
+            return
         try:
             services = RunServices(model, self.env_spec, self.seed, self.max_frames)
             if init is not None:
@@ -275,11 +282,6 @@ class Trainer(L.Trainer):
             self._log_run_config(model)
             # Training randomness starts from the seed however the module was built.
             L.seed_everything(self.seed, workers=True, verbose=False)
-            last = self.run_dir / "checkpoints" / "last.ckpt"
-            if ckpt_path is None and init is None and slurm_restarted() and last.is_file():
-                ckpt_path = "last"  # a requeued SLURM job goes on where it was stopped
-            if ckpt_path == "last":
-                ckpt_path = str(last)
             # unitrain checkpoints hold RNG states (numpy, python) besides tensors: load them in
             # full (resume only from checkpoints you trust, as with any pickle).
             kwargs.setdefault("weights_only", False)
@@ -288,6 +290,23 @@ class Trainer(L.Trainer):
             self._clean_failed_start()
             raise
         self.summary = self._summarize(run, time.perf_counter() - start)
+
+    def _finished(self, ckpt_path: str) -> bool:
+        """Whether ``ckpt_path`` is the final checkpoint of a run that ended within this
+        budget; then :attr:`summary` is that run's summary, marked ``"finished": True``."""
+        summary_path = self.run_dir / "summary.json"
+        if self.env_spec is None or self.max_frames is None or not summary_path.is_file():
+            return False
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("unitrain", {})
+        frames = state.get("frames", -1)
+        try:
+            summary = json.loads(summary_path.read_text())
+        except ValueError:
+            return False
+        if frames < self.max_frames or summary.get("frames") != frames:
+            return False
+        self.summary = {**summary, "finished": True}
+        return True
 
     def _clean_failed_start(self) -> None:
         """Remove the run directory this Trainer created if no checkpoint was written in it."""
