@@ -101,6 +101,23 @@ def test_error_in_fresh_process_has_no_traceback(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_missing_optional_dependency_is_one_line(tmp_path):
+    pytest.importorskip("gymnasium")
+    try:
+        import Box2D  # noqa: F401
+        pytest.skip("Box2D is installed here")
+    except ImportError:
+        pass
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(SMALL_RECIPE)
+    proc = run_cli("fit", str(recipe), "env.id=LunarLander-v3", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "env.id=LunarLander-v3: Box2D is not installed" in proc.stderr
+    assert "unitrain[box2d]" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_recipes_lists_shipped(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out

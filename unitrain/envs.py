@@ -36,7 +36,7 @@ from torch import nn
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-from unitrain.errors import ConfigError, check
+from unitrain.errors import ConfigError, UserError, check
 
 __all__ = ["EnvSpec", "EnvInfo", "ObsNorm", "BatchedEnv", "make_env", "env_info",
            "derive_seed", "resolve_backend", "envpool_id", "BACKENDS"]
@@ -249,6 +249,22 @@ def _route_mujoco_warnings() -> None:
                                                                   stacklevel=2))
 
 
+# Optional dependencies of gymnasium's env families, by the name gymnasium's message gives, and
+# the extra of unitrain that installs each.
+_EXTRAS = {"Box2D": ("box2d", "pip install swig && pip install 'unitrain[box2d]'")}
+
+
+def _gym_make(env_id: str, **kwargs: Any) -> gym.Env:
+    """``gym.make``, with a missing optional dependency reported as one line."""
+    try:
+        return gym.make(env_id, **kwargs)
+    except gym.error.DependencyNotInstalled as e:
+        message = str(e).split(",")[0].strip().rstrip(".")
+        hint = next((cmd for name, (_, cmd) in _EXTRAS.items() if name in message),
+                    "install the package it names")
+        raise UserError(f"env.id={env_id}: {message}; to use it: {hint}") from None
+
+
 def _make_single(spec: EnvSpec, render_mode: str | None = None) -> gym.Env:
     _route_mujoco_warnings()
     kwargs = dict(spec.kwargs)
@@ -262,10 +278,10 @@ def _make_single(spec: EnvSpec, render_mode: str | None = None) -> gym.Env:
         # emulator, so the base env's own observation can be the cheapest one.
         kwargs = {"repeat_action_probability": 0.25, "obs_type": "grayscale", **kwargs,
                   "frameskip": 1}
-        env = _AtariFrames(gym.make(spec.id, **kwargs), noop_max=30, frame_skip=4,
+        env = _AtariFrames(_gym_make(spec.id, **kwargs), noop_max=30, frame_skip=4,
                            screen_size=84)
         return gym.wrappers.FrameStackObservation(env, spec.frame_stack)
-    return gym.make(spec.id, **kwargs)
+    return _gym_make(spec.id, **kwargs)
 
 
 @dataclass
