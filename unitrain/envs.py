@@ -608,9 +608,7 @@ class _Split:
                  seed: int | None) -> None:
         starts = np.cumsum([0, *sizes])
         self.slices = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-        base = seed or 0
-        self.parts = [make(len(range(*sl.indices(int(starts[-1])))), base + sl.start)
-                      for sl in self.slices]
+        self.parts = [make(size, (seed or 0) + sl.start) for size, sl in zip(sizes, self.slices)]
         self.name = self.parts[0].name
         self.observation_space = self.parts[0].observation_space
         self.action_space = self.parts[0].action_space

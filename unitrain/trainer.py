@@ -297,13 +297,14 @@ class Trainer(L.Trainer):
         summary_path = self.run_dir / "summary.json"
         if self.env_spec is None or self.max_frames is None or not summary_path.is_file():
             return False
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("unitrain", {})
-        frames = state.get("frames", -1)
         try:
             summary = json.loads(summary_path.read_text())
         except ValueError:
             return False
-        if frames < self.max_frames or summary.get("frames") != frames:
+        if (summary.get("frames") or -1) < self.max_frames:
+            return False  # decided without reading the (possibly large) checkpoint
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("unitrain", {})
+        if state.get("frames") != summary["frames"]:
             return False
         self.summary = {**summary, "finished": True}
         return True
