@@ -159,5 +159,5 @@ def test_reinforce_takes_only_its_own_fields(capsys, tmp_path, field):
     assert f"optimizer.{field}: unknown key" in err and "frames_per_batch" in err
     import unitrain as ut
 
-    with pytest.raises(TypeError, match=field):
+    with pytest.raises(TypeError, match=field):  # not one of REINFORCE's fields
         ut.optim.REINFORCE(**{field: 1})

@@ -26,10 +26,10 @@ def test_auto_backend_is_envpool_for_mujoco_and_atari_only():
     # Extra gymnasium.make kwargs need gymnasium.
     assert resolve_backend(EnvSpec("HalfCheetah-v5", kwargs={"ctrl_cost_weight": 0.2})) == \
         "gymnasium"
-    with pytest.raises(ConfigError, match=r"backend: envpool cannot run HalfCheetah-v5 \(extra "
+    with pytest.raises(ConfigError, match=r"^env\.backend: envpool cannot run HalfCheetah-v5 \(extra "
                                           r"kwargs need gymnasium\)"):
         EnvSpec("HalfCheetah-v5", backend="envpool", kwargs={"ctrl_cost_weight": 0.2})
-    with pytest.raises(ConfigError, match=r"backend: got 'cuda'; expected one of auto"):
+    with pytest.raises(ConfigError, match=r"^env\.backend: got 'cuda'; expected one of auto"):
         EnvSpec("CartPole-v1", backend="cuda")
 
 

@@ -210,7 +210,7 @@ def test_ranks_novelty_and_shards():
 def test_bad_hyperparameters_name_the_key(make, key: str):
     with pytest.raises(ConfigError) as err:
         make()
-    assert err.value.key == key
+    assert err.value.key == f"optimizer.{key}"
 
 
 def test_bad_recipe_value_is_one_line(tmp_path: Path):

@@ -122,18 +122,16 @@ def test_new_rl_fields_are_validated():
         Projection(step_size=1.5)
     with pytest.raises(ut.ConfigError, match="greedy_share"):
         EliteImitation(greedy_share=1.5)
-    with pytest.raises(ut.ConfigError, match=r"^fit\.lam"):
+    with pytest.raises(ut.ConfigError, match=r"^optimizer\.fit\.lam"):
         EliteImitation(fit={"lam": 0.0})
 
 
 def test_each_rule_serves_its_kind_of_run():
     spec = ut.EnvSpec("CartPole-v1", num_envs=2)
-    module = TinyPolicy(4, 2, hidden=8, activation="relu")
-    with pytest.raises(ut.UserError, match="use elite_imitation"):
-        Projection().setup(module, _services(module, spec))
-    continuous = TinyPolicy(3, 1, hidden=8, activation="relu")
-    with pytest.raises(ut.ConfigError, match="Pendulum-v1 has continuous actions"):
-        EliteImitation().setup(continuous, _services(continuous, ut.EnvSpec("Pendulum-v1")))
+    with pytest.raises(ut.ConfigError, match="^env: projection fits.*use elite_imitation"):
+        ut.Trainer(spec, Projection())
+    with pytest.raises(ut.ConfigError, match="^env.id: Pendulum-v1 has continuous actions"):
+        ut.Trainer("Pendulum-v1", EliteImitation())
 
 
 def test_each_env_slot_runs_its_quota_and_greedy_slots_take_the_argmax():

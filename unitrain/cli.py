@@ -17,7 +17,6 @@ import json
 import os
 import shlex
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,7 +55,6 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
 
     from unitrain.config import build_module, load_recipe
     from unitrain.data import load_data
-    from unitrain.envs import env_info
     from unitrain.errors import ConfigError, UserError
     from unitrain.safety import RunStopped, exit_code
     from unitrain.trainer import Trainer, quiet_console
@@ -69,22 +67,20 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
 
         read_checkpoint(recipe.init, f"init={recipe.init}")
     L.seed_everything(recipe.seed, workers=True, verbose=False)
-    loaders: dict[str, Any] = {}
-    if recipe.data is not None:
-        train, test, info = load_data(recipe.data)
-        loaders = {"train_dataloaders": train, "val_dataloaders": test}
-    else:
-        info = env_info(recipe.env)
     try:
+        # Builds nothing on disk: every check across blocks runs here, before the run starts.
+        trainer = Trainer(recipe.env, recipe.optimizer, seed=recipe.seed, run_dir=run_dir,
+                          **recipe.trainer.trainer_kwargs())
+        loaders: dict[str, Any] = {}
+        if recipe.data is not None:
+            train, test, info = load_data(recipe.data)
+            loaders = {"train_dataloaders": train, "val_dataloaders": test}
+        else:
+            info = trainer.env_info
         module = build_module(recipe.module, info)
+        trainer.fit(module, ckpt_path=ckpt, init=recipe.init, **loaders)
     except ConfigError as e:
         raise UserError(f"{recipe.source}: {e}") from None
-    trainer = Trainer(recipe.env, recipe.optimizer, seed=recipe.seed, run_dir=run_dir,
-                      **recipe.trainer.trainer_kwargs())
-    try:
-        trainer.fit(module, ckpt_path=ckpt, init=recipe.init, **loaders)
-    except ConfigError as e:  # found once the env or the processes exist (a module that
-        raise UserError(f"{recipe.source}: {e}") from None  # does not fit the action space)
     except RunStopped as e:
         if trainer.global_rank == 0:
             args = " ".join(shlex.quote(a) for a in [recipe_path, *overrides]
@@ -116,7 +112,7 @@ def _resolve_resume(resume: str | None, run_dir: str | None, recipe: Any) -> tup
             env_name = "".join(c if c.isalnum() else "-" for c in env_id).strip("-").lower()
             candidates = sorted(Path("runs").glob(f"{env_name}-{recipe.optimizer.name}/*/checkpoints/last.ckpt"))
             if not candidates:
-                raise UserError(f"resume=last: no earlier run of this recipe under runs/ "
+                raise UserError("resume=last: no earlier run of this recipe under runs/ "
                                 "(give run_dir=... or resume=PATH to a .ckpt file)")
             path = candidates[-1]
     else:

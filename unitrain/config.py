@@ -39,64 +39,13 @@ from unitrain.envs import EnvInfo, EnvSpec
 from unitrain.errors import ConfigError, UserError, check
 from unitrain.module import RLModule
 from unitrain.optim.base import UpdateRule, get_rule
-from unitrain.trainer import EarlyStop
+from unitrain.trainer import TrainerConfig
+from unitrain.validation import describe
 
 __all__ = ["Recipe", "TrainerConfig", "load_recipe", "build_module", "import_object"]
 
 _TOP_LEVEL = ("seed", "run_dir", "resume", "init", "env", "data", "module", "optimizer",
               "trainer")
-
-
-@dataclass
-class TrainerConfig:
-    """The ``trainer:`` block: arguments of :class:`unitrain.Trainer`.
-
-    Args:
-        max_frames: env-frame budget summed over processes.
-        devices: processes (one per device).
-        strategy: ``"auto"`` or ``"ddp"``.
-        accelerator: ``"auto"``, ``"cpu"``, ``"gpu"``.
-        num_nodes: machines (launched by torchrun/SLURM).
-        eval_every_frames: env frames between evaluations and checkpoints (null: a tenth of
-            ``max_frames``).
-        eval_episodes: episodes per evaluation.
-        early_stop: stop on ``eval/return_mean`` (``threshold``, ``patience``), or null.
-        num_threads: torch threads per process (null: 1).
-        max_epochs: passes over the training data of a supervised run (null: unbounded).
-    """
-
-    max_frames: int | None = 100_000
-    devices: int = 1
-    strategy: str = "auto"
-    accelerator: str = "auto"
-    num_nodes: int = 1
-    eval_every_frames: int | None = None
-    eval_episodes: int = 10
-    early_stop: EarlyStop | None = None
-    num_threads: int | None = None
-    max_epochs: int | None = None
-
-    def __post_init__(self) -> None:
-        check(self.max_frames is None or self.max_frames > 0, "max_frames", "an integer > 0 or null",
-              self.max_frames)
-        check(self.devices >= 1, "devices", "an integer >= 1", self.devices)
-        check(self.strategy in ("auto", "ddp"), "strategy", "'auto' or 'ddp'", self.strategy)
-        check(self.accelerator in ("auto", "cpu", "gpu", "cuda", "mps"), "accelerator",
-              "one of auto, cpu, gpu, cuda, mps", self.accelerator)
-        check(self.num_nodes >= 1, "num_nodes", "an integer >= 1", self.num_nodes)
-        check(self.eval_every_frames is None or self.eval_every_frames >= 1, "eval_every_frames",
-              "an integer >= 1 or null", self.eval_every_frames)
-        check(self.eval_episodes >= 1, "eval_episodes", "an integer >= 1", self.eval_episodes)
-        check(self.max_epochs is None or self.max_epochs >= 1, "max_epochs",
-              "an integer >= 1 or null", self.max_epochs)
-
-    def trainer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`unitrain.Trainer`."""
-        return {"max_frames": self.max_frames, "devices": self.devices, "strategy": self.strategy,
-                "accelerator": self.accelerator, "num_nodes": self.num_nodes,
-                "eval_every_frames": self.eval_every_frames, "eval_episodes": self.eval_episodes,
-                "early_stop": self.early_stop, "num_threads": self.num_threads,
-                **({} if self.max_epochs is None else {"max_epochs": self.max_epochs})}
 
 
 @dataclass
@@ -229,12 +178,20 @@ def _typed(cls: type, node: Any, prefix: str) -> Any:
         raise ConfigError(key, f"unknown key{hint}; valid keys: {', '.join(valid)}") from None
     except ValidationError as e:
         key = str(e.full_key or "")
+        if not key:  # omegaconf does not name the key of a bad list item: ask the class
+            try:
+                cls(**OmegaConf.to_container(node, resolve=True))
+            except ConfigError as own:
+                raise own.under(prefix) from None
+            except TypeError:
+                pass
         value = _value_at(node, key)
-        expected = _expected_type(cls, key.split(".")[0]) if key else "a valid value"
+        hint = typing.get_type_hints(cls).get(key.split(".")[0]) if key else None
+        expected = describe(hint) if hint is not None else "a valid value"
         raise ConfigError(f"{prefix}.{key}" if key else prefix,
                           f"got {value!r}; expected {expected}") from None
     except ConfigError as e:
-        raise e.prefixed(prefix) from None
+        raise e.under(prefix) from None
     except OmegaConfBaseException as e:
         raise ConfigError(prefix, _first_line(e)) from None
 
@@ -248,20 +205,6 @@ def _value_at(node: DictConfig, key: str) -> Any:
         return OmegaConf.select(node, key)
     except OmegaConfBaseException:
         return "?"
-
-
-def _expected_type(cls: type, name: str) -> str:
-    hints = typing.get_type_hints(cls)
-    hint = hints.get(name)
-    if hint is None:
-        return "a valid value"
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    if hint in names:
-        return names[hint]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if len(args) == 1 and args[0] in names:
-        return f"{names[args[0]]} or null"
-    return str(hint).replace("typing.", "")
 
 
 def _first_line(e: Exception) -> str:

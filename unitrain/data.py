@@ -8,13 +8,14 @@ reports ``test/accuracy`` on a held-out split.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from unitrain.errors import check
+from unitrain.validation import Validated
 
 __all__ = ["DataSpec", "DataInfo", "load_data", "DATASETS"]
 
@@ -22,7 +23,7 @@ DATASETS = ("digits",)
 
 
 @dataclass
-class DataSpec:
+class DataSpec(Validated):
     """A classification dataset with a fixed train/test split and standardised features.
 
     Args:
@@ -37,7 +38,9 @@ class DataSpec:
     test_fraction: float = 0.2
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    block: ClassVar[str] = "data"
+
+    def validate(self) -> None:
         check(self.name in DATASETS, "name", f"one of {', '.join(DATASETS)}", self.name)
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         check(0 < self.test_fraction < 1, "test_fraction", "a number in (0, 1)", self.test_fraction)

@@ -25,7 +25,7 @@ import pickle
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -37,13 +37,14 @@ from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 from unitrain.errors import ConfigError, UserError, check
+from unitrain.validation import Validated
 
 __all__ = ["EnvSpec", "EnvInfo", "ObsNorm", "BatchedEnv", "make_env", "env_info",
            "derive_seed", "resolve_backend", "envpool_id", "BACKENDS"]
 
 
 @dataclass
-class EnvSpec:
+class EnvSpec(Validated):
     """What to collect from.
 
     Args:
@@ -69,7 +70,9 @@ class EnvSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     backend: str = "auto"
 
-    def __post_init__(self) -> None:
+    block: ClassVar[str] = "env"
+
+    def validate(self) -> None:
         check(isinstance(self.num_envs, int) and self.num_envs >= 1, "num_envs",
               "an integer >= 1", self.num_envs)
         check(self.max_episode_steps is None or self.max_episode_steps >= 1,

@@ -17,16 +17,26 @@ class ConfigError(UserError, ValueError):
     Args:
         key: dotted key of the offending value (e.g. ``"optimizer.clip_epsilon"``).
         message: what is wrong and what would be valid.
+        field: the key relative to the block that raised it (default: ``key``).
     """
 
-    def __init__(self, key: str, message: str) -> None:
+    def __init__(self, key: str, message: str, field: str | None = None) -> None:
         self.key = key
         self.detail = message
+        self.field = key if field is None else field
         super().__init__(f"{key}: {message}" if key else message)
 
     def prefixed(self, prefix: str) -> "ConfigError":
         """The same error with ``prefix.`` in front of its key."""
-        return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.detail)
+        return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.detail, self.field)
+
+    def under(self, prefix: str) -> "ConfigError":
+        """The error keyed under ``prefix``: unchanged if its key already is, else
+        ``prefix.<field>`` (a block validated in another place than its own)."""
+        if self.key == prefix or self.key.startswith(prefix + "."):
+            return self
+        return ConfigError(f"{prefix}.{self.field}" if self.field else prefix, self.detail,
+                           self.field)
 
 
 def check(condition: bool, key: str, valid: str, value: object) -> None:

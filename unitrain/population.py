@@ -453,7 +453,7 @@ class PopulationFields(UpdateRule):
     max_episode_steps: int | None = None
     max_envs: int | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         check(isinstance(self.population, int) and self.population >= 2, "population",
               "an integer >= 2", self.population)
         check(self.sigma > 0, "sigma", "a number > 0", self.sigma)

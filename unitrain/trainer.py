@@ -36,7 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -47,15 +47,16 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from unitrain.adapter import RunAdapter, default_eval_every
-from unitrain.envs import EnvSpec
-from unitrain.errors import UserError, check
+from unitrain.envs import EnvSpec, env_info
+from unitrain.errors import ConfigError, UserError, check
 from unitrain.module import RLModule
 from unitrain.optim.base import UpdateRule
 from unitrain.progress import FrameProgressBar
 from unitrain.safety import AtomicCheckpointIO, atomic_write, slurm_restarted
 from unitrain.services import RunServices
+from unitrain.validation import Validated
 
-__all__ = ["Trainer", "RuleDDPStrategy", "EarlyStop"]
+__all__ = ["Trainer", "RuleDDPStrategy", "EarlyStop", "TrainerConfig"]
 
 _RUN_DIR_ENV = "UNITRAIN_RUN_DIR"
 
@@ -123,7 +124,7 @@ def _destroy_process_group() -> None:
 
 
 @dataclass
-class EarlyStop:
+class EarlyStop(Validated):
     """Stop when the evaluation return reaches ``threshold`` or stops improving.
 
     Args:
@@ -134,8 +135,65 @@ class EarlyStop:
     threshold: float | None = None
     patience: int = 1_000_000
 
-    def __post_init__(self) -> None:
+    block: ClassVar[str] = "trainer.early_stop"
+
+    def validate(self) -> None:
         check(self.patience >= 1, "patience", "an integer >= 1", self.patience)
+
+
+@dataclass
+class TrainerConfig(Validated):
+    """The ``trainer:`` block: arguments of :class:`unitrain.Trainer`.
+
+    Args:
+        max_frames: env-frame budget summed over processes.
+        devices: processes (one per device).
+        strategy: ``"auto"`` or ``"ddp"``.
+        accelerator: ``"auto"``, ``"cpu"``, ``"gpu"``.
+        num_nodes: machines (launched by torchrun/SLURM).
+        eval_every_frames: env frames between evaluations and checkpoints (null: a tenth of
+            ``max_frames``).
+        eval_episodes: episodes per evaluation.
+        early_stop: stop on ``eval/return_mean`` (``threshold``, ``patience``), or null.
+        num_threads: torch threads per process (null: 1).
+        max_epochs: passes over the training data of a supervised run (null: unbounded).
+    """
+
+    max_frames: int | None = 100_000
+    devices: int = 1
+    strategy: str = "auto"
+    accelerator: str = "auto"
+    num_nodes: int = 1
+    eval_every_frames: int | None = None
+    eval_episodes: int = 10
+    early_stop: EarlyStop | None = None
+    num_threads: int | None = None
+    max_epochs: int | None = None
+
+    block: ClassVar[str] = "trainer"
+
+    def validate(self) -> None:
+        check(self.max_frames is None or self.max_frames > 0, "max_frames", "an integer > 0 or null",
+              self.max_frames)
+        check(self.devices >= 1, "devices", "an integer >= 1", self.devices)
+        check(self.strategy in ("auto", "ddp"), "strategy", "'auto' or 'ddp'", self.strategy)
+        check(self.accelerator in ("auto", "cpu", "gpu", "cuda", "mps"), "accelerator",
+              "one of auto, cpu, gpu, cuda, mps", self.accelerator)
+        check(self.num_nodes >= 1, "num_nodes", "an integer >= 1", self.num_nodes)
+        check(self.eval_every_frames is None or self.eval_every_frames >= 1, "eval_every_frames",
+              "an integer >= 1 or null", self.eval_every_frames)
+        check(self.eval_episodes >= 1, "eval_episodes", "an integer >= 1", self.eval_episodes)
+        check(self.max_epochs is None or self.max_epochs >= 1, "max_epochs",
+              "an integer >= 1 or null", self.max_epochs)
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`unitrain.Trainer`."""
+        return {"max_frames": self.max_frames, "devices": self.devices, "strategy": self.strategy,
+                "accelerator": self.accelerator, "num_nodes": self.num_nodes,
+                "eval_every_frames": self.eval_every_frames, "eval_episodes": self.eval_episodes,
+                "early_stop": self.early_stop, "num_threads": self.num_threads,
+                **({} if self.max_epochs is None else {"max_epochs": self.max_epochs})}
+
 
 
 class Trainer(L.Trainer):
@@ -176,24 +234,31 @@ class Trainer(L.Trainer):
                             "(env frames between evaluations)")
         if isinstance(env, str):
             env = EnvSpec(id=env, num_envs=num_envs or EnvSpec.num_envs)
-        check(max_frames is None or max_frames > 0, "trainer.max_frames", "an integer > 0", max_frames)
-        check(eval_every_frames is None or eval_every_frames >= 1, "trainer.eval_every_frames",
-              "an integer >= 1 or null", eval_every_frames)
-        check(eval_episodes >= 1, "trainer.eval_episodes", "an integer >= 1", eval_episodes)
-        check(num_threads is None or num_threads >= 1, "trainer.num_threads", "an integer >= 1 or null",
-              num_threads)
-        if isinstance(early_stop, dict):
-            early_stop = EarlyStop(**early_stop)
+        if not (env is None or isinstance(env, EnvSpec)):
+            raise ConfigError("env", f"got {env!r}; expected a gymnasium id or a unitrain.EnvSpec")
+        check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed",
+              "an integer >= 0", seed)
+        # The same checks as a recipe's trainer: block, with the same keys in the messages.
+        settings = TrainerConfig(max_frames=max_frames, eval_every_frames=eval_every_frames,
+                                 eval_episodes=eval_episodes, early_stop=early_stop,
+                                 num_threads=num_threads)
+        # Checks across blocks (a batch size against env.num_envs, a rule against the action
+        # space), before anything is written.
+        self.env_info = env_info(env) if env is not None else None
+        if env is not None:
+            optimizer.check_env(env, self.env_info)
+        elif not optimizer.supervised_only:
+            raise ConfigError("env", f"{optimizer.name} needs an env (a gymnasium id or a "
+                                     "unitrain.EnvSpec); only adam and projection train on "
+                                     "a dataloader")
+        early_stop = settings.early_stop
         self.env_spec, self.rule = env, optimizer
         self.max_frames, self.seed, self.num_threads = max_frames, seed, num_threads or 1
         self.eval_every_frames = eval_every_frames or default_eval_every(max_frames)
         self.eval_episodes = eval_episodes
         self.run_dir = _resolve_run_dir(run_dir, env, optimizer)
-        self._created_dir = _probe_run_dir(self.run_dir)
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            # Temporary files of checkpoint writes that a killed run left half-way.
-            for stale in (self.run_dir / "checkpoints").glob(".*.tmp-*"):
-                stale.unlink(missing_ok=True)
+        _check_writable(self.run_dir)
+        self._created_dir: Path | None = None
         self.summary: dict[str, Any] | None = None
         L.seed_everything(seed, workers=True, verbose=False)
         quiet_console()
@@ -270,8 +335,14 @@ class Trainer(L.Trainer):
             ckpt_path = str(last)
         if ckpt_path is not None and self._finished(ckpt_path):
             return
+        self._created_dir = _probe_run_dir(self.run_dir)
+        if self.local_rank == 0:
+            # Temporary files of checkpoint writes that a killed run left half-way.
+            for stale in (self.run_dir / "checkpoints").glob(".*.tmp-*"):
+                stale.unlink(missing_ok=True)
         try:
-            services = RunServices(model, self.env_spec, self.seed, self.max_frames)
+            services = RunServices(model, self.env_spec, self.seed, self.max_frames,
+                                   env_info=self.env_info)
             if init is not None:
                 _init_from(model, services, init)
             run = RunAdapter(model, self.rule, services, self.eval_every_frames,
@@ -391,6 +462,18 @@ def _many(devices: Any) -> bool:
     if isinstance(devices, (list, tuple)):
         return len(devices) > 1
     return isinstance(devices, str) and devices not in ("1", "auto")
+
+
+def _check_writable(path: Path) -> None:
+    """Raise :class:`UserError` unless ``path`` could be created and written (creates nothing)."""
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        why = "Not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = "Permission denied"
+    else:
+        return
+    raise UserError(f"run_dir: cannot write to {path} ({why}); choose a writable run_dir=")
 
 
 def _probe_run_dir(path: Path) -> Path | None:

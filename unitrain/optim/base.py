@@ -4,6 +4,7 @@ An update rule decides what evidence it needs and how the module's parameters ch
 Trainer calls the same methods on every rule and never asks what kind of rule it is:
 
 ========================  ====================================================================
+``check_env(env, info)``  before the run starts: settings against the env (see below).
 ``setup(module, ctx)``    once per process, before optimizers exist: build auxiliary networks
                           (registered with :meth:`RLModule.add_aux`), losses, buffers.
 ``optimizers()``          the ``torch.optim`` optimizers whose state Lightning checkpoints.
@@ -13,9 +14,12 @@ Trainer calls the same methods on every rule and never asks what kind of rule it
 ``load_state_dict()``     and module state are checkpointed by Lightning.
 ========================  ====================================================================
 
-Rules are dataclasses: their fields are the hyperparameters (validated in ``__post_init__``
-with messages naming the field), so one class serves the Python API (``PPO(lr=1e-3)``) and the
-recipe schema (``optimizer: {name: ppo, lr: 1e-3}``).
+Rules are dataclasses: their fields are the hyperparameters, type-checked against their
+annotations on construction and range-checked in ``validate()``
+(:class:`~unitrain.validation.Validated`), so one class serves the Python API
+(``PPO(lr=1e-3)``) and the recipe schema (``optimizer: {name: ppo, lr: 1e-3}``), with the same
+message naming ``optimizer.<field>``. ``check_env(env, info)`` checks the settings against the
+run's env (a batch size against ``env.num_envs``, the action space) before anything is written.
 
 A rule never decides what the module's output means: every rule reads it through the shared
 action contract (``module.actions``, :mod:`unitrain.action`), and the deterministic action used
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 
 from unitrain.errors import ConfigError
+from unitrain.validation import Validated
 
 if TYPE_CHECKING:
     from tensordict import TensorDictBase
@@ -107,10 +112,22 @@ class RuleContext(Protocol):
         """Log a histogram of ``values`` at the current frame count (rank 0)."""
 
 
-class UpdateRule:
-    """Base class of update rules. Subclasses are dataclasses registered by name."""
+class UpdateRule(Validated):
+    """Base class of update rules. Subclasses are dataclasses registered by name; their fields
+    are type-checked on construction and range-checked in :meth:`validate`."""
 
     name: ClassVar[str] = ""
+    block: ClassVar[str] = "optimizer"
+    # Rules that fit (input, target) batches and take no env.
+    supervised_only: ClassVar[bool] = False
+
+    def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
+        """Check the rule's settings against the run's env before anything runs or is written;
+        raise :class:`ConfigError` naming the full keys (``optimizer.frames_per_batch``)."""
+        if self.supervised_only:
+            raise ConfigError("env", f"{self.name} trains on (input, target) batches of a "
+                                     "supervised run: set env: null and a data: block (in "
+                                     "Python, env=None and train_dataloaders)")
 
     def setup(self, module: "RLModule", ctx: RuleContext) -> None:
         """Build what the rule needs for ``module`` (called once per process)."""

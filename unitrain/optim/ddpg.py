@@ -81,8 +81,8 @@ class DDPG(OffPolicyFields):
     noise_std: float = 0.1
     ou_theta: float = 0.15
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         check(self.noise in ("normal", "ou"), "noise", "'normal' or 'ou'", self.noise)
         check(self.noise_std >= 0, "noise_std", "a number >= 0", self.noise_std)
         check(0 < self.ou_theta <= 1, "ou_theta", "a number in (0, 1]", self.ou_theta)

@@ -111,8 +111,8 @@ class DSACT(OffPolicyFields):
     # The authors' MuJoCo bounds on the policy's log standard deviation.
     log_std_bounds: ClassVar[tuple[float, float]] = (-20.0, 0.5)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         check(self.lr_alpha > 0, "lr_alpha", "a number > 0", self.lr_alpha)
         check(self.alpha_init > 0, "alpha_init", "a number > 0", self.alpha_init)
         check(self.delay >= 1, "delay", "an integer >= 1", self.delay)

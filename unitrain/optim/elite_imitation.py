@@ -31,6 +31,7 @@ from unitrain.optim.projection import Projection
 from unitrain.rollout import Step, rollout
 
 if TYPE_CHECKING:
+    from unitrain.envs import EnvInfo, EnvSpec
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
 
@@ -81,14 +82,7 @@ class EliteImitation(UpdateRule):
     updates: int = 1
     window: int = 1
 
-    def __post_init__(self) -> None:
-        if isinstance(self.fit, dict):
-            try:
-                self.fit = Projection(**self.fit)
-            except ConfigError as e:
-                raise e.prefixed("fit") from None
-        check(isinstance(self.fit, Projection), "fit", "a mapping of projection fields",
-              self.fit)
+    def validate(self) -> None:
         check(self.episodes >= 1, "episodes", "an integer >= 1", self.episodes)
         check(0 < self.elite_fraction <= 1, "elite_fraction", "a number in (0, 1]",
               self.elite_fraction)
@@ -99,13 +93,15 @@ class EliteImitation(UpdateRule):
         check(self.updates >= 1, "updates", "an integer >= 1", self.updates)
         check(self.window >= 1, "window", "an integer >= 1", self.window)
 
+    def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
+        if not info.discrete:
+            raise ConfigError("env.id", f"{info.id} has continuous actions; elite_imitation "
+                                        "fits logits and needs discrete actions")
+
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         info = ctx.env_info
         if info is None:
             raise UserError("elite_imitation needs an env: give the Trainer env=...")
-        if not info.discrete:
-            raise ConfigError("env.id", f"{info.id} has continuous actions; elite_imitation "
-                                        "fits logits and needs discrete actions")
         self.fit.attach(module)
         self.module = module
         self._elites: list[dict[str, Any]] = []

@@ -64,8 +64,8 @@ class ES(PopulationFields):
     weight_decay: float = 0.005
     update: str = "adam"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         check(self.population % 2 == 0, "population",
               "an even integer >= 2 (mirrored pairs)", self.population)
         check(self.lr > 0, "lr", "a number > 0", self.lr)

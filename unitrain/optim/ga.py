@@ -230,8 +230,8 @@ class GA(PopulationFields):
     archive_add: int = 5
     behaviour: str = "final"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         check(1 <= self.truncation <= self.population, "truncation",
               f"an integer in [1, population={self.population}]", self.truncation)
         check(1 <= self.elite_candidates <= self.population, "elite_candidates",

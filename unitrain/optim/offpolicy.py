@@ -58,6 +58,7 @@ from unitrain.optim.base import UpdateRule
 from unitrain.replay import Replay
 
 if TYPE_CHECKING:
+    from unitrain.envs import EnvInfo, EnvSpec
     from unitrain.action import ActionHead
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
@@ -189,7 +190,7 @@ class OffPolicyFields(UpdateRule):
     critic_hidden: tuple[int, ...] = (256, 256)
     save_buffer: bool = False
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         check(self.lr_actor > 0, "lr_actor", "a number > 0", self.lr_actor)
         check(self.lr_critic > 0, "lr_critic", "a number > 0", self.lr_critic)
         check(0 < self.gamma <= 1, "gamma", "a number in (0, 1]", self.gamma)
@@ -202,9 +203,21 @@ class OffPolicyFields(UpdateRule):
         check(self.frames_per_batch is None or self.frames_per_batch >= 1, "frames_per_batch",
               "an integer >= 1 or null", self.frames_per_batch)
         check(self.utd_ratio > 0, "utd_ratio", "a number > 0", self.utd_ratio)
-        self.critic_hidden = tuple(int(h) for h in self.critic_hidden)
         check(all(h >= 1 for h in self.critic_hidden), "critic_hidden",
               "a list of integers >= 1", list(self.critic_hidden))
+
+    def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
+        if info.discrete:
+            raise ConfigError("env.id", f"{info.id} has discrete actions ({info.act_dim}); "
+                                        f"{self.name} needs a continuous (Box) action space "
+                                        "(for discrete actions use ppo or reinforce)")
+        bounds = (info.action_low, info.action_high)
+        if any(b is None or not bool(torch.isfinite(b).all()) for b in bounds):
+            raise ConfigError("env.id", f"{info.id} has unbounded actions; {self.name} squashes "
+                                        "actions into the env's bounds, which must be finite")
+        if self.frames_per_batch is not None:
+            check(self.frames_per_batch % env.num_envs == 0, "optimizer.frames_per_batch",
+                  f"a multiple of env.num_envs={env.num_envs}", self.frames_per_batch)
 
 
 class OffPolicyLoop:
@@ -224,18 +237,8 @@ class OffPolicyLoop:
         info = ctx.env_info
         if info is None:
             raise UserError(f"{rule.name}: needs an env; give the Trainer env=...")
-        if info.discrete:
-            raise ConfigError("env.id", f"{info.id} has discrete actions ({info.act_dim}); "
-                                        f"{rule.name} needs a continuous (Box) action space "
-                                        "(for discrete actions use ppo or reinforce)")
         self.head: ActionHead = module.actions
-        if not self.head.bounded:
-            raise ConfigError("env.id", f"{info.id} has unbounded actions; {rule.name} squashes "
-                                        "actions into the env's bounds, which must be finite")
-        num_envs = ctx.env_spec.num_envs
-        self.frames_per_batch = rule.frames_per_batch or num_envs
-        check(self.frames_per_batch % num_envs == 0, "frames_per_batch",
-              f"a multiple of env.num_envs={num_envs}", rule.frames_per_batch)
+        self.frames_per_batch = rule.frames_per_batch or ctx.env_spec.num_envs
         self.rule, self.metric_names = rule, metric_names
         self.obs_shape = info.obs_shape
         self.generator = ctx.generator

@@ -29,11 +29,11 @@ from unitrain.module import mlp
 from unitrain.optim.base import UpdateRule, register_rule
 
 if TYPE_CHECKING:
-    from unitrain.envs import EnvInfo
+    from unitrain.envs import EnvInfo, EnvSpec
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
 
-__all__ = ["PPO", "OnPolicyBatches", "value_operator", "gradient_step", "annealed_lr"]
+__all__ = ["PPO", "OnPolicyBatches", "check_batch", "value_operator", "gradient_step", "annealed_lr"]
 
 
 class _Flatten(nn.Module):
@@ -97,6 +97,12 @@ def gradient_step(loss: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
     sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + float(grad_norm)
 
 
+def check_batch(frames_per_batch: int, env: "EnvSpec") -> None:
+    """``optimizer.frames_per_batch`` must fill whole steps of the vectorised env."""
+    check(frames_per_batch % env.num_envs == 0, "optimizer.frames_per_batch",
+          f"a multiple of env.num_envs={env.num_envs}", frames_per_batch)
+
+
 class OnPolicyBatches:
     """The on-policy evidence PPO and REINFORCE share: the module's stochastic policy (the action
     contract's) and a state-value function, ``frames_per_batch`` transitions per iteration from a
@@ -118,8 +124,6 @@ class OnPolicyBatches:
         info = ctx.env_info
         if info is None:
             raise UserError(f"{rule} needs an env: give the Trainer env=...")
-        check(frames_per_batch % ctx.env_spec.num_envs == 0, "frames_per_batch",
-              f"a multiple of env.num_envs={ctx.env_spec.num_envs}", frames_per_batch)
         self.frames_per_batch = frames_per_batch
         self.actor = stochastic_actor(module, log_std_init)
         self.critic = value_operator(module, info, value_hidden)
@@ -183,7 +187,7 @@ class PPO(UpdateRule):
     log_std_init: float = 0.0
     value_hidden: tuple[int, ...] = (64, 64)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         check(self.lr > 0, "lr", "a number > 0", self.lr)
         check(self.frames_per_batch >= 1, "frames_per_batch", "an integer >= 1", self.frames_per_batch)
         check(1 <= self.minibatch_size, "minibatch_size", "an integer >= 1", self.minibatch_size)
@@ -194,7 +198,9 @@ class PPO(UpdateRule):
         check(self.entropy_coef >= 0, "entropy_coef", "a number >= 0", self.entropy_coef)
         check(self.value_coef >= 0, "value_coef", "a number >= 0", self.value_coef)
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0", self.max_grad_norm)
-        self.value_hidden = tuple(int(h) for h in self.value_hidden)
+
+    def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
+        check_batch(self.frames_per_batch, env)
 
     # ------------------------------------------------------------------ construction
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:

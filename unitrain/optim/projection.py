@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from unitrain.errors import UserError, check
+from unitrain.errors import ConfigError, check
 from unitrain.optim.base import UpdateRule, register_rule
 from unitrain.projection import (
     CrossEntropyOutput,
@@ -40,6 +40,7 @@ from unitrain.projection import (
 )
 
 if TYPE_CHECKING:
+    from unitrain.envs import EnvInfo, EnvSpec
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
 
@@ -90,7 +91,7 @@ class Projection(UpdateRule):
     step_size: float = 1.0
     standardize: bool = False
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         check(self.solver in _SOLVERS, "solver", f"one of {', '.join(_SOLVERS)}", self.solver)
         check(self.iterations >= 1, "iterations", "an integer >= 1", self.iterations)
         check(self.output in _OUTPUTS, "output", f"one of {', '.join(_OUTPUTS)}", self.output)
@@ -99,11 +100,14 @@ class Projection(UpdateRule):
         check(0 < self.step_size <= 1, "step_size", "a number in (0, 1]", self.step_size)
 
     # ------------------------------------------------------------------ construction
+    def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
+        raise ConfigError("env", "projection fits (input, target) batches of a supervised run "
+                                 "(env: null with a data: block; in Python env=None and "
+                                 "train_dataloaders); to train a policy in an env use "
+                                 "elite_imitation, which fits the policy to its best episodes "
+                                 "by projection")
+
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        if ctx.env_spec is not None:
-            raise UserError("projection fits (input, target) batches of a supervised run (env=None "
-                            "and a dataloader); to train a policy in an env use elite_imitation, "
-                            "which fits the policy to its best episodes by projection")
         self.attach(module)
 
     def attach(self, module: "RLModule") -> None:

@@ -23,9 +23,10 @@ from torchrl.objectives import ReinforceLoss
 
 from unitrain.errors import check
 from unitrain.optim.base import UpdateRule, register_rule
-from unitrain.optim.ppo import OnPolicyBatches, annealed_lr, gradient_step
+from unitrain.optim.ppo import OnPolicyBatches, annealed_lr, check_batch, gradient_step
 
 if TYPE_CHECKING:
+    from unitrain.envs import EnvInfo, EnvSpec
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
 
@@ -58,13 +59,15 @@ class REINFORCE(UpdateRule):
     log_std_init: float = 0.0
     value_hidden: tuple[int, ...] = (64, 64)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         check(self.lr > 0, "lr", "a number > 0", self.lr)
         check(self.frames_per_batch >= 1, "frames_per_batch", "an integer >= 1",
               self.frames_per_batch)
         check(0 < self.gamma <= 1, "gamma", "a number in (0, 1]", self.gamma)
         check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0", self.max_grad_norm)
-        self.value_hidden = tuple(int(h) for h in self.value_hidden)
+
+    def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
+        check_batch(self.frames_per_batch, env)
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         # GAE with λ = 1: discounted returns minus the baseline.

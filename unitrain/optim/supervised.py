@@ -42,14 +42,11 @@ class Adam(UpdateRule):
     lr: float = 1e-3
     weight_decay: float = 0.0
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         check(self.lr > 0, "lr", "a number > 0", self.lr)
         check(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        if ctx.env_spec is not None:
-            raise ValueError("adam trains on a dataloader of (inputs, labels): give the Trainer "
-                             "env=None and pass train_dataloaders to fit()")
         self.module = module
         self.optimizer = torch.optim.Adam(module.policy_parameters(), lr=self.lr,
                                           weight_decay=self.weight_decay)

@@ -1,0 +1,165 @@
+"""One validation path for settings built in Python and read from recipes.
+
+Every block of settings (an update rule, :class:`~unitrain.envs.EnvSpec`,
+:class:`~unitrain.data.DataSpec`, the Trainer's own arguments) is a dataclass deriving from
+:class:`Validated`. Constructing one checks each field against its annotation (``int``, ``float``,
+``bool``, ``str``, ``X | None``, ``tuple[int, ...]``, nested blocks) and then runs the class's
+:meth:`Validated.validate` range checks, so ``PPO(epochs=2.5)`` fails where it is written, with
+the same message a recipe gets::
+
+    ConfigError: optimizer.epochs: got 2.5; expected an integer
+
+Errors name the field's full recipe key (``block`` + field name). A block nested in another
+(``trainer.early_stop``, elite imitation's ``optimizer.fit``) is named by its path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+import types
+import typing
+from typing import Any, ClassVar
+
+from unitrain.errors import ConfigError
+
+__all__ = ["Validated", "describe"]
+
+
+class Validated:
+    """Base of settings dataclasses: type checks on construction, then :meth:`validate`.
+
+    Attributes:
+        block: the recipe block this class is read from (``"optimizer"``, ``"env"``, ...);
+            errors are named ``<block>.<field>``.
+    """
+
+    block: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        try:
+            for name, hint in _field_hints(type(self)).items():
+                value = getattr(self, name)
+                try:
+                    conformed = _conform(value, hint)
+                except _Mismatch:
+                    raise ConfigError(name, f"got {value!r}; expected {describe(hint)}") from None
+                except ConfigError as e:  # a nested block's own error
+                    raise ConfigError(f"{name}.{e.field}", e.detail) from None
+                if conformed is not value:
+                    setattr(self, name, conformed)
+            self.validate()
+        except ConfigError as e:
+            raise e.prefixed(self.block) if self.block else e from None
+
+    def validate(self) -> None:
+        """Range and cross-field checks of this block's fields (raise :class:`ConfigError`
+        with the field's name; the block's prefix is added)."""
+
+
+class _Mismatch(Exception):
+    pass
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _conform(value: Any, hint: Any) -> Any:
+    """``value`` as ``hint`` describes it (ints as floats, lists as tuples), or raise."""
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        nested_error: ConfigError | None = None
+        for arg in args:
+            try:
+                return _conform(value, arg)
+            except _Mismatch:
+                continue
+            except ConfigError as e:
+                nested_error = e
+        if nested_error is not None:
+            raise nested_error
+        raise _Mismatch
+    if hint is type(None):
+        if value is None:
+            return value
+        raise _Mismatch
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if hint is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        raise _Mismatch
+    if hint is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            raise _Mismatch
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise _Mismatch
+            items = [_conform(v, a) for v, a in zip(value, args)]
+        else:
+            item_hint = args[0] if args else Any
+            items = [_conform(v, item_hint) for v in value]
+        return tuple(items) if origin is tuple else list(items)
+    if origin is dict or hint is dict:
+        if isinstance(value, typing.Mapping):
+            return value
+        raise _Mismatch
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, typing.Mapping):
+            names = [f.name for f in dataclasses.fields(hint) if f.init]
+            for key in value:
+                if key not in names:
+                    raise ConfigError(str(key), f"unknown key; valid keys: {', '.join(names)}")
+            return hint(**value)
+        raise _Mismatch
+    if isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        raise _Mismatch
+    return value
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+          type(None): "null"}
+
+
+def describe(hint: Any) -> str:
+    """What values ``hint`` admits, in recipe words (``"an integer or null"``)."""
+    if hint in _NAMES:
+        return _NAMES[hint]
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(a) for a in args)
+    if origin in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} values ({', '.join(describe(a) for a in args)})"
+        item = describe(args[0]) if args else "values"
+        plural = {"an integer": "integers", "a number": "numbers", "a string": "strings"}
+        return f"a list of {plural.get(item, item)}"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return f"a mapping of {hint.__name__} fields"
+    if isinstance(hint, type):
+        return f"a {hint.__name__}"
+    return str(hint).replace("typing.", "")
