@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import lightning as L
+import pytest
 import torch
 
 import unitrain as ut
 from policies import TinyPolicy
-from rulecheck import CaptureStart, assert_same, checkpoint_state
+from rulecheck import CaptureStart, assert_same, checkpoint_state, scalar_steps
 
 
 def _trainer(run_dir: Path, budget: int, callbacks=()) -> ut.Trainer:
@@ -59,3 +62,30 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path: Path, small_recipe: 
                  "resume=last"]) == 0
     assert "is finished (1,024 frames, budget 1,024); nothing to do" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files
+
+
+class _KeepFirstCheckpoint(L.Callback):
+    """Copies the first ``last.ckpt`` aside (a checkpoint the run went on past)."""
+
+    def __init__(self, run: Path) -> None:
+        self.src, self.dst = run / "checkpoints" / "last.ckpt", run / "first.ckpt"
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.src.exists() and not self.dst.exists():
+            shutil.copy(self.src, self.dst)
+
+
+def test_a_run_resumed_from_an_earlier_checkpoint_reads_as_one_run(tmp_path: Path):
+    """Resumed from a checkpoint it logged past, a run's curves continue without duplicated
+    steps (the later events are hidden) and summary.json counts both segments."""
+    run = tmp_path / "run"
+    _trainer(run, 1024, [_KeepFirstCheckpoint(run)]).fit(TinyPolicy(4, 2))
+    uninterrupted = scalar_steps(run)
+    assert uninterrupted["eval/return_mean"] == [512, 1024]
+    resumed = _trainer(run, 1024)
+    resumed.fit(TinyPolicy(4, 2), ckpt_path=str(run / "first.ckpt"))
+    assert scalar_steps(run) == uninterrupted
+    segments = resumed.summary["segments"]
+    assert [(s["from_frames"], s["to_frames"]) for s in segments] == [(0, 512), (512, 1024)]
+    assert resumed.summary["wall_s"] == pytest.approx(sum(s["wall_s"] for s in segments),
+                                                      abs=0.02)

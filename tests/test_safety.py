@@ -3,6 +3,7 @@ disks (``unitrain.safety``; the driver is ``tools/fault_injection.py``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rulecheck import scalar_steps
 from unitrain.errors import UserError
 from unitrain.safety import FAULT_ENV, atomic_write
 
@@ -32,6 +34,7 @@ def reference(tmp_path_factory) -> dict[str, dict]:
         run = tmp_path_factory.mktemp(name)
         fit(recipe, run, overrides)
         out[name] = final_state(run)
+        out[f"{name}_steps"] = scalar_steps(run)
     return out
 
 
@@ -98,6 +101,16 @@ def test_runs_killed_at_random_moments_end_bit_identical(tmp_path, reference, ru
     assert made == 3 and resumes >= 2
     assert same(final_state(run), reference[rule])
     assert not list((run / "checkpoints").glob(".*.tmp-*"))
+    # It reads as one run: the curves have the uninterrupted run's steps, each once, and the
+    # summary counts every segment's time.
+    assert scalar_steps(run) == reference[f"{rule}_steps"]
+    summary = json.loads((run / "summary.json").read_text())
+    segments = summary["segments"]
+    # (a launch that died before it wrote a checkpoint of its own left no trace to count)
+    assert resumes + 1 >= len(segments) >= 2 and segments[0]["from_frames"] == 0
+    assert all(b["from_frames"] == a["to_frames"] for a, b in zip(segments, segments[1:]))
+    assert segments[-1]["to_frames"] == summary["frames"]
+    assert summary["wall_s"] == pytest.approx(sum(seg["wall_s"] for seg in segments), abs=0.02)
 
 
 @pytest.mark.parametrize("recipe, overrides", [
@@ -113,6 +126,10 @@ def test_gradient_rules_resume_after_sigkill_to_the_budget(tmp_path, recipe, ove
     budget = int(overrides[0].split("=")[1])
     assert ckpt["unitrain"]["frames"] >= budget
     assert len(ckpt["unitrain"]["rng"]) == 1
+    # What the killed launch logged after its checkpoint is hidden: each step once, in order.
+    steps = scalar_steps(run)
+    assert steps["perf/frames_per_s"][-1] == ckpt["unitrain"]["frames"]
+    assert all(seen == sorted(set(seen)) for seen in steps.values()), steps
 
 
 def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp_path):

@@ -17,6 +17,7 @@ The services themselves (:class:`~unitrain.services.RunServices`) know nothing o
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import math
 import time
 from collections.abc import Iterator
@@ -103,6 +104,11 @@ class RunAdapter:
         self._correct = self._seen = 0.0
         self._clock: float | None = None
         self.signals = StopSignals(on_abort=self._flush_loggers)
+        # Earlier segments of a resumed run, and when and where this one started.
+        self._past_segments: list[dict[str, Any]] = []
+        self._started = time.perf_counter()
+        self._started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        self._from_frames = 0
 
     @property
     def env_run(self) -> bool:
@@ -262,6 +268,9 @@ class RunAdapter:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         s, module = self.services, self.module
+        # What was logged up to this checkpoint reaches the disk with it: a run killed later
+        # resumes with its curves whole up to here.
+        self._flush_loggers()
         return {
             **s.state_dict(), "rule": self.rule.state_dict(), "rule_config": self.rule.config(),
             "env": None if s.env_spec is None else dataclasses.asdict(s.env_spec),
@@ -269,7 +278,16 @@ class RunAdapter:
             "module_hparams": dict(module.hparams),
             "next_eval": self.next_eval, "eval_every_frames": self.eval_every_frames,
             "last_eval": self.last_eval, "eval_frames": self._eval_frames,
+            "segments": self.segments(time.perf_counter() - self._started),
         }
+
+    def segments(self, wall_s: float) -> list[dict[str, Any]]:
+        """The run's segments (one per process launch that trained it), this one ``wall_s``
+        seconds long so far. A segment killed without warning counts up to its last checkpoint."""
+        s = self.services
+        current = {"started": self._started_at, "from_frames": self._from_frames,
+                   "to_frames": s.frames, "iterations": s.iteration, "wall_s": round(wall_s, 2)}
+        return [*self._past_segments, current]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.services.load_state_dict(state)
@@ -284,6 +302,8 @@ class RunAdapter:
         # An evaluation already made at these frames is not made again (a run resumed from
         # its final checkpoint, say).
         self.last_eval, self._eval_frames = state.get("last_eval"), state.get("eval_frames")
+        self._past_segments = list(state.get("segments", []))
+        self._from_frames = s.frames
 
 
 def _reduce(key: str, column: torch.Tensor) -> float:

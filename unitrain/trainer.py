@@ -333,7 +333,8 @@ class Trainer(L.Trainer):
             ckpt_path = "last"  # a requeued SLURM job goes on where it was stopped
         if ckpt_path == "last":
             ckpt_path = str(last)
-        if ckpt_path is not None and self._finished(ckpt_path):
+        resumed = None if ckpt_path is None else _run_state(ckpt_path)
+        if resumed is not None and self._finished(resumed):
             return
         self._created_dir = _probe_run_dir(self.run_dir)
         if self.local_rank == 0:
@@ -350,7 +351,10 @@ class Trainer(L.Trainer):
             model._ctx = run
             if self.env_spec is not None and train_dataloaders is None:
                 train_dataloaders, val_dataloaders = run.train_iterable(), run.val_iterable()
-            self._log_run_config(model)
+            if resumed is None:
+                self._log_run_config(model)
+            else:
+                self._continue_logs(resumed)
             # Training randomness starts from the seed however the module was built.
             L.seed_everything(self.seed, workers=True, verbose=False)
             # unitrain checkpoints hold RNG states (numpy, python) besides tensors: load them in
@@ -362,8 +366,8 @@ class Trainer(L.Trainer):
             raise
         self.summary = self._summarize(run, time.perf_counter() - start)
 
-    def _finished(self, ckpt_path: str) -> bool:
-        """Whether ``ckpt_path`` is the final checkpoint of a run that ended within this
+    def _finished(self, state: dict[str, Any]) -> bool:
+        """Whether ``state`` (a checkpoint's) is the end of a run that finished within this
         budget; then :attr:`summary` is that run's summary, marked ``"finished": True``."""
         summary_path = self.run_dir / "summary.json"
         if self.env_spec is None or self.max_frames is None or not summary_path.is_file():
@@ -372,13 +376,19 @@ class Trainer(L.Trainer):
             summary = json.loads(summary_path.read_text())
         except ValueError:
             return False
-        if (summary.get("frames") or -1) < self.max_frames:
-            return False  # decided without reading the (possibly large) checkpoint
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("unitrain", {})
-        if state.get("frames") != summary["frames"]:
+        if (summary.get("frames") or -1) < self.max_frames or state.get("frames") != summary["frames"]:
             return False
         self.summary = {**summary, "finished": True}
         return True
+
+    def _continue_logs(self, state: dict[str, Any]) -> None:
+        """Make a resumed run's TensorBoard curves continue the interrupted ones: what the
+        interrupted run logged after its checkpoint is hidden (TensorBoard's ``purge_step``);
+        the run configuration was logged by the first segment."""
+        step = state.get("frames", 0) if self.env_spec is not None else state.get("iteration", 0)
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger) and logger._experiment is None:
+                logger._kwargs["purge_step"] = int(step) + 1
 
     def _clean_failed_start(self) -> None:
         """Remove the run directory this Trainer created if no checkpoint was written in it."""
@@ -414,6 +424,7 @@ class Trainer(L.Trainer):
         best = next((c.best_model_path for c in ckpts if c.monitor and c.best_model_path), None)
         final = run.final_eval or {}
         s = run.services
+        segments = run.segments(wall_s)
         summary = {
             "eval/return_mean": final.get("return_mean"),
             "eval/return_std": final.get("return_std"),
@@ -423,7 +434,8 @@ class Trainer(L.Trainer):
             "frames_over_budget": (max(0, s.frames - self.max_frames)
                                    if self.max_frames is not None else None),
             "iterations": s.iteration,
-            "wall_s": round(wall_s, 2),
+            "wall_s": round(sum(seg["wall_s"] for seg in segments), 2),
+            "segments": segments,
             "checkpoint": last,
             "best_checkpoint": best,
             "run_dir": str(self.run_dir),
@@ -438,6 +450,12 @@ class Trainer(L.Trainer):
                 summary[key] = float(value)
         _write_summary(self.run_dir, summary)
         return summary
+
+
+def _run_state(ckpt_path: str) -> dict[str, Any]:
+    """The ``unitrain`` state of a checkpoint (memory-mapped: its tensors are not read)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    return ckpt.get("unitrain", {})
 
 
 def _init_from(module: RLModule, services: RunServices, checkpoint: str) -> None:
