@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 import pytest
 import torch
 
 from conftest import REPO, SMALL_RECIPE, run_cli
-from unitrain.cli import main
+from unitrain.cli import SHIPPED, main
 
 
 def _fail(capsys, *argv: str) -> str:
@@ -121,12 +121,13 @@ def test_a_missing_optional_dependency_is_one_line(tmp_path):
 def test_recipes_lists_shipped(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    shipped = sorted(p.relative_to(REPO / "recipes").with_suffix("").as_posix()
-                     for p in (REPO / "recipes").glob("*/*.yaml"))
+    shipped = sorted(p.relative_to(SHIPPED).with_suffix("").as_posix()
+                     for p in SHIPPED.glob("*/*.yaml"))
     assert shipped and all(name in out for name in shipped)
-    lines = out.splitlines()
+    lines = out.splitlines()[:len(shipped)]
     starts = {len(line) - len(line.split("  ", 1)[1].lstrip()) for line in lines}
     assert len(starts) == 1, "the descriptions start in one column"
+    assert f"(in {SHIPPED};" in out
 
 
 def test_fit_then_evaluate(capsys, small_recipe, tmp_path):
@@ -161,3 +162,34 @@ def test_reinforce_takes_only_its_own_fields(capsys, tmp_path, field):
 
     with pytest.raises(TypeError, match=field):  # not one of REINFORCE's fields
         ut.optim.REINFORCE(**{field: 1})
+
+
+def test_shipped_recipes_come_with_a_regular_install(tmp_path):
+    """``pip install .`` (not editable): the recipes are in the package, found by name from any
+    directory, and a path relative to the current directory still works."""
+    import subprocess
+    import sys
+
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(wheel_dir), str(REPO)], check=True,
+                   cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(target), *map(str, wheel_dir.glob("*.whl"))], check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.yaml").write_text((SHIPPED / "cartpole" / "ppo.yaml").read_text())
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    script = ("from unitrain.cli import SHIPPED, _find_recipe\n"
+              "from unitrain.config import load_recipe\n"
+              "print(SHIPPED)\n"
+              "for name in ('cartpole/ppo', 'recipes/cartpole/ppo.yaml', 'mine.yaml'):\n"
+              "    print(load_recipe(_find_recipe(name)).source)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    installed = target / "unitrain" / "recipes"
+    assert out == [str(installed), str(installed / "cartpole" / "ppo.yaml"),
+                   str(installed / "cartpole" / "ppo.yaml"), "mine.yaml"]
+    listing = subprocess.run([sys.executable, "-m", "unitrain", "recipes"], cwd=elsewhere,
+                             env=env, check=True, capture_output=True, text=True).stdout
+    assert "cartpole/ppo " in listing and str(installed) in listing

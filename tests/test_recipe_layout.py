@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from unitrain.cli import SHIPPED
 from unitrain.optim import registered_rules
 
-RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
+RECIPES = sorted(SHIPPED.glob("*/*.yaml"))
 
 
 def _variant(path: Path) -> str:

@@ -7,23 +7,24 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import run_cli
+from unitrain.cli import SHIPPED
 from unitrain.config import load_recipe
 
-RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
+RECIPES = sorted(SHIPPED.glob("*/*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_recipe_validates_and_names_its_command(path: Path):
     recipe = load_recipe(path)
     lines = path.read_text().splitlines()
-    assert lines[0] == f"# unitrain fit recipes/{path.parent.name}/{path.name}"
+    assert lines[0] == f"# unitrain fit {path.parent.name}/{path.stem}"
     assert lines[1].startswith("# ") and len(lines[1]) > 10
     assert recipe.optimizer.name == path.stem or path.stem.startswith(recipe.optimizer.name)
 
 
 def _run_recipe(recipe: str, tmp_path: Path, *overrides: str) -> dict:
-    proc = run_cli("fit", str(REPO / "recipes" / recipe), f"run_dir={tmp_path / 'run'}",
+    proc = run_cli("fit", str(SHIPPED / recipe), f"run_dir={tmp_path / 'run'}",
                    *overrides, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((tmp_path / "run" / "summary.json").read_text())

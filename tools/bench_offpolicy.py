@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from unitrain.optim.base import RuleContext
 
 # Per env: the env spec, the module and the rule fields both rules get, and the default budget.
-# Pendulum: the recipes/pendulum/dsac_t.yaml settings. HalfCheetah: a short CPU budget with
+# Pendulum: the pendulum/dsac_t settings. HalfCheetah: a short CPU budget with
 # 2 x 128 networks and one update per 4 frames (the paper's 3 x 256 at one update per frame is
 # about ten times slower here).
 SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], int]] = {

@@ -137,37 +137,31 @@ def _evaluate(checkpoint: str, episodes: int, seed: int) -> int:
     return 0
 
 
-def recipe_roots() -> list[Path]:
-    """Where recipes are looked up: ``./recipes`` and the source tree's ``recipes/``."""
-    roots = [Path.cwd() / "recipes", Path(__file__).resolve().parent.parent / "recipes"]
-    seen: list[Path] = []
-    for r in roots:
-        if r.is_dir() and r.resolve() not in [s.resolve() for s in seen]:
-            seen.append(r)
-    return seen
+SHIPPED = Path(__file__).resolve().parent / "recipes"
 
 
 def _find_recipe(name: str) -> str:
-    """A path as given, or a shipped recipe named ``env/rule`` (with or without ``.yaml``)."""
+    """A path to an existing file as given, else a shipped recipe named ``env/rule`` (with or
+    without ``recipes/`` in front and ``.yaml`` behind)."""
     if os.path.exists(name):
         return name
-    for root in recipe_roots():
-        for candidate in (root / name, root / f"{name}.yaml"):
-            if candidate.is_file():
-                return str(candidate)
+    short = name[len("recipes/"):] if name.startswith("recipes/") else name
+    for candidate in (SHIPPED / short, SHIPPED / f"{short}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
     return name
 
 
 def _recipes() -> int:
     rows = []
-    for root in recipe_roots():
-        for path in sorted(root.glob("*/*.yaml")):
-            comments = [line.lstrip("# ").strip() for line in path.read_text().splitlines()[:2]
-                        if line.startswith("#")]
-            rows.append((f"{path.parent.name}/{path.stem}", comments[1] if len(comments) > 1 else ""))
+    for path in sorted(SHIPPED.glob("*/*.yaml")):
+        comments = [line.lstrip("# ").strip() for line in path.read_text().splitlines()[:2]
+                    if line.startswith("#")]
+        rows.append((f"{path.parent.name}/{path.stem}", comments[1] if len(comments) > 1 else ""))
     width = max((len(name) for name, _ in rows), default=0)
     for name, note in rows:
         print(f"{name:<{width}}  {note}")
+    print(f"\n(in {SHIPPED}; run one with `unitrain fit <env>/<rule>`, copy one to change it)")
     return 0
 
 
