@@ -1,0 +1,157 @@
+"""The docs are tested: every Python and shell snippet in README.md and docs/ runs (with a tiny
+budget), unless the doc marks it ``<!-- not run: reason -->``; every list of logged scalars
+matches the tags a real run writes."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO
+from unitrain.cli import _find_recipe, main
+from unitrain.config import load_recipe
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+FENCE = re.compile(r"(?:<!-- not run: (?P<why>[^\n]*?) -->\n)?[ ]*```(?P<lang>python|bash)\n"
+                   r"(?P<body>.*?)```", re.S)
+TINY_FRAMES = 2048
+
+
+def _snippets(doc: Path) -> list[tuple[int, str, str, str | None]]:
+    text = doc.read_text()
+    return [(text[:m.start()].count("\n") + 1, m["lang"], textwrap.dedent(m["body"]), m["why"])
+            for m in FENCE.finditer(text)]
+
+
+def _tiny(cmd: str) -> list[str]:
+    """``cmd`` as a process with a tiny budget: ``unitrain fit`` gets a few thousand frames (or
+    one epoch), ``unitrain`` runs under this interpreter."""
+    args = shlex.split(cmd)
+    if args[0] == "unitrain":
+        args = [sys.executable, "-m", "unitrain", *args[1:]]
+        if args[3] == "fit":
+            recipe = load_recipe(_find_recipe(args[4]))
+            args += (["trainer.max_epochs=1"] if recipe.env is None else
+                     [f"trainer.max_frames={TINY_FRAMES}", "trainer.eval_episodes=2"])
+    return args
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if _snippets(d)], ids=lambda d: d.name)
+def test_every_snippet_runs(doc: Path, tmp_path: Path, monkeypatch):
+    """A doc's snippets run in order in one directory (a later one may use an earlier one's
+    run); Python snippets share one namespace."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__docs__"}
+    for line, lang, body, why in _snippets(doc):
+        where = f"{doc.name}:{line}"
+        if why is not None:
+            assert why.strip(), f"{where}: a snippet marked not run says why"
+            continue
+        if lang == "python":
+            source = re.sub(r"max_frames=[\d_]+", f"max_frames={TINY_FRAMES}", body)
+            exec(compile(source, where, "exec"), namespace)  # noqa: S102
+            continue
+        for cmd in body.splitlines():
+            cmd = cmd.split(" #")[0].strip()
+            if not cmd or cmd.startswith("#"):
+                continue
+            proc = subprocess.run(_tiny(cmd), cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=600)
+            assert proc.returncode == 0, f"{where}: {cmd}\n{proc.stderr[-3000:]}"
+
+
+# ---------------------------------------------------------------- logged scalars
+
+def _expand(tag: str) -> list[str]:
+    """``fitness/return_mean|max|min`` -> the three tags; ``novelty/mean|max`` -> two."""
+    first, *alts = tag.split("|")
+    prefix, leaf = first.rsplit("/", 1)
+    stem = leaf.rsplit("_", 1)[0] + "_" if "_" in leaf and alts else ""
+    return [first, *(f"{prefix}/{stem}{alt}" for alt in alts)]
+
+
+def documented_scalars(doc: Path) -> dict[str, set[str]]:
+    """The ``Logged scalars`` section of ``doc``: its bullets ``- <who>: `tag`, ...``."""
+    match = re.search(r"^#+ Logged scalars\n(.*?)(?=^#|\Z)", doc.read_text(), re.M | re.S)
+    assert match, f"{doc.name} has no Logged scalars section"
+    section = match[1]
+    out: dict[str, set[str]] = {}
+    previous: set[str] = set()
+    for bullet in re.findall(r"^- (.*?)(?=\n- |\n\s*\n|\Z)", section, re.M | re.S):
+        who, _, tags = bullet.partition(":")
+        found = {t for raw in re.findall(r"`([a-z_]+/[^`]+)`", tags) for t in _expand(raw)}
+        if "scalars above" in tags:  # "- elite_imitation: the projection's scalars above and"
+            found |= previous
+        out[who.strip()] = previous = found
+    return out
+
+
+def _tags(run: Path) -> set[str]:
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def _matches(documented: set[str], tag: str) -> bool:
+    return any(tag == d or ("NNN" in d and re.fullmatch(d.replace("NNN", r"\d+"), tag))
+               for d in documented)
+
+
+REINFORCE = ("env: {id: CartPole-v1}\nmodule: {target: unitrain.MLPPolicy, hidden: [64]}\n"
+             "optimizer: {name: reinforce}\n")
+OFFPOLICY = [f"trainer.max_frames={TINY_FRAMES}", "optimizer.warmup_frames=256"]
+# (doc, bullet, recipe, overrides that switch every documented scalar on)
+RUNS = [
+    ("ppo.md", "PPO", "cartpole/ppo", [f"trainer.max_frames={TINY_FRAMES}",
+                                       "optimizer.entropy_coef=0.01"]),
+    ("ppo.md", "REINFORCE", REINFORCE, [f"trainer.max_frames={TINY_FRAMES}"]),
+    ("ddpg.md", "DDPG", "pendulum/ddpg", OFFPOLICY),
+    ("dsac_t.md", "DSAC-T", "pendulum/dsac_t", OFFPOLICY),
+    ("es.md", "ES", "cartpole/es", ["trainer.max_frames=6000"]),
+    ("ga.md", "GA", "cartpole/ga", ["trainer.max_frames=6000", "optimizer.novelty=0.5"]),
+    ("projection.md", "projection", "digits/projection", ["trainer.max_epochs=1"]),
+    ("projection.md", "adam", "digits/adam", ["trainer.max_epochs=1"]),
+    ("projection.md", "elite_imitation", "cartpole/elite_imitation",
+     [f"trainer.max_frames={TINY_FRAMES}"]),
+]
+
+
+@pytest.fixture(scope="module")
+def trainer_scalars() -> set[str]:
+    return set().union(*documented_scalars(REPO / "docs" / "guide.md").values())
+
+
+@pytest.mark.parametrize("doc, who, recipe, overrides", RUNS, ids=[r[1] for r in RUNS])
+def test_logged_scalars_are_the_documented_ones(doc, who, recipe, overrides, tmp_path,
+                                                trainer_scalars, capsys):
+    if "\n" in recipe:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(recipe)
+        recipe = str(path)
+    run = tmp_path / "run"
+    assert main(["fit", recipe, f"run_dir={run}", "trainer.eval_episodes=2", *overrides]) == 0
+    capsys.readouterr()
+    tags = _tags(run)
+    documented = documented_scalars(REPO / "docs" / doc)[who]
+    own = {t for t in tags if t not in trainer_scalars}
+    assert {t for t in own if not _matches(documented, t)} == set(), "logged, not documented"
+    assert {d for d in documented if not any(_matches({d}, t) for t in tags)} == set(), \
+        "documented, not logged"
+
+
+def test_the_trainers_scalars_are_logged(tmp_path: Path, trainer_scalars, capsys):
+    """Every scalar the guide lists for all runs is written by a PPO run and a supervised run."""
+    assert main(["fit", "cartpole/ppo", f"run_dir={tmp_path / 'rl'}", "trainer.eval_episodes=2",
+                 f"trainer.max_frames={TINY_FRAMES}"]) == 0
+    assert main(["fit", "digits/adam", f"run_dir={tmp_path / 'sl'}",
+                 "trainer.max_epochs=1"]) == 0
+    capsys.readouterr()
+    logged = _tags(tmp_path / "rl") | _tags(tmp_path / "sl")
+    assert trainer_scalars - logged == set()
