@@ -129,3 +129,43 @@ def test_recipe_init_starts_from_another_rules_checkpoint(tmp_path: Path):
                   f"run_dir={tmp_path / 'c'}", cwd=tmp_path)
     assert bad.returncode == 2 and "init=" in bad.stderr and "no such checkpoint" in bad.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_init_across_param_and_state_std(tmp_path: Path):
+    """A policy with a learned std parameter starts a module whose std is an output (and back):
+    the mean is the same, and param -> state keeps the whole distribution."""
+    spec = ut.EnvSpec("Pendulum-v1", num_envs=2)
+    obs = torch.randn(16, 3)
+
+    def run(name, rule, action_std, init=None):
+        module = ut.MLPPolicy(3, 1, hidden=[16], activation="relu", out_scale=1.0,
+                              action_std=action_std)
+        start = ActAtStart(obs)
+        trainer = ut.Trainer(env=spec, optimizer=rule, max_frames=64, eval_episodes=1, seed=3,
+                             run_dir=tmp_path / name, callbacks=[start],
+                             enable_progress_bar=False, logger=False)
+        trainer.fit(module, init=init)
+        return module, trainer.summary["checkpoint"], start.action
+
+    ppo = ut.optim.PPO(frames_per_batch=64, minibatch_size=32, epochs=1, log_std_init=-0.7)
+    param, ckpt, _ = run("ppo", ppo, "param")
+    with torch.no_grad():
+        param_act, param_log_std = param.act(obs), param.aux.log_std.log_std.clone()
+    sac = ut.optim.DSACT(warmup_frames=64, batch_size=32, buffer_size=256,
+                         critic_hidden=(16,))
+    state, ckpt2, start_act = run("dsac_t", sac, "state", init=ckpt)
+    # (an output layer of another width may round its products differently on a CPU)
+    torch.testing.assert_close(start_act, param_act, rtol=0, atol=1e-6)
+    fresh = ut.MLPPolicy(3, 1, hidden=[16], activation="relu", out_scale=1.0,
+                         action_std="state")
+    fresh.bind_env(env_info(spec))
+    fresh.load_policy(ckpt)
+    with torch.no_grad():
+        log_std = fresh.actions.log_std(fresh(obs), None)
+    torch.testing.assert_close(log_std, param_log_std.expand(16, 1), rtol=0, atol=0)
+    # And back: DSAC-T's state-std policy starts a DDPG module (one output per action).
+    with torch.no_grad():
+        state_act = state.act(obs)
+    ddpg = ut.optim.DDPG(warmup_frames=64, batch_size=32, buffer_size=256, critic_hidden=(16,))
+    _, _, back = run("ddpg", ddpg, "param", init=ckpt2)
+    torch.testing.assert_close(back, state_act, rtol=0, atol=1e-6)

@@ -275,7 +275,7 @@ class RunAdapter:
             **s.state_dict(), "rule": self.rule.state_dict(), "rule_config": self.rule.config(),
             "env": None if s.env_spec is None else dataclasses.asdict(s.env_spec),
             "module_class": f"{type(module).__module__}:{type(module).__qualname__}",
-            "module_hparams": dict(module.hparams),
+            "module_hparams": dict(module.hparams), "action_std": module.action_std,
             "next_eval": self.next_eval, "eval_every_frames": self.eval_every_frames,
             "last_eval": self.last_eval, "eval_frames": self._eval_frames,
             "segments": self.segments(time.perf_counter() - self._started),

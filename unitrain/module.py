@@ -160,6 +160,11 @@ class RLModule(L.LightningModule):
                             f"({type(e).__name__})") from None
         own = {k: v for k, v in state.items()
                if not k.startswith("aux.") or k.startswith("aux.log_std.")}
+        run = ckpt.get("unitrain") or {}
+        theirs = run.get("action_std") or (run.get("module_hparams") or {}).get("action_std")
+        head = self._actions
+        if head is not None and not head.discrete and theirs in ACTION_STD and theirs != head.std:
+            own = self._other_std(own, head.act_dim)
         if any(k.startswith("aux.log_std.") for k in own):
             head = self._actions
             if head is not None and not head.discrete and head.std == "param":
@@ -175,6 +180,32 @@ class RLModule(L.LightningModule):
             self.load_state_dict(own, strict=False)
         except RuntimeError as e:
             raise UserError(f"init={checkpoint}: {str(e).splitlines()[-1].strip()}") from None
+
+    def _other_std(self, theirs: dict[str, torch.Tensor], act_dim: int) -> dict[str, torch.Tensor]:
+        """A checkpoint's parameters for this module when the two read the std differently.
+
+        The output layer's tensors are the ones whose first dimension is ``act_dim`` in one
+        module and ``2 * act_dim`` in the other. From ``param`` to ``state``: the mean rows are
+        copied and the log-std rows become the checkpoint's ``aux.log_std`` (zero weights, the
+        log std as bias), so the policy is the same distribution. From ``state`` to ``param``:
+        the mean rows are kept and ``aux.log_std`` starts at the rule's initial value.
+        """
+        out = dict(theirs)
+        mine = self.state_dict()
+        log_std = theirs.get("aux.log_std.log_std")
+        for key, value in theirs.items():
+            target = mine.get(key)
+            if target is None or target.shape == value.shape or target.shape[1:] != value.shape[1:]:
+                continue
+            if (value.shape[0], target.shape[0]) == (act_dim, 2 * act_dim):
+                grown = torch.zeros_like(target)
+                grown[:act_dim] = value
+                if grown.ndim == 1 and log_std is not None:
+                    grown[act_dim:] = log_std
+                out[key] = grown
+            elif (value.shape[0], target.shape[0]) == (2 * act_dim, act_dim):
+                out[key] = value[:act_dim].clone()
+        return out
 
     # ------------------------------------------------------------------ Lightning plumbing
     # Every hook hands over to the run's adapter (unitrain.adapter), set by unitrain.Trainer.
