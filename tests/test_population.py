@@ -206,6 +206,12 @@ def test_ranks_novelty_and_shards():
     (lambda: ut.optim.ES(population=15), "population"),
     (lambda: ut.optim.GA(population=1, truncation=1, elite_candidates=1), "population"),
     (lambda: ut.optim.GA(novelty=1.5), "novelty"),
+    (lambda: ut.optim.ARS(population=15), "population"),
+    (lambda: ut.optim.ARS(population=16, top=9), "top"),
+    (lambda: ut.optim.ARS(sigma=0.0), "sigma"),
+    (lambda: ut.optim.CEM(elite_fraction=1.0), "elite_fraction"),
+    (lambda: ut.optim.CEM(sigma=-1.0), "sigma"),
+    (lambda: ut.optim.CEM(noise_decay=1.5), "noise_decay"),
 ])
 def test_bad_hyperparameters_name_the_key(make, key: str):
     with pytest.raises(ConfigError) as err:
@@ -294,6 +300,9 @@ RULES = {
                               elite_episodes=2, episodes=2, max_episode_steps=100, novelty=0.5,
                               novelty_k=3, archive_add=2),
     "es": lambda: ut.optim.ES(population=12, sigma=0.1, lr=0.05, max_episode_steps=100),
+    "ars": lambda: ut.optim.ARS(population=12, sigma=0.1, lr=0.05, top=4, max_episode_steps=100),
+    "cem": lambda: ut.optim.CEM(population=11, sigma=0.1, elite_fraction=0.4,
+                                max_episode_steps=100),
 }
 
 
@@ -322,7 +331,7 @@ def test_one_and_two_processes_evolve_identically(tmp_path: Path):
     for n, proc in procs.items():
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"devices={n}: {err[-3000:]}"
-    for rule in ("ga", "es"):
+    for rule in ("ga", "es", "ars", "cem"):
         one = torch.load(tmp_path / f"{rule}-1-rank0.pt", weights_only=False)
         two = [torch.load(tmp_path / f"{rule}-2-rank{r}.pt", weights_only=False) for r in (0, 1)]
         assert one["world_size"] == 1 and two[0]["world_size"] == 2
@@ -360,7 +369,9 @@ def _fit(rule: ut.optim.UpdateRule, run_dir: Path, max_frames: int, ckpt: str | 
                         elite_episodes=2, max_episode_steps=150, init="module", novelty=0.3,
                         novelty_k=3),
     lambda: ut.optim.ES(population=10, sigma=0.1, lr=0.05, max_episode_steps=150),
-], ids=["ga", "es"])
+    lambda: ut.optim.ARS(population=10, sigma=0.1, lr=0.05, top=3, max_episode_steps=150),
+    lambda: ut.optim.CEM(population=9, sigma=0.1, max_episode_steps=150),
+], ids=["ga", "es", "ars", "cem"])
 def test_resume_continues_exactly(make, tmp_path: Path):
     whole, module = _fit(make(), tmp_path / "whole", 3000)
     cut, _ = _fit(make(), tmp_path / "cut", 1)  # stops after one generation, with a checkpoint

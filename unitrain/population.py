@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -142,6 +142,34 @@ def noise(seed: int, numel: int, dtype: torch.dtype = torch.float32,
 def perturb_(flat: torch.Tensor, seed: int, sigma: float) -> torch.Tensor:
     """``flat += sigma * noise(seed)`` in place; the one arithmetic every rebuild repeats."""
     return flat.add_(noise(seed, flat.shape[-1], flat.dtype, flat.device), alpha=sigma)
+
+
+def generation_seeds(ctx: "RuleContext", stream: int, generation: int, count: int) -> list[int]:
+    """``count`` noise seeds of one generation, identical on every rank."""
+    rng = ctx.shared_generator(stream, generation)
+    return torch.randint(0, 2**31 - 1, (count,), generator=rng).tolist()
+
+
+def mirrored(theta: torch.Tensor, seeds: Sequence[int],
+             sigma: float) -> Callable[[Sequence[int]], torch.Tensor]:
+    """``indices -> parameters`` of the mirrored candidates ``θ ± σ·ε(seed)``: even index ``j`` is
+    ``θ + σ·ε(seeds[j // 2])``, odd ``j`` is ``θ − σ·ε(seeds[j // 2])``."""
+    def candidates(idx: Sequence[int]) -> torch.Tensor:
+        return torch.stack([perturb_(theta.clone(), seeds[j // 2], sigma if j % 2 == 0 else -sigma)
+                            for j in idx])
+
+    return candidates
+
+
+def noise_sum(seeds: Sequence[int], weights: Sequence[float], numel: int, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """``Σₖ wₖ·ε(seedₖ)`` in float64, accumulated in a fixed order so every rank computes the same
+    bits; a zero weight adds nothing and its noise is not regenerated."""
+    total = torch.zeros(numel, dtype=torch.float64, device=device)
+    for seed, w in zip(seeds, weights, strict=True):
+        if w != 0.0:
+            total.add_(noise(seed, numel, dtype, device).to(torch.float64), alpha=w)
+    return total
 
 
 # ---------------------------------------------------------------------------------- the policy
@@ -490,6 +518,7 @@ class PopulationEvaluation:
             self.policy, ctx.env_spec, ctx.env_info.obs_shape, rule.episodes,
             rule.max_episode_steps, rule.max_envs, obs_norm=ctx.obs_norm, behaviour=behaviour,
             num_threads=ctx.num_threads)
+        self.generation = 0  # generations finished
         self._steps = 0
         self._eval_s = 0.0
 
@@ -525,8 +554,9 @@ class PopulationEvaluation:
         return Evaluation(returns, fitness, bcs, int(lengths.sum().item()),
                           int(res.lengths.sum().item()), int(bad.sum().item()))
 
-    def finish_generation(self, ctx: "RuleContext", ev: Evaluation,
-                          local_frames: int) -> dict[str, float]:
+    def finish_generation(self, ctx: "RuleContext", ev: Evaluation, local_frames: int,
+                          moved: tuple[torch.Tensor, torch.Tensor] | None = None
+                          ) -> dict[str, float]:
         """Close a generation: log the fitness histogram and return the metrics every population
         rule reports.
 
@@ -534,7 +564,10 @@ class PopulationEvaluation:
             ctx: the run's services.
             ev: the generation's evaluation.
             local_frames: env frames of the generation on this rank (the ``"frames"`` metric).
+            moved: the flat parameters before and after the generation's update, for
+                ``optim/param_norm`` and ``optim/update_norm``.
         """
+        self.generation += 1
         ctx.log_histogram("fitness/returns", ev.fitness)
         finite = ev.fitness[torch.isfinite(ev.fitness)]
         nan = math.nan
@@ -550,4 +583,13 @@ class PopulationEvaluation:
             # Env steps of slots idling after their episode ended, as a fraction of all stepped.
             "perf/idle_fraction": 1.0 - local_frames / steps if steps else 0.0,
             "perf/eval_steps_per_s": steps / max(seconds, 1e-9),
+            **({} if moved is None else {
+                "optim/param_norm": moved[1].norm().item(),
+                "optim/update_norm": (moved[1] - moved[0]).norm().item()}),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generation": self.generation}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generation = int(state["generation"])

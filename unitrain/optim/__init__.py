@@ -7,6 +7,8 @@ from unitrain.optim.ddpg import DDPG
 from unitrain.optim.dsac_t import DSACT
 from unitrain.optim.es import ES
 from unitrain.optim.ga import GA
+from unitrain.optim.ars import ARS
+from unitrain.optim.cem import CEM
 from unitrain.optim.projection import Projection
 from unitrain.optim.elite_imitation import EliteImitation
 from unitrain.optim.supervised import Adam
@@ -14,5 +16,5 @@ from unitrain.optim.supervised import Adam
 __all__ = ["UpdateRule", "RuleContext", "register_rule", "registered_rules", "get_rule",
            "PPO", "REINFORCE"]
 __all__ += ["DDPG", "DSACT"]
-__all__ += ["ES", "GA"]
+__all__ += ["ES", "GA", "ARS", "CEM"]
 __all__ += ["Projection", "EliteImitation", "Adam"]

@@ -23,14 +23,15 @@ cross process boundaries, and every rank regenerates all the noise and makes the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from unitrain.errors import check
 from unitrain.optim.base import register_rule
 from unitrain.population import (STREAM_EPISODES, PopulationEvaluation, PopulationFields,
-                                 centered_ranks, episode_seeds, noise, perturb_)
+                                 centered_ranks, episode_seeds, generation_seeds, mirrored,
+                                 noise_sum)
 
 if TYPE_CHECKING:
     from unitrain.module import RLModule
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 __all__ = ["ES"]
 
 _NOISE = 21  # shared random stream of the noise seeds
-_SEED_HIGH = 2**31 - 1
 
 
 @register_rule("es")
@@ -81,54 +81,34 @@ class ES(PopulationFields):
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr)
         else:
             self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
-        self._generation = 0
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
 
     def step(self, ctx: "RuleContext") -> dict[str, float]:
-        gen, count, n = self._generation, self.population, self.layout.numel
-        rng = ctx.shared_generator(_NOISE, gen)
-        seeds = torch.randint(0, _SEED_HIGH, (count // 2,), generator=rng).tolist()
+        gen, count, n = self.pop.generation, self.population, self.layout.numel
+        seeds = generation_seeds(ctx, _NOISE, gen, count // 2)
         theta = self.layout.flatten(self.module)
-
-        def candidates(idx: Sequence[int]) -> torch.Tensor:
-            # Even indices are θ + σε, odd ones θ − σε, of pair index // 2.
-            return torch.stack([perturb_(theta.clone(), seeds[j // 2],
-                                         self.sigma if j % 2 == 0 else -self.sigma)
-                                for j in idx])
-
         pair_seeds = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
-        ev = self.pop.evaluate(ctx, count, candidates, lambda j, e: pair_seeds(j // 2, e))
+        ev = self.pop.evaluate(ctx, count, mirrored(theta, seeds, self.sigma),
+                               lambda j, e: pair_seeds(j // 2, e))
 
         shaped = centered_ranks(ev.fitness)
         weights = (shaped[0::2] - shaped[1::2]).tolist()
-        # Accumulated pair by pair in a fixed order, so every rank computes the same bits; a pair
-        # whose members tied adds nothing, and its noise is not regenerated.
-        grad = torch.zeros(n, dtype=torch.float64, device=theta.device)
-        for seed, w in zip(seeds, weights, strict=True):
-            if w != 0.0:
-                eps = noise(seed, n, self.layout.dtype, theta.device)
-                grad.add_(eps.to(torch.float64), alpha=w)
-        grad /= count
+        grad = noise_sum(seeds, weights, n, self.layout.dtype, theta.device) / count
         descent = -grad + self.weight_decay * theta.to(torch.float64)
         self.layout.set_grads(self.module, descent.to(self.layout.dtype))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._generation += 1
 
-        metrics = self.pop.finish_generation(ctx, ev, ev.local_frames)
-        new_theta = self.layout.flatten(self.module)
-        metrics.update({
-            "optim/lr": self.optimizer.param_groups[0]["lr"],
-            "optim/grad_norm": grad.norm().item(),
-            "optim/param_norm": new_theta.norm().item(),
-            "optim/update_norm": (new_theta - theta).norm().item(),
-        })
+        moved = (theta, self.layout.flatten(self.module))
+        metrics = self.pop.finish_generation(ctx, ev, ev.local_frames, moved)
+        metrics.update({"optim/lr": self.optimizer.param_groups[0]["lr"],
+                        "optim/grad_norm": grad.norm().item()})
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generation": self._generation}
+        return self.pop.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._generation = int(state["generation"])
+        self.pop.load_state_dict(state)
