@@ -84,6 +84,8 @@ def test_values_are_conformed_to_their_annotations():
     (lambda: ut.Trainer("CartPole-v1", ut.optim.PPO(), seed=-1), "seed: got -1"),
     (lambda: ut.Trainer("CartPole-v1", ut.optim.PPO(), eval_episodes=0),
      "trainer.eval_episodes: got 0; expected an integer >= 1"),
+    (lambda: ut.Trainer("CartPole-v1", ut.optim.PPO(), num_threads=0),
+     "trainer.num_threads: got 0; expected an integer >= 1 or null"),
 ])
 def test_nested_blocks_and_trainer_arguments_name_their_full_key(make, message):
     with pytest.raises(ConfigError) as err:
@@ -98,7 +100,8 @@ def test_nested_blocks_and_trainer_arguments_name_their_full_key(make, message):
      "optimizer.frames_per_batch: got 100; expected a multiple of env.num_envs=8"),
     (ut.optim.DDPG(), "CartPole-v1", "env.id: CartPole-v1 has discrete actions"),
     (ut.optim.Adam(), "CartPole-v1", "env: adam trains on (input, target) batches"),
-    (ut.optim.PPO(), None, "env: ppo needs an env"),
+    (ut.optim.PPO(), None, "env: ppo needs an env (a gymnasium id or a unitrain.EnvSpec); only "
+                           "adam, projection train on a dataloader"),
 ])
 def test_cross_field_checks_run_before_anything_is_written(tmp_path: Path, rule, env, message):
     run_dir = tmp_path / "run"

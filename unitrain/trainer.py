@@ -50,7 +50,7 @@ from unitrain.adapter import RunAdapter, default_eval_every
 from unitrain.envs import EnvSpec, env_info
 from unitrain.errors import ConfigError, UserError, check
 from unitrain.module import RLModule
-from unitrain.optim.base import UpdateRule
+from unitrain.optim.base import UpdateRule, registered_rules
 from unitrain.progress import FrameProgressBar
 from unitrain.safety import AtomicCheckpointIO, atomic_write, slurm_restarted
 from unitrain.services import RunServices
@@ -185,6 +185,8 @@ class TrainerConfig(Validated):
         check(self.eval_episodes >= 1, "eval_episodes", "an integer >= 1", self.eval_episodes)
         check(self.max_epochs is None or self.max_epochs >= 1, "max_epochs",
               "an integer >= 1 or null", self.max_epochs)
+        check(self.num_threads is None or self.num_threads >= 1, "num_threads",
+              "an integer >= 1 or null", self.num_threads)
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`unitrain.Trainer`."""
@@ -193,7 +195,6 @@ class TrainerConfig(Validated):
                 "eval_every_frames": self.eval_every_frames, "eval_episodes": self.eval_episodes,
                 "early_stop": self.early_stop, "num_threads": self.num_threads,
                 **({} if self.max_epochs is None else {"max_epochs": self.max_epochs})}
-
 
 
 class Trainer(L.Trainer):
@@ -248,8 +249,9 @@ class Trainer(L.Trainer):
         if env is not None:
             optimizer.check_env(env, self.env_info)
         elif not optimizer.supervised_only:
+            supervised = [n for n, r in registered_rules().items() if r.supervised_only]
             raise ConfigError("env", f"{optimizer.name} needs an env (a gymnasium id or a "
-                                     "unitrain.EnvSpec); only adam and projection train on "
+                                     f"unitrain.EnvSpec); only {', '.join(supervised)} train on "
                                      "a dataloader")
         early_stop = settings.early_stop
         self.env_spec, self.rule = env, optimizer
