@@ -121,6 +121,8 @@ def test_a_recipe_that_cannot_start_writes_nothing(tmp_path: Path, capsys):
          "optimizer.frames_per_batch: got 100; expected a multiple of env.num_envs=8"),
         ("trainer.early_stop.patience=0", "trainer.early_stop.patience: got 0; expected an "
                                           "integer >= 1"),
+        ("trainer.early_stop.patiense=3", "trainer.early_stop.patiense: unknown key; valid "
+                                          "keys: threshold, patience"),
         ("module.hidden=[8, x]", "module"),
     ]:
         code = main(["fit", str(recipe), override, f"run_dir={run_dir}"])

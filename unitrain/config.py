@@ -175,6 +175,7 @@ def _typed(cls: type, node: Any, prefix: str) -> Any:
     except ConfigKeyError as e:
         key = f"{prefix}.{e.full_key}" if e.full_key else prefix
         hint = _RENAMED.get(key, "")
+        valid = _fields_at(cls, str(e.full_key or "")) or valid
         raise ConfigError(key, f"unknown key{hint}; valid keys: {', '.join(valid)}") from None
     except ValidationError as e:
         key = str(e.full_key or "")
@@ -194,6 +195,17 @@ def _typed(cls: type, node: Any, prefix: str) -> Any:
         raise e.under(prefix) from None
     except OmegaConfBaseException as e:
         raise ConfigError(prefix, _first_line(e)) from None
+
+
+def _fields_at(cls: type, dotted: str) -> list[str]:
+    """The field names of the block that holds ``dotted`` (``early_stop.x`` -> EarlyStop's)."""
+    for part in dotted.split(".")[:-1]:
+        hint = typing.get_type_hints(cls).get(part)
+        blocks = [a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)]
+        if not blocks:
+            return []
+        cls = blocks[0]
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 # Keys that were renamed, with what replaced them.
