@@ -1,5 +1,6 @@
-"""Shipped recipes: every one validates; the CartPole recipes reach 475, the Pendulum ones run and
-improve (their 20k-frame target is checked by ``tools/recipe_runs.py``)."""
+"""Shipped recipes: every one validates; the CartPole recipes reach 475; the Pendulum and elite
+imitation recipes, whose targets take minutes, run briefly here (``tools/recipe_runs.py`` checks
+their targets)."""
 
 from __future__ import annotations
 
@@ -42,11 +43,25 @@ def _fit_recipe(recipe: str, tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("recipe", ["cartpole/ppo.yaml", "cartpole/ga.yaml", "cartpole/es.yaml",
                                     "cartpole/ars.yaml", "cartpole/cem.yaml",
-                                    "cartpole/csa_es.yaml", "cartpole/cbo.yaml",
-                                    "cartpole/elite_imitation.yaml"])
+                                    "cartpole/csa_es.yaml", "cartpole/cbo.yaml"])
 def test_cartpole_recipes_reach_475(recipe: str, tmp_path: Path):
     summary = _fit_recipe(recipe, tmp_path)
     assert summary["eval/return_mean"] >= 475, summary
+
+
+# Elite imitation reaches 475 after 230k-500k frames (docs/projection.md), minutes per run:
+# `python tools/recipe_runs.py cartpole/elite_imitation` checks it (the conformance suite checks
+# that the rule learns). Here the recipe runs as shipped for 20k frames and fits its elites.
+def test_elite_imitation_recipe_runs_and_fits_its_elites(tmp_path: Path):
+    summary = _run_recipe("cartpole/elite_imitation.yaml", tmp_path, "trainer.max_frames=20000",
+                          "trainer.eval_episodes=2")
+    assert Path(summary["checkpoint"]).is_file() and summary["frames"] >= 20000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    assert min(e.value for e in acc.Scalars("train/elite_pairs")) > 0
+    assert all(math.isfinite(e.value) for e in acc.Scalars("train/violation_last"))
 
 
 # The Pendulum recipes' learning claim (-200 within 20k frames) takes minutes per run:
