@@ -61,6 +61,8 @@ TASKS: dict[str, tuple[ut.EnvSpec | None, dict[str, Any], int, float]] = {
             dict(population=16, sigma=0.1, max_episode_steps=200), 8000, 20.0),
     "csa_es": (ut.EnvSpec("CartPole-v1", num_envs=4),
                dict(population=16, sigma=0.2, max_episode_steps=200), 8000, 20.0),
+    "cmaes": (ut.EnvSpec("CartPole-v1", num_envs=4),
+              dict(population=16, sigma=0.1, max_episode_steps=200), 8000, 20.0),
     "cbo": (ut.EnvSpec("CartPole-v1", num_envs=4),
             dict(population=16, sigma=1.5, init_std=0.3, max_episode_steps=200), 12000, 20.0),
 }
@@ -161,7 +163,7 @@ def _rule_action(name: str, rule: Any, module: ut.RLModule, obs: torch.Tensor) -
     if name == "dsac_t":
         with torch.no_grad():
             return module.actions.to_env(torch.tanh(rule.actor(obs)[0]))
-    if name in ("ga", "es", "ars", "cem", "csa_es", "cbo"):
+    if name in ("ga", "es", "ars", "cem", "csa_es", "cmaes", "cbo"):
         params = rule.layout.flatten(module)[None]
         return rule.pop.policy(params, obs[None])[0]
     if name == "elite_imitation":

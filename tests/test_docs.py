@@ -119,6 +119,7 @@ RUNS = [
     ("ars.md", "ARS", "cartpole/ars", ["trainer.max_frames=6000"]),
     ("cem.md", "CEM", "cartpole/cem", ["trainer.max_frames=6000"]),
     ("csa_es.md", "CSA-ES", "cartpole/csa_es", ["trainer.max_frames=6000"]),
+    ("cmaes.md", "CMA-ES", "cartpole/cmaes", ["trainer.max_frames=6000"]),
     ("cbo.md", "CBO", "cartpole/cbo", ["trainer.max_frames=6000"]),
     ("projection.md", "projection", "digits/projection", ["trainer.max_epochs=1"]),
     ("projection.md", "adam", "digits/adam", ["trainer.max_epochs=1"]),

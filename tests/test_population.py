@@ -214,6 +214,10 @@ def test_ranks_novelty_and_shards():
     (lambda: ut.optim.CEM(noise_decay=1.5), "noise_decay"),
     (lambda: ut.optim.CSAES(population=1), "population"),
     (lambda: ut.optim.CSAES(sigma=0.0), "sigma"),
+    (lambda: ut.optim.CMAES(population=3), "population"),
+    (lambda: ut.optim.CMAES(sigma=0.0), "sigma"),
+    (lambda: ut.optim.CMAES(covariance="dense"), "covariance"),
+    (lambda: ut.optim.CMAES(full_max=0), "full_max"),
     (lambda: ut.optim.CBO(dt=0.0), "dt"),
     (lambda: ut.optim.CBO(alpha=-1.0), "alpha"),
     (lambda: ut.optim.CBO(init_std=0.0), "init_std"),
@@ -309,6 +313,9 @@ RULES = {
     "cem": lambda: ut.optim.CEM(population=11, sigma=0.1, elite_fraction=0.4,
                                 max_episode_steps=100),
     "csa_es": lambda: ut.optim.CSAES(population=11, sigma=0.1, max_episode_steps=100),
+    "cmaes": lambda: ut.optim.CMAES(population=11, sigma=0.1, max_episode_steps=100),
+    "cmaes_sep": lambda: ut.optim.CMAES(population=11, sigma=0.1, covariance="diagonal",
+                                        max_episode_steps=100),
     "cbo": lambda: ut.optim.CBO(population=11, max_episode_steps=100),
 }
 
@@ -338,7 +345,7 @@ def test_one_and_two_processes_evolve_identically(tmp_path: Path):
     for n, proc in procs.items():
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"devices={n}: {err[-3000:]}"
-    for rule in ("ga", "es", "ars", "cem", "csa_es", "cbo"):
+    for rule in ("ga", "es", "ars", "cem", "csa_es", "cmaes", "cmaes_sep", "cbo"):
         one = torch.load(tmp_path / f"{rule}-1-rank0.pt", weights_only=False)
         two = [torch.load(tmp_path / f"{rule}-2-rank{r}.pt", weights_only=False) for r in (0, 1)]
         assert one["world_size"] == 1 and two[0]["world_size"] == 2
@@ -379,8 +386,9 @@ def _fit(rule: ut.optim.UpdateRule, run_dir: Path, max_frames: int, ckpt: str | 
     lambda: ut.optim.ARS(population=10, sigma=0.1, lr=0.05, top=3, max_episode_steps=150),
     lambda: ut.optim.CEM(population=9, sigma=0.1, max_episode_steps=150),
     lambda: ut.optim.CSAES(population=9, sigma=0.1, max_episode_steps=150),
+    lambda: ut.optim.CMAES(population=9, sigma=0.1, max_episode_steps=150),
     lambda: ut.optim.CBO(population=9, max_episode_steps=150),
-], ids=["ga", "es", "ars", "cem", "csa_es", "cbo"])
+], ids=["ga", "es", "ars", "cem", "csa_es", "cmaes", "cbo"])
 def test_resume_continues_exactly(make, tmp_path: Path):
     whole, module = _fit(make(), tmp_path / "whole", 3000)
     cut, _ = _fit(make(), tmp_path / "cut", 1)  # stops after one generation, with a checkpoint

@@ -43,7 +43,8 @@ def _fit_recipe(recipe: str, tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("recipe", ["cartpole/ppo.yaml", "cartpole/ga.yaml", "cartpole/es.yaml",
                                     "cartpole/ars.yaml", "cartpole/cem.yaml",
-                                    "cartpole/csa_es.yaml", "cartpole/cbo.yaml"])
+                                    "cartpole/csa_es.yaml", "cartpole/cmaes.yaml",
+                                    "cartpole/cbo.yaml"])
 def test_cartpole_recipes_reach_475(recipe: str, tmp_path: Path):
     summary = _fit_recipe(recipe, tmp_path)
     assert summary["eval/return_mean"] >= 475, summary

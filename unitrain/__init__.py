@@ -1,12 +1,11 @@
 """unitrain: one Lightning Trainer for every way of training a network.
 
-Gradient rules (PPO, REINFORCE, DDPG, DSAC-T), evolutionary rules (GA, ES) and projection
-updates are interchangeable
-update rules in :mod:`unitrain.optim`, run by :class:`unitrain.Trainer` on a user's
+Gradient rules (PPO, REINFORCE, DDPG, DSAC-T), population rules (GA, ES, ARS, CEM, CSA-ES,
+CMA-ES, CBO) and projection updates are interchangeable update rules in :mod:`unitrain.optim`, run by :class:`unitrain.Trainer` on a user's
 :class:`unitrain.RLModule` over TorchRL collection from gymnasium environments.
 """
 
-from unitrain import optim
+from unitrain import functions, optim
 from unitrain.checkpoint import evaluate
 from unitrain.envs import EnvSpec
 from unitrain.errors import ConfigError, UserError
