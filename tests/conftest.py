@@ -27,13 +27,15 @@ def run_script(path: Path, *args: str, timeout: float = 600) -> subprocess.Compl
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_ranks(tmp_path: Path, script: str, *args: str) -> tuple[dict, dict]:
-    """Write ``script`` to ``tmp_path``, run it, and load the two ranks' ``Dump`` records."""
+def run_ranks(tmp_path: Path, script: str, *args: str, prefix: str = "") -> tuple[dict, dict]:
+    """Write ``script`` to ``tmp_path``, run it, and load the two ranks' ``Dump`` records
+    (``{prefix}rank{r}.pt``)."""
     path = tmp_path / "train.py"
-    path.write_text(script)
-    proc = run_script(path, *args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tuple(torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    if not path.exists():
+        path.write_text(script)
+        proc = run_script(path, *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return tuple(torch.load(tmp_path / f"{prefix}rank{r}.pt", weights_only=False) for r in (0, 1))
 
 
 @pytest.fixture

@@ -50,6 +50,14 @@ TASKS: dict[str, tuple[ut.EnvSpec | None, dict[str, Any], int, float]] = {
                     delay=1, batch_size=256, buffer_size=5000, warmup_frames=256,
                     frames_per_batch=64, utd_ratio=1.0, critic_hidden=(64, 64),
                     save_buffer=True), 2560, 200.0),
+    "sac": (ut.EnvSpec("Pendulum-v1", num_envs=4),
+            dict(lr_actor=3e-3, lr_critic=3e-3, lr_alpha=3e-3, alpha_init=0.05, gamma=0.95,
+                 batch_size=256, buffer_size=5000, warmup_frames=256, frames_per_batch=64,
+                 critic_hidden=(64, 64), save_buffer=True), 2560, 200.0),
+    "td3": (ut.EnvSpec("Pendulum-v1", num_envs=4),
+            dict(lr_actor=3e-3, lr_critic=3e-3, gamma=0.95, batch_size=128, buffer_size=5000,
+                 warmup_frames=256, frames_per_batch=32, critic_hidden=(64, 64),
+                 save_buffer=True), 2560, 300.0),
     "ga": (ut.EnvSpec("CartPole-v1", num_envs=4),
            dict(population=24, truncation=6, sigma=0.1, elite_candidates=3, elite_episodes=3,
                 max_episode_steps=200), 8000, 20.0),
@@ -157,10 +165,10 @@ def _rule_action(name: str, rule: Any, module: ut.RLModule, obs: torch.Tensor) -
         with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
             return rule.data.actor(TensorDict(observation=obs,
                                               batch_size=obs.shape[:1]))["action"]
-    if name == "ddpg":
+    if name in ("ddpg", "td3"):
         with torch.no_grad():
             return module.actions.to_env(rule.actor(obs))
-    if name == "dsac_t":
+    if name in ("dsac_t", "sac"):
         with torch.no_grad():
             return module.actions.to_env(torch.tanh(rule.actor(obs)[0]))
     if name in ("ga", "es", "ars", "cem", "csa_es", "cmaes", "cbo"):

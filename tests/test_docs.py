@@ -113,6 +113,8 @@ RUNS = [
                                        "optimizer.entropy_coef=0.01"]),
     ("ppo.md", "REINFORCE", REINFORCE, [f"trainer.max_frames={TINY_FRAMES}"]),
     ("ddpg.md", "DDPG", "pendulum/ddpg", OFFPOLICY),
+    ("td3.md", "TD3", "pendulum/td3", OFFPOLICY),
+    ("sac.md", "SAC", "pendulum/sac", OFFPOLICY),
     ("dsac_t.md", "DSAC-T", "pendulum/dsac_t", OFFPOLICY),
     ("es.md", "ES", "cartpole/es", ["trainer.max_frames=6000"]),
     ("ga.md", "GA", "cartpole/ga", ["trainer.max_frames=6000", "optimizer.novelty=0.5"]),

@@ -1,4 +1,4 @@
-"""Off-policy rules (DDPG, DSAC-T): exact resume, replay, bad input, divergence, devices=2."""
+"""Off-policy rules (DDPG, TD3, SAC, DSAC-T): exact resume, replay, bad input, divergence, devices=2."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from rulecheck import CaptureStart, assert_same, checkpoint_state
 from unitrain.cli import main
 from unitrain.config import load_recipe
 from unitrain.errors import ConfigError, TrainingDiverged, UserError
-from unitrain.optim import DDPG, DSACT
+from unitrain.optim import DDPG, DSACT, SAC, TD3
 from unitrain.replay import Replay
 
 PENDULUM = ut.EnvSpec("Pendulum-v1", num_envs=2)
@@ -145,13 +145,13 @@ def test_tensorboard_metrics(tmp_path: Path):
 
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("rule", [DDPG, DSACT])
+@pytest.mark.parametrize("rule", [DDPG, TD3, SAC, DSACT])
 def test_discrete_env_is_a_config_error(rule, tmp_path: Path):
     with pytest.raises(ConfigError, match=r"^env\.id: CartPole-v1 has discrete actions"):
         _trainer(tmp_path / "run", rule(**SMALL), 64, env=ut.EnvSpec("CartPole-v1", num_envs=2))
 
 
-@pytest.mark.parametrize("rule", [DDPG, DSACT])
+@pytest.mark.parametrize("rule", [DDPG, TD3, SAC, DSACT])
 @pytest.mark.parametrize("kwargs, key", [
     (dict(batch_size=512, buffer_size=256), "batch_size"),
     (dict(warmup_frames=300, buffer_size=256), "warmup_frames"),
@@ -302,29 +302,53 @@ def replay_and_updates(trainer, module):
 
 
 if __name__ == "__main__":
-    rule = ut.optim.DSACT(lr_actor=1e-3, lr_critic=1e-3, batch_size=32, buffer_size=1000,
-                          warmup_frames=64, frames_per_batch=8, utd_ratio=0.5,
-                          critic_hidden=(32, 32))
-    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=2), optimizer=rule,
-                         devices=2, strategy="ddp", max_frames=256, eval_every_frames=10000,
-                         eval_episodes=2, seed=3, num_threads=1, run_dir="run",
-                         callbacks=[Dump(extra=replay_and_updates)], enable_progress_bar=False)
-    trainer.fit(TinyPolicy(3, 1))
+    small = dict(lr_actor=1e-3, lr_critic=1e-3, batch_size=32, buffer_size=1000,
+                 warmup_frames=64, frames_per_batch=8, utd_ratio=0.5, critic_hidden=(32, 32))
+    # Three runs in one launch: the processes and their process group serve all three fits.
+    for rule in (ut.optim.DSACT(**small), ut.optim.SAC(**small), ut.optim.TD3(**small)):
+        trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=2), optimizer=rule,
+                             devices=2, strategy="ddp", max_frames=256, eval_every_frames=10000,
+                             eval_episodes=2, seed=3, num_threads=1, run_dir=f"run-{rule.name}",
+                             callbacks=[Dump(f"{rule.name}-", extra=replay_and_updates)],
+                             enable_progress_bar=False)
+        trainer.fit(TinyPolicy(3, 1))
 '''
 
 
 def test_two_processes_keep_every_network_identical(tmp_path: Path):
-    r0, r1 = run_ranks(tmp_path, DDP_SCRIPT)
-    # Each rank collected 128 frames: 64 of warm-up, then 8 iterations of 4 updates.
-    assert r0["updates"] == r1["updates"] == 32
-    # Ranks explored with their own seeds ...
-    assert not torch.equal(r0["replay_obs"], r1["replay_obs"])
-    # ... and end with identical actors, critics, targets, temperature and omega.
-    assert set(r0["params"]) == set(r1["params"])
-    for key in ("aux.dsac_t.log_alpha", "aux.dsac_t.omega",
-                "aux.dsac_t.target_qvalue_network_params.critic.net.0.weight", "net.0.weight"):
-        assert key in r0["params"], key
-    for key, value in r0["params"].items():
-        assert torch.equal(value, r1["params"][key]), key
-    init = TinyPolicy(3, 1).state_dict()
-    assert not torch.equal(r0["params"]["net.0.weight"], init["net.0.weight"])
+    keys = {"dsac_t": ("aux.dsac_t.log_alpha", "aux.dsac_t.omega",
+                       "aux.dsac_t.target_qvalue_network_params.critic.net.0.weight"),
+            "sac": ("aux.sac.log_alpha", "aux.sac.target_qvalue_network_params.module.net.0.weight"),
+            "td3": ("aux.td3.target_actor_network_params.module.module.net.0.weight",
+                    "aux.td3.target_qvalue_network_params.module.net.0.weight")}
+    for name, names in keys.items():
+        r0, r1 = run_ranks(tmp_path, DDP_SCRIPT, prefix=f"{name}-")  # one launch runs all three
+        # Each rank collected 128 frames: 64 of warm-up, then 8 iterations of 4 updates.
+        assert r0["updates"] == r1["updates"] == 32, name
+        # Ranks explored with their own seeds ...
+        assert not torch.equal(r0["replay_obs"], r1["replay_obs"]), name
+        # ... and end with identical actors, critics, targets and temperature (and omega).
+        assert set(r0["params"]) == set(r1["params"])
+        for key in (*names, "net.0.weight"):
+            assert key in r0["params"], (name, key, sorted(r0["params"]))
+        for key, value in r0["params"].items():
+            assert torch.equal(value, r1["params"][key]), (name, key)
+        assert not torch.equal(r0["params"]["net.0.weight"], r0["init"]["net.0.weight"]), name
+
+
+@pytest.mark.parametrize("rule, delay, alpha_every, steps", [
+    (DSACT, 2, "delayed", 16),  # the paper's: the temperature steps with the policy
+    (DSACT, 2, "update", 32),   # SAC's schedule
+    (SAC, 1, None, 32),
+    (SAC, 2, None, 16),
+])
+def test_temperature_steps_follow_the_schedule(rule, delay, alpha_every, steps, tmp_path: Path):
+    extra = {} if alpha_every is None else {"alpha_every": alpha_every}
+    r = rule(**SMALL, delay=delay, **extra)
+    # 2 envs: 64 warm-up frames, then 8 iterations of 8 frames at 0.5 updates per frame.
+    _trainer(tmp_path, r, 128, eval_every_frames=10_000).fit(TinyPolicy(3, 1))
+    assert r.loop.updates == 32
+    alpha_state = r.alpha_opt.state[r.loss.log_alpha]
+    assert int(alpha_state["step"]) == steps
+    actor_state = r.actor_opt.state[r.actor_opt.param_groups[0]["params"][0]]
+    assert int(actor_state["step"]) == 32 // delay

@@ -66,9 +66,10 @@ def test_elite_imitation_recipe_runs_and_fits_its_elites(tmp_path: Path):
 
 
 # The Pendulum recipes' learning claim (-200 within 20k frames) takes minutes per run:
-# `python tools/recipe_runs.py pendulum/ddpg pendulum/dsac_t` checks it (the conformance suite
-# checks that DDPG and DSAC-T learn). Here each runs as shipped, past its warm-up, to a checkpoint.
-@pytest.mark.parametrize("recipe", ["pendulum/ddpg.yaml", "pendulum/dsac_t.yaml"])
+# `python tools/recipe_runs.py pendulum/ddpg pendulum/td3 pendulum/sac pendulum/dsac_t` checks it
+# (the conformance suite checks that each rule learns). Here each runs as shipped, past its warm-up, to a checkpoint.
+@pytest.mark.parametrize("recipe", ["pendulum/ddpg.yaml", "pendulum/td3.yaml", "pendulum/sac.yaml",
+                                    "pendulum/dsac_t.yaml"])
 def test_pendulum_recipes_run_past_their_warmup(recipe: str, tmp_path: Path):
     summary = _run_recipe(recipe, tmp_path, "trainer.max_frames=2000",
                           "trainer.eval_episodes=2")

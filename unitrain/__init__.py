@@ -1,6 +1,6 @@
 """unitrain: one Lightning Trainer for every way of training a network.
 
-Gradient rules (PPO, REINFORCE, DDPG, DSAC-T), population rules (GA, ES, ARS, CEM, CSA-ES,
+Gradient rules (PPO, REINFORCE, DDPG, TD3, SAC, DSAC-T), population rules (GA, ES, ARS, CEM, CSA-ES,
 CMA-ES, CBO) and projection updates are interchangeable update rules in :mod:`unitrain.optim`, run by :class:`unitrain.Trainer` on a user's
 :class:`unitrain.RLModule` over TorchRL collection from gymnasium environments.
 """

@@ -5,6 +5,8 @@ from unitrain.optim.ppo import PPO
 from unitrain.optim.reinforce import REINFORCE
 from unitrain.optim.ddpg import DDPG
 from unitrain.optim.dsac_t import DSACT
+from unitrain.optim.sac import SAC
+from unitrain.optim.td3 import TD3
 from unitrain.optim.es import ES
 from unitrain.optim.ga import GA
 from unitrain.optim.ars import ARS
@@ -18,6 +20,6 @@ from unitrain.optim.supervised import Adam
 
 __all__ = ["UpdateRule", "RuleContext", "register_rule", "registered_rules", "get_rule",
            "PPO", "REINFORCE"]
-__all__ += ["DDPG", "DSACT"]
+__all__ += ["DDPG", "DSACT", "SAC", "TD3"]
 __all__ += ["ES", "GA", "ARS", "CEM", "CSAES", "CBO", "CMAES"]
 __all__ += ["Projection", "EliteImitation", "Adam"]

@@ -11,7 +11,10 @@ does around them (collection, replay, warm-up: the composed
 :class:`~unitrain.optim.offpolicy.OffPolicyLoop`), and its delayed
 updates: the critics take a step on every gradient update; the policy, the temperature and the
 target networks (Polyak ``tau``) on every ``delay``-th, from gradients taken at the same
-parameters as the critics' (as in the authors' code).
+parameters as the critics' (as in the authors' code). ``alpha_every="update"`` steps the
+temperature on every gradient update instead (from fresh policy samples), the schedule of SAC
+with one update per step: comparing the two rules at equal temperature schedules needs it, since
+with ``delay=2`` the paper's schedule takes half as many temperature steps.
 
 Policy: the module's tanh-squashed Gaussian of the shared action contract (:mod:`unitrain.action`).
 With ``action_std="state"`` the module gives the pre-tanh mean and a raw log standard deviation
@@ -96,6 +99,8 @@ class DSACT(OffPolicyFields):
         alpha_init: initial temperature (``e``, as in the authors' code).
         target_entropy: target policy entropy (``None``: ``-act_dim``).
         delay: gradient updates per policy, temperature and target-network update.
+        alpha_every: ``"delayed"`` (the paper's: the temperature steps with the policy, every
+            ``delay`` updates) or ``"update"`` (every gradient update, as SAC with ``delay=1``).
     """
 
     lr_actor: float = 1e-4
@@ -107,6 +112,7 @@ class DSACT(OffPolicyFields):
     alpha_init: float = math.e
     target_entropy: float | None = None
     delay: int = 2
+    alpha_every: str = "delayed"
 
     # The authors' MuJoCo bounds on the policy's log standard deviation.
     log_std_bounds: ClassVar[tuple[float, float]] = (-20.0, 0.5)
@@ -116,6 +122,8 @@ class DSACT(OffPolicyFields):
         check(self.lr_alpha > 0, "lr_alpha", "a number > 0", self.lr_alpha)
         check(self.alpha_init > 0, "alpha_init", "a number > 0", self.alpha_init)
         check(self.delay >= 1, "delay", "an integer >= 1", self.delay)
+        check(self.alpha_every in ("delayed", "update"), "alpha_every", "'delayed' or 'update'",
+              self.alpha_every)
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)
@@ -162,6 +170,13 @@ class DSACT(OffPolicyFields):
             metrics.update({"loss/actor": actor_loss.detach(),
                             "loss/temperature": alpha_loss.detach(),
                             "train/entropy": actor_info["entropy"]})
+        elif self.alpha_every == "update":
+            with torch.no_grad():
+                _, log_prob = self.loss._sample_action(batch, self.loss.actor_network_params)
+            alpha_loss = self.loss.alpha_loss(log_prob)
+            total = total + alpha_loss
+            optimizers.append(self.alpha_opt)
+            metrics["loss/temperature"] = alpha_loss.detach()
         # The three losses touch disjoint parameters, so one backward serves them all.
         self.loop.descend(total, optimizers, ctx)
         ctx.all_reduce_(self.loss.omega, "mean")
