@@ -341,14 +341,18 @@ def test_two_processes_keep_every_network_identical(tmp_path: Path):
     (DSACT, 2, "update", 32),   # SAC's schedule
     (SAC, 1, None, 32),
     (SAC, 2, None, 16),
+    (TD3, 2, None, None),
 ])
-def test_temperature_steps_follow_the_schedule(rule, delay, alpha_every, steps, tmp_path: Path):
+def test_temperature_and_actor_steps_follow_the_schedule(rule, delay, alpha_every, steps,
+                                                         tmp_path: Path):
     extra = {} if alpha_every is None else {"alpha_every": alpha_every}
     r = rule(**SMALL, delay=delay, **extra)
     # 2 envs: 64 warm-up frames, then 8 iterations of 8 frames at 0.5 updates per frame.
     _trainer(tmp_path, r, 128, eval_every_frames=10_000).fit(TinyPolicy(3, 1))
     assert r.loop.updates == 32
-    alpha_state = r.alpha_opt.state[r.loss.log_alpha]
-    assert int(alpha_state["step"]) == steps
+    if steps is not None:
+        alpha_state = r.alpha_opt.state[r.loss.log_alpha]
+        assert int(alpha_state["step"]) == steps
     actor_state = r.actor_opt.state[r.actor_opt.param_groups[0]["params"][0]]
-    assert int(actor_state["step"]) == 32 // delay
+    critic_state = r.critic_opt.state[r.critic_opt.param_groups[0]["params"][0]]
+    assert int(actor_state["step"]) == 32 // delay and int(critic_state["step"]) == 32
