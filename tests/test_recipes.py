@@ -67,19 +67,20 @@ def test_elite_imitation_recipe_runs_and_fits_its_elites(tmp_path: Path):
 
 # The Pendulum recipes' learning claim (-200 within 20k frames) takes minutes per run:
 # `python tools/recipe_runs.py pendulum/ddpg pendulum/td3 pendulum/sac pendulum/dsac_t` checks it
-# (the conformance suite checks that each rule learns). Here each runs as shipped, past its warm-up, to a checkpoint.
+# (the conformance suite checks that each rule learns). Here each runs as shipped, past its
+# warm-up, to a checkpoint.
 @pytest.mark.parametrize("recipe", ["pendulum/ddpg.yaml", "pendulum/td3.yaml", "pendulum/sac.yaml",
                                     "pendulum/dsac_t.yaml"])
 def test_pendulum_recipes_run_past_their_warmup(recipe: str, tmp_path: Path):
-    summary = _run_recipe(recipe, tmp_path, "trainer.max_frames=2000",
+    summary = _run_recipe(recipe, tmp_path, "trainer.max_frames=1280",
                           "trainer.eval_episodes=2")
-    assert Path(summary["checkpoint"]).is_file() and summary["frames"] >= 2000
+    assert Path(summary["checkpoint"]).is_file() and summary["frames"] >= 1280
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tmp_path / "run"))
     acc.Reload()
     updates = [e.value for e in acc.Scalars("train/updates_total")]
-    assert updates[-1] >= 900, updates  # one update per frame after the 1,000-frame warm-up
+    assert updates[-1] >= 250, updates  # one update per frame after the 1,000-frame warm-up
     assert all(math.isfinite(e.value) for e in acc.Scalars("loss/critic"))
 
 

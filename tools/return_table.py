@@ -5,7 +5,7 @@ same for all); the table has one row per evaluation (the Trainer evaluates every
 budget unless told otherwise), the frames of that evaluation and each recipe's deterministic
 evaluation mean return there, then the final return and ``wall_s`` of each.
 
-    python tools/return_table.py halfcheetah/es_linear halfcheetah/cmaes halfcheetah/ars
+    python tools/return_table.py halfcheetah/es_linear halfcheetah/cmaes_linear halfcheetah/ars_linear
     python tools/return_table.py cartpole/cmaes cartpole/csa_es --set trainer.max_frames=50000
 """
 

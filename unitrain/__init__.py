@@ -7,11 +7,12 @@ CMA-ES, CBO) and projection updates are interchangeable update rules in :mod:`un
 
 from unitrain import functions, optim
 from unitrain.checkpoint import evaluate
+from unitrain.compare import compare
 from unitrain.envs import EnvSpec
 from unitrain.errors import ConfigError, UserError
 from unitrain.module import MLPPolicy, RLModule
 from unitrain.trainer import EarlyStop, Trainer
 
 __all__ = ["Trainer", "RLModule", "MLPPolicy", "EnvSpec", "EarlyStop", "optim", "evaluate",
-           "UserError", "ConfigError"]
+           "compare", "UserError", "ConfigError"]
 __version__ = "0.1.0"

@@ -4,6 +4,8 @@
 
     unitrain fit RECIPE [key=value ...]       train; ends with a summary and summary.json
     unitrain evaluate CHECKPOINT [--episodes N]
+    unitrain compare RECIPE [RECIPE ...] [--seeds N] [--frames F] [--jobs J] [--out DIR]
+                     [--threshold T] [--python MODULE:CLASS] [key=value ...]
     unitrain recipes                          list the shipped recipes
 
 User mistakes (a missing file, a bad key or value, an unknown env or rule, an unreadable
@@ -34,8 +36,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("checkpoint")
     ev.add_argument("--episodes", type=int, default=10)
     ev.add_argument("--seed", type=int, default=0)
+    cmp = sub.add_parser("compare", help="run recipes x seeds at equal budgets and compare them")
+    cmp.add_argument("items", nargs="+", metavar="RECIPE|key=value",
+                     help="recipes to compare, then key=value overrides for all of them")
+    cmp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per recipe (default 3)")
+    cmp.add_argument("--frames", type=int, default=None, help="one frame budget for every recipe")
+    cmp.add_argument("--jobs", type=int, default=None,
+                     help="runs at a time (default: one per CPU core)")
+    cmp.add_argument("--out", default="compare", help="output directory (default: compare)")
+    cmp.add_argument("--threshold", type=float, default=None,
+                     help="report frames and seconds to reach this evaluation return")
+    cmp.add_argument("--python", default=None, metavar="MODULE:CLASS",
+                     help="train this module class in every recipe instead of its module block")
     sub.add_parser("recipes", help="list the shipped recipes")
-    args = parser.parse_args(argv)
+    # compare takes key=value overrides after its options too
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "compare" or not all("=" in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.items += extra
 
     from unitrain.errors import UserError
 
@@ -44,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fit(args.recipe, args.overrides)
         if args.command == "evaluate":
             return _evaluate(args.checkpoint, args.episodes, args.seed)
+        if args.command == "compare":
+            return _compare(args)
         return _recipes()
     except UserError as e:
         print(f"unitrain: error: {e}", file=sys.stderr)
@@ -96,6 +117,28 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
     if trainer.global_rank == 0 and trainer.summary is not None:
         _print_summary(trainer.summary)
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from unitrain.compare import compare
+    from unitrain.errors import UserError
+
+    recipes = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
+    if args.seeds < 1:
+        raise UserError(f"compare: --seeds must be >= 1, got {args.seeds}")
+    if args.frames is not None and args.frames < 1:
+        raise UserError(f"compare: --frames must be >= 1, got {args.frames}")
+    results = compare(recipes, seeds=args.seeds, frames=args.frames, jobs=args.jobs, out=args.out,
+                      threshold=args.threshold, overrides=overrides, module=args.python)
+    from unitrain.compare import results_table
+
+    print(results_table(results), end="")
+    out = Path(args.out)
+    print(f"unitrain: results {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}; "
+          f"tensorboard --logdir {out / 'tensorboard'}")
+    failed = sum(len(e["failed"]) for e in results["recipes"].values())
+    return 1 if failed else 0
 
 
 def _resolve_resume(resume: str | None, run_dir: str | None, recipe: Any) -> tuple[str | None, str | None]:

@@ -1,0 +1,129 @@
+"""`unitrain compare`: its statistics against hand computation, its files, resume and failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unitrain.cli import main
+from unitrain.compare import compare
+from unitrain.errors import UserError
+from unitrain.stats import auc, bootstrap_ci, first_reaching, iqm
+
+
+# ---------------------------------------------------------------------------------- statistics
+def test_iqm_is_the_mean_of_the_middle_half():
+    assert iqm([1, 2, 3, 4, 5, 6, 7, 8]) == 4.5          # drops 1, 2 and 7, 8
+    assert iqm([100, 1, 2, 3, -50]) == 2.0               # n = 5: drops one at each end
+    assert iqm([3.0, 1.0, 2.0]) == 2.0                   # n = 3: nothing dropped
+    assert iqm([5.0]) == 5.0
+    with pytest.raises(ValueError):
+        iqm([])
+
+
+def test_bootstrap_interval_matches_the_exact_distribution():
+    # Two runs: a resample's mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so the
+    # 2.5 % and 97.5 % quantiles are 0 and 1, and the 30 % and 70 % quantiles are 0.5.
+    assert bootstrap_ci([0.0, 1.0], np.mean, reps=4000) == (0.0, 1.0)
+    assert bootstrap_ci([0.0, 1.0], np.mean, reps=4000, level=0.4) == (0.5, 0.5)
+    assert bootstrap_ci([7.0, 7.0, 7.0]) == (7.0, 7.0)
+    low, high = bootstrap_ci([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert 1.0 <= low <= iqm([1.0, 2.0, 3.0, 4.0, 100.0]) <= high <= 100.0
+    assert bootstrap_ci([1.0, 5.0, 2.0], seed=3) == bootstrap_ci([1.0, 5.0, 2.0], seed=3)
+
+
+def test_area_under_the_curve_and_first_reaching_by_hand():
+    curve = [(100.0, 0.0), (200.0, 10.0), (400.0, 10.0)]
+    # Flat 0 until 100, a ramp to 10 at 200, flat 10 until 400:
+    # (100·0 + 100·5 + 200·10) / 400 = 6.25
+    assert auc(curve, 0.0, 400.0) == pytest.approx(6.25)
+    assert auc(curve, 0.0, 500.0) == pytest.approx((500 + 2000 + 1000) / 500)
+    assert first_reaching(curve, 5.0) == 200.0
+    assert first_reaching(curve, 11.0) is None
+
+
+# ---------------------------------------------------------------------------------- runs
+TINY = ["trainer.eval_every_frames=256", "trainer.eval_episodes=2"]
+
+
+def _compare(out: Path, **kwargs):
+    return compare(["cartpole/ppo", "cartpole/es"], seeds=2, frames=512, jobs=2, out=out,
+                   threshold=15.0, overrides=TINY, progress=False, **kwargs)
+
+
+def test_tiny_compare_writes_every_file_and_resumes_to_the_same_results(tmp_path: Path):
+    out = tmp_path / "cmp"
+    results = _compare(out)
+    for name in ("results.json", "results.md", "curves.png", "compare.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["cartpole-es",
+                                                                       "cartpole-ppo"]
+    for recipe in ("cartpole/ppo", "cartpole/es"):
+        e = results["recipes"][recipe]
+        assert sorted(e["final"]) == ["0", "1"] and not e["failed"]
+        finals = list(e["final"].values())
+        assert e["mean"] == pytest.approx(np.mean(finals))
+        assert e["iqm"] == pytest.approx(iqm(finals))
+        assert e["iqm_ci95"][0] <= e["iqm"] <= e["iqm_ci95"][1]
+        assert all(f >= 512 for f in e["frames"].values())
+        assert all(len(c["frames"]) >= 2 for c in e["curves"].values())
+    table = (out / "results.md").read_text()
+    assert "| cartpole/ppo | 2/2 |" in table and "frames to 15" in table
+
+    # Interrupt: lose one finished run's summary (as if killed before its end) and delete
+    # another run entirely; the same command resumes the first from its checkpoint, reruns the
+    # second and ends with the same results.
+    (out / "runs" / "cartpole-ppo" / "seed1" / "summary.json").unlink()
+    shutil.rmtree(out / "runs" / "cartpole-es" / "seed0")
+    again = _compare(out)
+    log = (out / "logs" / "cartpole-ppo-seed1.log").read_text()
+    assert "resume=last" in log.splitlines()[0]
+    for recipe in ("cartpole/ppo", "cartpole/es"):
+        assert again["recipes"][recipe]["final"] == results["recipes"][recipe]["final"], recipe
+        assert again["recipes"][recipe]["iqm_ci95"] == results["recipes"][recipe]["iqm_ci95"]
+
+
+def test_a_failing_recipe_is_reported_and_the_others_finish(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.yaml"
+    # Valid as a recipe, but its module cannot be built for the env: the run itself fails.
+    bad.write_text("env: {id: CartPole-v1}\nmodule: {target: unitrain.MLPPolicy, activation: nope}\n"
+                   "optimizer: {name: es, population: 4}\n")
+    code = main(["compare", str(bad), "cartpole/es", "--seeds", "1", "--frames", "256", "--jobs",
+                 "2", "--out", str(tmp_path / "cmp"), *TINY])
+    assert code == 1
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    entry = results["recipes"][str(bad)]
+    assert entry["final"] == {} and "activation 'nope'" in entry["failed"]["0"]
+    assert results["recipes"]["cartpole/es"]["final"].keys() == {"0"}
+    table = capsys.readouterr().out
+    assert "failed:" in table and "| cartpole/es | 1/1 |" in table
+
+
+def test_bad_input_is_reported_before_any_run(tmp_path: Path, capsys):
+    assert main(["compare", "cartpole/ppo", "optimizer.lr=fast", "--out",
+                 str(tmp_path / "c")]) == 2
+    assert "optimizer.lr: got 'fast'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert main(["compare", "cartpole/nope", "--out", str(tmp_path / "c")]) == 2
+    with pytest.raises(UserError, match="given twice"):
+        compare(["cartpole/ppo", "cartpole/ppo"], out=tmp_path / "c", progress=False)
+
+
+class LocalPolicy:  # defined in a test module: importable by name, but not an RLModule
+    pass
+
+
+def test_module_option_replaces_every_recipe_module(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent))  # for the runs
+    with pytest.raises(UserError, match="not a unitrain.RLModule subclass"):
+        compare(["cartpole/ppo"], seeds=1, frames=256, out=tmp_path / "c",
+                module="test_compare:LocalPolicy", progress=False)
+    results = compare(["cartpole/es"], seeds=1, frames=256, out=tmp_path / "d",
+                      module="policies:TinyPolicy", overrides=TINY, progress=False)
+    recipe = (tmp_path / "d" / "recipes" / "cartpole-es.yaml").read_text()
+    assert "target: policies.TinyPolicy" in recipe and "hidden" not in recipe
+    assert results["recipes"]["cartpole/es"]["final"].keys() == {"0"}
