@@ -1,7 +1,7 @@
 """The Trainer's overhead: SAC and DSAC-T through ``unitrain.Trainer`` against a plain hand loop.
 
 The hand loop is what a user would write with TorchRL alone: a ``GymEnv`` of ``num_envs``
-gymnasium copies, a ``SyncDataCollector`` (uniform random actions for the warm-up), a
+gymnasium copies, a ``Collector`` (uniform random actions for the warm-up), a
 ``ReplayBuffer`` over a ``LazyTensorStorage``, and per collected batch ``utd_ratio`` updates of
 the same loss (TorchRL's ``SACLoss``; ``unitrain.objectives.DSACTLoss`` with its delayed policy,
 temperature and target updates), optimisers stepped and targets moved by ``SoftUpdate``. The
@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
-from torchrl.collectors import SyncDataCollector
+from torchrl.collectors import Collector
 from torchrl.data import LazyTensorStorage, ReplayBuffer
 from torchrl.envs import GymEnv
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
@@ -144,7 +144,7 @@ def hand_rate(rule_name: str, frames: int) -> float:
     critic_opt = torch.optim.Adam(list(loss.qvalue_network_params.values(True, True)), lr=LR)
     actor_opt = torch.optim.Adam(actor_params, lr=LR)
     alpha_opt = torch.optim.Adam([loss.log_alpha], lr=LR)
-    collector = SyncDataCollector(env, policy, frames_per_batch=FRAMES_PER_BATCH,
+    collector = Collector(env, policy, frames_per_batch=FRAMES_PER_BATCH,
                                   total_frames=frames, init_random_frames=WARMUP)
     buffer = ReplayBuffer(storage=LazyTensorStorage(frames), batch_size=BATCH)
     marks, updates = [], 0
