@@ -482,14 +482,18 @@ class PopulationFields(UpdateRule):
     max_envs: int | None = None
 
     def validate(self) -> None:
-        check(isinstance(self.population, int) and self.population >= 2, "population",
-              "an integer >= 2", self.population)
+        self.validate_population()
         check(self.sigma > 0, "sigma", "a number > 0", self.sigma)
         check(self.episodes >= 1, "episodes", "an integer >= 1", self.episodes)
         check(self.max_episode_steps is None or self.max_episode_steps >= 1, "max_episode_steps",
               "an integer >= 1 or null", self.max_episode_steps)
         check(self.max_envs is None or self.max_envs >= 1, "max_envs", "an integer >= 1 or null",
               self.max_envs)
+
+    def validate_population(self) -> None:
+        """The check of ``population`` (a rule with another lower bound overrides this)."""
+        check(isinstance(self.population, int) and self.population >= 2, "population",
+              "an integer >= 2", self.population)
 
 
 class PopulationEvaluation:

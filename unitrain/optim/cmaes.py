@@ -93,16 +93,13 @@ class CMAES(PopulationFields):
     covariance: str = "auto"
     full_max: int = 1000
 
-    def validate(self) -> None:
+    def validate_population(self) -> None:
         if self.population is not None:
             check(isinstance(self.population, int) and self.population >= 4, "population",
                   "an integer >= 4 or null (4 + 3 ln n)", self.population)
-        check(self.sigma > 0, "sigma", "a number > 0", self.sigma)
-        check(self.episodes >= 1, "episodes", "an integer >= 1", self.episodes)
-        check(self.max_episode_steps is None or self.max_episode_steps >= 1, "max_episode_steps",
-              "an integer >= 1 or null", self.max_episode_steps)
-        check(self.max_envs is None or self.max_envs >= 1, "max_envs", "an integer >= 1 or null",
-              self.max_envs)
+
+    def validate(self) -> None:
+        super().validate()
         check(self.covariance in COVARIANCES, "covariance", "one of " + ", ".join(COVARIANCES),
               self.covariance)
         check(1 <= self.full_max <= FULL_LIMIT, "full_max", f"an integer in [1, {FULL_LIMIT}]",
