@@ -88,14 +88,19 @@ class RunAdapter:
         eval_every_frames: env frames between evaluations and checkpoints.
         eval_episodes: episodes per evaluation (split across ranks).
         num_threads: torch threads per process.
+        video_every_frames: env frames between episode videos logged to TensorBoard (each the
+            first episode of the evaluation due then), or ``None``.
     """
 
     def __init__(self, module: "RLModule", rule: "UpdateRule", services: RunServices,
-                 eval_every_frames: int, eval_episodes: int, num_threads: int) -> None:
+                 eval_every_frames: int, eval_episodes: int, num_threads: int,
+                 video_every_frames: int | None = None) -> None:
         self.module, self.rule, self.services = module, rule, services
         self.eval_every_frames, self.eval_episodes = eval_every_frames, eval_episodes
         self.num_threads = num_threads
         self.next_eval = eval_every_frames
+        self.video_every_frames = video_every_frames
+        self.next_video = video_every_frames or 0
         self.last_eval: dict[str, float] | None = None
         self.final_eval: dict[str, float] | None = None
         self.last_return = math.nan
@@ -217,7 +222,23 @@ class RunAdapter:
         self.last_eval, self._eval_frames = res, s.frames
         self.next_eval = (s.frames // self.eval_every_frames + 1) * self.eval_every_frames
         self._log({f"eval/{k}": v for k, v in res.items()})
+        if self.video_every_frames and s.frames >= self.next_video:
+            self.next_video = (s.frames // self.video_every_frames + 1) * self.video_every_frames
+            self._log_video(evaluation=s.eval_count - 1)
         return res
+
+    def _log_video(self, evaluation: int) -> None:
+        """Film the first episode of evaluation number ``evaluation`` into TensorBoard (rank 0)."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        from unitrain.video import log_episode
+
+        s = self.services
+        writers = [lg.experiment for lg in self.module.trainer.loggers
+                   if isinstance(lg, TensorBoardLogger)]
+        if s.rank != 0 or not writers or s.env_spec is None:
+            return
+        log_episode(writers[0], self.module, s.env_spec, s.obs_norm, s.seed, evaluation, s.frames)
 
     @torch.no_grad()
     def _count_correct(self, batch: Any) -> None:
@@ -277,6 +298,7 @@ class RunAdapter:
             "module_class": f"{type(module).__module__}:{type(module).__qualname__}",
             "module_hparams": dict(module.hparams), "action_std": module.action_std,
             "next_eval": self.next_eval, "eval_every_frames": self.eval_every_frames,
+            "next_video": self.next_video,
             "last_eval": self.last_eval, "eval_frames": self._eval_frames,
             "segments": self.segments(time.perf_counter() - self._started),
         }
@@ -302,6 +324,9 @@ class RunAdapter:
         # An evaluation already made at these frames is not made again (a run resumed from
         # its final checkpoint, say).
         self.last_eval, self._eval_frames = state.get("last_eval"), state.get("eval_frames")
+        if self.video_every_frames:
+            self.next_video = state.get("next_video") or (
+                (s.frames // self.video_every_frames + 1) * self.video_every_frames)
         self._past_segments = list(state.get("segments", []))
         self._from_frames = s.frames
 

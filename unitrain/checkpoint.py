@@ -78,27 +78,15 @@ def load_module(checkpoint: str | os.PathLike, module: "RLModule | None" = None)
     return module
 
 
-@torch.no_grad()
-def evaluate(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None" = None,
-             episodes: int = 10, seed: int = 0, module: "RLModule | None" = None,
-             evaluation: int = 0) -> dict[str, float]:
-    """Deterministic evaluation of a module, or of a checkpoint's policy, without a Trainer.
+def policy_and_env(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None" = None,
+                   module: "RLModule | None" = None) -> tuple["RLModule", "EnvSpec", Any]:
+    """The module to play, the env to play it in and its frozen observation normalisation
+    (``None`` without one): what :func:`evaluate` and :func:`unitrain.video.record` share.
 
-    Args:
-        policy: an :class:`~unitrain.RLModule` or a checkpoint path.
-        env: a gymnasium id or :class:`~unitrain.EnvSpec` (default for a checkpoint: its run's).
-        episodes: episodes to play (each from its own seed).
-        seed: the seed the episodes' seeds derive from.
-        module: with a checkpoint, the module to load its policy into (a class from a script).
-        evaluation: the evaluation's number (numbers play different episodes for one seed).
-
-    Returns:
-        ``return_mean``, ``return_std``, ``return_max``, ``return_min``, ``length_mean``,
-        ``episodes``.
+    ``policy`` is a module or a checkpoint; a checkpoint brings its run's env and statistics.
     """
-    from unitrain.envs import EnvSpec, ObsNorm, env_info, halves, make_env
+    from unitrain.envs import EnvSpec, ObsNorm, env_info
     from unitrain.module import RLModule
-    from unitrain.rollout import evaluate_policy
 
     norm_state = None
     if not isinstance(policy, RLModule):
@@ -120,6 +108,31 @@ def evaluate(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None"
         norm = ObsNorm(info.obs_shape)
         if norm_state is not None:
             norm.load_state_dict(norm_state)
+    return policy, spec, norm
+
+
+@torch.no_grad()
+def evaluate(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None" = None,
+             episodes: int = 10, seed: int = 0, module: "RLModule | None" = None,
+             evaluation: int = 0) -> dict[str, float]:
+    """Deterministic evaluation of a module, or of a checkpoint's policy, without a Trainer.
+
+    Args:
+        policy: an :class:`~unitrain.RLModule` or a checkpoint path.
+        env: a gymnasium id or :class:`~unitrain.EnvSpec` (default for a checkpoint: its run's).
+        episodes: episodes to play (each from its own seed).
+        seed: the seed the episodes' seeds derive from.
+        module: with a checkpoint, the module to load its policy into (a class from a script).
+        evaluation: the evaluation's number (numbers play different episodes for one seed).
+
+    Returns:
+        ``return_mean``, ``return_std``, ``return_max``, ``return_min``, ``length_mean``,
+        ``episodes``.
+    """
+    from unitrain.envs import halves, make_env
+    from unitrain.rollout import evaluate_policy
+
+    policy, spec, norm = policy_and_env(policy, env, module)
     envs: dict[int, Any] = {}
 
     def make(slots: int) -> Any:

@@ -36,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("checkpoint")
     ev.add_argument("--episodes", type=int, default=10)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--video", default=None, metavar="PATH",
+                    help="also film the first episodes into PATH (.mp4 or .gif)")
+    ev.add_argument("--video-episodes", type=int, default=1, metavar="N",
+                    help="episodes in the video (default 1)")
     cmp = sub.add_parser("compare", help="run recipes x seeds at equal budgets and compare them")
     cmp.add_argument("items", nargs="+", metavar="RECIPE|key=value",
                      help="recipes to compare, then key=value overrides for all of them")
@@ -62,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "fit":
             return _fit(args.recipe, args.overrides)
         if args.command == "evaluate":
-            return _evaluate(args.checkpoint, args.episodes, args.seed)
+            return _evaluate(args.checkpoint, args.episodes, args.seed, args.video,
+                             args.video_episodes)
         if args.command == "compare":
             return _compare(args)
         return _recipes()
@@ -170,13 +175,24 @@ def _resolve_resume(resume: str | None, run_dir: str | None, recipe: Any) -> tup
     return run_dir, str(path)
 
 
-def _evaluate(checkpoint: str, episodes: int, seed: int) -> int:
+def _evaluate(checkpoint: str, episodes: int, seed: int, video: str | None = None,
+              video_episodes: int = 1) -> int:
     from unitrain.checkpoint import evaluate_checkpoint
     from unitrain.errors import UserError
 
     if episodes < 1:
         raise UserError(f"--episodes {episodes}: expected an integer >= 1")
-    print(json.dumps(evaluate_checkpoint(checkpoint, episodes=episodes, seed=seed), indent=2))
+    if video is not None:
+        from unitrain.video import VIDEO_SUFFIXES, record
+
+        if Path(video).suffix not in VIDEO_SUFFIXES:
+            raise UserError(f"--video {video}: expected a file ending in "
+                            f"{' or '.join(VIDEO_SUFFIXES)}")
+    result = evaluate_checkpoint(checkpoint, episodes=episodes, seed=seed)
+    if video is not None:
+        filmed = record(checkpoint, video, episodes=video_episodes, seed=seed)
+        result["video"] = {k: filmed[k] for k in ("path", "frames", "fps", "returns", "lengths")}
+    print(json.dumps(result, indent=2))
     return 0
 
 

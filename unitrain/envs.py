@@ -456,9 +456,11 @@ class _GymnasiumVector:
 
     name = "gymnasium"
 
-    def __init__(self, spec: EnvSpec, num_envs: int, seed: int | None, num_threads: int) -> None:
+    def __init__(self, spec: EnvSpec, num_envs: int, seed: int | None, num_threads: int,
+                 render_mode: str | None = None) -> None:
         del seed, num_threads  # seeded at the first reset; steps in this thread
-        self.vec = _SameStepSyncVectorEnv([lambda: _make_single(spec) for _ in range(num_envs)])
+        self.vec = _SameStepSyncVectorEnv([lambda: _make_single(spec, render_mode)
+                                           for _ in range(num_envs)])
         self.observation_space = self.vec.single_observation_space
         self.action_space = self.vec.single_action_space
 
@@ -672,6 +674,8 @@ class BatchedEnv(EnvBase):
             (summing to ``num_envs``), so that a rollout can run the policy of one group while
             EnvPool's threads step another; only the EnvPool backend splits (on gymnasium, which
             steps in this thread, there is nothing to overlap and ``parts`` is ignored).
+        render_mode: gymnasium's ``render_mode`` for the envs (e.g. ``"rgb_array"`` for videos);
+            rendering envs run on the gymnasium backend, whatever ``spec.backend`` says.
 
     Attributes:
         finished: ``(return, length)`` of the episodes completed since the last
@@ -686,14 +690,17 @@ class BatchedEnv(EnvBase):
 
     def __init__(self, spec: EnvSpec, seed: int = 0, obs_norm: ObsNorm | None = None,
                  update_norm: bool = True, num_envs: int | None = None,
-                 num_threads: int = 1, parts: Sequence[int] | None = None) -> None:
+                 num_threads: int = 1, parts: Sequence[int] | None = None,
+                 render_mode: str | None = None) -> None:
         n = spec.num_envs if num_envs is None else num_envs
         check(isinstance(n, int) and n >= 1, "num_envs", "an integer >= 1", n)
         super().__init__(batch_size=torch.Size([n]), device=torch.device("cpu"))
         self.spec_ = spec
         self.num_envs = n
-        self.backend_name = resolve_backend(spec)
+        self.backend_name = "gymnasium" if render_mode else resolve_backend(spec)
         make = BACKENDS[self.backend_name]
+        if render_mode:
+            make = functools.partial(_GymnasiumVector, render_mode=render_mode)
         sizes = [int(k) for k in parts or () if k > 0]
         if self.backend_name == "envpool" and len(sizes) > 1:
             check(sum(sizes) == n, "parts", f"sizes summing to num_envs={n}", list(parts or ()))

@@ -157,6 +157,7 @@ class TrainerConfig(Validated):
         early_stop: stop on ``eval/return_mean`` (``threshold``, ``patience``), or null.
         num_threads: torch threads per process (null: 1).
         max_epochs: passes over the training data of a supervised run (null: unbounded).
+        video_every_frames: env frames between episode videos in TensorBoard (null: none).
     """
 
     max_frames: int | None = 100_000
@@ -169,6 +170,7 @@ class TrainerConfig(Validated):
     early_stop: EarlyStop | None = None
     num_threads: int | None = None
     max_epochs: int | None = None
+    video_every_frames: int | None = None
 
     block: ClassVar[str] = "trainer"
 
@@ -187,6 +189,8 @@ class TrainerConfig(Validated):
               "an integer >= 1 or null", self.max_epochs)
         check(self.num_threads is None or self.num_threads >= 1, "num_threads",
               "an integer >= 1 or null", self.num_threads)
+        check(self.video_every_frames is None or self.video_every_frames >= 1,
+              "video_every_frames", "an integer >= 1 or null", self.video_every_frames)
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`unitrain.Trainer`."""
@@ -194,6 +198,7 @@ class TrainerConfig(Validated):
                 "accelerator": self.accelerator, "num_nodes": self.num_nodes,
                 "eval_every_frames": self.eval_every_frames, "eval_episodes": self.eval_episodes,
                 "early_stop": self.early_stop, "num_threads": self.num_threads,
+                "video_every_frames": self.video_every_frames,
                 **({} if self.max_epochs is None else {"max_epochs": self.max_epochs})}
 
 
@@ -211,6 +216,9 @@ class Trainer(L.Trainer):
         eval_every_frames: env frames between deterministic evaluations (and checkpoints);
             ``None``: a tenth of ``max_frames`` (100,000 without a budget).
         eval_episodes: episodes per evaluation, split across processes.
+        video_every_frames: env frames between videos of an evaluation episode logged to
+            TensorBoard (``eval/video``, an animated GIF under Images; see :mod:`unitrain.video`);
+            ``None`` (default): no videos.
         early_stop: an :class:`EarlyStop` (or dict of its fields) on ``eval/return_mean``.
         seed: seeds networks, envs (per rank) and the rule.
         num_threads: torch intra-op threads per process (default 1).
@@ -223,7 +231,7 @@ class Trainer(L.Trainer):
                  max_frames: int | None = None, num_envs: int | None = None,
                  eval_every_frames: int | None = None, eval_episodes: int = 10,
                  early_stop: EarlyStop | dict | None = None, seed: int = 0,
-                 num_threads: int | None = None,
+                 num_threads: int | None = None, video_every_frames: int | None = None,
                  run_dir: str | os.PathLike | None = None, devices: Any = 1, strategy: Any = "auto",
                  accelerator: str = "auto", callbacks: list | None = None, logger: Any = True,
                  **kwargs: Any) -> None:
@@ -242,7 +250,7 @@ class Trainer(L.Trainer):
         # The same checks as a recipe's trainer: block, with the same keys in the messages.
         settings = TrainerConfig(max_frames=max_frames, eval_every_frames=eval_every_frames,
                                  eval_episodes=eval_episodes, early_stop=early_stop,
-                                 num_threads=num_threads)
+                                 num_threads=num_threads, video_every_frames=video_every_frames)
         # Checks across blocks (a batch size against env.num_envs, a rule against the action
         # space), before anything is written.
         self.env_info = env_info(env) if env is not None else None
@@ -253,8 +261,15 @@ class Trainer(L.Trainer):
             raise ConfigError("env", f"{optimizer.name} needs an env (a gymnasium id or a "
                                      f"unitrain.EnvSpec); only {', '.join(supervised)} train on "
                                      "a dataloader")
+        if video_every_frames is not None:
+            if env is None:
+                raise ConfigError("video_every_frames", "videos need an env; this run has none")
+            from unitrain.video import prepare_rendering
+
+            prepare_rendering(env)
         early_stop = settings.early_stop
         self.env_spec, self.rule = env, optimizer
+        self.video_every_frames = video_every_frames
         self.max_frames, self.seed, self.num_threads = max_frames, seed, num_threads or 1
         self.eval_every_frames = eval_every_frames or default_eval_every(max_frames)
         self.eval_episodes = eval_episodes
@@ -349,7 +364,7 @@ class Trainer(L.Trainer):
             if init is not None:
                 _init_from(model, services, init)
             run = RunAdapter(model, self.rule, services, self.eval_every_frames,
-                             self.eval_episodes, self.num_threads)
+                             self.eval_episodes, self.num_threads, self.video_every_frames)
             model._ctx = run
             if self.env_spec is not None and train_dataloaders is None:
                 train_dataloaders, val_dataloaders = run.train_iterable(), run.val_iterable()
