@@ -72,6 +72,11 @@ TASKS: dict[str, tuple[ut.EnvSpec | None, dict[str, Any], int, float]] = {
                dict(population=16, sigma=0.2, max_episode_steps=200), 8000, 20.0),
     "cmaes": (ut.EnvSpec("CartPole-v1", num_envs=4),
               dict(population=16, sigma=0.1, max_episode_steps=200), 8000, 20.0),
+    "cem_rl": (ut.EnvSpec("Pendulum-v1", num_envs=4),
+               dict(population=4, gradient_actors=2, sigma=0.05, max_episode_steps=100,
+                    warmup_frames=400, batch_size=64, buffer_size=5000, lr_actor=3e-3,
+                    lr_critic=3e-3, gamma=0.95, critic_hidden=(64, 64), save_buffer=True),
+               3200, 150.0),
     "cbo": (ut.EnvSpec("CartPole-v1", num_envs=4),
             dict(population=16, sigma=1.5, init_std=0.3, max_episode_steps=200), 12000, 20.0),
 }
@@ -172,7 +177,7 @@ def _rule_action(name: str, rule: Any, module: ut.RLModule, obs: torch.Tensor) -
     if name in ("dsac_t", "sac"):
         with torch.no_grad():
             return module.actions.to_env(torch.tanh(rule.actor(obs)[0]))
-    if name in ("ga", "es", "ars", "cem", "csa_es", "cmaes", "cbo"):
+    if name in ("ga", "es", "ars", "cem", "csa_es", "cmaes", "cbo", "cem_rl"):
         params = rule.layout.flatten(module)[None]
         return rule.pop.policy(params, obs[None])[0]
     if name == "elite_imitation":

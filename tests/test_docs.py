@@ -124,6 +124,8 @@ RUNS = [
     ("csa_es.md", "CSA-ES", "cartpole/csa_es", ["trainer.max_frames=6000"]),
     ("cmaes.md", "CMA-ES", "cartpole/cmaes", ["trainer.max_frames=6000"]),
     ("cbo.md", "CBO", "cartpole/cbo", ["trainer.max_frames=6000"]),
+    ("cem_rl.md", "CEM-RL", "pendulum/cem_rl", ["trainer.max_frames=4000",
+                                                "optimizer.utd_ratio=0.05"]),
     ("projection.md", "projection", "digits/projection", ["trainer.max_epochs=1"]),
     ("projection.md", "adam", "digits/adam", ["trainer.max_epochs=1"]),
     ("projection.md", "elite_imitation", "cartpole/elite_imitation",

@@ -1,4 +1,5 @@
-"""Off-policy rules (DDPG, TD3, SAC, DSAC-T): exact resume, replay, bad input, divergence, devices=2."""
+"""Off-policy rules (DDPG, TD3, SAC, DSAC-T, and CEM-RL's critic): exact resume, replay, bad input,
+divergence, devices=2."""
 
 from __future__ import annotations
 
@@ -297,8 +298,11 @@ from policies import TinyPolicy
 
 def replay_and_updates(trainer, module):
     rule = module._ctx.rule
-    return {"replay_obs": rule.loop.replay.buffer.storage[:8]["observation"].clone(),
-            "updates": rule.state_dict()["updates"]}
+    extra = {"replay_obs": rule.loop.replay.buffer.storage[:8]["observation"].clone(),
+             "updates": rule.state_dict()["updates"]}
+    if rule.name == "cem_rl":
+        extra["cem_var"] = rule.dist.var.clone()
+    return extra
 
 
 if __name__ == "__main__":
@@ -312,6 +316,15 @@ if __name__ == "__main__":
                              callbacks=[Dump(f"{rule.name}-", extra=replay_and_updates)],
                              enable_progress_bar=False)
         trainer.fit(TinyPolicy(3, 1))
+    # CEM-RL: 4 actors of 32 steps a generation (2 per rank), 2 of them trained by the critic.
+    rule = ut.optim.CEMRL(population=4, gradient_actors=2, max_episode_steps=32, sigma=0.1,
+                          **{k: v for k, v in small.items() if k != "frames_per_batch"})
+    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1"), optimizer=rule, devices=2,
+                         strategy="ddp", max_frames=384, eval_every_frames=10000,
+                         eval_episodes=2, seed=3, num_threads=1, run_dir="run-cem_rl",
+                         callbacks=[Dump("cem_rl-", extra=replay_and_updates)],
+                         enable_progress_bar=False)
+    trainer.fit(TinyPolicy(3, 1))
 '''
 
 
@@ -320,11 +333,19 @@ def test_two_processes_keep_every_network_identical(tmp_path: Path):
                        "aux.dsac_t.target_qvalue_network_params.critic.net.0.weight"),
             "sac": ("aux.sac.log_alpha", "aux.sac.target_qvalue_network_params.module.net.0.weight"),
             "td3": ("aux.td3.target_actor_network_params.module.module.net.0.weight",
-                    "aux.td3.target_qvalue_network_params.module.net.0.weight")}
+                    "aux.td3.target_qvalue_network_params.module.net.0.weight"),
+            "cem_rl": ("aux.cem_rl.target_qvalue_network_params.module.net.0.weight",
+                       "aux.cem_rl.qvalue_network_params.module.net.0.weight")}
     for name, names in keys.items():
-        r0, r1 = run_ranks(tmp_path, DDP_SCRIPT, prefix=f"{name}-")  # one launch runs all three
-        # Each rank collected 128 frames: 64 of warm-up, then 8 iterations of 4 updates.
-        assert r0["updates"] == r1["updates"] == 32, name
+        r0, r1 = run_ranks(tmp_path, DDP_SCRIPT, prefix=f"{name}-")  # one launch runs all four
+        if name == "cem_rl":
+            # Three generations of 128 frames; the last two train 2 actors on 0.5 x 128 critic
+            # updates in all.
+            assert r0["updates"] == r1["updates"] == 128
+            assert torch.equal(r0["cem_var"], r1["cem_var"])
+        else:
+            # Each rank collected 128 frames: 64 of warm-up, then 8 iterations of 4 updates.
+            assert r0["updates"] == r1["updates"] == 32, name
         # Ranks explored with their own seeds ...
         assert not torch.equal(r0["replay_obs"], r1["replay_obs"]), name
         # ... and end with identical actors, critics, targets and temperature (and omega).

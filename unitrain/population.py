@@ -311,7 +311,8 @@ class PopulationEvaluator:
 
     def evaluate(self, individuals: Sequence[int], params: Callable[[Sequence[int]], torch.Tensor],
                  seeds: Callable[[int, int], int], episodes: int | None = None,
-                 behaviour: bool = True) -> Episodes:
+                 behaviour: bool = True, observe: Callable[[Step], None] | None = None
+                 ) -> Episodes:
         """Evaluate ``individuals``.
 
         Args:
@@ -321,6 +322,8 @@ class PopulationEvaluator:
             seeds: ``(individual, episode) -> env seed``.
             episodes: episodes per individual (default: the evaluator's ``episodes``).
             behaviour: characterise behaviours (if the evaluator was built to).
+            observe: called with every step of every wave (its raw observations and the actions
+                in env units), e.g. to keep the transitions.
         """
         episodes = self.episodes if episodes is None else episodes
         mode = self.behaviour if behaviour else None
@@ -331,7 +334,8 @@ class PopulationEvaluator:
             for a in range(0, len(individuals), width):
                 wave = individuals[a: a + width]
                 parts.append(self._wave(params(wave), [seeds(i, e) for i in wave
-                                                       for e in range(episodes)], episodes, mode))
+                                                       for e in range(episodes)], episodes, mode,
+                                        observe))
         if parts:
             return Episodes.cat(parts)
         empty = torch.zeros(0, episodes, dtype=torch.float64)
@@ -348,7 +352,7 @@ class PopulationEvaluator:
 
     @torch.no_grad()
     def _wave(self, params: torch.Tensor, seeds: list[int], episodes: int,
-              mode: str | None) -> Episodes:
+              mode: str | None, also: Callable[[Step], None] | None = None) -> Episodes:
         w, slots = params.shape[0], len(seeds)
         # Reshaped once per wave: slices of a [w, numel] matrix are copied when reshaped.
         stacked = self.policy.stack(params)
@@ -369,6 +373,8 @@ class PopulationEvaluator:
         summary: list[torch.Tensor | None] = [None]
 
         def observe(step: Step) -> None:
+            if also is not None:
+                also(step)
             if norm is not None:
                 seen.append(step.observation[step.active])
             if mode == "mean":
@@ -381,8 +387,9 @@ class PopulationEvaluator:
                     summary[0] = torch.zeros_like(last)
                 summary[0][step.ended] = last[step.ended]
 
+        watched = norm is not None or mode is not None or also is not None
         played = rollout(env, policy, seeds=seeds, max_steps=self.max_episode_steps,
-                         observe=observe if norm is not None or mode is not None else None)
+                         observe=observe if watched else None)
         if norm is not None:
             norm.update(torch.cat(seen))
         ret, length = played.by_slot()
@@ -529,7 +536,8 @@ class PopulationEvaluation:
     def evaluate(self, ctx: "RuleContext", count: int,
                  params: Callable[[Sequence[int]], torch.Tensor],
                  seeds: Callable[[int, int], int], episodes: int | None = None,
-                 behaviour: bool = True) -> Evaluation:
+                 behaviour: bool = True, observe: Callable[[Step], None] | None = None
+                 ) -> Evaluation:
         """Evaluate individuals ``0..count-1``, this rank its :func:`shard`; gather the results.
 
         Args:
@@ -539,11 +547,12 @@ class PopulationEvaluation:
             seeds: ``(individual, episode) -> env seed``.
             episodes: episodes per individual (default ``rule.episodes``).
             behaviour: characterise behaviours (when the evaluator was built to).
+            observe: sees every step this rank plays (see :meth:`PopulationEvaluator.evaluate`).
         """
         episodes = self.rule.episodes if episodes is None else episodes
         mine = list(shard(count, ctx.rank, ctx.world_size))
         start = time.perf_counter()
-        res = self.evaluator.evaluate(mine, params, seeds, episodes, behaviour)
+        res = self.evaluator.evaluate(mine, params, seeds, episodes, behaviour, observe)
         self._eval_s += time.perf_counter() - start
         self._steps += res.steps
         # One collective carries returns, lengths and behaviours.

@@ -14,6 +14,7 @@ from unitrain.optim.cem import CEM
 from unitrain.optim.csa_es import CSAES
 from unitrain.optim.cbo import CBO
 from unitrain.optim.cmaes import CMAES
+from unitrain.optim.cem_rl import CEMRL
 from unitrain.optim.projection import Projection
 from unitrain.optim.elite_imitation import EliteImitation
 from unitrain.optim.supervised import Adam
@@ -21,5 +22,5 @@ from unitrain.optim.supervised import Adam
 __all__ = ["UpdateRule", "RuleContext", "register_rule", "registered_rules", "get_rule",
            "PPO", "REINFORCE"]
 __all__ += ["DDPG", "DSACT", "SAC", "TD3"]
-__all__ += ["ES", "GA", "ARS", "CEM", "CSAES", "CBO", "CMAES"]
+__all__ += ["ES", "GA", "ARS", "CEM", "CSAES", "CBO", "CMAES", "CEMRL"]
 __all__ += ["Projection", "EliteImitation", "Adam"]

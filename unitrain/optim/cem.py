@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -32,9 +32,55 @@ if TYPE_CHECKING:
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
 
-__all__ = ["CEM"]
+__all__ = ["CEM", "CEMDistribution"]
 
 _NOISE = 25  # shared random stream of the candidates' seeds
+
+
+class CEMDistribution:
+    """CEM's search distribution over a flat parameter vector: the mean lives in the module, the
+    diagonal variance ``Σ`` and the extra noise ``ε`` here (what :class:`CEM` and
+    :class:`~unitrain.optim.cem_rl.CEMRL` share).
+
+    Args:
+        rule: the rule's CEM fields (``sigma``, ``elite_fraction``, ``noise_*``).
+        numel: parameters.
+    """
+
+    def __init__(self, rule: "CEM", numel: int) -> None:
+        self.rule = rule
+        self.var = torch.full((numel,), rule.sigma ** 2, dtype=torch.float64)
+        self.extra = rule.noise_init
+
+    def std(self, like: torch.Tensor) -> torch.Tensor:
+        """``√Σ`` in ``like``'s dtype and device."""
+        return self.var.sqrt().to(like.dtype).to(like.device)
+
+    def refit(self, mean: torch.Tensor, fitness: torch.Tensor,
+              offset: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """The new mean from the ``K`` best candidates (``offset(j) = θⱼ − μ``); refits ``Σ`` and
+        decays ``ε``. Returns the new mean (``mean``'s dtype) and the elites' indices, best first.
+        """
+        rule, k = self.rule, self.rule.elites
+        order = torch.argsort(fitness, descending=True, stable=True)[:k].tolist()
+        raw = torch.tensor([math.log((k + 1) / i) for i in range(1, k + 1)], dtype=torch.float64)
+        weights = raw / raw.sum()
+        z = torch.stack([offset(j).to(torch.float64) for j in order])  # θ₍ᵢ₎ − μ
+        new_mean = (mean.to(torch.float64) + weights @ z).to(mean.dtype)
+        self.var = (weights @ (z * z)).cpu() + self.extra
+        self.extra = rule.noise_decay * self.extra + (1 - rule.noise_decay) * rule.noise_end
+        return new_mean, order
+
+    def metrics(self) -> dict[str, float]:
+        return {"optim/sigma": self.var.sqrt().mean().item(),  # mean standard deviation
+                "optim/extra_noise": self.extra}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"var": self.var.clone(), "extra": self.extra}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.var = state["var"].clone()
+        self.extra = float(state["extra"])
 
 
 @register_rule("cem")
@@ -77,14 +123,13 @@ class CEM(PopulationFields):
         self.module = module
         self.pop = PopulationEvaluation(self, module, ctx)
         self.layout = self.pop.layout
-        self._var = torch.full((self.layout.numel,), self.sigma ** 2, dtype=torch.float64)
-        self._extra = self.noise_init
+        self.dist = CEMDistribution(self, self.layout.numel)
 
     def step(self, ctx: "RuleContext") -> dict[str, float]:
         gen, count, n = self.pop.generation, self.population, self.layout.numel
         seeds = generation_seeds(ctx, _NOISE, gen, count)
         mean = self.layout.flatten(self.module)
-        std = self._var.sqrt().to(self.layout.dtype).to(mean.device)
+        std = self.dist.std(mean)
 
         def offset(j: int) -> torch.Tensor:
             return std * noise(seeds[j], n, self.layout.dtype, mean.device)
@@ -95,26 +140,17 @@ class CEM(PopulationFields):
         shared = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
         ev = self.pop.evaluate(ctx, count, candidates, lambda j, e: shared(0, e))
 
-        k = self.elites
-        order = torch.argsort(ev.fitness, descending=True, stable=True)[:k].tolist()
-        raw = torch.tensor([math.log((k + 1) / i) for i in range(1, k + 1)], dtype=torch.float64)
-        weights = raw / raw.sum()
-        z = torch.stack([offset(j).to(torch.float64) for j in order])  # θ₍ᵢ₎ − μ
-        new_mean = (mean.to(torch.float64) + weights @ z).to(self.layout.dtype)
-        self._var = (weights @ (z * z)).cpu() + self._extra
-        self._extra = self.noise_decay * self._extra + (1 - self.noise_decay) * self.noise_end
+        new_mean, order = self.dist.refit(mean, ev.fitness, offset)
         self.layout.assign(self.module, new_mean)
 
         metrics = self.pop.finish_generation(ctx, ev, ev.local_frames, (mean, new_mean))
-        metrics.update({"optim/sigma": self._var.sqrt().mean().item(),  # mean standard deviation
-                        "optim/extra_noise": self._extra,
+        metrics.update({**self.dist.metrics(),
                         "fitness/elite_mean": ev.fitness[order].mean().item()})
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.pop.state_dict(), "var": self._var.clone(), "extra": self._extra}
+        return {**self.pop.state_dict(), **self.dist.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pop.load_state_dict(state)
-        self._var = state["var"].clone()
-        self._extra = float(state["extra"])
+        self.dist.load_state_dict(state)

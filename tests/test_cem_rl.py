@@ -1,0 +1,112 @@
+"""CEM-RL: the gradient schedule, the population's transitions in the replay memory, the refit over
+trained actors, bad input, and the shipped recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import unitrain as ut
+from policies import TinyPolicy
+from unitrain.cli import main
+from torchrl.objectives import TD3Loss
+
+from unitrain.errors import ConfigError
+from unitrain.optim import CEMRL
+
+
+def _fit(rule: CEMRL, run_dir: Path, frames: int) -> tuple[ut.Trainer, list[dict]]:
+    rows: list[dict] = []
+    step = rule.step
+
+    def recording(ctx):
+        metrics = step(ctx)
+        rows.append(metrics)
+        return metrics
+
+    rule.step = recording  # type: ignore[method-assign]
+    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1"), optimizer=rule, max_frames=frames,
+                         eval_every_frames=frames, eval_episodes=1, seed=2, num_threads=1,
+                         run_dir=run_dir, logger=False, enable_progress_bar=False)
+    trainer.fit(TinyPolicy(3, 1))
+    return trainer, rows
+
+
+def test_critic_and_actor_steps_follow_the_previous_generation(tmp_path: Path, monkeypatch):
+    calls = {"actor": 0}
+    actor_loss = TD3Loss.actor_loss
+
+    def counting(self, *args, **kwargs):
+        calls["actor"] += 1
+        return actor_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(TD3Loss, "actor_loss", counting)
+    rule = CEMRL(population=4, gradient_actors=3, max_episode_steps=25, warmup_frames=100,
+                 batch_size=16, utd_ratio=0.4, critic_hidden=(16,))
+    _, rows = _fit(rule, tmp_path, 300)  # three generations of 4 x 25 frames
+    assert [r["frames"] for r in rows] == [100.0, 100.0, 100.0]
+    # Generation 0 is pure CEM (the memory fills); then 0.4 x 100 critic updates split over the
+    # 3 trained actors (13 each), and 40 actor steps for each of them.
+    assert [r["optim/updates"] for r in rows] == [0.0, 39.0, 39.0]
+    assert calls["actor"] == 2 * 3 * 40
+    assert len(rule.loop.replay) == 300  # every transition every actor played
+
+
+def test_the_refit_uses_what_the_trained_actors_became(tmp_path: Path, monkeypatch):
+    seen = {}
+    original = CEMRL._learn
+
+    def learn(self, actors, ctx):
+        before = actors.clone()
+        out = original(self, actors, ctx)
+        seen["before"], seen["after"] = before, actors.clone()
+        return out
+
+    monkeypatch.setattr(CEMRL, "_learn", learn)
+    rule = CEMRL(population=4, gradient_actors=2, max_episode_steps=20, warmup_frames=80,
+                 batch_size=16, utd_ratio=0.5, critic_hidden=(16,))
+    _, rows = _fit(rule, tmp_path, 160)
+    before, after = seen["before"], seen["after"]
+    # The trained actors moved; the others are CEM's samples as drawn.
+    assert not torch.equal(before[0], after[0]) and not torch.equal(before[1], after[1])
+    assert torch.equal(before[2:], after[2:])
+    assert rows[-1]["fitness/gradient_elites"] in (0.0, 1.0, 2.0)
+
+
+def test_transitions_in_memory_are_the_population_episodes(tmp_path: Path):
+    rule = CEMRL(population=2, gradient_actors=0, max_episode_steps=10, warmup_frames=10,
+                 batch_size=4, critic_hidden=(8,))
+    _fit(rule, tmp_path, 20)
+    rows = rule.loop.replay.buffer.storage[:20]
+    # Actions in [-1, 1]; each transition's next observation is the following one's observation
+    # within an episode (slot 0's first 9 steps are rows 0, 2, 4, ... of the interleaved waves).
+    assert rows["action"].abs().max() <= 1.0
+    assert torch.equal(rows["next", "observation"][0], rows["observation"][2])
+    assert not rows["next", "terminated"].any()  # capped, not terminated: bootstrapped
+    assert rows["next", "done"].sum() == 2  # the two capped episodes ended
+
+
+def test_bad_input():
+    with pytest.raises(ConfigError, match=r"optimizer.gradient_actors: got 11; expected an "
+                                          r"integer in \[0, population=10\] or null"):
+        CEMRL(gradient_actors=11)
+    with pytest.raises(ConfigError, match="env.obs_norm: cem_rl replays raw observations"):
+        ut.Trainer(env=ut.EnvSpec("Pendulum-v1", obs_norm=True), optimizer=CEMRL())
+    with pytest.raises(ConfigError, match="CartPole-v1 has discrete actions"):
+        ut.Trainer(env="CartPole-v1", optimizer=CEMRL())
+
+
+def test_pendulum_recipe_trains_its_actors_after_the_warmup(tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "pendulum/cem_rl", f"run_dir={run}", "trainer.max_frames=4000",
+                 "optimizer.utd_ratio=0.05", "trainer.eval_episodes=2"]) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    # Generation 1 fills the memory (2,000 frames); generation 2 trains 5 actors on
+    # 0.05 x 2,000 = 100 critic updates.
+    assert [e.value for e in acc.Scalars("train/updates_total")] == [0.0, 100.0]
+    assert [e.step for e in acc.Scalars("fitness/gradient_mean")] == [4000]

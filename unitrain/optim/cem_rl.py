@@ -1,0 +1,258 @@
+"""CEM-RL: a CEM population of actors, half of which learn from a shared TD3 critic.
+
+Reference: A. Pourchot, O. Sigaud, "CEM-RL: Combining evolutionary and gradient-based methods
+for policy search", ICLR 2019 (arXiv:1810.01222).
+
+Each generation:
+
+1. CEM (:class:`~unitrain.optim.cem.CEMDistribution`, the ``cem`` rule's distribution) samples
+   ``population`` actors ``θᵢ = μ + √Σ ⊙ εᵢ`` from seeds shared by every process.
+2. Once the replay memory is ready, the first ``gradient_actors`` of them (half the population by
+   default) learn from the shared critic, one after another. For actor ``i``: the critic makes
+   ``utd_ratio · F / gradient_actors`` TD3 updates with actor ``i`` as the target policy
+   (clipped double-Q with target policy smoothing), then the actor makes ``utd_ratio · F``
+   deterministic policy-gradient steps ``∇θ Q₁(s, μθ(s))`` with a freshly reset Adam; ``F`` is
+   the number of frames the previous generation played. So the critic sees ``utd_ratio`` updates
+   per frame, like TD3, and every gradient actor as many actor steps.
+3. The population evaluation (:class:`~unitrain.population.PopulationEvaluation`, as for every
+   population rule) plays every actor's episodes with its deterministic action ``module.act``;
+   every transition goes into the replay memory of the off-policy loop
+   (:class:`~unitrain.optim.offpolicy.OffPolicyLoop`: memory, warm-up, gradient steps averaged
+   across processes).
+4. CEM refits its mean and diagonal variance to the best half of *all* evaluated actors, the
+   gradient-trained ones included (their offsets ``θᵢ − μ`` are what they became).
+
+The critic is TorchRL's ``TD3Loss`` over two MLP critics (or the module's ``make_critic()``),
+registered as ``module.aux["cem_rl"]``; actions are the shared contract's ``tanh`` actions in
+``[-1, 1]``. The module's parameters are CEM's mean, so ``module.act`` is the deterministic
+action of the distribution's centre, as for ``cem``.
+
+Several processes: every process holds the whole population (sampled from shared seeds) and makes
+every gradient step with gradients averaged across processes (each samples its own memory, filled
+with the episodes of its share), so actors, critics and the CEM distribution stay identical on
+every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
+from torch import Tensor, nn
+from torchrl.objectives import SoftUpdate, TD3Loss, ValueEstimators
+
+from unitrain.errors import ConfigError, check
+from unitrain.optim.base import register_rule
+from unitrain.optim.cem import CEM, CEMDistribution
+from unitrain.optim.ddpg import _TanhActor
+from unitrain.optim.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
+from unitrain.population import (STREAM_EPISODES, PopulationEvaluation, episode_seeds,
+                                 generation_seeds, noise)
+
+if TYPE_CHECKING:
+    from unitrain.envs import EnvInfo, EnvSpec
+    from unitrain.module import RLModule
+    from unitrain.optim.base import RuleContext
+    from unitrain.rollout import Step
+
+__all__ = ["CEMRL"]
+
+_NOISE = 26  # shared random stream of the actors' seeds
+_METRICS = ("loss/critic", "loss/actor", "train/q_mean")
+
+
+@register_rule("cem_rl")
+@dataclass
+class CEMRL(CEM):
+    """CEM-RL (Pourchot & Sigaud 2019) with a TD3 critic; the defaults are the paper's.
+
+    Fields of :class:`~unitrain.optim.cem.CEM` (``population``, ``sigma``, ``elite_fraction``,
+    ``noise_*``, ``episodes``, ...), and of the off-policy rules:
+
+    Args:
+        gradient_actors: actors per generation that learn from the critic (``None``: half the
+            population).
+        lr_actor: Adam step size of a gradient actor (its moments reset for every actor).
+        lr_critic: Adam step size of the critics.
+        gamma: discount factor.
+        tau: Polyak step of the target critics, per critic update.
+        batch_size: transitions per gradient update.
+        buffer_size: replay memory capacity per process.
+        warmup_frames: frames (all processes) of pure CEM generations before gradient steps.
+        utd_ratio: critic updates per frame of the previous generation, and actor steps of each
+            gradient actor per such frame.
+        critic_hidden: hidden widths of the default critics (the paper's 400-300).
+        policy_noise: standard deviation of TD3's target policy smoothing noise.
+        noise_clip: bound of the smoothing noise.
+        save_buffer: save the replay memory in checkpoints.
+    """
+
+    population: int = 10
+    sigma: float = math.sqrt(1e-3)  # the paper's initial variance 1e-3
+    gradient_actors: int | None = None
+    lr_actor: float = 1e-3
+    lr_critic: float = 1e-3
+    gamma: float = 0.99
+    tau: float = 0.005
+    batch_size: int = 100
+    buffer_size: int = 1_000_000
+    warmup_frames: int = 10_000
+    utd_ratio: float = 1.0
+    critic_hidden: tuple[int, ...] = (400, 300)
+    policy_noise: float = 0.2
+    noise_clip: float = 0.5
+    save_buffer: bool = False
+
+    # The off-policy loop's collection is not used: the population's episodes fill the memory.
+    frames_per_batch = None
+
+    def validate(self) -> None:
+        super().validate()
+        OffPolicyFields.validate(self)  # type: ignore[arg-type]
+        check(self.gradient_actors is None or 0 <= self.gradient_actors <= self.population,
+              "gradient_actors", f"an integer in [0, population={self.population}] or null",
+              self.gradient_actors)
+        check(self.policy_noise >= 0, "policy_noise", "a number >= 0", self.policy_noise)
+        check(self.noise_clip >= 0, "noise_clip", "a number >= 0", self.noise_clip)
+
+    def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
+        OffPolicyFields.check_env(self, env, info)  # type: ignore[arg-type]
+        if env.obs_norm:
+            raise ConfigError("env.obs_norm", "cem_rl replays raw observations to its critic; "
+                                              "set env.obs_norm: false")
+
+    @property
+    def learners(self) -> int:
+        return self.population // 2 if self.gradient_actors is None else self.gradient_actors
+
+    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
+        self.module = module
+        self.pop = PopulationEvaluation(self, module, ctx)
+        self.layout = self.pop.layout
+        self.dist = CEMDistribution(self, self.layout.numel)
+        self.loop = OffPolicyLoop(self, module, ctx, lambda obs: obs, _METRICS)  # type: ignore
+        actor = TensorDictModule(_TanhActor(module), in_keys=["observation"], out_keys=["action"])
+        critics = [TensorDictModule(c, in_keys=["observation", "action"],
+                                    out_keys=["state_action_value"])
+                   for c in make_critics(module, 2, 1, self.critic_hidden, nn.ReLU)]
+        loss = TD3Loss(actor, critics, bounds=(-1.0, 1.0), num_qvalue_nets=2,
+                       policy_noise=self.policy_noise, noise_clip=self.noise_clip,
+                       loss_function="l2").to(ctx.device)
+        loss.make_value_estimator(ValueEstimators.TD0, gamma=self.gamma)
+        self.loss: TD3Loss = module.add_aux(self.name, loss)
+        self.updater = SoftUpdate(self.loss, tau=self.tau)
+        self.critic_opt = torch.optim.Adam(list(self.loss.qvalue_network_params.values(True, True)),
+                                           lr=self.lr_critic)
+        self.actor_opt = torch.optim.Adam(module.policy_parameters(), lr=self.lr_actor)
+        self.frames_seen = 0  # frames of every generation so far, all processes
+        self.last_frames = 0  # frames of the previous generation, all processes
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.critic_opt, self.actor_opt]
+
+    def step(self, ctx: "RuleContext") -> dict[str, float]:
+        gen, count, n = self.pop.generation, self.population, self.layout.numel
+        seeds = generation_seeds(ctx, _NOISE, gen, count)
+        mean = self.layout.flatten(self.module)
+        std = self.dist.std(mean)
+        actors = torch.stack([mean + std * noise(seeds[j], n, self.layout.dtype, mean.device)
+                              for j in range(count)])
+        metrics: dict[str, float] = dict.fromkeys(_METRICS, math.nan)
+        before = self.loop.updates
+        trained = self._ready(ctx)
+        if trained:
+            metrics.update(self._learn(actors, ctx))
+        self.layout.assign(self.module, mean)
+
+        shared = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
+        ev = self.pop.evaluate(ctx, count, lambda idx: actors[list(idx)],
+                               lambda j, e: shared(0, e), observe=self._remember)
+        self.frames_seen += ev.frames
+        self.last_frames = ev.frames
+
+        new_mean, order = self.dist.refit(mean, ev.fitness, lambda j: actors[j] - mean)
+        self.layout.assign(self.module, new_mean)
+        # How the critic's pupils fared against the plain CEM samples (NaN before they learn).
+        pupils = self.learners if trained else 0
+        metrics.update(self.pop.finish_generation(ctx, ev, ev.local_frames, (mean, new_mean)))
+        metrics.update({
+            **self.dist.metrics(), "fitness/elite_mean": ev.fitness[order].mean().item(),
+            "fitness/gradient_mean": ev.fitness[:pupils].mean().item() if pupils else math.nan,
+            "fitness/cem_mean": ev.fitness[pupils:].mean().item() if pupils < count else math.nan,
+            "fitness/gradient_elites": float(sum(j < pupils for j in order)) if pupils else math.nan,
+            "optim/updates": float(self.loop.updates - before),
+            "train/updates_total": float(self.loop.updates),
+            "train/buffer_size": float(len(self.loop.replay))})
+        return metrics
+
+    def _ready(self, ctx: "RuleContext") -> bool:
+        """Whether the memory is ready, on every process alike."""
+        if self.learners == 0 or self.frames_seen < max(self.warmup_frames, self.batch_size):
+            return False
+        least = ctx.all_reduce_(torch.tensor([float(len(self.loop.replay))], device=ctx.device),
+                                "min")
+        return float(least.item()) >= self.batch_size
+
+    def _learn(self, actors: Tensor, ctx: "RuleContext") -> dict[str, float]:
+        """Train the first :attr:`learners` actors in place, one after another, with the critic."""
+        steps = math.floor(self.utd_ratio * self.last_frames + 1e-9)
+        critic_steps = steps // self.learners
+        sums = dict.fromkeys(_METRICS, 0.0)
+        counts = dict.fromkeys(_METRICS, 0)
+        target_actor = self.loss.target_actor_network_params
+        for i in range(self.learners):
+            self.layout.assign(self.module, actors[i])
+            # Actor i is the critic's target policy while the critic learns.
+            target_actor.update_(self.loss.actor_network_params.detach())
+            for _ in range(critic_steps):
+                critic_loss, info = self.loss.value_loss(self.loop.replay.sample())
+                self.loop.descend(critic_loss, [self.critic_opt], ctx)
+                self.updater.step()
+                self.loop.updates += 1
+                sums["loss/critic"] += float(critic_loss.detach())
+                sums["train/q_mean"] += float(info["pred_value"].mean())
+                counts["loss/critic"] += 1
+                counts["train/q_mean"] += 1
+            self.actor_opt.state.clear()  # a fresh Adam for every actor, as in the paper
+            for _ in range(steps):
+                actor_loss, _ = self.loss.actor_loss(self.loop.replay.sample())
+                self.loop.descend(actor_loss, [self.actor_opt], ctx)
+                sums["loss/actor"] += float(actor_loss.detach())
+                counts["loss/actor"] += 1
+            actors[i] = self.layout.flatten(self.module)
+        return {k: sums[k] / counts[k] for k in _METRICS if counts[k]}
+
+    def _remember(self, step: "Step") -> None:
+        """Keep the transitions of a population step (its active slots) in the memory."""
+        on = step.active
+        if not bool(on.any()):
+            return
+        nxt = step.next
+        head = self.loop.head
+        low, high = head.low.to(step.action), head.high.to(step.action)
+        unit = ((step.action - low) / (high - low) * 2.0 - 1.0).clamp(-1.0, 1.0)
+        self.loop.replay.extend(TensorDict({
+            "observation": step.observation[on].to(torch.float32),
+            "action": unit[on].to(torch.float32),
+            "next": {"observation": nxt["observation"][on].to(torch.float32),
+                     "reward": nxt["reward"][on].to(torch.float32),
+                     # An episode the population's step cap ended is done, not terminated.
+                     "done": (nxt["done"].reshape(-1) | step.ended)[on].reshape(-1, 1),
+                     "terminated": nxt["terminated"][on]},
+        }, batch_size=[int(on.sum())]))
+        self.loop.collected += int(on.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.pop.state_dict(), **self.dist.state_dict(), **self.loop.state_dict(),
+                "frames_seen": self.frames_seen, "last_frames": self.last_frames}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pop.load_state_dict(state)
+        self.dist.load_state_dict(state)
+        self.loop.load_state_dict(state)
+        self.frames_seen = int(state["frames_seen"])
+        self.last_frames = int(state["last_frames"])
