@@ -16,6 +16,7 @@ recipe). Statistics: :mod:`unitrain.stats` (rliable's estimators).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -49,6 +50,13 @@ class Run:
     @property
     def name(self) -> str:
         return f"{self.slug}/seed{self.seed}"
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one): the default
+    number of runs at a time, one torch thread each."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def _slug(recipe: str) -> str:
@@ -139,7 +147,7 @@ def compare(recipes: Sequence[str], seeds: int | Sequence[int] = 3, frames: int 
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not recipes or not seed_list:
         raise UserError("compare: give at least one recipe and one seed")
-    jobs = jobs or os.cpu_count() or 1
+    jobs = jobs or cores()
     if jobs < 1:
         raise UserError(f"compare: --jobs must be >= 1, got {jobs}")
     target = _target(module)
@@ -358,16 +366,21 @@ def write_results(results: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
     from torch.utils.tensorboard import SummaryWriter
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for recipe, e in results["recipes"].items():
+    recipes = results["recipes"]
+    rows = math.ceil(len(recipes) / 4)  # legend rows under the panels
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5 + 0.2 * rows))
+    palette = plt.get_cmap("tab10")
+    for i, (recipe, e) in enumerate(recipes.items()):
+        # Ten colours, then the same colours dashed, dash-dotted, dotted.
+        style = {"color": palette(i % 10), "linestyle": ("-", "--", "-.", ":")[(i // 10) % 4]}
         for ax, axis in zip(axes, ("frames", "seconds")):
             curves = [c[axis] for c in e["curves"].values() if c[axis]]
             grid = _grid(curves)
             if grid is None:
                 continue
             mean, low, high = _band(curves, grid)
-            line, = ax.plot(grid, mean, label=f"{recipe} ({len(curves)} seeds)")
-            ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
+            ax.plot(grid, mean, label=f"{recipe} ({len(curves)} seeds)", **style)
+            ax.fill_between(grid, low, high, color=style["color"], alpha=0.15)
         curves = [c["frames"] for c in e["curves"].values() if c["frames"]]
         grid = _grid(curves)
         if grid is not None:
@@ -381,9 +394,13 @@ def write_results(results: dict[str, Any], out: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("evaluation return (mean over seeds)")
         ax.grid(alpha=0.3)
-    if axes[0].lines:
-        axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    bottom = 0.0
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+                   frameon=False)
+        bottom = (0.1 + 0.2 * math.ceil(len(handles) / 4)) / fig.get_figheight()
     fig.suptitle("unitrain compare: mean with 95% bootstrap band over seeds")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
