@@ -41,15 +41,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from tensordict import TensorDict
-from tensordict.nn import TensorDictModule
-from torch import Tensor, nn
-from torchrl.objectives import SoftUpdate, TD3Loss, ValueEstimators
+from torch import Tensor
+from torchrl.objectives import SoftUpdate, TD3Loss
 
 from unitrain.errors import ConfigError, check
 from unitrain.optim.base import register_rule
 from unitrain.optim.cem import CEM, CEMDistribution
-from unitrain.optim.ddpg import _TanhActor
-from unitrain.optim.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
+from unitrain.optim.offpolicy import OffPolicyFields, OffPolicyLoop
+from unitrain.optim.td3 import td3_loss
 from unitrain.population import (STREAM_EPISODES, PopulationEvaluation, episode_seeds,
                                  generation_seeds, noise)
 
@@ -135,15 +134,7 @@ class CEMRL(CEM):
         self.layout = self.pop.layout
         self.dist = CEMDistribution(self, self.layout.numel)
         self.loop = OffPolicyLoop(self, module, ctx, lambda obs: obs, _METRICS)  # type: ignore
-        actor = TensorDictModule(_TanhActor(module), in_keys=["observation"], out_keys=["action"])
-        critics = [TensorDictModule(c, in_keys=["observation", "action"],
-                                    out_keys=["state_action_value"])
-                   for c in make_critics(module, 2, 1, self.critic_hidden, nn.ReLU)]
-        loss = TD3Loss(actor, critics, bounds=(-1.0, 1.0), num_qvalue_nets=2,
-                       policy_noise=self.policy_noise, noise_clip=self.noise_clip,
-                       loss_function="l2").to(ctx.device)
-        loss.make_value_estimator(ValueEstimators.TD0, gamma=self.gamma)
-        self.loss: TD3Loss = module.add_aux(self.name, loss)
+        self.loss: TD3Loss = module.add_aux(self.name, td3_loss(self, module, ctx))
         self.updater = SoftUpdate(self.loss, tau=self.tau)
         self.critic_opt = torch.optim.Adam(list(self.loss.qvalue_network_params.values(True, True)),
                                            lr=self.lr_critic)

@@ -41,9 +41,23 @@ if TYPE_CHECKING:
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
 
-__all__ = ["TD3"]
+__all__ = ["TD3", "td3_loss"]
 
 _METRICS = ("loss/critic", "loss/actor", "train/q_mean", "train/target_q_mean")
+
+
+def td3_loss(rule: Any, module: "RLModule", ctx: "RuleContext") -> TD3Loss:
+    """TorchRL's ``TD3Loss`` over the module's ``tanh`` actor and two critics, with ``rule``'s
+    ``critic_hidden``, ``policy_noise``, ``noise_clip`` and ``gamma`` (shared with CEM-RL)."""
+    actor = TensorDictModule(_TanhActor(module), in_keys=["observation"], out_keys=["action"])
+    critics = [TensorDictModule(c, in_keys=["observation", "action"],
+                                out_keys=["state_action_value"])
+               for c in make_critics(module, 2, 1, rule.critic_hidden, nn.ReLU)]
+    loss = TD3Loss(actor, critics, bounds=(-1.0, 1.0), num_qvalue_nets=2,
+                   policy_noise=rule.policy_noise, noise_clip=rule.noise_clip,
+                   loss_function="l2").to(ctx.device)
+    loss.make_value_estimator(ValueEstimators.TD0, gamma=rule.gamma)
+    return loss
 
 
 @register_rule("td3")
@@ -76,15 +90,7 @@ class TD3(OffPolicyFields):
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)
-        actor = TensorDictModule(_TanhActor(module), in_keys=["observation"], out_keys=["action"])
-        critics = [TensorDictModule(c, in_keys=["observation", "action"],
-                                    out_keys=["state_action_value"])
-                   for c in make_critics(module, 2, 1, self.critic_hidden, nn.ReLU)]
-        loss = TD3Loss(actor, critics, bounds=(-1.0, 1.0), num_qvalue_nets=2,
-                       policy_noise=self.policy_noise, noise_clip=self.noise_clip,
-                       loss_function="l2").to(ctx.device)
-        loss.make_value_estimator(ValueEstimators.TD0, gamma=self.gamma)
-        self.loss: TD3Loss = module.add_aux(self.name, loss)
+        self.loss: TD3Loss = module.add_aux(self.name, td3_loss(self, module, ctx))
         self.actor = self.loss.actor_network.module
         self.updater = SoftUpdate(self.loss, tau=self.tau)
         self.critic_opt = torch.optim.Adam(list(self.loss.qvalue_network_params.values(True, True)),
