@@ -369,3 +369,48 @@ def test_fit_batch_trains_over_mini_batches() -> None:
     with torch.no_grad():
         after = ((net(x) - targets) ** 2).mean()
     assert after < before / 3
+
+
+# ----------------------------------------------------------------------------- warm, compiled
+
+
+def _digits_like(batch: int, seed: int) -> tuple[Tensor, Tensor, nn.Sequential]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 6, generator=g)
+    labels = torch.randint(0, 3, (batch,), generator=g)
+    torch.manual_seed(seed)
+    return x, labels, nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def test_warm_started_inner_solves_follow_the_exact_iteration() -> None:
+    """A few warm-started Newton steps per iteration track the solves done to rounding."""
+    x, labels, net = _digits_like(32, 0)
+    graph = ProjectionGraph(net)
+    state = graph.init_state(x)
+    output = CrossEntropyOutput(5.0)
+    exact = douglas_rachford(graph, state, x, labels, output, iterations=30)
+    warm = douglas_rachford(graph, state, x, labels, output, iterations=30, warm_start=True)
+    # The first iteration solves to rounding in both modes; the later ones stay within 1%.
+    assert torch.equal(exact.violation[0], warm.violation[0])
+    assert torch.allclose(warm.violation, exact.violation, rtol=1e-2)
+    ours = graph.consensus_parameters(warm.state)
+    for key, value in graph.consensus_parameters(exact.state).items():
+        assert torch.allclose(ours[key], value, atol=5e-3), key
+    # The warm-started state is a point of the consistency set, like the exact one.
+    assert _states_close(warm.state, graph.project_consistency(warm.state, x), 1e-6)
+
+
+def test_compiled_iterations_equal_the_uncompiled_ones() -> None:
+    """torch.compile changes the speed, not the iterates; other batch sizes run uncompiled."""
+    x, labels, net = _digits_like(24, 1)
+    graph = ProjectionGraph(net)
+    output = CrossEntropyOutput(5.0)
+    state = graph.init_state(x)
+    plain = douglas_rachford(graph, state, x, labels, output, iterations=12, warm_start=True)
+    compiled = douglas_rachford(graph, state, x, labels, output, iterations=12, compile=True)
+    assert graph.compiled_batch == 24
+    assert torch.allclose(compiled.violation, plain.violation, rtol=1e-4, atol=1e-6)
+    assert _states_close(compiled.state, plain.state, 1e-4)
+    small = douglas_rachford(graph, graph.init_state(x[:10]), x[:10], labels[:10], output,
+                             iterations=12, compile=True)
+    assert graph.compiled_batch == 24 and small.violation.shape == (12,)

@@ -22,6 +22,7 @@ from unitrain.projection.graph import (
 )
 from unitrain.projection.operators import (
     project_dot,
+    project_dot_multiplier,
     project_equal,
     project_margin,
     project_one_vs_rest,
@@ -57,6 +58,7 @@ __all__ = [
     "douglas_rachford",
     "fit_batch",
     "project_dot",
+    "project_dot_multiplier",
     "project_equal",
     "project_margin",
     "project_one_vs_rest",

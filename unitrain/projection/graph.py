@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from unitrain.projection.operators import (
     project_dot,
+    project_dot_multiplier,
     project_margin,
     project_one_vs_rest,
     project_relu,
@@ -73,6 +74,11 @@ SUPPORTED_LAYERS = (
     "(torch.nn.Sequential, or modules without parameters of their own whose forward applies "
     "their children in registration order)"
 )
+
+
+# Newton steps of the inner solves in the warm-started mode of ProjectionGraph.project_ops.
+WARM_DOT_STEPS = 3
+WARM_CE_STEPS = 2
 
 
 def _identity(tensor: Tensor) -> Tensor:
@@ -247,6 +253,8 @@ class ProjectionGraph:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.stages: list[Stage] = _stages(module)
+        # The batch size the solvers' compiled iteration is specialised to (set on first use).
+        self.compiled_batch: int | None = None
 
     def __repr__(self) -> str:
         parts = []
@@ -315,13 +323,27 @@ class ProjectionGraph:
         return state
 
     # ------------------------------------------------------------------ set A
-    def project_ops(self, state: State, output: OutputConstraint, targets: Tensor) -> State:
+    def project_ops(
+        self,
+        state: State,
+        output: OutputConstraint,
+        targets: Tensor,
+        warm: State | None = None,
+    ) -> State:
         """Project every operation's copies onto its graph (set A), independently.
 
         Args:
             state: the current copies.
             output: the constraint on the network output.
             targets: its targets (regression values or class labels) for the batch.
+            warm: ``None`` solves the inner scalar problems (the dot products' multipliers, the
+                cross-entropy's proximal step) to rounding. A dict holds their solutions between
+                calls and is updated in place (keys ``"{i}.t"`` and ``"out"``): an empty dict
+                solves to rounding and fills it; later calls take a fixed number of steps
+                (:data:`WARM_DOT_STEPS`, :data:`WARM_CE_STEPS`) from the held solutions.
+                Between iterations of a solver the inner problems change little, so a few steps
+                suffice; the fixed count reads nothing back to the host, which lets
+                ``torch.compile`` fuse the whole projection.
 
         Returns:
             A new state.
@@ -329,7 +351,14 @@ class ProjectionGraph:
         new: State = {}
         for i, stage in enumerate(self.stages):
             if isinstance(stage, LinearStage):
-                w, x, d = project_dot(state[f"{i}.w"], state[f"{i}.x"], state[f"{i}.d_dot"])
+                w, x, d = state[f"{i}.w"], state[f"{i}.x"], state[f"{i}.d_dot"]
+                if warm is None:
+                    w, x, d = project_dot(w, x, d)
+                elif f"{i}.t" not in warm:
+                    w, x, d, warm[f"{i}.t"] = project_dot_multiplier(w, x, d)
+                else:
+                    w, x, d, warm[f"{i}.t"] = project_dot_multiplier(
+                        w, x, d, WARM_DOT_STEPS, early_exit=False, start=warm[f"{i}.t"])
                 new[f"{i}.w"], new[f"{i}.x"], new[f"{i}.d_dot"] = w, x, d
                 has_bias = f"{i}.b" in state
                 terms = state[f"{i}.d_act"].unsqueeze(-1)
@@ -344,7 +373,16 @@ class ProjectionGraph:
             else:
                 x, y = project_relu(state[f"{i}.x"].unsqueeze(-1), state[f"{i}.y"])
                 new[f"{i}.x"], new[f"{i}.y"] = x.squeeze(-1), y
-        new["out"] = output.project(state["out"], targets)
+        if warm is not None and isinstance(output, CrossEntropyOutput):
+            if "out" not in warm:
+                new["out"] = output.project(state["out"], targets)
+            else:
+                new["out"] = prox_cross_entropy(state["out"], targets, output.lam,
+                                                WARM_CE_STEPS, early_exit=False,
+                                                start=warm["out"])
+            warm["out"] = new["out"]
+        else:
+            new["out"] = output.project(state["out"], targets)
         return new
 
     # ------------------------------------------------------------------ set B
@@ -388,7 +426,9 @@ class ProjectionGraph:
                 default) for a single process.
 
         Returns:
-            A new, consistent state.
+            A new, consistent state. Copies of one value share memory (a parameter's copies
+            are one broadcast row, a value's copies one tensor), so it must not be modified in
+            place.
         """
         reduce = reduce_mean or _identity
         new: State = {}
@@ -405,22 +445,22 @@ class ProjectionGraph:
                 else:
                     value = (state[prev_key] + x.sum(1)) / (m + 1)
                     new[prev_key] = value
-                new[f"{i}.x"] = value.unsqueeze(1).expand(batch, m, -1).clone()
+                new[f"{i}.x"] = value.unsqueeze(1).expand(batch, m, -1)
                 d = 0.5 * (state[f"{i}.d_dot"] + state[f"{i}.d_act"])
                 new[f"{i}.d_dot"] = d
-                new[f"{i}.d_act"] = d.clone()
+                new[f"{i}.d_act"] = d
             else:
                 value = prev if prev_key is None else 0.5 * (state[prev_key] + x)
                 if prev_key is not None:
                     new[prev_key] = value
-                new[f"{i}.x"] = value.clone()
+                new[f"{i}.x"] = value
             prev_key = f"{i}.y"
         assert prev_key is not None
         final = 0.5 * (state[prev_key] + state["out"])
         new[prev_key] = final
-        new["out"] = final.clone()
+        new["out"] = final
         for key, mean in self._param_means(state, reduce).items():
-            new[key] = mean.unsqueeze(0).expand_as(state[key]).clone()
+            new[key] = mean.unsqueeze(0).expand_as(state[key])
         return new
 
     # ------------------------------------------------------------------ parameters

@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "project_dot",
+    "project_dot_multiplier",
     "project_equal",
     "project_margin",
     "project_one_vs_rest",
@@ -35,16 +36,13 @@ def _tiny(x: Tensor) -> float:
     return torch.finfo(x.dtype).tiny
 
 
-def _unit(x: Tensor) -> Tensor:
-    """``x / |x|`` along the last axis; the first basis vector where ``x`` is zero."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    first = torch.zeros_like(x)
-    first[..., 0] = 1.0
-    return torch.where(norm > 0, x / norm.clamp_min(_tiny(x)), first)
-
-
 def project_dot(
-    a: Tensor, b: Tensor, z: Tensor, iterations: int = 60
+    a: Tensor,
+    b: Tensor,
+    z: Tensor,
+    iterations: int = 60,
+    early_exit: bool = True,
+    start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Project ``(a, b, z)`` onto the graph ``{(a', b', y) : y = <a', b'>}``.
 
@@ -70,29 +68,60 @@ def project_dot(
 
     The block whose scale ``1/(1 -+ t)`` is bounded by 1 is scaled directly; the other block
     keeps its direction and takes the norm that satisfies the constraint exactly, which keeps
-    the result feasible even when ``t`` is close to ``+-1``.
+    the result feasible even when ``t`` is close to ``+-1``. Both blocks are therefore scalings
+    ``u' = alpha u``, ``v' = beta v``, and the result is formed as ``a' = (alpha s + beta d) / 2``,
+    ``b' = (alpha s - beta d) / 2`` with ``s = a + b``, ``d = a - b``: two passes over the
+    vectors after the three reductions, whatever the number of Newton steps.
 
     Args:
         a: first factor, shape ``(..., n)``.
         b: second factor, shape ``(..., n)``.
         z: the output's current value, shape ``(...)``.
-        iterations: at most this many safeguarded Newton steps on the multiplier (the loop
-            stops once every root is resolved to rounding, typically within 10 steps); 60
-            reaches machine precision in float64 even if every step fell back to bisection.
+        iterations: at most this many safeguarded Newton steps on the multiplier; 60 reaches
+            machine precision in float64 even if every step fell back to bisection.
+        early_exit: stop once every root is resolved to rounding (typically within 10 steps).
+            ``False`` runs exactly ``iterations`` steps without reading any value back to the
+            host, which lets ``torch.compile`` fuse the solve into one kernel.
+        start: an initial multiplier, shape ``(...)``, e.g. the previous solve's (see
+            :func:`project_dot_multiplier`); clamped into ``(-1, 1)``. Default 0.
 
     Returns:
         ``(a', b', y)`` with ``y = <a', b'>``.
     """
-    rt2 = math.sqrt(2.0)
-    u = (a + b) / rt2
-    v = (a - b) / rt2
-    big_u = (u * u).sum(-1)
-    big_v = (v * v).sum(-1)
+    a_new, b_new, y, _ = project_dot_multiplier(a, b, z, iterations, early_exit, start)
+    return a_new, b_new, y
+
+
+def project_dot_multiplier(
+    a: Tensor,
+    b: Tensor,
+    z: Tensor,
+    iterations: int = 60,
+    early_exit: bool = True,
+    start: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`project_dot`, also returning the multiplier ``t`` to warm-start the next solve.
+
+    Args:
+        a: first factor, shape ``(..., n)``.
+        b: second factor, shape ``(..., n)``.
+        z: the output's current value, shape ``(...)``.
+        iterations: see :func:`project_dot`.
+        early_exit: see :func:`project_dot`.
+        start: see :func:`project_dot`.
+
+    Returns:
+        ``(a', b', y, t)``.
+    """
+    s = a + b
+    d = a - b
+    big_u = 0.5 * torch.linalg.vecdot(s, s)
+    big_v = 0.5 * torch.linalg.vecdot(d, d)
     z = z.to(a.dtype)
 
     lo = torch.full_like(z, -1.0)
     hi = torch.full_like(z, 1.0)
-    t = torch.zeros_like(z)
+    t = torch.zeros_like(z) if start is None else start.to(z.dtype).clamp(-0.999, 0.999)
     tol = 8.0 * torch.finfo(a.dtype).eps
     for _ in range(iterations):
         om = 1.0 - t
@@ -112,25 +141,48 @@ def project_dot(
             torch.minimum(torch.maximum(newton, lo), hi),
             torch.where(inside, newton, 0.5 * (lo + hi)),
         )
-        if bool(done.all()):
+        if early_exit and bool(done.all()):
             break
 
     y = z - t
+    tiny = _tiny(a)
     # t >= 0: v' = v / (1 + t) is well conditioned and |u'|^2 = 2 y + |v'|^2 from the constraint.
-    v_pos = v / (1.0 + t).unsqueeze(-1)
-    u_norm2 = (2.0 * y + (v_pos * v_pos).sum(-1)).clamp_min(0.0)
-    u_pos = _unit(u) * u_norm2.sqrt().unsqueeze(-1)
+    beta_pos = 1.0 / (1.0 + t)
+    u_norm2 = (2.0 * y + beta_pos * beta_pos * big_v).clamp_min(0.0)
+    alpha_pos = (u_norm2 / big_u.clamp_min(tiny)).sqrt()
     # t < 0: u' = u / (1 - t) is well conditioned and |v'|^2 = |u'|^2 - 2 y.
-    u_neg = u / (1.0 - t).unsqueeze(-1)
-    v_norm2 = ((u_neg * u_neg).sum(-1) - 2.0 * y).clamp_min(0.0)
-    v_neg = _unit(v) * v_norm2.sqrt().unsqueeze(-1)
+    alpha_neg = 1.0 / (1.0 - t)
+    v_norm2 = (alpha_neg * alpha_neg * big_u - 2.0 * y).clamp_min(0.0)
+    beta_neg = (v_norm2 / big_v.clamp_min(tiny)).sqrt()
 
-    positive = (t >= 0).unsqueeze(-1)
-    u_new = torch.where(positive, u_pos, u_neg)
-    v_new = torch.where(positive, v_pos, v_neg)
-    a_new = (u_new + v_new) / rt2
-    b_new = (u_new - v_new) / rt2
-    return a_new, b_new, (a_new * b_new).sum(-1)
+    positive = t >= 0
+    zero = torch.zeros_like(t)
+    alpha = torch.where(positive, torch.where(big_u > 0, alpha_pos, zero), alpha_neg)
+    beta = torch.where(positive, beta_pos, torch.where(big_v > 0, beta_neg, zero))
+    # Hard case: the block to be rescaled is zero, so it takes the first basis direction
+    # (any unit vector is optimal), with the norm the constraint requires.
+    free_u = torch.where(positive & (big_u == 0), u_norm2.sqrt(), zero)
+    free_v = torch.where(~positive & (big_v == 0), v_norm2.sqrt(), zero)
+    half_alpha = (0.5 * alpha).unsqueeze(-1)
+    half_beta = (0.5 * beta).unsqueeze(-1)
+    # u' = free_u e_1 adds free_u / sqrt 2 to the first coordinate of both factors; v' = free_v e_1
+    # adds it to a' and subtracts it from b'.
+    rt2 = math.sqrt(2.0)
+    shift_a = (free_u + free_v) / rt2
+    shift_b = (free_u - free_v) / rt2
+    if torch.compiler.is_compiling():
+        # One fused expression: an in-place write into a slice would copy the whole tensor.
+        first = torch.zeros(a.shape[-1], dtype=a.dtype, device=a.device)
+        first[0] = 1.0
+        a_new = half_alpha * s + half_beta * d + shift_a.unsqueeze(-1) * first
+        b_new = half_alpha * s - half_beta * d + shift_b.unsqueeze(-1) * first
+    else:
+        # Eagerly, each operation is a pass over memory: two per factor, and a column update.
+        a_new = torch.addcmul(half_alpha * s, half_beta, d)
+        b_new = torch.addcmul(half_alpha * s, half_beta, d, value=-1.0)
+        a_new[..., 0] += shift_a
+        b_new[..., 0] += shift_b
+    return a_new, b_new, torch.linalg.vecdot(a_new, b_new), t
 
 
 def project_sum(x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,7 +299,12 @@ def _as_probabilities(labels: Tensor, like: Tensor) -> Tensor:
 
 
 def prox_cross_entropy(
-    logits: Tensor, labels: Tensor, lam: float = 5.0, iterations: int = 25
+    logits: Tensor,
+    labels: Tensor,
+    lam: float = 5.0,
+    iterations: int = 25,
+    early_exit: bool = True,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Proximal step of the cross-entropy: ``argmin_x |x - l|^2 / 2 + lam CE(x, y)``.
 
@@ -268,6 +325,10 @@ def prox_cross_entropy(
         lam: weight of the cross-entropy, ``> 0``.
         iterations: at most this many Newton steps; the loop stops once every step is at the
             rounding level.
+        early_exit: stop once every step is at the rounding level; ``False`` runs exactly
+            ``iterations`` steps without reading values back to the host.
+        start: where Newton's method starts (default ``logits``), e.g. the previous solve's
+            result when the logits change little between calls.
 
     Returns:
         The proximal point, shaped like ``logits``.
@@ -283,7 +344,7 @@ def prox_cross_entropy(
         d = x - centre
         return 0.5 * (d * d).sum(-1) + lam * (torch.logsumexp(x, -1) - (probs * x).sum(-1))
 
-    x = logits.clone()
+    x = logits.clone() if start is None else start.to(logits.dtype)
     for _ in range(iterations):
         p = torch.exp(x - torch.logsumexp(x, -1, keepdim=True))
         grad = x - logits + lam * (p - y)
@@ -304,7 +365,7 @@ def prox_cross_entropy(
         resolved = slope <= 1e3 * eps * (1.0 + f0.abs())
         alpha = torch.where(resolved, torch.ones_like(alpha), alpha)
         x = x - alpha.unsqueeze(-1) * step
-        if bool((step.abs() <= tol * (1.0 + x.abs())).all()):
+        if early_exit and bool((step.abs() <= tol * (1.0 + x.abs())).all()):
             break
     return x
 
