@@ -110,7 +110,7 @@ def test_elite_imitation_improves_cartpole(tmp_path: Path):
 def _plain_ctx():
     from types import SimpleNamespace
     return SimpleNamespace(device=torch.device("cpu"), env_info=None,
-                           all_reduce_=lambda tensor, op="mean": tensor)
+                           all_reduce_=lambda tensor, op="mean": tensor, world_size=1)
 
 
 def test_new_rl_fields_are_validated():
