@@ -132,7 +132,9 @@ def _iterate(
         if graph.compiled_batch is None:
             graph.compiled_batch = batch
         if graph.compiled_batch == batch:
-            fast = _COMPILED.setdefault(step, torch.compile(step, dynamic=False))
+            if step not in _COMPILED:
+                _COMPILED[step] = torch.compile(step, dynamic=False)
+            fast = _COMPILED[step]
     violation: list[Tensor] = []
     for k in range(iterations):
         z, pb_z, v = (step if k == 0 else fast)(
