@@ -22,6 +22,10 @@ inside the update loop (median over iterations), and the wall time of a run. Run
     python tools/bench_offpolicy.py --seeds 0 1 2
     python tools/bench_offpolicy.py --envs HalfCheetah-v5 Hopper-v5 --frames 100000 --seeds 0 1 2
     python tools/bench_offpolicy.py --frames 10000 20000 --seeds 0 1 --rules dsac_t sac
+
+With ``--out DIR`` the runs are kept in ``DIR``: running the same command again skips the finished
+runs and resumes an interrupted one from its last checkpoint (the wall time adds up the launches),
+so a long table can be gathered across several sittings.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ def run(env_id: str, rule_name: str, seed: int, frames: int, root: Path,
     rule = cls(**kwargs)
     info = env_info(spec)
     run_dir = root / f"{env_id}-{rule_name}-{seed}"
+    resume = "last" if (run_dir / "checkpoints" / "last.ckpt").is_file() else None
     # Evaluate about ten times per run (after the first iteration that reaches each tenth).
     eval_every_frames = max(1, frames // 10)
     trainer = ut.Trainer(env=spec, optimizer=rule, max_frames=frames,
@@ -110,7 +115,7 @@ def run(env_id: str, rule_name: str, seed: int, frames: int, root: Path,
     L.seed_everything(seed, verbose=False)
     module = ut.MLPPolicy(info.obs_dim, info.act_dim, activation="gelu", action_std="state",
                           **module_kwargs)
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=resume)
     summary = trainer.summary
     evals, rates = _scalars(run_dir, "eval/return_mean"), _scalars(run_dir, "perf/updates_per_s")
     half = [value for step, value in evals if step <= frames // 2]
@@ -145,6 +150,9 @@ def main() -> None:
     parser.add_argument("--frames", nargs="+", type=int, default=None,
                         help="frame budget per run: one for every env, or one per env in the "
                              "order of --envs (default: per env, see SETTINGS)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="keep the runs here and resume them when run again (default: a "
+                             "temporary directory)")
     args = parser.parse_args()
     budgets = args.frames or [SETTINGS[env_id][3] for env_id in args.envs]
     if len(budgets) == 1:
@@ -158,11 +166,12 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        root = args.out or Path(tmp)
         for env_id, frames in zip(args.envs, budgets):
             results: dict[str, list[Result]] = {name: [] for name in args.rules}
             for seed in args.seeds:
                 for rule_name in results:
-                    res = run(env_id, rule_name, seed, frames, Path(tmp), args.paper_alpha)
+                    res = run(env_id, rule_name, seed, frames, root, args.paper_alpha)
                     results[rule_name].append(res)
                     print(f"{env_id} {rule_name} seed {seed}: return {res.final:.1f} "
                           f"(half way {res.half:.1f}), {res.updates_per_s:.1f} updates/s, "
