@@ -1,5 +1,9 @@
 """Ready-made networks for image observations.
 
+:class:`ConvNet` is a small convolutional classifier/policy over images given as flat vectors
+(scikit-learn's 8×8 digits), built only from layers that projection training supports
+(:mod:`unitrain.projection`), so every rule can train it.
+
 :class:`NatureCNN` is the network of Mnih et al. 2015 ("Human-level control through deep
 reinforcement learning"), the one Such et al. 2017 ("Deep Neuroevolution") evolve on Atari with
 the Deep GA: three convolutions (32×8×8 stride 4, 64×4×4 stride 2, 64×3×3 stride 1), a 512-unit
@@ -13,9 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from unitrain.module import RLModule
+from unitrain.module import _ACTIVATIONS, RLModule
 
-__all__ = ["NatureCNN"]
+__all__ = ["ConvNet", "NatureCNN"]
 
 
 class NatureCNN(RLModule):
@@ -42,3 +46,54 @@ class NatureCNN(RLModule):
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(observation.float() / 255.0))
+
+
+class ConvNet(RLModule):
+    """Convolutions (each keeping the image size, then average pooling) and a linear head.
+
+    Args:
+        obs_dim: flat input size (filled in from the env or dataset by recipes).
+        act_dim: outputs (classes, or actions).
+        image: ``(channels, height, width)`` of one input; their product must be ``obs_dim``.
+        channels: output channels of each convolution.
+        kernel: the convolutions' square kernel size (odd; zero padding keeps the size).
+        pool: the average-pooling window (and stride) after each convolution; 1 for none.
+        hidden: sizes of fully connected hidden layers after the convolutions.
+        activation: ``"relu"``, ``"step"`` or ``"step_ste"`` (see :class:`unitrain.MLPPolicy`),
+            after every convolution and hidden layer.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, image: Sequence[int] = (1, 8, 8),
+                 channels: Sequence[int] = (8, 16), kernel: int = 3, pool: int = 2,
+                 hidden: Sequence[int] = (), activation: str = "relu") -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in image)
+        if len(shape) != 3 or shape[0] * shape[1] * shape[2] != obs_dim:
+            raise ValueError(f"image {list(image)} must be [channels, height, width] with "
+                             f"{obs_dim} values in all (the input size)")
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd integer >= 1, got {kernel}")
+        if activation not in ("relu", "step", "step_ste"):
+            raise ValueError(f"activation {activation!r} is not one of relu, step, step_ste")
+        self.obs_dim = obs_dim
+        act = _ACTIVATIONS[activation]
+        layers: list[nn.Module] = [nn.Unflatten(1, shape)]
+        c_in, height, width = shape
+        for c in channels:
+            layers += [nn.Conv2d(c_in, int(c), kernel, padding=kernel // 2), act()]
+            if pool > 1:
+                layers.append(nn.AvgPool2d(pool))
+                height, width = height // pool, width // pool
+            c_in = int(c)
+        layers.append(nn.Flatten())
+        width_in = c_in * height * width
+        for h in hidden:
+            layers += [nn.Linear(width_in, int(h)), act()]
+            width_in = int(h)
+        layers.append(nn.Linear(width_in, act_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        lead = observation.shape[:-1]
+        out = self.net(observation.reshape(-1, self.obs_dim).float())
+        return out.reshape(*lead, out.shape[-1])

@@ -20,10 +20,11 @@ out, so population rules evolve only the policy.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from unitrain.action import ACTION_STD, ActionHead, LogStd
 from unitrain.errors import ConfigError, UserError
+from unitrain.nn import Step
 
 if TYPE_CHECKING:
     from unitrain.adapter import RunAdapter
@@ -257,14 +259,14 @@ class RLModule(L.LightningModule):
 
 
 def mlp(in_dim: int, out_dim: int, hidden: Sequence[int] = (64, 64),
-        activation: type[nn.Module] = nn.Tanh, out_gain: float | None = None) -> nn.Sequential:
+        activation: Callable[[], nn.Module] = nn.Tanh, out_gain: float | None = None) -> nn.Sequential:
     """A multilayer perceptron with orthogonal initialisation (√2 gain, output gain ``out_gain``).
 
     Args:
         in_dim: input features.
         out_dim: output features.
         hidden: sizes of the hidden layers.
-        activation: activation class between layers.
+        activation: activation class (or factory) between layers.
         out_gain: gain of the last layer's orthogonal init (``None`` keeps PyTorch's default).
     """
     layers: list[nn.Module] = []
@@ -282,7 +284,9 @@ def mlp(in_dim: int, out_dim: int, hidden: Sequence[int] = (64, 64),
     return nn.Sequential(*layers)
 
 
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU}
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "step": Step,
+    "step_ste": functools.partial(Step, straight_through=True)}
 
 
 class MLPPolicy(RLModule):
@@ -292,7 +296,9 @@ class MLPPolicy(RLModule):
         obs_dim: flattened observation size (filled in from the env by recipes).
         act_dim: number of actions (discrete) or action size (continuous).
         hidden: hidden layer sizes; ``[]`` gives a linear policy.
-        activation: ``"tanh"``, ``"relu"``, ``"gelu"`` or ``"elu"``.
+        activation: ``"tanh"``, ``"relu"``, ``"gelu"``, ``"elu"``, ``"step"`` (the hard threshold
+            :class:`unitrain.nn.Step`, no gradient) or ``"step_ste"`` (the same with
+            straight-through gradients).
         out_scale: gain of the output layer's init (small values start near-uniform/zero actions).
         obs_shape: observation shape; multi-dimensional observations are flattened.
         action_std: continuous actions: ``"param"`` (a learned state-independent log std) or

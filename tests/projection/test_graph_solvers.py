@@ -126,9 +126,9 @@ def test_forward_out_of_registration_order_is_rejected() -> None:
 def test_stages_fuse_relu_into_linear() -> None:
     graph = ProjectionGraph(_architectures()[2])
     assert [type(s).__name__ for s in graph.stages] == [
-        "ReLUStage",
+        "ActivationStage",
         "LinearStage",
-        "ReLUStage",
+        "ActivationStage",
         "LinearStage",
     ]
     hidden, last = graph.stages[1], graph.stages[3]
@@ -390,9 +390,11 @@ def test_warm_started_inner_solves_follow_the_exact_iteration() -> None:
     output = CrossEntropyOutput(5.0)
     exact = douglas_rachford(graph, state, x, labels, output, iterations=30)
     warm = douglas_rachford(graph, state, x, labels, output, iterations=30, warm_start=True)
-    # The first iteration solves to rounding in both modes; the later ones stay within 1%.
-    assert torch.equal(exact.violation[0], warm.violation[0])
-    assert torch.allclose(warm.violation, exact.violation, rtol=1e-2)
+    # The first iteration starts the inner solves cold (multipliers 0, the logits) and stays
+    # within a few percent; the later ones within 1%.
+    assert torch.allclose(warm.violation[0], exact.violation[0], rtol=3e-2)
+    assert not torch.equal(warm.violation[0], exact.violation[0])
+    assert torch.allclose(warm.violation[1:], exact.violation[1:], rtol=1e-2)
     ours = graph.consensus_parameters(warm.state)
     for key, value in graph.consensus_parameters(exact.state).items():
         assert torch.allclose(ours[key], value, atol=5e-3), key

@@ -19,8 +19,10 @@ from unitrain.projection import (
     project_dot,
     project_equal,
     project_margin,
+    project_mean,
     project_one_vs_rest,
     project_relu,
+    project_step,
     project_sum,
     prox_cross_entropy,
     prox_squared_error,
@@ -461,3 +463,88 @@ def test_one_vs_rest_matches_coordinate_search() -> None:
         expected = torch.where(is_label[:, j], best_hi, best_lo)
         assert torch.allclose(ours[:, j], expected, atol=1e-3)
     assert torch.all(ours[is_label] >= 1.0) and torch.all(ours[~is_label] <= 0.0)
+
+
+# ----------------------------------------------------------------------------- mean (average pool)
+
+
+@pytest.mark.parametrize("n", [1, 4, 9])
+def test_mean_is_the_hyperplane_projection(n: int) -> None:
+    """Against the projection onto ``{<c, v> = 0}``, ``c = (1/n, ..., 1/n, -1)``, by least squares."""
+    g = _gen(60 + n)
+    count = 400
+    x = torch.randn(count, n, dtype=DT, generator=g) * 3
+    z = torch.randn(count, dtype=DT, generator=g) * 3
+    x2, y = project_mean(x, z)
+    assert torch.allclose(y, x2.mean(-1), atol=1e-12)
+    c = torch.cat([torch.full((n,), 1.0 / n, dtype=DT), torch.tensor([-1.0], dtype=DT)])
+    v = torch.cat([x, z.unsqueeze(-1)], -1)
+    # min |v' - v| s.t. <c, v'> = 0, solved as a least-squares problem on the null space of c.
+    basis = torch.linalg.svd(c.unsqueeze(0)).Vh[1:]  # (n, n + 1), orthonormal, <c, row> = 0
+    coef = torch.linalg.lstsq(basis.T.expand(count, -1, -1), v.unsqueeze(-1)).solution
+    expected = (basis.T @ coef).squeeze(-1)
+    assert torch.allclose(torch.cat([x2, y.unsqueeze(-1)], -1), expected, atol=1e-10)
+    # On the graph, the projection changes nothing.
+    x3, y3 = project_mean(x2, y)
+    assert torch.allclose(x3, x2, atol=1e-12) and torch.allclose(y3, y, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- hard threshold
+
+
+def _step_brute(x: Tensor, z: Tensor) -> Tensor:
+    """Smallest squared distance to the closed graph of ``y = step(sum x')`` by grid search.
+
+    For a fixed sum ``s'`` the nearest terms move equally (``|x' - x|^2 = (s' - s)^2 / n``), so
+    each piece is a 1-D search over ``s'``: ``s' <= 0`` with ``y = 0``, ``s' >= 0`` with ``y = 1``.
+    """
+    n = x.shape[-1]
+    s = x.sum(-1)
+    count = x.shape[0]
+    bound = float(s.abs().max() + 1.0)
+
+    def piece(y: float):
+        # The refinement may step past the piece's end; clamping keeps it on the piece.
+        def f(sp: Tensor) -> Tensor:
+            sp = sp.clamp_max(0.0) if y == 0.0 else sp.clamp_min(0.0)
+            return (sp - s.unsqueeze(-1)) ** 2 / n + (y - z.unsqueeze(-1)) ** 2
+        return f
+
+    off = _grid_min_1d(piece(0.0), -bound, 0.0, 4001, count)
+    on = _grid_min_1d(piece(1.0), 0.0, bound, 4001, count)
+    return torch.minimum(off, on)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_step_matches_exhaustive_search(n: int) -> None:
+    g = _gen(70 + n)
+    count = 500
+    x = torch.randn(count, n, dtype=DT, generator=g) * 2
+    z = torch.randn(count, dtype=DT, generator=g) + 0.5
+    x2, y = project_step(x, z)
+    s2 = x2.sum(-1)
+    # On the closed graph: y is 0 or 1, with the matching sign of the pre-activation.
+    assert torch.all((y == 0) | (y == 1))
+    assert torch.all(s2[y == 1] >= -1e-12) and torch.all(s2[y == 0] <= 1e-12)
+    ours = ((x2 - x) ** 2).sum(-1) + (y - z) ** 2
+    brute = _step_brute(x, z)
+    assert torch.all(ours <= brute + 1e-10)
+    assert torch.allclose(ours, brute, atol=1e-9, rtol=1e-9)
+    # No random point of the graph is closer.
+    for _ in range(20):
+        cand = x + torch.randn(count, n, dtype=DT, generator=g)
+        cy = (cand.sum(-1) > 0).to(DT)
+        assert torch.all(ours <= ((cand - x) ** 2).sum(-1) + (cy - z) ** 2 + 1e-12)
+
+
+def test_step_worked_cases_and_fixed_points() -> None:
+    x = torch.tensor([[2.0], [-2.0], [0.3], [-0.3]], dtype=DT)
+    z = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=DT)
+    x2, y = project_step(x, z)
+    # (2, 0): off costs 4, on costs 1 -> y = 1, x kept; (-2, 1): off costs 1 -> y = 0, x kept.
+    # (0.3, 0): off costs 0.09 < on's 1 -> x drops to 0; (-0.3, 1): on costs 0.09 -> x rises to 0.
+    assert torch.equal(y, torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=DT))
+    assert torch.allclose(x2.squeeze(-1), torch.tensor([2.0, -2.0, 0.0, 0.0], dtype=DT))
+    on_graph = torch.randn(100, 3, dtype=DT)
+    x3, y3 = project_step(on_graph, (on_graph.sum(-1) > 0).to(DT))
+    assert torch.equal(x3, on_graph) and torch.equal(y3, (on_graph.sum(-1) > 0).to(DT))

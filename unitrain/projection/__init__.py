@@ -2,21 +2,24 @@
 
 Implements the numerical core of Bergmeister et al., "A projection-based framework for
 gradient-free and parallel learning" (arXiv:2506.05878): closed-form projections onto the graphs
-of elementary operations (:mod:`.operators`), the split of a ReLU network into per-operation
+of elementary operations (:mod:`.operators`), the split of a network into per-operation
 constraints and copy consistency (:mod:`.graph`), and the Douglas-Rachford and
 alternating-projection solvers over that split (:mod:`.solvers`).
 """
 
 from unitrain.projection.graph import (
     SUPPORTED_LAYERS,
+    ActivationStage,
+    ConvStage,
     CrossEntropyOutput,
     LinearStage,
     MarginOutput,
     OneVsRestOutput,
     OutputConstraint,
+    PoolStage,
     ProjectionGraph,
     ReduceMean,
-    ReLUStage,
+    ReshapeStage,
     SquaredErrorOutput,
     State,
 )
@@ -25,8 +28,10 @@ from unitrain.projection.operators import (
     project_dot_multiplier,
     project_equal,
     project_margin,
+    project_mean,
     project_one_vs_rest,
     project_relu,
+    project_step,
     project_sum,
     prox_cross_entropy,
     prox_squared_error,
@@ -42,15 +47,18 @@ from unitrain.projection.solvers import (
 
 __all__ = [
     "SUPPORTED_LAYERS",
+    "ActivationStage",
+    "ConvStage",
     "CrossEntropyOutput",
     "LinearStage",
     "MarginOutput",
     "Method",
     "OneVsRestOutput",
     "OutputConstraint",
+    "PoolStage",
     "ProjectionGraph",
-    "ReLUStage",
     "ReduceMean",
+    "ReshapeStage",
     "SolveResult",
     "SquaredErrorOutput",
     "State",
@@ -61,8 +69,10 @@ __all__ = [
     "project_dot_multiplier",
     "project_equal",
     "project_margin",
+    "project_mean",
     "project_one_vs_rest",
     "project_relu",
+    "project_step",
     "project_sum",
     "prox_cross_entropy",
     "prox_squared_error",

@@ -24,8 +24,10 @@ __all__ = [
     "project_dot_multiplier",
     "project_equal",
     "project_margin",
+    "project_mean",
     "project_one_vs_rest",
     "project_relu",
+    "project_step",
     "project_sum",
     "prox_cross_entropy",
     "prox_squared_error",
@@ -241,6 +243,59 @@ def project_relu(x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     x_inactive = x - (excess / n).unsqueeze(-1)
     x_new = torch.where(active.unsqueeze(-1), x_active, x_inactive)
     return x_new, x_new.sum(-1).clamp_min(0.0)
+
+
+def project_mean(x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """Project ``(x, z)`` onto the graph ``{(x', y) : y = mean_i x'_i}`` (average pooling).
+
+    The constraint is a hyperplane with normal ``(1/n, ..., 1/n, -1)``: with the residual
+    ``r = mean(x) - z``, every term moves by ``-t/n`` and the output by ``+t``, where
+    ``t = r / (1 + 1/n)``.
+
+    Args:
+        x: the terms, shape ``(..., n)``.
+        z: the output's current value, shape ``(...)``.
+
+    Returns:
+        ``(x', y)`` with ``y = mean(x')``.
+    """
+    n = x.shape[-1]
+    t = (x.mean(-1) - z.to(x.dtype)) * (n / (n + 1.0))
+    x_new = x - (t / n).unsqueeze(-1)
+    return x_new, x_new.mean(-1)
+
+
+def project_step(x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """Project ``(x, z)`` onto the closed graph of a hard threshold ``y = step(sum_i x'_i)``.
+
+    ``step(s)`` is 1 for ``s > 0`` and 0 otherwise (:class:`unitrain.nn.Step`); the terms carry
+    the bias folded in, as in :func:`project_relu`. The graph's closure is the union of two
+    convex pieces, and the projection is the closer of the projections onto each, with
+    ``s = sum x``:
+
+    * off ``{sum x' <= 0, y = 0}``: if ``s > 0`` every term drops by ``s / n``; squared distance
+      ``z^2 + max(s, 0)^2 / n``;
+    * on ``{sum x' >= 0, y = 1}``: if ``s < 0`` every term rises by ``-s / n``; squared distance
+      ``(z - 1)^2 + max(-s, 0)^2 / n``.
+
+    On the boundary ``sum x' = 0`` both outputs belong to the closure; the result is on the
+    graph itself everywhere else. Ties go to the off piece.
+
+    Args:
+        x: the terms of the pre-activation, shape ``(..., n)``.
+        z: the output's current value, shape ``(...)``.
+
+    Returns:
+        ``(x', y)`` with ``y`` in ``{0, 1}`` and ``(sum x', y)`` on the closed graph.
+    """
+    n = x.shape[-1]
+    z = z.to(x.dtype)
+    s = x.sum(-1)
+    excess = s.clamp_min(0.0)
+    deficit = (-s).clamp_min(0.0)
+    on = (z - 1.0) ** 2 + deficit * deficit / n < z * z + excess * excess / n
+    shift = torch.where(on, deficit, -excess) / n
+    return x + shift.unsqueeze(-1), on.to(x.dtype)
 
 
 def project_equal(x: Tensor, dim: int = -1, weight: Tensor | None = None) -> Tensor:

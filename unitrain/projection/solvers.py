@@ -118,14 +118,14 @@ def _iterate(
     warm_start: bool,
     compile: bool,
 ) -> SolveResult:
-    """Run ``step`` ``iterations`` times; the first solves the inner problems to rounding.
+    """Run ``step`` ``iterations`` times.
 
     A compiled step is used for one batch size per graph, the first it is compiled for: a smaller
     last batch runs the same iteration uncompiled instead of paying a second compilation.
     """
     _check_iterations(iterations)
     pb_z = graph.project_consistency(z, inputs, reduce_mean)
-    warm: State | None = {} if (warm_start or compile) else None
+    warm: State | None = graph.inner_start(z) if (warm_start or compile) else None
     fast = step
     if compile and reduce_mean is None:
         batch = int(inputs.shape[0])
@@ -136,9 +136,8 @@ def _iterate(
                 _COMPILED[step] = torch.compile(step, dynamic=False)
             fast = _COMPILED[step]
     violation: list[Tensor] = []
-    for k in range(iterations):
-        z, pb_z, v = (step if k == 0 else fast)(
-            graph, z, pb_z, inputs, targets, output, reduce_mean, warm)
+    for _ in range(iterations):
+        z, pb_z, v = fast(graph, z, pb_z, inputs, targets, output, reduce_mean, warm)
         violation.append(v)
     return SolveResult(state=pb_z, violation=torch.stack(violation))
 
@@ -173,8 +172,9 @@ def douglas_rachford(
         warm_start: solve the inner scalar problems of set A (the dot products' multipliers,
             the cross-entropy's proximal step) with a fixed number of Newton steps started from
             the previous iteration's solutions (see :meth:`ProjectionGraph.project_ops`)
-            instead of to rounding from scratch; the first iteration solves them to rounding.
-        compile: run every iteration after the first as one ``torch.compile``-d program
+            instead of to rounding from scratch; the first iteration starts them from
+            :meth:`ProjectionGraph.inner_start`.
+        compile: run every iteration as one ``torch.compile``-d program
             (implies ``warm_start``; single-process only: with ``reduce_mean`` the iterations
             run uncompiled). The first batch compiles, about half a minute on a CPU and cached
             on disk for later processes; a batch of another size runs uncompiled.
