@@ -63,6 +63,7 @@ import unitrain as ut
 from dump import Dump
 from policies import TinyPolicy
 from unitrain.data import DataSpec, load_data
+from unitrain.models import ConvNet
 
 if __name__ == "__main__":
     train, test, info = load_data(DataSpec(name="digits", batch_size=100))
@@ -70,19 +71,26 @@ if __name__ == "__main__":
                          seed=4, num_threads=1, run_dir="run", callbacks=[Dump()],
                          enable_progress_bar=False,
                          optimizer=ut.optim.Projection(iterations=5))
-    trainer.fit(TinyPolicy(info.obs_dim, info.act_dim, hidden=8, activation="relu"),
-                train_dataloaders=train, val_dataloaders=test)
+    if sys.argv[2] == "mlp":
+        module = TinyPolicy(info.obs_dim, info.act_dim, hidden=8, activation="relu")
+    else:  # convolution, average pooling, reshapes and hard thresholds
+        module = ConvNet(info.obs_dim, info.act_dim, channels=(2, 3), hidden=(6,),
+                         activation="step")
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=test)
 '''
 
 
-def test_two_processes_keep_identical_parameters(tmp_path: Path):
-    r0, r1 = run_ranks(tmp_path, SCRIPT, "2")
+@pytest.mark.parametrize("net", ["mlp", "cnn_step"])
+def test_two_processes_keep_identical_parameters(tmp_path: Path, net: str):
+    r0, r1 = run_ranks(tmp_path, SCRIPT, "2", net)
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["iterations"] == r1["iterations"] == 3
     for key, value in r0["params"].items():
         assert torch.equal(value, r1["params"][key]), key
         assert torch.equal(r0["init"][key], r1["init"][key]), key
     assert any(not torch.equal(r0["init"][k], v) for k, v in r0["params"].items())
+    if net == "cnn_step":
+        assert any("net.1.weight" in k for k in r0["params"])
 
 
 def _services(module: ut.RLModule, spec: ut.EnvSpec) -> RunServices:
