@@ -41,6 +41,16 @@ def test_recipe_with_data_block_runs(tmp_path: Path):
     assert "test accuracy" in proc.stdout
 
 
+@pytest.mark.parametrize("recipe", ["digits/projection_cnn", "digits/projection_step"])
+def test_cnn_and_threshold_recipes_learn(tmp_path: Path, recipe: str):
+    proc = run_cli("fit", recipe, "trainer.max_epochs=1", "optimizer.iterations=10",
+                   "optimizer.compile=false", "data.batch_size=512", f"run_dir={tmp_path / 'run'}",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test/accuracy"] >= 0.5, summary  # ten classes: chance is 0.1
+
+
 def test_unsupported_layer_is_reported_by_the_rule(tmp_path: Path):
     train, test, info = load_data(DataSpec(name="digits", batch_size=256))
     trainer = ut.Trainer(env=None, optimizer=Projection(**FAST), max_epochs=1, seed=0,

@@ -11,6 +11,7 @@ between the ``test/accuracy`` events (training, evaluation and logging included)
 
     python tools/bench_projection.py
     python tools/bench_projection.py --modes false true --repeats 2
+    python tools/bench_projection.py --recipe digits/projection_cnn --modes true
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
-def run(compile_: str, root: Path, index: int) -> tuple[list[float], list[float], float]:
+def run(compile_: str, root: Path, index: int, recipe: str = "digits/projection",
+        ) -> tuple[list[float], list[float], float]:
     """One fit; returns its epoch durations, accuracies and total wall seconds."""
     run_dir = root / f"run-{compile_}-{index}"
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(root / f"cache-{compile_}-{index}"))
     start = time.time()
-    subprocess.run([sys.executable, "-m", "unitrain", "fit", "digits/projection",
+    subprocess.run([sys.executable, "-m", "unitrain", "fit", recipe,
                     f"optimizer.compile={compile_}", "trainer.num_threads=1",
                     f"run_dir={run_dir}"],
                    check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -50,12 +52,14 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["false", "true"],
                         choices=["false", "true"], help="values of optimizer.compile")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--recipe", default="digits/projection",
+                        help="a projection recipe (e.g. digits/projection_cnn)")
     args = parser.parse_args()
     later: dict[str, list[float]] = {m: [] for m in args.modes}
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(args.repeats):
             for mode in args.modes:
-                epochs, accuracy, wall = run(mode, Path(tmp), index)
+                epochs, accuracy, wall = run(mode, Path(tmp), index, args.recipe)
                 later[mode] += epochs[1:]
                 print(f"compile={mode:<5} first epoch {epochs[0]:6.2f} s, later epochs "
                       + ", ".join(f"{e:.2f}" for e in epochs[1:]) + " s; test accuracy "

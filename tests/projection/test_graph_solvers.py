@@ -413,6 +413,13 @@ def test_compiled_iterations_equal_the_uncompiled_ones() -> None:
     assert graph.compiled_batch == 24
     assert torch.allclose(compiled.violation, plain.violation, rtol=1e-4, atol=1e-6)
     assert _states_close(compiled.state, plain.state, 1e-4)
-    small = douglas_rachford(graph, graph.init_state(x[:10]), x[:10], labels[:10], output,
-                             iterations=12, compile=True)
+    # A smaller batch runs padded to the compiled size, with the same iterates as unpadded.
+    small_state = graph.init_state(x[:10])
+    small = douglas_rachford(graph, small_state, x[:10], labels[:10], output, iterations=12,
+                             compile=True)
+    small_plain = douglas_rachford(graph, small_state, x[:10], labels[:10], output,
+                                   iterations=12, warm_start=True)
     assert graph.compiled_batch == 24 and small.violation.shape == (12,)
+    assert torch.allclose(small.violation, small_plain.violation, rtol=1e-4, atol=1e-6)
+    assert small.state["out"].shape[0] == 10
+    assert _states_close(small.state, small_plain.state, 1e-4)

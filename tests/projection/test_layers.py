@@ -274,3 +274,13 @@ def test_douglas_rachford_trains_a_hard_threshold_network() -> None:
     for _ in range(4):
         fit_batch(graph, x, labels, CrossEntropyOutput(5.0), iterations=30)
     assert accuracy() >= max(0.8, start + 0.2), (start, accuracy())
+
+
+def test_step_module_passes_no_gradient_unless_straight_through() -> None:
+    x = torch.tensor([-1.0, 0.0, 0.5, 2.0], requires_grad=True)
+    out = Step()(x)
+    assert torch.equal(out, torch.tensor([0.0, 0.0, 1.0, 1.0])) and not out.requires_grad
+    ste = Step(straight_through=True)(x)
+    assert torch.equal(ste, out)
+    ste.sum().backward()
+    assert torch.equal(x.grad, torch.ones(4))

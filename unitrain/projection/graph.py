@@ -702,11 +702,17 @@ class ProjectionGraph:
         return new
 
     # ------------------------------------------------------------------ set B
-    def _param_means(self, state: State, reduce_mean: ReduceMean) -> dict[str, Tensor]:
+    def _param_means(self, state: State, reduce_mean: ReduceMean,
+                     weights: Tensor | None = None) -> dict[str, Tensor]:
         params = self._params()
-        batch = state[params[0][0]].shape[0]
-        sums = [stage.param_mean(state[key].sum(0)) for key, _, _, stage in params]
-        count = torch.tensor([float(batch)], dtype=sums[0].dtype, device=sums[0].device)
+        first = state[params[0][0]]
+        if weights is None:
+            sums = [stage.param_mean(state[key].sum(0)) for key, _, _, stage in params]
+            count = torch.tensor([float(first.shape[0])], dtype=first.dtype, device=first.device)
+        else:
+            sums = [stage.param_mean(torch.tensordot(weights, state[key], 1))
+                    for key, _, _, stage in params]
+            count = weights.sum().reshape(1)
         # One reduction carries every parameter's per-rank sum and the rank's sample count, so
         # the mean over ranks of both gives the batch-size-weighted mean over all copies.
         flat = reduce_mean(torch.cat([s.reshape(-1) for s in sums] + [count]))
@@ -719,7 +725,8 @@ class ProjectionGraph:
         return out
 
     def project_consistency(
-        self, state: State, inputs: Tensor, reduce_mean: ReduceMean | None = None
+        self, state: State, inputs: Tensor, reduce_mean: ReduceMean | None = None,
+        weights: Tensor | None = None,
     ) -> State:
         """Project onto agreement of all copies (set B): every value becomes its copies' mean.
 
@@ -732,6 +739,8 @@ class ProjectionGraph:
             inputs: the batch, fixed.
             reduce_mean: elementwise mean of a tensor over all processes; identity (the
                 default) for a single process.
+            weights: per-sample weights ``(B,)`` of the parameter copies (default: all 1). A
+                sample of weight 0 is padding: it does not move the parameters.
 
         Returns:
             A new, consistent state. Copies of one value share memory (a parameter's copies
@@ -761,7 +770,7 @@ class ProjectionGraph:
         final = 0.5 * (state[prev_key].reshape(state["out"].shape) + state["out"])
         new[prev_key] = final.reshape(state[prev_key].shape)
         new["out"] = final
-        means = self._param_means(state, reduce)
+        means = self._param_means(state, reduce, weights)
         for key, _, _, stage in self._params():
             new[key] = stage.param_expand(means[key], state[key].shape)
         return new

@@ -16,7 +16,7 @@ exactly at a point of both sets (and at a fixed point of Douglas-Rachford, also 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,9 +60,18 @@ def _check_iterations(iterations: int) -> None:
 
 Step = Callable[
     [ProjectionGraph, State, State, Tensor, Tensor, OutputConstraint, "ReduceMean | None",
-     "State | None"],
+     "State | None", "Tensor | None"],
     tuple[State, State, Tensor],
 ]
+
+
+def _violation(x: State, pb_x: State, weights: Tensor | None) -> Tensor:
+    """``dist(x, P_B(x)) / sqrt(batch)``, counting only samples of positive weight."""
+    if weights is None:
+        total = sum(((x[k] - pb_x[k]) ** 2).sum() for k in x)
+        return torch.as_tensor(total).sqrt() / math.sqrt(x["out"].shape[0])
+    per_sample = sum(((x[k] - pb_x[k]) ** 2).reshape(len(weights), -1).sum(1) for k in x)
+    return (torch.as_tensor(per_sample) * (weights > 0)).sum().sqrt() / (weights > 0).sum().sqrt()
 
 
 def _dr_step(
@@ -74,17 +83,15 @@ def _dr_step(
     output: OutputConstraint,
     reduce_mean: ReduceMean | None,
     warm: State | None,
+    weights: Tensor | None,
 ) -> tuple[State, State, Tensor]:
     """One Douglas-Rachford iteration: the new ``z``, ``P_B(x)`` and the violation of ``x``."""
     x = graph.project_ops(z, output, targets, warm)
-    pb_x = graph.project_consistency(x, inputs, reduce_mean)
+    pb_x = graph.project_consistency(x, inputs, reduce_mean, weights)
     # z <- z + P_B(2x - z) - x = z - (x - P_B(x)) + P_B(x) - P_B(z), as P_B(2x - z) =
     # 2 P_B(x) - P_B(z); the residual x - P_B(x) also gives the violation.
-    residual = {key: x[key] - pb_x[key] for key in z}
-    z = {key: z[key] - residual[key] + pb_x[key] - pb_z[key] for key in z}
-    total = sum((r * r).sum() for r in residual.values())
-    violation = torch.as_tensor(total).sqrt() / math.sqrt(x["out"].shape[0])
-    return z, pb_x, violation
+    z = {key: z[key] - x[key] + 2.0 * pb_x[key] - pb_z[key] for key in z}
+    return z, pb_x, _violation(x, pb_x, weights)
 
 
 def _ap_step(
@@ -96,11 +103,12 @@ def _ap_step(
     output: OutputConstraint,
     reduce_mean: ReduceMean | None,
     warm: State | None,
+    weights: Tensor | None,
 ) -> tuple[State, State, Tensor]:
     """One alternating projection ``z <- P_B(P_A(z))``: the new ``z`` (twice) and violation."""
     x = graph.project_ops(z, output, targets, warm)
-    z = graph.project_consistency(x, inputs, reduce_mean)
-    return z, z, ProjectionGraph.distance(x, z)
+    z = graph.project_consistency(x, inputs, reduce_mean, weights)
+    return z, z, _violation(x, z, weights)
 
 
 _COMPILED: dict[Step, Step] = {}
@@ -120,25 +128,44 @@ def _iterate(
 ) -> SolveResult:
     """Run ``step`` ``iterations`` times.
 
-    A compiled step is used for one batch size per graph, the first it is compiled for: a smaller
-    last batch runs the same iteration uncompiled instead of paying a second compilation.
+    A compiled step is used for one batch size per graph, the first it is compiled for. A
+    smaller batch (the last of an epoch) is padded to that size with repeats of its own samples
+    at weight 0, which leave the parameters and the violation unchanged, and runs compiled too;
+    a larger one runs uncompiled.
     """
     _check_iterations(iterations)
-    pb_z = graph.project_consistency(z, inputs, reduce_mean)
-    warm: State | None = graph.inner_start(z) if (warm_start or compile) else None
     fast = step
+    batch = int(inputs.shape[0])
+    weights: Tensor | None = None
     if compile and reduce_mean is None:
-        batch = int(inputs.shape[0])
         if graph.compiled_batch is None:
             graph.compiled_batch = batch
-        if graph.compiled_batch == batch:
+        if graph.compiled_batch >= batch:
             if step not in _COMPILED:
                 _COMPILED[step] = torch.compile(step, dynamic=False)
             fast = _COMPILED[step]
+            weights = torch.zeros(graph.compiled_batch, dtype=z["out"].dtype,
+                                  device=z["out"].device)
+            weights[:batch] = 1.0
+            if graph.compiled_batch > batch:
+                rows = torch.arange(graph.compiled_batch, device=inputs.device) % batch
+                z = {key: value[rows] for key, value in z.items()}
+                inputs, targets = inputs[rows], targets[rows]
+    pb_z = graph.project_consistency(z, inputs, reduce_mean, weights)
+    warm: State | None = graph.inner_start(z) if (warm_start or compile) else None
     violation: list[Tensor] = []
-    for _ in range(iterations):
-        z, pb_z, v = fast(graph, z, pb_z, inputs, targets, output, reduce_mean, warm)
-        violation.append(v)
+    with ExitStack() as stack:
+        for k in range(iterations):
+            if k == 2 and fast is not step:
+                # Later calls of this solve pass the same graph, constraint, shapes and strides
+                # as the second (the first starts from eager tensors of other strides), whose
+                # guards have just been checked; skip re-checking them.
+                stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
+            z, pb_z, v = fast(graph, z, pb_z, inputs, targets, output, reduce_mean, warm,
+                              weights)
+            violation.append(v)
+    if pb_z["out"].shape[0] != batch:
+        pb_z = {key: value[:batch] for key, value in pb_z.items()}
     return SolveResult(state=pb_z, violation=torch.stack(violation))
 
 
@@ -177,7 +204,8 @@ def douglas_rachford(
         compile: run every iteration as one ``torch.compile``-d program
             (implies ``warm_start``; single-process only: with ``reduce_mean`` the iterations
             run uncompiled). The first batch compiles, about half a minute on a CPU and cached
-            on disk for later processes; a batch of another size runs uncompiled.
+            on disk for later processes; a smaller batch is padded to its size (with weight-0
+            repeats of its samples) and a larger one runs uncompiled.
 
     Returns:
         The consistent state of the last shadow and the violation per iteration.
