@@ -182,7 +182,12 @@ def _rule_action(name: str, rule: Any, module: ut.RLModule, obs: torch.Tensor) -
         return rule.pop.policy(params, obs[None])[0]
     if name == "elite_imitation":
         with torch.no_grad():
-            return module(obs).argmax(-1)
+            out = module(obs)
+        if module.actions.discrete:
+            return out.argmax(-1)
+        # The squashed pre-squash mean: low + (tanh(u) + 1) / 2 · (high − low).
+        low, high = module.actions.low, module.actions.high
+        return low + (torch.tanh(out) + 1) / 2 * (high - low)
     raise AssertionError(f"{name}: tell this suite how the rule computes its deterministic action")
 
 

@@ -28,6 +28,9 @@ CHAINS = {
                                    elite_episodes=1, sigma=0.05, init="module",
                                    max_episode_steps=20)),
         ("es", lambda: ut.optim.ES(population=6, sigma=0.05, max_episode_steps=20)),
+        ("elite_imitation", lambda: ut.optim.EliteImitation(
+            fit=ut.optim.Projection(iterations=5, output="squared_error"), episodes=2,
+            updates=1, batch_size=64)),
     ]),
     "discrete": (ut.EnvSpec("CartPole-v1", num_envs=2), [
         ("ppo", lambda: ut.optim.PPO(frames_per_batch=64, minibatch_size=32, epochs=2)),

@@ -2,12 +2,26 @@
 
 Reinforcement learning with the projection-based training of Bergmeister et al., "A
 projection-based framework for gradient-free and parallel learning" (arXiv:2506.05878). Each
-iteration runs ``episodes`` whole episodes with exploring actions of the current policy (drawn
-from the softmax of its logits or, in a share of the env slots, its argmax, plus a share of
-uniformly random actions), keeps the ``(observation, action)`` pairs of those with the highest
-returns (the elites), and fits the policy's logits to those actions with the composed
-:class:`~unitrain.optim.projection.Projection` rule (``fit``), as the cross-entropy method does
-with a parametric policy (Rubinstein 1999; Szita & Lőrincz 2006).
+iteration runs ``episodes`` whole episodes with exploring actions of the current policy, keeps the
+``(observation, action)`` pairs of those with the highest returns (the elites), and fits the
+policy to those actions with the composed :class:`~unitrain.optim.projection.Projection` rule
+(``fit``), as the cross-entropy method does with a parametric policy (Rubinstein 1999; Szita &
+Lőrincz 2006).
+
+Both action spaces of the action contract (:mod:`unitrain.action`) are supported:
+
+- **discrete**: actions are drawn from the softmax of the logits or, in a share of the env slots,
+  are their argmax, plus a share of uniformly random actions; the logits are fitted to the elite
+  actions as class labels (any ``fit.output``; cross-entropy by default).
+- **continuous** (1-D ``Box``): actions are the module's pre-squash mean ``u`` plus Gaussian noise
+  ``noise_std · ξ`` (or ``u`` itself in a share of the env slots), squashed into the bounds as the
+  contract does, plus a share of uniformly random actions within the bounds. Each step records
+  the pre-squash value that produced its action (for a random action, the inverse of the squash,
+  ``atanh`` of the action in ``[-1, 1]`` clipped to ``±(1 − 1e-6)``), and the mean outputs are
+  fitted to the elites' values with the squared-error output constraint (``fit.output:
+  squared_error``, a proximal step of ``lam``/2 · ‖u − target‖²). The exploration noise is the
+  rule's own, so the module must have ``action_std: param`` (its ``aux.log_std`` is neither used
+  nor trained here).
 
 Episodes are played by :func:`unitrain.rollout.rollout`: env slot ``i`` plays a fixed share of the
 iteration's episodes (``episodes // n``, one more for the first ``episodes % n`` slots), so the
@@ -19,11 +33,12 @@ is averaged across ranks (see :mod:`unitrain.optim.projection`), so parameters s
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from unitrain.errors import ConfigError, UserError, check
 from unitrain.optim.base import UpdateRule, register_rule
@@ -38,31 +53,65 @@ if TYPE_CHECKING:
 __all__ = ["EliteImitation"]
 
 
+# Continuous random actions are drawn in [-1, 1] and clipped this far inside before the atanh
+# that gives their pre-squash targets (atanh(1 - 1e-6) ≈ 7.25).
+_UNIT_CLIP = 1.0 - 1e-6
+
+
+class _WithoutAux(nn.Module):
+    """The policy of a module without its ``aux`` networks, for the projection fit.
+
+    A continuous module started from another rule's checkpoint holds that rule's ``aux.log_std``,
+    which this rule neither uses nor fits; the fit sees the module's other children (shared, so
+    fitting them fits the module) and the module's own forward pass.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        for name, child in module.named_children():
+            if name != "aux":
+                self.add_module(name, child)
+        self.__dict__["policy"] = module  # not registered: its aux stays outside the fit
+
+    def forward(self, observation: Tensor) -> Tensor:
+        return self.policy(observation)
+
+
 @register_rule("elite_imitation")
 @dataclass
 class EliteImitation(UpdateRule):
-    """Fit the policy by projection to the actions of its best episodes (discrete actions).
+    """Fit the policy by projection to the actions of its best episodes.
 
     The defaults are the settings measured on CartPole (``docs/projection.md``): a calibrated,
     relaxed fit (cross-entropy with ``lam`` 1, 20 solver iterations on standardised inputs, 30%
     of the way to each consensus) of one batch per iteration, with a quarter of the env slots
-    acting greedily.
+    acting greedily. Continuous actions need ``fit.output: squared_error`` (the recipe
+    ``pendulum/elite_imitation`` gives the settings measured on Pendulum).
 
     Args:
         fit: the projection fit of the elite pairs (a :class:`Projection` block: solver,
-            iterations, output, lam, margin, step_size, standardize).
+            iterations, output, lam, margin, step_size, standardize). Discrete actions are
+            fitted as class labels; continuous ones as real pre-squash targets, which needs
+            ``output: squared_error``.
         episodes: episodes collected per iteration on each rank.
         elite_fraction: share of the iteration's episode count kept as elites, by return.
         keep_elites: rank the previous elites together with the new episodes, so the
             demonstrations never get worse.
-        explore: probability of a uniformly random action at each step while collecting.
-        sample: draw the other actions from the softmax of the logits (else take their argmax),
-            so exploration shrinks as the fitted logits grow confident.
-        greedy_share: share of the env slots that take the argmax action even when ``sample``
+        explore: probability of a uniformly random action at each step while collecting
+            (continuous actions: uniform within the bounds, which must be finite).
+        sample: draw the other actions from the policy (discrete: the softmax of the logits;
+            continuous: the pre-squash mean plus ``noise_std`` Gaussian noise), else act
+            deterministically (argmax, or the squashed mean); discrete exploration shrinks as
+            the fitted logits grow confident, continuous exploration stays at ``noise_std``.
+        greedy_share: share of the env slots that act deterministically even when ``sample``
             is on (``explore`` still applies). Their episodes show what the deterministic policy
             earns; once it earns the most, they become the elites, so the greedy policy is a
             fixed point of the fit instead of being pulled toward the sampled policy's weaker
             episodes.
+        noise_std: continuous actions: standard deviation of the Gaussian noise added to the
+            pre-squash mean ``u`` when sampling, in ``u``'s units (with bounds, the default 2,
+            measured on Pendulum, sends about half of the noisy actions of a centred mean beyond
+            90% of the way to a bound). Ignored for discrete actions.
         batch_size: elite pairs per fitted batch.
         updates: batches fitted per iteration.
         window: the elites of the last ``window`` iterations are fitted together (each
@@ -78,6 +127,7 @@ class EliteImitation(UpdateRule):
     explore: float = 0.05
     sample: bool = True
     greedy_share: float = 0.25
+    noise_std: float = 2.0
     batch_size: int = 512
     updates: int = 1
     window: int = 1
@@ -89,20 +139,41 @@ class EliteImitation(UpdateRule):
         check(0 <= self.explore <= 1, "explore", "a number in [0, 1]", self.explore)
         check(0 <= self.greedy_share <= 1, "greedy_share", "a number in [0, 1]",
               self.greedy_share)
+        check(math.isfinite(self.noise_std) and self.noise_std >= 0, "noise_std",
+              "a number >= 0", self.noise_std)
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         check(self.updates >= 1, "updates", "an integer >= 1", self.updates)
         check(self.window >= 1, "window", "an integer >= 1", self.window)
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
-        if not info.discrete:
-            raise ConfigError("env.id", f"{info.id} has continuous actions; elite_imitation "
-                                        "fits logits and needs discrete actions")
+        if info.discrete:
+            return
+        if self.fit.output != "squared_error":
+            raise ConfigError("optimizer.fit.output",
+                              f"got {self.fit.output!r}; {info.id} has continuous actions, which "
+                              "elite_imitation fits as real targets: expected squared_error")
+        bounded = (info.action_low is not None and info.action_high is not None
+                   and bool(torch.isfinite(info.action_low).all()
+                            & torch.isfinite(info.action_high).all()))
+        if self.explore > 0 and not bounded:
+            raise ConfigError("optimizer.explore",
+                              f"got {self.explore!r}; {info.id} has unbounded actions, so there "
+                              "is no uniformly random action: expected 0")
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         info = ctx.env_info
         if info is None:
             raise UserError("elite_imitation needs an env: give the Trainer env=...")
-        self.fit.attach(module)
+        head = module.actions
+        if not head.discrete and head.std != "param":
+            raise ConfigError("module.action_std",
+                              f"got {head.std!r}; elite_imitation fits only the pre-squash mean "
+                              "and explores with its own noise_std, so a state-dependent log std "
+                              "would stay untrained: expected 'param'")
+        net = getattr(module, "projection_net", None)
+        has_aux = isinstance(getattr(module, "aux", None), nn.Module)
+        self.fit.attach(module if isinstance(net, nn.Module) or not has_aux
+                        else _WithoutAux(module))
         self.module = module
         self._elites: list[dict[str, Any]] = []
         # The elite sets of the last ``window`` iterations, newest last.
@@ -119,8 +190,10 @@ class EliteImitation(UpdateRule):
         self._elites = pool[:keep]
         self._window = (self._window + [self._elites])[-self.window:]
         fitted = [e for elites in self._window for e in elites]
+        # Discrete: the actions are the class labels; continuous: their pre-squash targets.
+        key = "action" if self.module.actions.discrete else "target"
         obs = torch.cat([e["observation"] for e in fitted])
-        act = torch.cat([e["action"] for e in fitted])
+        act = torch.cat([e[key] for e in fitted])
         batches = []
         for _ in range(self.updates):
             idx = torch.randperm(len(obs), generator=ctx.generator)[: self.batch_size]
@@ -139,12 +212,14 @@ class EliteImitation(UpdateRule):
         """Run ``episodes`` whole episodes with exploring actions of the current policy.
 
         Returns:
-            The episodes (``observation``, ``action``, ``return`` and the env ``slot`` that ran
-            them) and the env steps taken.
+            The episodes (``observation``, ``action``, ``return``, the env ``slot`` that ran
+            them and, for continuous actions, the pre-squash ``target`` of each action) and the
+            env steps taken.
         """
         env = ctx.train_env()
         n = env.num_envs
-        act_dim = self.module.actions.act_dim
+        head = self.module.actions
+        act_dim = head.act_dim
         greedy = torch.arange(n) < round(self.greedy_share * n)
 
         def policy(obs: Tensor, slots: slice) -> Tensor:
@@ -159,22 +234,57 @@ class EliteImitation(UpdateRule):
             explore = torch.rand(k, generator=ctx.generator) < self.explore
             return torch.where(explore, random_action, action)
 
+        # Continuous: the pre-squash targets of the actions in flight, per slot group (keyed by
+        # its first slot), oldest first; every policy call's step is observed once, in order.
+        pending: dict[int, deque[Tensor]] = {sl.start: deque() for sl in env.parts}
+
+        def continuous_policy(obs: Tensor, slots: slice) -> Tensor:
+            k = obs.shape[0]
+            pre = head.loc(self.module(obs.to(ctx.device))).cpu()
+            if self.sample:
+                noise = torch.randn(k, act_dim, generator=ctx.generator, dtype=pre.dtype)
+                noisy = pre + self.noise_std * noise
+                pre = torch.where(greedy[slots].unsqueeze(-1), pre, noisy)
+            if head.bounded:
+                unit = torch.rand(k, act_dim, generator=ctx.generator, dtype=pre.dtype) * 2 - 1
+                random_pre = torch.atanh(unit.clamp(-_UNIT_CLIP, _UNIT_CLIP))
+                explore = torch.rand(k, generator=ctx.generator) < self.explore
+                pre = torch.where(explore.unsqueeze(-1), random_pre, pre)
+            pending[slots.start].append(pre)
+            return head.squash(pre)
+
         obs_buf: list[list[Tensor]] = [[] for _ in range(n)]
         act_buf: list[list[Tensor]] = [[] for _ in range(n)]
-        trajectories: list[tuple[int, Tensor, Tensor]] = []
+        tgt_buf: list[list[Tensor]] = [[] for _ in range(n)]
+        trajectories: list[tuple[int, Tensor, Tensor, Tensor | None]] = []
 
         def record(step: Step) -> None:
+            targets: dict[int, Tensor] = {}
+            if not head.discrete:
+                # A group that stepped has an active slot; one that sat the step out has none.
+                for sl in env.parts:
+                    if bool(step.active[sl].any()):
+                        pre = pending[sl.start].popleft()
+                        targets.update({i: pre[i - sl.start] for i in range(sl.start, sl.stop)})
             for i in step.active.nonzero().squeeze(-1).tolist():
                 obs_buf[i].append(step.observation[i].reshape(-1).clone())
                 act_buf[i].append(step.action[i])
+                if targets:
+                    tgt_buf[i].append(targets[i])
                 if step.ended[i]:
-                    trajectories.append((i, torch.stack(obs_buf[i]), torch.stack(act_buf[i])))
-                    obs_buf[i], act_buf[i] = [], []
+                    trajectories.append((i, torch.stack(obs_buf[i]), torch.stack(act_buf[i]),
+                                         torch.stack(tgt_buf[i]) if tgt_buf[i] else None))
+                    obs_buf[i], act_buf[i], tgt_buf[i] = [], [], []
 
         quota = [self.episodes // n + (i < self.episodes % n) for i in range(n)]
-        played = rollout(env, policy, quota=quota, observe=record)
-        episodes = [{"observation": o, "action": a, "return": float(r), "slot": slot}
-                    for (slot, o, a), r in zip(trajectories, played.returns.tolist(), strict=True)]
+        played = rollout(env, policy if head.discrete else continuous_policy, quota=quota,
+                         observe=record)
+        episodes = []
+        for (slot, o, a, t), r in zip(trajectories, played.returns.tolist(), strict=True):
+            episode = {"observation": o, "action": a, "return": float(r), "slot": slot}
+            if t is not None:
+                episode["target"] = t
+            episodes.append(episode)
         return episodes, played.steps
 
     # ------------------------------------------------------------------ state
