@@ -60,6 +60,15 @@ def test_unsupported_layer_is_reported_by_the_rule(tmp_path: Path):
         trainer.fit(module, train_dataloaders=train)
 
 
+def test_standardize_needs_a_linear_first_layer():
+    from unitrain.models import ConvNet
+
+    module = ConvNet(64, 10, channels=(2,))
+    with pytest.raises(ut.ConfigError, match="^standardize: .*first layer is nn.Linear"):
+        Projection(standardize=True).attach(module)
+    Projection(standardize=False).attach(module)
+
+
 def test_rule_fields_are_validated():
     with pytest.raises(ut.ConfigError, match="solver"):
         Projection(solver="newton")

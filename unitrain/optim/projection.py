@@ -1,4 +1,4 @@
-"""Projection-based updates: training a ReLU network as a feasibility problem, without gradients.
+"""Projection-based updates: training a network as a feasibility problem, without gradients.
 
 Bergmeister et al., "A projection-based framework for gradient-free and parallel learning"
 (arXiv:2506.05878). Every value of the network's compute graph on a batch gets its own copies;
@@ -35,6 +35,7 @@ from unitrain.projection import (
     OneVsRestOutput,
     OutputConstraint,
     ProjectionGraph,
+    ReshapeStage,
     SquaredErrorOutput,
     fit_batch,
 )
@@ -55,12 +56,14 @@ _CURVE_AT = (1, 2, 5, 10, 20, 50, 100, 200, 500)
 @register_rule("projection")
 @dataclass
 class Projection(UpdateRule):
-    """Projection-based training of a ``Linear``/``ReLU`` network on ``(input, target)`` batches.
+    """Projection-based training of a network on ``(input, target)`` batches.
 
     The trained network is ``module.projection_net`` if the module defines it, else the module
-    itself; either must apply ``nn.Linear`` and ``nn.ReLU`` layers (in ``nn.Sequential`` or plain
-    containers) in registration order to flat inputs. :class:`unitrain.MLPPolicy` with
-    ``activation="relu"`` qualifies.
+    itself; either must apply the layers of :data:`unitrain.projection.SUPPORTED_LAYERS`
+    (``nn.Linear``, ``nn.Conv2d``, ``nn.AvgPool2d``, ``nn.ReLU``, :class:`unitrain.nn.Step`,
+    reshapes; in ``nn.Sequential`` or plain containers) in registration order.
+    :class:`unitrain.MLPPolicy` with ``activation="relu"`` or ``"step"`` and
+    :class:`unitrain.models.ConvNet` qualify.
 
     Args:
         solver: ``"douglas_rachford"`` or ``"alternating_projections"``.
@@ -123,6 +126,11 @@ class Projection(UpdateRule):
         self.net: nn.Module = net if isinstance(net, nn.Module) else module
         # Unsupported layers are reported here, before any data is touched.
         self.graph = ProjectionGraph(self.net)
+        first = next(s for s in self.graph.stages if not isinstance(s, ReshapeStage))
+        if self.standardize and not isinstance(first, LinearStage):
+            raise ConfigError("standardize", "rescales the first layer's weights, which needs a "
+                                             "network whose first layer is nn.Linear; set it to "
+                                             "false for this network")
         self.constraint = self._output_constraint()
 
     def _output_constraint(self) -> OutputConstraint:
