@@ -69,6 +69,21 @@ def test_standardize_needs_a_linear_first_layer():
     Projection(standardize=False).attach(module)
 
 
+def test_a_network_starting_with_a_convolution_needs_unflatten():
+    from torch import nn
+
+    class Flat(ut.RLModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 10))
+
+        def forward(self, x):
+            return self.net(x)
+
+    with pytest.raises(ut.ConfigError, match=r"^module: .*nn\.Unflatten\(1, \(channels"):
+        Projection().attach(Flat())
+
+
 def test_rule_fields_are_validated():
     with pytest.raises(ut.ConfigError, match="solver"):
         Projection(solver="newton")

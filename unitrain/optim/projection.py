@@ -29,11 +29,13 @@ from torch import Tensor, nn
 from unitrain.errors import ConfigError, check
 from unitrain.optim.base import UpdateRule, register_rule
 from unitrain.projection import (
+    ConvStage,
     CrossEntropyOutput,
     LinearStage,
     MarginOutput,
     OneVsRestOutput,
     OutputConstraint,
+    PoolStage,
     ProjectionGraph,
     ReshapeStage,
     SquaredErrorOutput,
@@ -126,6 +128,10 @@ class Projection(UpdateRule):
         self.net: nn.Module = net if isinstance(net, nn.Module) else module
         # Unsupported layers are reported here, before any data is touched.
         self.graph = ProjectionGraph(self.net)
+        if isinstance(self.graph.stages[0], (ConvStage, PoolStage)):
+            raise ConfigError("module", "the rule passes flat inputs (B, features), so a network "
+                                        "that starts with a convolution or pooling must start "
+                                        "with nn.Unflatten(1, (channels, height, width))")
         first = next(s for s in self.graph.stages if not isinstance(s, ReshapeStage))
         if self.standardize and not isinstance(first, LinearStage):
             raise ConfigError("standardize", "rescales the first layer's weights, which needs a "

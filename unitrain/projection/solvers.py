@@ -112,6 +112,11 @@ def _ap_step(
 
 
 _COMPILED: dict[Step, Step] = {}
+# Every (step, graph, output constraint, batch size) run compiled in this process. Dynamo keeps
+# the compiled versions of all of them on the step's code object, and skipping its guard checks
+# is only sound while one such problem exists: with several, a version compiled for another
+# graph or constraint could be picked without its guards being checked.
+_PROBLEMS: set[tuple[Step, int, str, int]] = set()
 
 
 def _iterate(
@@ -144,6 +149,7 @@ def _iterate(
             if step not in _COMPILED:
                 _COMPILED[step] = torch.compile(step, dynamic=False)
             fast = _COMPILED[step]
+            _PROBLEMS.add((step, id(graph), repr(output), graph.compiled_batch))
             weights = torch.zeros(graph.compiled_batch, dtype=z["out"].dtype,
                                   device=z["out"].device)
             weights[:batch] = 1.0
@@ -156,10 +162,11 @@ def _iterate(
     violation: list[Tensor] = []
     with ExitStack() as stack:
         for k in range(iterations):
-            if k == 2 and fast is not step:
+            if k == 2 and fast is not step and len(_PROBLEMS) == 1:
                 # Later calls of this solve pass the same graph, constraint, shapes and strides
                 # as the second (the first starts from eager tensors of other strides), whose
-                # guards have just been checked; skip re-checking them.
+                # guards have just been checked; with no other problem compiled in the process,
+                # re-checking them is unnecessary.
                 stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
             z, pb_z, v = fast(graph, z, pb_z, inputs, targets, output, reduce_mean, warm,
                               weights)
@@ -322,7 +329,7 @@ def fit_batch(
 
     Args:
         graph: the network's feasibility problem; its module's parameters are updated.
-        inputs: the batch's inputs ``(B, in_features)``.
+        inputs: the batch's inputs ``(B, *input shape)``.
         targets: the batch's targets for ``output``.
         output: the constraint on the network output.
         method: ``"douglas_rachford"`` or ``"alternating_projections"``.
