@@ -25,12 +25,19 @@ inside the update loop (median over iterations), and the wall time of a run. Run
 
 With ``--out DIR`` the runs are kept in ``DIR``: running the same command again skips the finished
 runs and resumes an interrupted one from its last checkpoint (the wall time adds up the launches),
-so a long table can be gathered across several sittings.
+so a long table can be gathered across several sittings. With ``--record DIR`` each finished
+run's outcome is also written to ``DIR/<env>-<rule>-<seed>.json`` (final and half-way return,
+updates/s, wall time, the evaluation curve); a run with a record is not run again, and the table
+is printed from the records, so a table can be assembled from runs made on different machines::
+
+    python tools/bench_offpolicy.py --envs HalfCheetah-v5 Hopper-v5 --frames 100000 \
+        --out /tmp/offpolicy --record docs/results/offpolicy_100k
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import statistics
@@ -82,6 +89,7 @@ class Result:
     half: float
     updates_per_s: float
     wall_s: float
+    curve: list[tuple[int, float]] | None = None
 
 
 def run(env_id: str, rule_name: str, seed: int, frames: int, root: Path,
@@ -121,7 +129,32 @@ def run(env_id: str, rule_name: str, seed: int, frames: int, root: Path,
     half = [value for step, value in evals if step <= frames // 2]
     return Result(final=summary["eval/return_mean"], half=half[-1] if half else math.nan,
                   updates_per_s=statistics.median(v for _, v in rates) if rates else math.nan,
-                  wall_s=summary["wall_s"])
+                  wall_s=summary["wall_s"], curve=[(int(s), float(v)) for s, v in evals])
+
+
+def _record_path(record: Path | None, env_id: str, rule_name: str, seed: int) -> Path | None:
+    return None if record is None else record / f"{env_id}-{rule_name}-{seed}.json"
+
+
+def _load(path: Path | None, frames: int) -> Result | None:
+    if path is None or not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data["frames"] != frames:
+        raise SystemExit(f"{path}: recorded at {data['frames']} frames, not {frames}; "
+                         "give --record a directory for this budget")
+    half = data.get("half")
+    return Result(final=data["final"], half=math.nan if half is None else half,
+                  updates_per_s=data["updates_per_s"], wall_s=data["wall_s"],
+                  curve=data.get("curve"))
+
+
+def _save(path: Path, res: Result, frames: int, paper_alpha: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"frames": frames, "paper_alpha": paper_alpha, "final": res.final,
+            "half": None if math.isnan(res.half) else res.half,
+            "updates_per_s": res.updates_per_s, "wall_s": res.wall_s, "curve": res.curve}
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -135,6 +168,9 @@ def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "—"
     if len(values) == 1:
         return f"{values[0]:8.1f}"
     return f"{statistics.mean(values):8.1f} ± {statistics.stdev(values):6.1f}"
@@ -150,6 +186,9 @@ def main() -> None:
     parser.add_argument("--frames", nargs="+", type=int, default=None,
                         help="frame budget per run: one for every env, or one per env in the "
                              "order of --envs (default: per env, see SETTINGS)")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="write each finished run's outcome here as JSON and skip runs "
+                             "already recorded")
     parser.add_argument("--out", type=Path, default=None,
                         help="keep the runs here and resume them when run again (default: a "
                              "temporary directory)")
@@ -171,7 +210,12 @@ def main() -> None:
             results: dict[str, list[Result]] = {name: [] for name in args.rules}
             for seed in args.seeds:
                 for rule_name in results:
-                    res = run(env_id, rule_name, seed, frames, root, args.paper_alpha)
+                    record = _record_path(args.record, env_id, rule_name, seed)
+                    res = _load(record, frames)
+                    if res is None:
+                        res = run(env_id, rule_name, seed, frames, root, args.paper_alpha)
+                        if record is not None:
+                            _save(record, res, frames, args.paper_alpha)
                     results[rule_name].append(res)
                     print(f"{env_id} {rule_name} seed {seed}: return {res.final:.1f} "
                           f"(half way {res.half:.1f}), {res.updates_per_s:.1f} updates/s, "
