@@ -8,9 +8,15 @@ Raw loops over ``--num-envs`` copies of ``--env``, in one run, taking turns roun
 * ``gym/random``: the same with random actions (the simulator and gymnasium's Python only);
 * ``envpool/N``: EnvPool with ``N`` threads, synchronous ``step``, the same policy;
 * ``envpool/N random``: EnvPool with random actions: the physics alone, the most any path that
-  steps EnvPool synchronously can reach with ``N`` env threads.
+  steps EnvPool synchronously can reach with ``N`` env threads;
+* ``mujoco``: for MuJoCo envs, the same policy driving MuJoCo directly from Python (``mj_step``
+  with the env's frame skip and the env's observation function, per env; no reward, reset or
+  wrapper): what a single thread can get from the physics with no env library at all.
 
-Figures are medians of ``--rounds`` rounds, ratios against ``gym``. Run::
+Beside each rate, ``step only`` counts only the time spent inside the env step: the physics under
+the policy's own actions (the physics runs slower under them than under uniform random ones),
+which bounds every path with that many env threads even if the policy's time were
+hidden completely. Figures are medians of ``--rounds`` rounds, ratios against ``gym``. Run::
 
     python tools/bench_physics.py --env HalfCheetah-v5 --num-envs 32
 """
@@ -29,12 +35,38 @@ from bench_collect import make_gym_vec, make_policy
 
 
 def _loop(step: Callable[[np.ndarray], np.ndarray], obs: np.ndarray, act: Callable, steps: int,
-          n: int) -> tuple[float, np.ndarray]:
+          n: int) -> tuple[float, float, np.ndarray]:
+    inside = 0.0
     start = time.perf_counter()
     with torch.no_grad():
         for _ in range(steps):
-            obs = step(act(obs))
-    return steps * n / (time.perf_counter() - start), obs
+            action = act(obs)
+            before = time.perf_counter()
+            obs = step(action)
+            inside += time.perf_counter() - before
+    return steps * n / (time.perf_counter() - start), steps * n / inside, obs
+
+
+def _mujoco_path(env_id: str, n: int) -> tuple[Callable, np.ndarray] | None:
+    """Step ``n`` copies of a gymnasium MuJoCo env's model with MuJoCo's own ``mj_step``."""
+    import gymnasium as gym
+    import mujoco
+
+    envs = [gym.make(env_id).unwrapped for _ in range(n)]
+    if not hasattr(envs[0], "data"):
+        return None
+    for i, env in enumerate(envs):
+        env.reset(seed=i)
+    obs = np.stack([env._get_obs() for env in envs])
+
+    def step(action: np.ndarray) -> np.ndarray:
+        for i, env in enumerate(envs):
+            env.data.ctrl[:] = action[i]
+            mujoco.mj_step(env.model, env.data, nstep=env.frame_skip)
+            obs[i] = env._get_obs()
+        return obs
+
+    return step, obs.copy()
 
 
 def main() -> None:
@@ -74,18 +106,25 @@ def main() -> None:
         for name, act in ((f"envpool/{threads}", policy), (f"envpool/{threads} random", random)):
             paths[name] = (lambda a, pool=pool: pool.step(a)[0], act)
             obs[name] = first
+    direct = _mujoco_path(args.env, n)
+    if direct is not None:
+        paths["mujoco"] = (direct[0], policy)
+        obs["mujoco"] = direct[1]
     rates: dict[str, list[float]] = {name: [] for name in paths}
+    inside: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(args.rounds):
         for name, (step, act) in paths.items():
-            rate, obs[name] = _loop(step, obs[name], act, args.steps, n)
+            rate, physics, obs[name] = _loop(step, obs[name], act, args.steps, n)
             rates[name].append(rate)
+            inside[name].append(physics)
     ref = statistics.median(rates["gym"])
     print(f"{args.env} x {n}, 64-64 MLP or random actions, 1 torch thread, "
           f"median of {args.rounds} rounds")
-    print(f"{'path':<20} {'env-steps/s':>12} {'vs gym':>8}")
+    print(f"{'path':<20} {'env-steps/s':>12} {'vs gym':>8} {'step only':>12} {'vs gym':>8}")
     for name, values in rates.items():
-        rate = statistics.median(values)
-        print(f"{name:<20} {rate:>12,.0f} {rate / ref:>7.2f}x")
+        rate, physics = statistics.median(values), statistics.median(inside[name])
+        print(f"{name:<20} {rate:>12,.0f} {rate / ref:>7.2f}x {physics:>12,.0f} "
+              f"{physics / ref:>7.2f}x")
 
 
 if __name__ == "__main__":
