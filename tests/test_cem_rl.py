@@ -14,6 +14,7 @@ from unitrain.cli import main
 from torchrl.objectives import TD3Loss
 
 from unitrain.errors import ConfigError
+from unitrain.objectives import DSACTLoss
 from unitrain.optim import CEMRL
 
 
@@ -88,10 +89,39 @@ def test_transitions_in_memory_are_the_population_episodes(tmp_path: Path):
     assert rows["next", "done"].sum() == 2  # the two capped episodes ended
 
 
+def test_dsac_t_critic_trains_actors_and_temperature(tmp_path: Path, monkeypatch):
+    calls = {"actor": 0}
+    actor_loss = DSACTLoss.actor_loss
+
+    def counting(self, *args, **kwargs):
+        calls["actor"] += 1
+        return actor_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(DSACTLoss, "actor_loss", counting)
+    rule = CEMRL(population=4, gradient_actors=2, max_episode_steps=25, warmup_frames=100,
+                 batch_size=16, utd_ratio=0.4, critic_hidden=(16,), critic="dsac_t",
+                 alpha_init=0.5, lr_alpha=1e-2)
+    trainer, rows = _fit(rule, tmp_path, 300)
+    assert isinstance(rule.loss, DSACTLoss)
+    # Same schedule as with TD3: 0.4 x 100 critic updates split over 2 actors, 40 steps each.
+    assert [r["optim/updates"] for r in rows] == [0.0, 40.0, 40.0]
+    assert calls["actor"] == 2 * 2 * 40
+    # The temperature stepped with every actor step (80 steps of lr 1e-2 move log alpha).
+    assert abs(rule.loss.alpha.item() - 0.5) > 0.05
+    assert all(torch.isfinite(torch.tensor(rows[-1][k])) for k in
+               ("loss/critic", "loss/actor", "loss/temperature", "train/alpha", "train/q_mean"))
+    assert bool(rule.loss.omega_initialized)
+    # The learned std (action_std: param) is the module's aux.log_std, trained with the actors.
+    assert "aux.log_std.log_std" in trainer.lightning_module.state_dict()
+
+
 def test_bad_input():
     with pytest.raises(ConfigError, match=r"optimizer.gradient_actors: got 11; expected an "
                                           r"integer in \[0, population=10\] or null"):
         CEMRL(gradient_actors=11)
+    with pytest.raises(ConfigError, match=r"optimizer.critic: got 'sac'; expected 'td3' or "
+                                          r"'dsac_t'"):
+        CEMRL(critic="sac")
     with pytest.raises(ConfigError, match="env.obs_norm: cem_rl replays raw observations"):
         ut.Trainer(env=ut.EnvSpec("Pendulum-v1", obs_norm=True), optimizer=CEMRL())
     with pytest.raises(ConfigError, match="CartPole-v1 has discrete actions"):

@@ -325,6 +325,16 @@ if __name__ == "__main__":
                          callbacks=[Dump("cem_rl-", extra=replay_and_updates)],
                          enable_progress_bar=False)
     trainer.fit(TinyPolicy(3, 1))
+    # The same with DSAC-T's critics (omega averaged across ranks, a shared temperature).
+    rule = ut.optim.CEMRL(population=4, gradient_actors=2, max_episode_steps=32, sigma=0.1,
+                          critic="dsac_t",
+                          **{k: v for k, v in small.items() if k != "frames_per_batch"})
+    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1"), optimizer=rule, devices=2,
+                         strategy="ddp", max_frames=384, eval_every_frames=10000,
+                         eval_episodes=2, seed=3, num_threads=1, run_dir="run-cem_rl_dsac_t",
+                         callbacks=[Dump("cem_rl_dsac_t-", extra=replay_and_updates)],
+                         enable_progress_bar=False)
+    trainer.fit(TinyPolicy(3, 1))
 '''
 
 
@@ -335,10 +345,12 @@ def test_two_processes_keep_every_network_identical(tmp_path: Path):
             "td3": ("aux.td3.target_actor_network_params.module.module.net.0.weight",
                     "aux.td3.target_qvalue_network_params.module.net.0.weight"),
             "cem_rl": ("aux.cem_rl.target_qvalue_network_params.module.net.0.weight",
-                       "aux.cem_rl.qvalue_network_params.module.net.0.weight")}
+                       "aux.cem_rl.qvalue_network_params.module.net.0.weight"),
+            "cem_rl_dsac_t": ("aux.cem_rl.log_alpha", "aux.cem_rl.omega", "aux.log_std.log_std",
+                              "aux.cem_rl.target_qvalue_network_params.critic.net.0.weight")}
     for name, names in keys.items():
-        r0, r1 = run_ranks(tmp_path, DDP_SCRIPT, prefix=f"{name}-")  # one launch runs all four
-        if name == "cem_rl":
+        r0, r1 = run_ranks(tmp_path, DDP_SCRIPT, prefix=f"{name}-")  # one launch runs all five
+        if name.startswith("cem_rl"):
             # Three generations of 128 frames; the last two train 2 actors on 0.5 x 128 critic
             # updates in all.
             assert r0["updates"] == r1["updates"] == 128

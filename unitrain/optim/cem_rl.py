@@ -1,4 +1,4 @@
-"""CEM-RL: a CEM population of actors, half of which learn from a shared TD3 critic.
+"""CEM-RL: a CEM population of actors, half of which learn from a shared TD3 (or DSAC-T) critic.
 
 Reference: A. Pourchot, O. Sigaud, "CEM-RL: Combining evolutionary and gradient-based methods
 for policy search", ICLR 2019 (arXiv:1810.01222).
@@ -24,7 +24,13 @@ Each generation:
 
 The critic is TorchRL's ``TD3Loss`` over two MLP critics (or the module's ``make_critic()``),
 registered as ``module.aux["cem_rl"]``; actions are the shared contract's ``tanh`` actions in
-``[-1, 1]``. The module's parameters are CEM's mean, so ``module.act`` is the deterministic
+``[-1, 1]``. With ``critic="dsac_t"`` it is the twin distributional critics of DSAC-T (Duan et
+al., arXiv:2310.05858; :class:`~unitrain.objectives.DSACTLoss`) instead: the critic's target
+policy is actor ``i``'s tanh-Gaussian (the module's action contract, its standard deviation
+from ``action_std``), a gradient actor takes DSAC-T's entropy-regularised policy steps and the
+temperature steps with it (learned, shared by all actors, like ``aux.log_std`` with
+``action_std: param``); the population is still evaluated with the deterministic
+``module.act``. The module's parameters are CEM's mean, so ``module.act`` is the deterministic
 action of the distribution's centre, as for ``cem``.
 
 Several processes: every process holds the whole population (sampled from shared seeds) and makes
@@ -45,8 +51,10 @@ from torch import Tensor
 from torchrl.objectives import SoftUpdate, TD3Loss
 
 from unitrain.errors import ConfigError, check
+from unitrain.objectives import DSACTLoss
 from unitrain.optim.base import register_rule
 from unitrain.optim.cem import CEM, CEMDistribution
+from unitrain.optim.dsac_t import dsac_t_loss
 from unitrain.optim.offpolicy import OffPolicyFields, OffPolicyLoop
 from unitrain.optim.td3 import td3_loss
 from unitrain.population import (STREAM_EPISODES, PopulationEvaluation, episode_seeds,
@@ -62,12 +70,13 @@ __all__ = ["CEMRL"]
 
 _NOISE = 26  # shared random stream of the actors' seeds
 _METRICS = ("loss/critic", "loss/actor", "train/q_mean")
+_DSAC_T_METRICS = _METRICS + ("loss/temperature", "train/alpha")
 
 
 @register_rule("cem_rl")
 @dataclass
 class CEMRL(CEM):
-    """CEM-RL (Pourchot & Sigaud 2019) with a TD3 critic; the defaults are the paper's.
+    """CEM-RL (Pourchot & Sigaud 2019) with a TD3 or DSAC-T critic; the defaults are the paper's.
 
     Fields of :class:`~unitrain.optim.cem.CEM` (``population``, ``sigma``, ``elite_fraction``,
     ``noise_*``, ``episodes``, ...), and of the off-policy rules:
@@ -88,6 +97,11 @@ class CEMRL(CEM):
         policy_noise: standard deviation of TD3's target policy smoothing noise.
         noise_clip: bound of the smoothing noise.
         save_buffer: save the replay memory in checkpoints.
+        critic: ``"td3"`` (the paper's) or ``"dsac_t"`` (DSAC-T's distributional critics and
+            entropy-regularised actor steps).
+        lr_alpha: ``dsac_t`` only: Adam step size of the temperature's logarithm.
+        alpha_init: ``dsac_t`` only: initial temperature.
+        target_entropy: ``dsac_t`` only: target policy entropy (``None``: ``-act_dim``).
     """
 
     population: int = 10
@@ -105,6 +119,10 @@ class CEMRL(CEM):
     policy_noise: float = 0.2
     noise_clip: float = 0.5
     save_buffer: bool = False
+    critic: str = "td3"
+    lr_alpha: float = 3e-4
+    alpha_init: float = math.e
+    target_entropy: float | None = None
 
     # The off-policy loop's collection is not used: the population's episodes fill the memory.
     frames_per_batch = None
@@ -117,6 +135,9 @@ class CEMRL(CEM):
               self.gradient_actors)
         check(self.policy_noise >= 0, "policy_noise", "a number >= 0", self.policy_noise)
         check(self.noise_clip >= 0, "noise_clip", "a number >= 0", self.noise_clip)
+        check(self.critic in ("td3", "dsac_t"), "critic", "'td3' or 'dsac_t'", self.critic)
+        check(self.lr_alpha > 0, "lr_alpha", "a number > 0", self.lr_alpha)
+        check(self.alpha_init > 0, "alpha_init", "a number > 0", self.alpha_init)
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         OffPolicyFields.check_env(self, env, info)  # type: ignore[arg-type]
@@ -133,17 +154,25 @@ class CEMRL(CEM):
         self.pop = PopulationEvaluation(self, module, ctx)
         self.layout = self.pop.layout
         self.dist = CEMDistribution(self, self.layout.numel)
-        self.loop = OffPolicyLoop(self, module, ctx, lambda obs: obs, _METRICS)  # type: ignore
-        self.loss: TD3Loss = module.add_aux(self.name, td3_loss(self, module, ctx))
+        self.metric_names = _DSAC_T_METRICS if self.critic == "dsac_t" else _METRICS
+        self.loop = OffPolicyLoop(self, module, ctx, lambda obs: obs,  # type: ignore[arg-type]
+                                  self.metric_names)
+        if self.critic == "dsac_t":
+            loss, actor_params = dsac_t_loss(self, module, ctx)
+        else:
+            loss, actor_params = td3_loss(self, module, ctx), module.policy_parameters()
+        self.loss: TD3Loss | DSACTLoss = module.add_aux(self.name, loss)
         self.updater = SoftUpdate(self.loss, tau=self.tau)
         self.critic_opt = torch.optim.Adam(list(self.loss.qvalue_network_params.values(True, True)),
                                            lr=self.lr_critic)
-        self.actor_opt = torch.optim.Adam(module.policy_parameters(), lr=self.lr_actor)
+        self.actor_opt = torch.optim.Adam(actor_params, lr=self.lr_actor)
+        self.alpha_opt = (torch.optim.Adam([loss.log_alpha], lr=self.lr_alpha)
+                          if isinstance(loss, DSACTLoss) else None)
         self.frames_seen = 0  # frames of every generation so far, all processes
         self.last_frames = 0  # frames of the previous generation, all processes
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.critic_opt, self.actor_opt]
+        return [self.critic_opt, self.actor_opt] + ([self.alpha_opt] if self.alpha_opt else [])
 
     def step(self, ctx: "RuleContext") -> dict[str, float]:
         gen, count, n = self.pop.generation, self.population, self.layout.numel
@@ -152,7 +181,7 @@ class CEMRL(CEM):
         std = self.dist.std(mean)
         actors = torch.stack([mean + std * noise(seeds[j], n, self.layout.dtype, mean.device)
                               for j in range(count)])
-        metrics: dict[str, float] = dict.fromkeys(_METRICS, math.nan)
+        metrics: dict[str, float] = dict.fromkeys(self.metric_names, math.nan)
         before = self.loop.updates
         trained = self._ready(ctx)
         if trained:
@@ -192,30 +221,47 @@ class CEMRL(CEM):
         """Train the first :attr:`learners` actors in place, one after another, with the critic."""
         steps = math.floor(self.utd_ratio * self.last_frames + 1e-9)
         critic_steps = steps // self.learners
-        sums = dict.fromkeys(_METRICS, 0.0)
-        counts = dict.fromkeys(_METRICS, 0)
-        target_actor = self.loss.target_actor_network_params
+        sums = dict.fromkeys(self.metric_names, 0.0)
+        counts = dict.fromkeys(self.metric_names, 0)
+
+        def add(name: str, value: Tensor | float) -> None:
+            sums[name] += float(value)
+            counts[name] += 1
+
+        loss = self.loss
         for i in range(self.learners):
             self.layout.assign(self.module, actors[i])
             # Actor i is the critic's target policy while the critic learns.
-            target_actor.update_(self.loss.actor_network_params.detach())
+            loss.target_actor_network_params.update_(loss.actor_network_params.detach())
             for _ in range(critic_steps):
-                critic_loss, info = self.loss.value_loss(self.loop.replay.sample())
+                batch = self.loop.replay.sample()
+                if isinstance(loss, DSACTLoss):
+                    critic_loss, info = loss.critic_loss(batch)
+                else:
+                    critic_loss, info = loss.value_loss(batch)
                 self.loop.descend(critic_loss, [self.critic_opt], ctx)
+                if isinstance(loss, DSACTLoss):
+                    ctx.all_reduce_(loss.omega, "mean")
                 self.updater.step()
                 self.loop.updates += 1
-                sums["loss/critic"] += float(critic_loss.detach())
-                sums["train/q_mean"] += float(info["pred_value"].mean())
-                counts["loss/critic"] += 1
-                counts["train/q_mean"] += 1
+                add("loss/critic", critic_loss.detach())
+                add("train/q_mean", info["pred_value"].mean())
             self.actor_opt.state.clear()  # a fresh Adam for every actor, as in the paper
             for _ in range(steps):
-                actor_loss, _ = self.loss.actor_loss(self.loop.replay.sample())
-                self.loop.descend(actor_loss, [self.actor_opt], ctx)
-                sums["loss/actor"] += float(actor_loss.detach())
-                counts["loss/actor"] += 1
+                batch = self.loop.replay.sample()
+                actor_loss, info = loss.actor_loss(batch)
+                if self.alpha_opt is not None:
+                    alpha_loss = loss.alpha_loss(info["log_prob"])
+                    # Disjoint parameters: one backward serves both losses.
+                    self.loop.descend(actor_loss + alpha_loss, [self.actor_opt, self.alpha_opt],
+                                      ctx)
+                    add("loss/temperature", alpha_loss.detach())
+                    add("train/alpha", loss.alpha)
+                else:
+                    self.loop.descend(actor_loss, [self.actor_opt], ctx)
+                add("loss/actor", actor_loss.detach())
             actors[i] = self.layout.flatten(self.module)
-        return {k: sums[k] / counts[k] for k in _METRICS if counts[k]}
+        return {k: sums[k] / counts[k] for k in self.metric_names if counts[k]}
 
     def _remember(self, step: "Step") -> None:
         """Keep the transitions of a population step (its active slots) in the memory."""

@@ -50,7 +50,10 @@ if TYPE_CHECKING:
     from unitrain.module import RLModule
     from unitrain.optim.base import RuleContext
 
-__all__ = ["DSACT"]
+__all__ = ["DSACT", "dsac_t_loss"]
+
+# The authors' MuJoCo bounds on the policy's log standard deviation.
+LOG_STD_BOUNDS = (-20.0, 0.5)
 
 _METRICS = ("loss/critic", "loss/actor", "loss/temperature", "train/alpha", "train/entropy",
             "train/omega", "train/q_mean", "train/sigma_mean", "train/target_q_mean")
@@ -86,6 +89,24 @@ class _MeanStd(nn.Module):
         return out[..., :1], out[..., 1:2]
 
 
+def dsac_t_loss(rule: Any, module: "RLModule",
+                ctx: "RuleContext") -> tuple[DSACTLoss, list[nn.Parameter]]:
+    """The :class:`~unitrain.objectives.DSACTLoss` over the module's tanh-Gaussian policy and two
+    Gaussian critics (the module's ``make_critic()`` or GELU MLPs of ``rule.critic_hidden``),
+    with ``rule``'s ``gamma``, ``alpha_init``, ``target_entropy`` and ``tau`` (shared with
+    CEM-RL), and the actor's parameters: the policy's, plus ``aux.log_std`` if the module has
+    one."""
+    log_std = module.log_std_param()
+    actor_params = module.policy_parameters() + ([] if log_std is None else [log_std.log_std])
+    critics = [_MeanStd(c) for c in make_critics(module, 2, 2, rule.critic_hidden, nn.GELU)]
+    loss = DSACTLoss(_GaussianActor(module, log_std), critics, gamma=rule.gamma,
+                     alpha_init=rule.alpha_init,
+                     target_entropy="auto" if rule.target_entropy is None
+                     else rule.target_entropy, tau_b=rule.tau,
+                     log_std_bounds=LOG_STD_BOUNDS).to(ctx.device)
+    return loss, actor_params
+
+
 @register_rule("dsac_t")
 @dataclass
 class DSACT(OffPolicyFields):
@@ -114,8 +135,7 @@ class DSACT(OffPolicyFields):
     delay: int = 2
     alpha_every: str = "delayed"
 
-    # The authors' MuJoCo bounds on the policy's log standard deviation.
-    log_std_bounds: ClassVar[tuple[float, float]] = (-20.0, 0.5)
+    log_std_bounds: ClassVar[tuple[float, float]] = LOG_STD_BOUNDS
 
     def validate(self) -> None:
         super().validate()
@@ -127,14 +147,7 @@ class DSACT(OffPolicyFields):
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)
-        log_std = module.log_std_param()
-        actor_params = module.policy_parameters() + ([] if log_std is None else [log_std.log_std])
-        critics = [_MeanStd(c) for c in make_critics(module, 2, 2, self.critic_hidden, nn.GELU)]
-        loss = DSACTLoss(_GaussianActor(module, log_std), critics, gamma=self.gamma,
-                         alpha_init=self.alpha_init,
-                         target_entropy="auto" if self.target_entropy is None
-                         else self.target_entropy, tau_b=self.tau,
-                         log_std_bounds=self.log_std_bounds).to(ctx.device)
+        loss, actor_params = dsac_t_loss(self, module, ctx)
         self.loss: DSACTLoss = module.add_aux(self.name, loss)
         self.actor = self.loss.actor_network
         self.updater = SoftUpdate(self.loss, tau=self.tau)
