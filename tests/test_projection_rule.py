@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import unitrain as ut
 from conftest import run_cli, run_ranks
@@ -248,3 +249,22 @@ def test_window_fits_the_elites_of_several_iterations():
     other = EliteImitation(window=2)
     other.load_state_dict(state)
     assert [len(w) for w in other._window] == [2, 2]
+
+
+def test_class_labels_regressed_by_a_network_ending_in_a_pool():
+    """Squared error on class labels: one-hot targets as wide as the network's output, whatever
+    its last layer (here an average pool and a reshape)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 3, 3), nn.ReLU(),
+                        nn.AvgPool2d(2), nn.Flatten())
+    inputs, labels = torch.randn(32, 16), torch.randint(0, 3, (32,))
+    onehot = nn.functional.one_hot(labels, 3).float()
+    with torch.no_grad():
+        before = float(((net(inputs) - onehot) ** 2).mean())
+    rule = Projection(iterations=30, output="squared_error", lam=5.0)
+    rule.attach(net)
+    for _ in range(3):
+        rule.fit([(inputs, labels)], _plain_ctx())
+    with torch.no_grad():
+        after = float(((net(inputs) - onehot) ** 2).mean())
+    assert after < 0.8 * before, (before, after)

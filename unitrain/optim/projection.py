@@ -176,7 +176,8 @@ class Projection(UpdateRule):
             inputs = inputs.to(ctx.device).reshape(len(inputs), -1)
             labels = None if targets.is_floating_point() else targets.to(ctx.device)
             start = [p.detach().clone() for p in self.net.parameters()]
-            result = self._solve(inputs, self._targets(targets.to(ctx.device)), reduce_mean)
+            result = self._solve(inputs, self._targets(targets.to(ctx.device), inputs),
+                                 reduce_mean)
             if self.step_size < 1:
                 with torch.no_grad():
                     for p, p0 in zip(self.net.parameters(), start, strict=True):
@@ -248,10 +249,12 @@ class Projection(UpdateRule):
             pre = pre + lin.bias
         return float((pre <= 0).all(0).float().mean())
 
-    def _targets(self, targets: Tensor) -> Tensor:
+    def _targets(self, targets: Tensor, inputs: Tensor) -> Tensor:
         """The targets in the form the output constraint takes."""
         if self.output == "squared_error" and not targets.is_floating_point():
-            # Class labels are regressed as one-hot vectors.
-            width = self.graph.stages[-1].module.out_features  # type: ignore[union-attr]
+            # Class labels are regressed as one-hot vectors as wide as the network's output
+            # (whatever its last layer: linear, pooling or a reshape).
+            with torch.no_grad():
+                width = self.net(inputs[:1]).shape[-1]
             return nn.functional.one_hot(targets.long(), width).to(torch.get_default_dtype())
         return targets
