@@ -23,6 +23,15 @@ Both action spaces of the action contract (:mod:`unitrain.action`) are supported
   rule's own, so the module must have ``action_std: param`` (its ``aux.log_std`` is neither used
   nor trained here).
 
+Common start states (``starts``): where returns depend on the random initial state (Pendulum), the
+best returns mostly mark the easiest starts, not the best actions. With ``starts = k`` the
+episodes run in waves of one per env slot; each wave draws ``k`` start states (seeded resets),
+slot ``i`` starts from the wave's start ``i mod k``, and the elites are the best
+``elite_fraction`` of each start's episodes, so actions compete only against actions from the
+same state (common random numbers for the initial state, as in PEGASUS:
+Ng & Jordan, "PEGASUS: A policy search method for large MDPs and POMDPs", UAI 2000). The starts
+change every iteration (seeded from the run seed, the iteration and the rank).
+
 Episodes are played by :func:`unitrain.rollout.rollout`: env slot ``i`` plays a fixed share of the
 iteration's episodes (``episodes // n``, one more for the first ``episodes % n`` slots), so the
 kept episodes are the first ones each slot started, however long they last. With several
@@ -40,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from unitrain.envs import derive_seed
 from unitrain.errors import ConfigError, UserError, check
 from unitrain.optim.base import UpdateRule, register_rule
 from unitrain.optim.projection import Projection
@@ -52,6 +62,9 @@ if TYPE_CHECKING:
 
 __all__ = ["EliteImitation"]
 
+
+# Random stream of the common start states.
+_STREAM_STARTS = 131
 
 # Continuous random actions are drawn in [-1, 1] and clipped this far inside before the atanh
 # that gives their pre-squash targets (atanh(1 - 1e-6) ≈ 7.25).
@@ -117,6 +130,11 @@ class EliteImitation(UpdateRule):
         window: the elites of the last ``window`` iterations are fitted together (each
             iteration's elites are chosen among that iteration's episodes, plus the previous
             elites when ``keep_elites``); more and more varied pairs make each fit generalise.
+        starts: ``None`` (each episode from the env's own random start) or the number of
+            start states shared by the env slots: the episodes run in waves of one per slot,
+            slot ``i`` of a wave starting from that wave's start ``i mod starts``, and elites
+            are ranked among the episodes of each start (at most ``env.num_envs``; not with
+            ``keep_elites``).
     """
 
     fit: Projection = field(default_factory=lambda: Projection(
@@ -131,6 +149,7 @@ class EliteImitation(UpdateRule):
     batch_size: int = 512
     updates: int = 1
     window: int = 1
+    starts: int | None = None
 
     def validate(self) -> None:
         check(self.episodes >= 1, "episodes", "an integer >= 1", self.episodes)
@@ -144,8 +163,17 @@ class EliteImitation(UpdateRule):
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         check(self.updates >= 1, "updates", "an integer >= 1", self.updates)
         check(self.window >= 1, "window", "an integer >= 1", self.window)
+        check(self.starts is None or self.starts >= 1, "starts", "an integer >= 1 or null",
+              self.starts)
+        check(self.starts is None or not self.keep_elites, "starts",
+              "null when keep_elites is true (elites from other starts are not comparable)",
+              self.starts)
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
+        if self.starts is not None and self.starts > env.num_envs:
+            raise ConfigError("optimizer.starts",
+                              f"got {self.starts}; each start needs an env slot of its own: "
+                              f"expected at most env.num_envs={env.num_envs}")
         if info.discrete:
             return
         if self.fit.output != "squared_error":
@@ -183,11 +211,15 @@ class EliteImitation(UpdateRule):
     def step(self, ctx: "RuleContext") -> dict[str, float]:
         episodes, frames = self._collect(ctx)
         returns = [e["return"] for e in episodes]
-        keep = max(1, math.ceil(self.elite_fraction * len(episodes)))
         pool = episodes + (self._elites if self.keep_elites else [])
-        # Stable sort: among equal returns, the newer episodes (listed first) win.
-        pool.sort(key=lambda e: -e["return"])
-        self._elites = pool[:keep]
+        # Elites per start state (all in one group without common starts). Stable sort: among
+        # equal returns, the newer episodes (listed first) win.
+        self._elites = []
+        for start in sorted({e.get("start", 0) for e in pool}):
+            members = [e for e in pool if e.get("start", 0) == start]
+            members.sort(key=lambda e: -e["return"])
+            self._elites += members[:max(1, math.ceil(self.elite_fraction * len(members)))]
+        keep = len(self._elites)
         self._window = (self._window + [self._elites])[-self.window:]
         fitted = [e for elites in self._window for e in elites]
         # Discrete: the actions are the class labels; continuous: their pre-squash targets.
@@ -276,16 +308,31 @@ class EliteImitation(UpdateRule):
                                          torch.stack(tgt_buf[i]) if tgt_buf[i] else None))
                     obs_buf[i], act_buf[i], tgt_buf[i] = [], [], []
 
-        quota = [self.episodes // n + (i < self.episodes % n) for i in range(n)]
-        played = rollout(env, policy if head.discrete else continuous_policy, quota=quota,
-                         observe=record)
-        episodes = []
-        for (slot, o, a, t), r in zip(trajectories, played.returns.tolist(), strict=True):
-            episode = {"observation": o, "action": a, "return": float(r), "slot": slot}
-            if t is not None:
-                episode["target"] = t
-            episodes.append(episode)
-        return episodes, played.steps
+        if self.starts is None:
+            # One rollout: slot i plays its share of the episodes from the env's own starts.
+            waves = [([self.episodes // n + (i < self.episodes % n) for i in range(n)], None)]
+        else:
+            # Waves of one episode per slot, every episode seeded: slot i of wave w starts from
+            # start (w, i mod starts).
+            waves = []
+            for w in range(math.ceil(self.episodes / n)):
+                starts = [derive_seed(ctx.seed, _STREAM_STARTS, ctx.iteration, ctx.rank, w, k)
+                          for k in range(self.starts)]
+                waves.append(([int(w * n + i < self.episodes) for i in range(n)],
+                              [starts[i % self.starts] for i in range(n)]))
+        episodes, steps = [], 0
+        for w, (quota, seeds) in enumerate(waves):
+            trajectories.clear()
+            played = rollout(env, policy if head.discrete else continuous_policy, quota=quota,
+                             seeds=seeds, observe=record)
+            steps += played.steps
+            for (slot, o, a, t), r in zip(trajectories, played.returns.tolist(), strict=True):
+                episode = {"observation": o, "action": a, "return": float(r), "slot": slot,
+                           "start": 0 if seeds is None else w * self.starts + slot % self.starts}
+                if t is not None:
+                    episode["target"] = t
+                episodes.append(episode)
+        return episodes, steps
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
