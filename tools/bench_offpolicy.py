@@ -189,6 +189,8 @@ def main() -> None:
     parser.add_argument("--record", type=Path, default=None,
                         help="write each finished run's outcome here as JSON and skip runs "
                              "already recorded")
+    parser.add_argument("--recorded-only", action="store_true",
+                        help="with --record: print the table of the recorded runs, run nothing")
     parser.add_argument("--out", type=Path, default=None,
                         help="keep the runs here and resume them when run again (default: a "
                              "temporary directory)")
@@ -198,6 +200,8 @@ def main() -> None:
         budgets = budgets * len(args.envs)
     if len(budgets) != len(args.envs) or min(budgets) < 1:
         parser.error("--frames: give one positive budget, or one per env")
+    if args.recorded_only and args.record is None:
+        parser.error("--recorded-only needs --record")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("torchrl").setLevel(logging.WARNING)
@@ -212,6 +216,8 @@ def main() -> None:
                 for rule_name in results:
                     record = _record_path(args.record, env_id, rule_name, seed)
                     res = _load(record, frames)
+                    if res is None and args.recorded_only:
+                        continue
                     if res is None:
                         res = run(env_id, rule_name, seed, frames, root, args.paper_alpha)
                         if record is not None:
@@ -223,14 +229,17 @@ def main() -> None:
             rows.append((env_id, frames, results))
 
     print(f"\n{'env':<15} {'frames':>7} {'rule':<7} {'return (final)':>17} "
-          f"{'return (half)':>17} {'updates/s':>10} {'wall s':>7}")
+          f"{'return (half)':>17} {'runs':>8} {'updates/s':>10} {'wall s':>7}")
     for env_id, frames, results in rows:
         for rule_name, res in results.items():
+            if not res:
+                continue
             print(f"{env_id:<15} {frames:>7} {rule_name:<7} "
                   f"{_mean_std([r.final for r in res]):>17} {_mean_std([r.half for r in res]):>17} "
+                  f"{len(res):>2} seeds "
                   f"{statistics.median(r.updates_per_s for r in res):>10.1f} "
                   f"{statistics.mean(r.wall_s for r in res):>7.0f}")
-        if "dsac_t" in results and "sac" in results:
+        if results.get("dsac_t") and results.get("sac"):
             ratio = (statistics.median(r.updates_per_s for r in results["dsac_t"])
                      / statistics.median(r.updates_per_s for r in results["sac"]))
             print(f"{'':<15} {'':>7} DSAC-T/SAC update rate: {ratio:.2f}")
