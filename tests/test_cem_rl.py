@@ -115,6 +115,22 @@ def test_dsac_t_critic_trains_actors_and_temperature(tmp_path: Path, monkeypatch
     assert "aux.log_std.log_std" in trainer.lightning_module.state_dict()
 
 
+def test_a_module_holding_the_other_critic_is_refused(tmp_path: Path):
+    module = TinyPolicy(3, 1)
+    first = CEMRL(population=2, gradient_actors=0, max_episode_steps=10, critic_hidden=(8,))
+    ut.Trainer(env=ut.EnvSpec("Pendulum-v1"), optimizer=first, max_frames=20,
+               eval_every_frames=20, eval_episodes=1, seed=0, num_threads=1, run_dir=tmp_path,
+               logger=False, enable_progress_bar=False).fit(module)
+    second = CEMRL(population=2, gradient_actors=0, max_episode_steps=10, critic_hidden=(8,),
+                   critic="dsac_t")
+    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1"), optimizer=second, max_frames=20,
+                         eval_every_frames=20, eval_episodes=1, seed=0, num_threads=1,
+                         run_dir=tmp_path / "b", logger=False, enable_progress_bar=False)
+    with pytest.raises(ConfigError, match=r"^optimizer.critic: got 'dsac_t', but the module "
+                                          r"already holds a TD3Loss critic under aux.cem_rl"):
+        trainer.fit(module)
+
+
 def test_bad_input():
     with pytest.raises(ConfigError, match=r"optimizer.gradient_actors: got 11; expected an "
                                           r"integer in \[0, population=10\] or null"):

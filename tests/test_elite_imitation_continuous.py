@@ -140,27 +140,27 @@ def test_a_short_pendulum_run_finishes(tmp_path: Path):
 
 
 def test_common_starts_share_start_states_and_rank_elites_per_start(monkeypatch):
-    rule = EliteImitation(fit=Projection(**FIT), episodes=10, starts=2, elite_fraction=0.5,
+    rule = EliteImitation(fit=Projection(**FIT), episodes=8, starts=2, elite_fraction=0.5,
                           explore=0.0)
     module, ctx = _setup(rule)
     episodes, frames = rule._collect(ctx)
-    # Three waves of one episode per slot (the last with two), 200 steps each.
-    assert len(episodes) == 10 and frames == 3 * 4 * 200
+    # Two waves of one 200-step episode per slot.
+    assert len(episodes) == 8 and frames == 2 * 4 * 200
     first = {}
     for e in episodes:
         first.setdefault(e["start"], []).append(e["observation"][0])
     # Slots i and i + 2 of a wave start together; every wave draws new starts.
-    assert sorted(len(v) for v in first.values()) == [1, 1, 2, 2, 2, 2]
+    assert sorted(len(v) for v in first.values()) == [2, 2, 2, 2]
     for obs in first.values():
         assert all(torch.equal(o, obs[0]) for o in obs)
-    assert len({tuple(v[0].tolist()) for v in first.values()}) == 6
+    assert len({tuple(v[0].tolist()) for v in first.values()}) == 4
     # The same iteration draws the same starts again; the next iteration new ones.
     again, _ = rule._collect(ctx)
     assert torch.equal(again[0]["observation"][0], episodes[0]["observation"][0])
     ctx.iteration += 1
     later, _ = rule._collect(ctx)
     assert not torch.equal(later[0]["observation"][0], episodes[0]["observation"][0])
-    # Elites: the better episode of each start (half of 2, rounded up), the single ones kept.
+    # Elites: the better episode of each start (half of 2).
     monkeypatch.setattr(rule, "_collect", lambda ctx: (episodes, frames))
     metrics = rule.step(ctx)
     best = {}
@@ -168,7 +168,7 @@ def test_common_starts_share_start_states_and_rank_elites_per_start(monkeypatch)
         if e["start"] not in best or e["return"] > best[e["start"]]:
             best[e["start"]] = e["return"]
     assert sorted(e["return"] for e in rule._elites) == sorted(best.values())
-    assert metrics["train/elite_return_mean"] == pytest.approx(sum(best.values()) / 6)
+    assert metrics["train/elite_return_mean"] == pytest.approx(sum(best.values()) / 4)
 
 
 def test_common_starts_are_validated():
@@ -176,6 +176,10 @@ def test_common_starts_are_validated():
                                              r"env slot of its own: expected at most "
                                              r"env\.num_envs=4$"):
         ut.Trainer(PENDULUM, EliteImitation(fit=Projection(**FIT), starts=5))
+    with pytest.raises(ut.ConfigError, match=r"^optimizer\.episodes: got 10; with starts the "
+                                             r"episodes run in full waves of one per env slot: "
+                                             r"expected a multiple of env\.num_envs=4$"):
+        ut.Trainer(PENDULUM, EliteImitation(fit=Projection(**FIT), starts=2, episodes=10))
     with pytest.raises(ut.ConfigError, match=r"^optimizer\.starts: .*null when keep_elites"):
         EliteImitation(starts=2, keep_elites=True)
     with pytest.raises(ut.ConfigError, match=r"^optimizer\.starts: got 0"):

@@ -257,14 +257,15 @@ def test_class_labels_regressed_by_a_network_ending_in_a_pool():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 3, 3), nn.ReLU(),
                         nn.AvgPool2d(2), nn.Flatten())
-    inputs, labels = torch.randn(32, 16), torch.randint(0, 3, (32,))
+    # float64 inputs for a float32 network: the fit casts them like the solver does.
+    inputs, labels = torch.randn(32, 16, dtype=torch.float64), torch.randint(0, 3, (32,))
     onehot = nn.functional.one_hot(labels, 3).float()
     with torch.no_grad():
-        before = float(((net(inputs) - onehot) ** 2).mean())
+        before = float(((net(inputs.float()) - onehot) ** 2).mean())
     rule = Projection(iterations=30, output="squared_error", lam=5.0)
     rule.attach(net)
     for _ in range(3):
         rule.fit([(inputs, labels)], _plain_ctx())
     with torch.no_grad():
-        after = float(((net(inputs) - onehot) ** 2).mean())
+        after = float(((net(inputs.float()) - onehot) ** 2).mean())
     assert after < 0.8 * before, (before, after)

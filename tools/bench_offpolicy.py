@@ -126,25 +126,34 @@ def run(env_id: str, rule_name: str, seed: int, frames: int, root: Path,
     trainer.fit(module, ckpt_path=resume)
     summary = trainer.summary
     evals, rates = _scalars(run_dir, "eval/return_mean"), _scalars(run_dir, "perf/updates_per_s")
-    half = [value for step, value in evals if step <= frames // 2]
-    return Result(final=summary["eval/return_mean"], half=half[-1] if half else math.nan,
+    return Result(final=summary["eval/return_mean"], half=_half_way(evals, frames),
                   updates_per_s=statistics.median(v for _, v in rates) if rates else math.nan,
                   wall_s=summary["wall_s"], curve=[(int(s), float(v)) for s, v in evals])
+
+
+def _half_way(curve: list[tuple[int, float]] | None, frames: int) -> float:
+    """The first evaluation at or after half the budget (evaluations follow the iteration that
+    crosses each tenth, so they land a little after it)."""
+    later = [value for step, value in curve or [] if step >= frames // 2]
+    return later[0] if later else math.nan
 
 
 def _record_path(record: Path | None, env_id: str, rule_name: str, seed: int) -> Path | None:
     return None if record is None else record / f"{env_id}-{rule_name}-{seed}.json"
 
 
-def _load(path: Path | None, frames: int) -> Result | None:
+def _load(path: Path | None, frames: int, paper_alpha: bool) -> Result | None:
     if path is None or not path.is_file():
         return None
     data = json.loads(path.read_text())
     if data["frames"] != frames:
         raise SystemExit(f"{path}: recorded at {data['frames']} frames, not {frames}; "
                          "give --record a directory for this budget")
-    half = data.get("half")
-    return Result(final=data["final"], half=math.nan if half is None else half,
+    if data["paper_alpha"] != paper_alpha:
+        raise SystemExit(f"{path}: recorded with paper_alpha={data['paper_alpha']}; give "
+                         "--record a directory for this temperature schedule")
+    curve = data.get("curve")
+    return Result(final=data["final"], half=_half_way(curve, frames),
                   updates_per_s=data["updates_per_s"], wall_s=data["wall_s"],
                   curve=data.get("curve"))
 
@@ -168,12 +177,14 @@ def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
+    """Mean ± standard deviation of the known values; ``(k/n)`` when only k of n are known."""
+    known = [v for v in values if not math.isnan(v)]
+    if not known:
         return "—"
-    if len(values) == 1:
-        return f"{values[0]:8.1f}"
-    return f"{statistics.mean(values):8.1f} ± {statistics.stdev(values):6.1f}"
+    part = "" if len(known) == len(values) else f" ({len(known)}/{len(values)})"
+    if len(known) == 1:
+        return f"{known[0]:8.1f}{part}"
+    return f"{statistics.mean(known):8.1f} ± {statistics.stdev(known):6.1f}{part}"
 
 
 def main() -> None:
@@ -215,7 +226,7 @@ def main() -> None:
             for seed in args.seeds:
                 for rule_name in results:
                     record = _record_path(args.record, env_id, rule_name, seed)
-                    res = _load(record, frames)
+                    res = _load(record, frames, args.paper_alpha)
                     if res is None and args.recorded_only:
                         continue
                     if res is None:

@@ -50,11 +50,15 @@ def _loop(step: Callable[[np.ndarray], np.ndarray], obs: np.ndarray, act: Callab
 def _mujoco_path(env_id: str, n: int) -> tuple[Callable, np.ndarray] | None:
     """Step ``n`` copies of a gymnasium MuJoCo env's model with MuJoCo's own ``mj_step``."""
     import gymnasium as gym
-    import mujoco
 
-    envs = [gym.make(env_id).unwrapped for _ in range(n)]
-    if not hasattr(envs[0], "data"):
+    try:
+        import mujoco
+    except ImportError:
         return None
+    probe = gym.make(env_id).unwrapped
+    if not isinstance(getattr(probe, "data", None), mujoco.MjData):
+        return None
+    envs = [probe] + [gym.make(env_id).unwrapped for _ in range(n - 1)]
     for i, env in enumerate(envs):
         env.reset(seed=i)
     obs = np.stack([env._get_obs() for env in envs])

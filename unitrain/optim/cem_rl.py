@@ -162,12 +162,17 @@ class CEMRL(CEM):
         else:
             loss, actor_params = td3_loss(self, module, ctx), module.policy_parameters()
         self.loss: TD3Loss | DSACTLoss = module.add_aux(self.name, loss)
+        if type(self.loss) is not type(loss):
+            raise ConfigError("optimizer.critic",
+                              f"got {self.critic!r}, but the module already holds a "
+                              f"{type(self.loss).__name__} critic under aux.{self.name} (from an "
+                              "earlier run): use the same critic or a fresh module")
         self.updater = SoftUpdate(self.loss, tau=self.tau)
         self.critic_opt = torch.optim.Adam(list(self.loss.qvalue_network_params.values(True, True)),
                                            lr=self.lr_critic)
         self.actor_opt = torch.optim.Adam(actor_params, lr=self.lr_actor)
-        self.alpha_opt = (torch.optim.Adam([loss.log_alpha], lr=self.lr_alpha)
-                          if isinstance(loss, DSACTLoss) else None)
+        self.alpha_opt = (torch.optim.Adam([self.loss.log_alpha], lr=self.lr_alpha)
+                          if isinstance(self.loss, DSACTLoss) else None)
         self.frames_seen = 0  # frames of every generation so far, all processes
         self.last_frames = 0  # frames of the previous generation, all processes
 

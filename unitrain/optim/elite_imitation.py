@@ -123,18 +123,20 @@ class EliteImitation(UpdateRule):
             episodes.
         noise_std: continuous actions: standard deviation of the Gaussian noise added to the
             pre-squash mean ``u`` when sampling, in ``u``'s units (with bounds, the default 2,
-            measured on Pendulum, sends about half of the noisy actions of a centred mean beyond
-            90% of the way to a bound). Ignored for discrete actions.
+            sends about half of the noisy actions of a centred mean beyond 90% of the way to a
+            bound; the Pendulum recipe uses 1). Ignored for discrete actions.
         batch_size: elite pairs per fitted batch.
         updates: batches fitted per iteration.
         window: the elites of the last ``window`` iterations are fitted together (each
             iteration's elites are chosen among that iteration's episodes, plus the previous
             elites when ``keep_elites``); more and more varied pairs make each fit generalise.
         starts: ``None`` (each episode from the env's own random start) or the number of
-            start states shared by the env slots: the episodes run in waves of one per slot,
-            slot ``i`` of a wave starting from that wave's start ``i mod starts``, and elites
-            are ranked among the episodes of each start (at most ``env.num_envs``; not with
-            ``keep_elites``).
+            start states shared by the env slots: the episodes run in waves of one per slot
+            (``episodes`` a multiple of ``env.num_envs``), slot ``i`` of a wave starting from
+            that wave's start ``i mod starts``, and elites are ranked among the episodes of each
+            start (at most ``env.num_envs``; not with ``keep_elites``). The greedy slots are the
+            first ones, so with ``starts`` above their number some starts have no greedy
+            episode.
     """
 
     fit: Projection = field(default_factory=lambda: Projection(
@@ -174,6 +176,11 @@ class EliteImitation(UpdateRule):
             raise ConfigError("optimizer.starts",
                               f"got {self.starts}; each start needs an env slot of its own: "
                               f"expected at most env.num_envs={env.num_envs}")
+        if self.starts is not None and self.episodes % env.num_envs:
+            raise ConfigError("optimizer.episodes",
+                              f"got {self.episodes}; with starts the episodes run in full waves "
+                              f"of one per env slot: expected a multiple of "
+                              f"env.num_envs={env.num_envs}")
         if info.discrete:
             return
         if self.fit.output != "squared_error":
@@ -315,14 +322,15 @@ class EliteImitation(UpdateRule):
             # Waves of one episode per slot, every episode seeded: slot i of wave w starts from
             # start (w, i mod starts).
             waves = []
-            for w in range(math.ceil(self.episodes / n)):
+            for w in range(self.episodes // n):
                 starts = [derive_seed(ctx.seed, _STREAM_STARTS, ctx.iteration, ctx.rank, w, k)
                           for k in range(self.starts)]
-                waves.append(([int(w * n + i < self.episodes) for i in range(n)],
-                              [starts[i % self.starts] for i in range(n)]))
+                waves.append(([1] * n, [starts[i % self.starts] for i in range(n)]))
         episodes, steps = [], 0
         for w, (quota, seeds) in enumerate(waves):
             trajectories.clear()
+            for queue in pending.values():
+                queue.clear()
             played = rollout(env, policy if head.discrete else continuous_policy, quota=quota,
                              seeds=seeds, observe=record)
             steps += played.steps

@@ -255,6 +255,6 @@ class Projection(UpdateRule):
             # Class labels are regressed as one-hot vectors as wide as the network's output
             # (whatever its last layer: linear, pooling or a reshape).
             with torch.no_grad():
-                width = self.net(inputs[:1]).shape[-1]
+                width = self.net(inputs[:1].to(self.graph._param_dtype())).shape[-1]
             return nn.functional.one_hot(targets.long(), width).to(torch.get_default_dtype())
         return targets
