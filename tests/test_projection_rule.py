@@ -269,3 +269,24 @@ def test_class_labels_regressed_by_a_network_ending_in_a_pool():
     with torch.no_grad():
         after = float(((net(inputs.float()) - onehot) ** 2).mean())
     assert after < 0.8 * before, (before, after)
+
+
+def test_kept_elites_compete_with_new_episodes_for_a_fixed_number_of_places(monkeypatch):
+    spec = ut.EnvSpec("CartPole-v1", num_envs=2)
+    rule = EliteImitation(episodes=4, elite_fraction=0.5, keep_elites=True,
+                          fit=Projection(iterations=2))
+    torch.manual_seed(0)
+    module = TinyPolicy(4, 2, hidden=8, activation="relu")
+    ctx = _services(module, spec)
+    rule.setup(module, ctx)
+
+    def fake(returns):
+        return [{"observation": torch.randn(5, 4), "action": torch.randint(0, 2, (5,)),
+                 "return": r, "slot": i % 2} for i, r in enumerate(returns)], 20
+
+    for returns in ([10.0, 40.0, 30.0, 20.0], [35.0, 5.0, 50.0, 15.0]):
+        monkeypatch.setattr(rule, "_collect", lambda ctx, r=returns: fake(r))
+        rule.step(ctx)
+        # Two places (half of the 4 new episodes), whatever the number of kept elites.
+        assert len(rule._elites) == 2
+    assert sorted(e["return"] for e in rule._elites) == [40.0, 50.0]

@@ -219,13 +219,15 @@ class EliteImitation(UpdateRule):
         episodes, frames = self._collect(ctx)
         returns = [e["return"] for e in episodes]
         pool = episodes + (self._elites if self.keep_elites else [])
-        # Elites per start state (all in one group without common starts). Stable sort: among
-        # equal returns, the newer episodes (listed first) win.
+        # Elites per start state (all in one group without common starts): the best
+        # ``elite_fraction`` of that start's new episodes in number. Stable sort: among equal
+        # returns, the newer episodes (listed first) win.
         self._elites = []
-        for start in sorted({e.get("start", 0) for e in pool}):
+        for start in sorted({e.get("start", 0) for e in episodes}):
             members = [e for e in pool if e.get("start", 0) == start]
+            new = sum(e.get("start", 0) == start for e in episodes)
             members.sort(key=lambda e: -e["return"])
-            self._elites += members[:max(1, math.ceil(self.elite_fraction * len(members)))]
+            self._elites += members[:max(1, math.ceil(self.elite_fraction * new))]
         keep = len(self._elites)
         self._window = (self._window + [self._elites])[-self.window:]
         fitted = [e for elites in self._window for e in elites]
