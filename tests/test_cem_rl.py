@@ -35,15 +35,21 @@ def _fit(rule: CEMRL, run_dir: Path, frames: int) -> tuple[ut.Trainer, list[dict
     return trainer, rows
 
 
-def test_critic_and_actor_steps_follow_the_previous_generation(tmp_path: Path, monkeypatch):
+def _count_actor_losses(monkeypatch, loss_class: type) -> dict[str, int]:
+    """Count the calls of ``loss_class.actor_loss`` (one per actor step)."""
     calls = {"actor": 0}
-    actor_loss = TD3Loss.actor_loss
+    actor_loss = loss_class.actor_loss
 
     def counting(self, *args, **kwargs):
         calls["actor"] += 1
         return actor_loss(self, *args, **kwargs)
 
-    monkeypatch.setattr(TD3Loss, "actor_loss", counting)
+    monkeypatch.setattr(loss_class, "actor_loss", counting)
+    return calls
+
+
+def test_critic_and_actor_steps_follow_the_previous_generation(tmp_path: Path, monkeypatch):
+    calls = _count_actor_losses(monkeypatch, TD3Loss)
     rule = CEMRL(population=4, gradient_actors=3, max_episode_steps=25, warmup_frames=100,
                  batch_size=16, utd_ratio=0.4, critic_hidden=(16,))
     _, rows = _fit(rule, tmp_path, 300)  # three generations of 4 x 25 frames
@@ -90,14 +96,7 @@ def test_transitions_in_memory_are_the_population_episodes(tmp_path: Path):
 
 
 def test_dsac_t_critic_trains_actors_and_temperature(tmp_path: Path, monkeypatch):
-    calls = {"actor": 0}
-    actor_loss = DSACTLoss.actor_loss
-
-    def counting(self, *args, **kwargs):
-        calls["actor"] += 1
-        return actor_loss(self, *args, **kwargs)
-
-    monkeypatch.setattr(DSACTLoss, "actor_loss", counting)
+    calls = _count_actor_losses(monkeypatch, DSACTLoss)
     rule = CEMRL(population=4, gradient_actors=2, max_episode_steps=25, warmup_frames=100,
                  batch_size=16, utd_ratio=0.4, critic_hidden=(16,), critic="dsac_t",
                  alpha_init=0.5, lr_alpha=1e-2)

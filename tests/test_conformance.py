@@ -26,7 +26,8 @@ from unitrain.data import DataSpec, load_data
 from unitrain.envs import env_info
 from unitrain.optim import registered_rules
 
-# rule name -> (env spec, rule arguments, frame budget, required gain in eval return); for a rule
+# rule name (or "rule/variant" for a rule with an option that changes how it learns) -> (env spec,
+# rule arguments, frame budget, required gain in eval return); for a rule
 # declaring ``supervised_only`` the spec is None, the budget is epochs of the digits data and the
 # gain is in test accuracy.
 TASKS: dict[str, tuple[ut.EnvSpec | None, dict[str, Any], int, float]] = {
@@ -77,6 +78,16 @@ TASKS: dict[str, tuple[ut.EnvSpec | None, dict[str, Any], int, float]] = {
                     warmup_frames=400, batch_size=64, buffer_size=5000, lr_actor=3e-3,
                     lr_critic=3e-3, gamma=0.95, critic_hidden=(64, 64), save_buffer=True),
                3200, 150.0),
+    "cem_rl/dsac_t": (ut.EnvSpec("Pendulum-v1", num_envs=4),
+                      dict(population=4, gradient_actors=2, sigma=0.05, max_episode_steps=100,
+                           warmup_frames=400, batch_size=64, buffer_size=5000, lr_actor=3e-3,
+                           lr_critic=3e-3, gamma=0.95, critic_hidden=(64, 64), save_buffer=True,
+                           critic="dsac_t", alpha_init=0.05, lr_alpha=3e-3),
+                      3200, 150.0),
+    "elite_imitation/starts": (ut.EnvSpec("CartPole-v1", num_envs=4),
+                               dict(fit=dict(iterations=20, lam=1.0, standardize=True),
+                                    episodes=8, starts=1, elite_fraction=0.3, explore=0.1,
+                                    greedy_share=0.0, updates=2, batch_size=128), 6000, 20.0),
     "cbo": (ut.EnvSpec("CartPole-v1", num_envs=4),
             dict(population=16, sigma=1.5, init_std=0.3, max_episode_steps=200), 12000, 20.0),
 }
@@ -87,12 +98,18 @@ MODULE_ARGS: dict[str, dict[str, Any]] = {"projection": {"activation": "relu"},
                                           "elite_imitation": {"activation": "relu"}}
 
 
+def _base(name: str) -> str:
+    """The registered rule of a task name (``rule`` or ``rule/variant``)."""
+    return name.split("/")[0]
+
+
 def test_every_rule_has_a_task():
     assert set(registered_rules()) <= set(TASKS), set(registered_rules()) - set(TASKS)
+    assert {_base(name) for name in TASKS} <= set(registered_rules())
 
 
 def _supervised(name: str) -> bool:
-    return bool(getattr(registered_rules()[name], "supervised_only", False))
+    return bool(getattr(registered_rules()[_base(name)], "supervised_only", False))
 
 
 def _digits() -> tuple[Any, Any, Any]:
@@ -102,7 +119,7 @@ def _digits() -> tuple[Any, Any, Any]:
 def _run(name: str, run_dir: Path, budget: int | None = None, ckpt: str | None = None,
          callbacks=(), record: list | None = None) -> tuple[ut.Trainer, TinyPolicy]:
     spec, kwargs, default_budget, _ = TASKS[name]
-    rule = registered_rules()[name](**kwargs)
+    rule = registered_rules()[_base(name)](**kwargs)
     if record is not None:
         _record_keys(rule, record)
     common = dict(optimizer=rule, seed=1, num_threads=1, run_dir=run_dir,
@@ -123,7 +140,7 @@ def _run(name: str, run_dir: Path, budget: int | None = None, ckpt: str | None =
 
 
 def _module(name: str, obs_dim: int, act_dim: int) -> TinyPolicy:
-    return TinyPolicy(obs_dim, act_dim, **MODULE_ARGS.get(name, {}))
+    return TinyPolicy(obs_dim, act_dim, **MODULE_ARGS.get(_base(name), {}))
 
 
 def _initial_score(name: str) -> float:
@@ -167,6 +184,7 @@ def _record_keys(rule: ut.optim.UpdateRule, keys: list[set[str]]) -> None:
 
 def _rule_action(name: str, rule: Any, module: ut.RLModule, obs: torch.Tensor) -> torch.Tensor:
     """The deterministic action as the rule itself computes it (its actor, its population)."""
+    name = _base(name)
     if name in ("ppo", "reinforce"):
         with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
             return rule.data.actor(TensorDict(observation=obs,

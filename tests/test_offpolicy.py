@@ -316,25 +316,18 @@ if __name__ == "__main__":
                              callbacks=[Dump(f"{rule.name}-", extra=replay_and_updates)],
                              enable_progress_bar=False)
         trainer.fit(TinyPolicy(3, 1))
-    # CEM-RL: 4 actors of 32 steps a generation (2 per rank), 2 of them trained by the critic.
-    rule = ut.optim.CEMRL(population=4, gradient_actors=2, max_episode_steps=32, sigma=0.1,
-                          **{k: v for k, v in small.items() if k != "frames_per_batch"})
-    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1"), optimizer=rule, devices=2,
-                         strategy="ddp", max_frames=384, eval_every_frames=10000,
-                         eval_episodes=2, seed=3, num_threads=1, run_dir="run-cem_rl",
-                         callbacks=[Dump("cem_rl-", extra=replay_and_updates)],
-                         enable_progress_bar=False)
-    trainer.fit(TinyPolicy(3, 1))
-    # The same with DSAC-T's critics (omega averaged across ranks, a shared temperature).
-    rule = ut.optim.CEMRL(population=4, gradient_actors=2, max_episode_steps=32, sigma=0.1,
-                          critic="dsac_t",
-                          **{k: v for k, v in small.items() if k != "frames_per_batch"})
-    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1"), optimizer=rule, devices=2,
-                         strategy="ddp", max_frames=384, eval_every_frames=10000,
-                         eval_episodes=2, seed=3, num_threads=1, run_dir="run-cem_rl_dsac_t",
-                         callbacks=[Dump("cem_rl_dsac_t-", extra=replay_and_updates)],
-                         enable_progress_bar=False)
-    trainer.fit(TinyPolicy(3, 1))
+    # CEM-RL: 4 actors of 32 steps a generation (2 per rank), 2 of them trained by the critic;
+    # with TD3's critics and with DSAC-T's (omega averaged across ranks, a shared temperature).
+    for critic, tag in (("td3", "cem_rl"), ("dsac_t", "cem_rl_dsac_t")):
+        rule = ut.optim.CEMRL(population=4, gradient_actors=2, max_episode_steps=32, sigma=0.1,
+                              critic=critic,
+                              **{k: v for k, v in small.items() if k != "frames_per_batch"})
+        trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1"), optimizer=rule, devices=2,
+                             strategy="ddp", max_frames=384, eval_every_frames=10000,
+                             eval_episodes=2, seed=3, num_threads=1, run_dir=f"run-{tag}",
+                             callbacks=[Dump(f"{tag}-", extra=replay_and_updates)],
+                             enable_progress_bar=False)
+        trainer.fit(TinyPolicy(3, 1))
 '''
 
 
