@@ -88,6 +88,12 @@ TASKS: dict[str, tuple[ut.EnvSpec | None, dict[str, Any], int, float]] = {
                                dict(fit=dict(iterations=20, lam=1.0, standardize=True),
                                     episodes=8, starts=1, elite_fraction=0.3, explore=0.1,
                                     greedy_share=0.0, updates=2, batch_size=128), 6000, 20.0),
+    "elite_imitation/param_noise": (ut.EnvSpec("CartPole-v1", num_envs=4),
+                                    dict(fit=dict(iterations=20, lam=1.0, standardize=True,
+                                                  step_size=0.6),
+                                         episodes=8, param_noise=0.1, param_noise_target=0.1,
+                                         elite_fraction=0.3, greedy_share=0.25, batch_size=512),
+                                    6000, 20.0),
     "cbo": (ut.EnvSpec("CartPole-v1", num_envs=4),
             dict(population=16, sigma=1.5, init_std=0.3, max_episode_steps=200), 12000, 20.0),
 }

@@ -4,6 +4,7 @@ the RL rule composed over it."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from conftest import run_cli, run_ranks
 from policies import TinyPolicy
 from unitrain.data import DataSpec, load_data
 from unitrain.optim import EliteImitation, Projection
+from unitrain.optim.elite_imitation import _SlotNoise
 from unitrain.services import RunServices
 
 FAST = dict(iterations=20, output="cross_entropy", lam=5.0)
@@ -128,6 +130,39 @@ def test_two_processes_keep_identical_parameters(tmp_path: Path, net: str):
         assert any("net.1.weight" in k for k in r0["params"])
 
 
+EI_SCRIPT = '''
+import unitrain as ut
+from dump import Dump
+from policies import TinyPolicy
+
+
+def sigma(trainer, module):
+    rule = module._ctx.rule
+    return {"sigma": rule._sigma, "distance": rule._distance}
+
+
+if __name__ == "__main__":
+    rule = ut.optim.EliteImitation(episodes=4, param_noise=0.1, param_noise_target=0.02,
+                                   batch_size=64)
+    trainer = ut.Trainer(env=ut.EnvSpec("CartPole-v1", num_envs=4), optimizer=rule, devices=2,
+                         strategy="ddp", max_frames=1500, eval_every_frames=100000,
+                         eval_episodes=2, seed=5, num_threads=1, run_dir="run",
+                         callbacks=[Dump(extra=sigma)], enable_progress_bar=False)
+    trainer.fit(TinyPolicy(4, 2, hidden=8, activation="relu"))
+'''
+
+
+def test_two_processes_keep_identical_parameters_and_noise_in_elite_imitation(tmp_path: Path):
+    """Each rank plays its own episodes; the fit's consensus and the measured action distance
+    are combined across ranks, so parameters and the adapted σ stay identical."""
+    r0, r1 = run_ranks(tmp_path, EI_SCRIPT)
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["iterations"] >= 2
+    for key, value in r0["params"].items():
+        assert torch.equal(value, r1["params"][key]), key
+    assert any(not torch.equal(r0["init"][k], v) for k, v in r0["params"].items())
+    assert r0["sigma"] == r1["sigma"] != 0.1 and r0["distance"] == r1["distance"]
+
+
 def _services(module: ut.RLModule, spec: ut.EnvSpec) -> RunServices:
     services = RunServices(module, spec, 0, None)
     services.start(0, 1)
@@ -167,6 +202,18 @@ def test_new_rl_fields_are_validated():
         EliteImitation(greedy_share=1.5)
     with pytest.raises(ut.ConfigError, match=r"^optimizer\.fit\.lam"):
         EliteImitation(fit={"lam": 0.0})
+    with pytest.raises(ut.ConfigError,
+                       match=r"^optimizer\.param_noise: got -0\.1; expected a number >= 0 or null$"):
+        EliteImitation(param_noise=-0.1)
+    with pytest.raises(ut.ConfigError, match=r"^optimizer\.param_noise: got 0\.1; expected null "
+                                             r"when sample is false"):
+        EliteImitation(param_noise=0.1, sample=False)
+    with pytest.raises(ut.ConfigError, match=r"^optimizer\.param_noise_target: got 0\.0; expected a "
+                                             r"number > 0 or null$"):
+        EliteImitation(param_noise=0.1, param_noise_target=0.0)
+    with pytest.raises(ut.ConfigError, match=r"^optimizer\.param_noise_target: got 0\.1; expected "
+                                             r"null when param_noise is null"):
+        EliteImitation(param_noise_target=0.1)
 
 
 def test_each_rule_serves_its_kind_of_run():
@@ -194,6 +241,117 @@ def test_each_env_slot_runs_its_quota_and_greedy_slots_take_the_argmax():
                    for e in episodes]
     assert all(m for m, e in zip(matches, episodes) if e["slot"] < 2)
     assert not all(m for m, e in zip(matches, episodes) if e["slot"] >= 2)
+
+
+def test_parameter_noise_gives_each_sampling_slot_a_perturbed_copy():
+    """Slot j acts with θ + σ·ε_j (ε_j drawn in slot order, 0 in greedy slots); a redraw
+    replaces the noise of the given slots only."""
+    spec = ut.EnvSpec("CartPole-v1", num_envs=3)
+    torch.manual_seed(0)
+    module = TinyPolicy(4, 2, hidden=8, activation="relu")
+    ctx = _services(module, spec)
+    greedy = torch.tensor([True, False, False])
+    draws = torch.Generator().set_state(ctx.generator.get_state())
+    forward = _SlotNoise(module, 0.5, greedy, ctx.generator)
+    forward.redraw(range(3))
+    theta = torch.nn.utils.parameters_to_vector(module.parameters()).detach()
+    eps = [torch.zeros_like(theta)] + [torch.randn(theta.numel(), generator=draws)
+                                       for _ in range(2)]
+
+    def by_hand(e: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        copy = TinyPolicy(4, 2, hidden=8, activation="relu")
+        torch.nn.utils.vector_to_parameters(theta + 0.5 * e, copy.parameters())
+        with torch.no_grad():
+            return copy(obs)
+
+    obs = torch.randn(3, 4)
+    out = forward(obs, slice(0, 3))
+    for j in range(3):
+        torch.testing.assert_close(out[j], by_hand(eps[j], obs[j]))
+    with torch.no_grad():
+        torch.testing.assert_close(out[0], module(obs[0]))
+    # Two of the slots alone, and a redraw of slot 2 that leaves slot 1 as it was.
+    torch.testing.assert_close(forward(obs[1:], slice(1, 3)), out[1:])
+    forward.redraw([2])
+    eps[2] = torch.randn(theta.numel(), generator=draws)
+    again = forward(obs, slice(0, 3))
+    torch.testing.assert_close(again[:2], out[:2])
+    torch.testing.assert_close(again[2], by_hand(eps[2], obs[2]))
+    assert not torch.allclose(again[2], out[2])
+
+
+def test_parameter_noise_is_drawn_anew_for_every_episode(monkeypatch):
+    spec = ut.EnvSpec("CartPole-v1", num_envs=4)
+    rule = EliteImitation(episodes=8, explore=0.0, greedy_share=0.25, param_noise=0.3)
+    torch.manual_seed(0)
+    module = TinyPolicy(4, 2, hidden=8, activation="relu")
+    ctx = _services(module, spec)
+    rule.setup(module, ctx)
+    redrawn: list[int] = []
+    redraw = _SlotNoise.redraw
+
+    def spy(self, slots):
+        slots = list(slots)
+        redrawn.extend(slots)
+        redraw(self, slots)
+
+    monkeypatch.setattr(_SlotNoise, "redraw", spy)
+    episodes, _ = rule._collect(ctx)
+    # Every slot gets noise before its first episode and after each episode it ends.
+    assert sorted(redrawn) == sorted(list(range(4)) + [e["slot"] for e in episodes])
+    with torch.no_grad():
+        matches = [torch.equal(module(e["observation"]).argmax(-1), e["action"])
+                   for e in episodes]
+    # The greedy slot acts with the policy itself; the sampling slots with perturbed copies,
+    # deterministically (no per-step sampling: with zero noise they would match the argmax).
+    assert all(m for m, e in zip(matches, episodes) if e["slot"] == 0)
+    assert not all(m for m, e in zip(matches, episodes) if e["slot"] > 0)
+    still = EliteImitation(episodes=8, explore=0.0, greedy_share=0.25, param_noise=0.0)
+    still.setup(module, ctx)
+    episodes, _ = still._collect(ctx)
+    with torch.no_grad():
+        assert all(torch.equal(module(e["observation"]).argmax(-1), e["action"])
+                   for e in episodes)
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_parameter_noise_adapts_to_the_measured_action_distance(discrete: bool):
+    """Distance: the share of visited states where a perturbed copy's action differs (discrete),
+    or the RMS difference of the pre-squash means (continuous); σ grows 5% below the target and
+    shrinks 5% above it."""
+    from types import SimpleNamespace
+
+    from unitrain.envs import env_info
+
+    torch.manual_seed(0)
+    spec = ut.EnvSpec("CartPole-v1" if discrete else "Pendulum-v1")
+    obs_dim, act_dim = (4, 2) if discrete else (3, 1)
+    module = ut.MLPPolicy(obs_dim, act_dim, hidden=[8], activation="relu", out_scale=1.0)
+    module.bind_env(env_info(spec))
+    ctx = SimpleNamespace(device=torch.device("cpu"), world_size=1,
+                          all_reduce_=lambda tensor, op="mean": tensor)
+    noise = _SlotNoise(module, 0.5, torch.tensor([False, False]), torch.Generator())
+    episodes = [(torch.randn(noise.layout.numel), torch.randn(n, obs_dim)) for n in (30, 20)]
+    mismatches, squares = 0.0, 0.0
+    for eps, obs in episodes:
+        copy = ut.MLPPolicy(obs_dim, act_dim, hidden=[8], activation="relu", out_scale=1.0)
+        torch.nn.utils.vector_to_parameters(noise.theta + 0.5 * eps, copy.parameters())
+        with torch.no_grad():
+            mine, theirs = module(obs), copy(obs)
+        mismatches += float((mine.argmax(-1) != theirs.argmax(-1)).sum())
+        squares += float(((module.actions.loc(mine) - module.actions.loc(theirs)) ** 2).sum())
+    expected = mismatches / 50 if discrete else math.sqrt(squares / 50)
+    assert expected > 0
+    for target, sigma in ((expected * 1.1, 0.5 * 1.05), (expected * 0.9, 0.5 / 1.05)):
+        rule = EliteImitation(param_noise=0.5, param_noise_target=target)
+        rule.module, rule._sigma = module, 0.5
+        rule._adapt_noise(noise, episodes, ctx)
+        assert rule._distance == pytest.approx(expected)
+        assert rule._sigma == pytest.approx(sigma)
+    fixed = EliteImitation(param_noise=0.5)
+    fixed.module, fixed._sigma = module, 0.5
+    fixed._adapt_noise(noise, episodes, ctx)
+    assert fixed._distance == pytest.approx(expected) and fixed._sigma == 0.5
 
 
 def test_step_size_moves_part_of_the_way_to_the_consensus():

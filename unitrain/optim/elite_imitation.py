@@ -23,6 +23,15 @@ Both action spaces of the action contract (:mod:`unitrain.action`) are supported
   rule's own, so the module must have ``action_std: param`` (its ``aux.log_std`` is neither used
   nor trained here).
 
+Parameter-space exploration (``param_noise``): instead of noise on each action, a sampling slot
+acts deterministically with the policy's parameters plus ``param_noise · ε``, one ``ε ~ N(0, I)``
+per episode (Rückstieß, Felder & Schmidhuber, "State-Dependent Exploration for Policy Gradient
+Methods", ECML 2008; Plappert et al., "Parameter Space Noise for Exploration", ICLR 2018). Its
+episodes are then consistent: the same state always gets the same action, so an elite episode
+shows a behaviour that can be fitted, not a lucky draw of per-step noise, and the fitted policy
+grows confident where the elites agree. The perturbed copies are applied to their slots in one
+call through the population rules' batched policy (:class:`unitrain.population.PopulationPolicy`).
+
 Common start states (``starts``): where returns depend on the random initial state (Pendulum), the
 best returns mostly mark the easiest starts, not the best actions. With ``starts = k`` the
 episodes run in waves of one per env slot; each wave draws ``k`` start states (seeded resets),
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +63,7 @@ from unitrain.envs import derive_seed
 from unitrain.errors import ConfigError, UserError, check
 from unitrain.optim.base import UpdateRule, register_rule
 from unitrain.optim.projection import Projection
+from unitrain.population import ParamLayout, PopulationPolicy
 from unitrain.rollout import Step, rollout
 
 if TYPE_CHECKING:
@@ -90,6 +101,45 @@ class _WithoutAux(nn.Module):
         return self.policy(observation)
 
 
+class _SlotNoise:
+    """Parameter-space noise per env slot: slot ``j`` acts with ``θ + σ · ε_j``.
+
+    ``ε_j ~ N(0, I)`` is drawn by :meth:`redraw` (once per episode), and stays 0 in greedy slots.
+    The copies are applied in one call through the population rules' batched policy.
+
+    Args:
+        module: the policy (``θ`` is its policy parameters at construction).
+        sigma: the noise's standard deviation ``σ``.
+        greedy: ``[n]`` which slots act with ``θ`` itself.
+        generator: the source of ``ε``.
+    """
+
+    def __init__(self, module: "RLModule", sigma: float, greedy: Tensor,
+                 generator: torch.Generator) -> None:
+        self.layout = ParamLayout.of(module)
+        self.theta = self.layout.flatten(module)
+        self.sigma, self.greedy, self.generator = sigma, greedy, generator
+        self.batched = PopulationPolicy(module, self.layout, act=lambda m, obs: m(obs))
+        self.eps = torch.zeros(len(greedy), self.layout.numel, dtype=self.theta.dtype,
+                               device=self.theta.device)
+
+    def redraw(self, slots: Iterable[int]) -> None:
+        """Draw new noise for these slots (greedy ones keep none)."""
+        for i in slots:
+            if not self.greedy[i]:
+                self.eps[i] = torch.randn(self.layout.numel, generator=self.generator,
+                                          dtype=self.theta.dtype).to(self.theta.device)
+
+    def __call__(self, observation: Tensor, slots: slice) -> Tensor:
+        """The outputs ``[k, ...]`` of the slots ``slots`` for their observations ``[k, ...]``."""
+        return self.apply(self.eps[slots], observation)
+
+    def apply(self, eps: Tensor, observation: Tensor) -> Tensor:
+        """Row ``j`` of ``observation`` through ``θ + σ · eps[j]``."""
+        params = self.theta + self.sigma * eps
+        return self.batched(params, observation.unsqueeze(1)).squeeze(1)
+
+
 @register_rule("elite_imitation")
 @dataclass
 class EliteImitation(UpdateRule):
@@ -121,6 +171,18 @@ class EliteImitation(UpdateRule):
             earns; once it earns the most, they become the elites, so the greedy policy is a
             fixed point of the fit instead of being pulled toward the sampled policy's weaker
             episodes.
+        param_noise: ``None`` (sampling slots add noise to each action, as ``sample`` says) or
+            the standard deviation of parameter-space noise: a sampling slot then acts
+            deterministically (argmax, or the pre-squash mean) with the policy's parameters plus
+            ``param_noise · ε``, ``ε ~ N(0, I)`` drawn anew for each episode; ``explore`` still
+            applies. Needs ``sample: true``.
+        param_noise_target: ``None`` (``param_noise`` stays fixed) or the action distance the
+            parameter noise is kept at: after each iteration ``σ`` grows by 5% if the perturbed
+            copies acted closer to the policy than this, else shrinks by 5% (Plappert et al.
+            2018). The distance is the share of visited states where a copy's action differs
+            from the policy's (discrete), or the root mean square difference of their
+            pre-squash means (continuous). A policy that grows confident needs ever larger
+            parameter changes to act differently; a fixed ``σ`` then stops exploring.
         noise_std: continuous actions: standard deviation of the Gaussian noise added to the
             pre-squash mean ``u`` when sampling, in ``u``'s units (with bounds, the default 2,
             sends about half of the noisy actions of a centred mean beyond 90% of the way to a
@@ -147,6 +209,8 @@ class EliteImitation(UpdateRule):
     explore: float = 0.05
     sample: bool = True
     greedy_share: float = 0.25
+    param_noise: float | None = None
+    param_noise_target: float | None = None
     noise_std: float = 2.0
     batch_size: int = 512
     updates: int = 1
@@ -160,6 +224,17 @@ class EliteImitation(UpdateRule):
         check(0 <= self.explore <= 1, "explore", "a number in [0, 1]", self.explore)
         check(0 <= self.greedy_share <= 1, "greedy_share", "a number in [0, 1]",
               self.greedy_share)
+        check(self.param_noise is None
+              or (math.isfinite(self.param_noise) and self.param_noise >= 0), "param_noise",
+              "a number >= 0 or null", self.param_noise)
+        check(self.param_noise is None or self.sample, "param_noise",
+              "null when sample is false (no slot explores)", self.param_noise)
+        check(self.param_noise_target is None
+              or (math.isfinite(self.param_noise_target) and self.param_noise_target > 0),
+              "param_noise_target", "a number > 0 or null", self.param_noise_target)
+        check(self.param_noise_target is None or self.param_noise is not None,
+              "param_noise_target", "null when param_noise is null (no parameter noise to adapt)",
+              self.param_noise_target)
         check(math.isfinite(self.noise_std) and self.noise_std >= 0, "noise_std",
               "a number >= 0", self.noise_std)
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
@@ -210,6 +285,8 @@ class EliteImitation(UpdateRule):
         self.fit.attach(module if isinstance(net, nn.Module) or not has_aux
                         else _WithoutAux(module))
         self.module = module
+        self._sigma = self.param_noise
+        self._distance: float | None = None
         self._elites: list[dict[str, Any]] = []
         # The elite sets of the last ``window`` iterations, newest last.
         self._window: list[list[dict[str, Any]]] = []
@@ -246,6 +323,9 @@ class EliteImitation(UpdateRule):
             "train/elite_pairs": float(len(obs)),
             "frames": float(frames),
         })
+        if self._distance is not None:
+            metrics["train/param_noise"] = float(self._sigma)
+            metrics["train/action_distance"] = self._distance
         return metrics
 
     @torch.no_grad()
@@ -262,12 +342,19 @@ class EliteImitation(UpdateRule):
         head = self.module.actions
         act_dim = head.act_dim
         greedy = torch.arange(n) < round(self.greedy_share * n)
+        perturbed = self.sample and self.param_noise is not None
+        noise = _SlotNoise(self.module, self._sigma, greedy, ctx.generator) if perturbed else None
+
+        def output(obs: Tensor, slots: slice) -> Tensor:
+            if noise is not None:
+                return noise(obs.to(ctx.device), slots)
+            return self.module(obs.to(ctx.device))
 
         def policy(obs: Tensor, slots: slice) -> Tensor:
             k = obs.shape[0]
-            logits = self.module(obs.to(ctx.device)).cpu().double()
+            logits = output(obs, slots).cpu().double()
             action = logits.argmax(-1)
-            if self.sample:
+            if self.sample and not perturbed:
                 probs = torch.softmax(logits, -1)
                 sampled = torch.multinomial(probs, 1, generator=ctx.generator).squeeze(-1)
                 action = torch.where(greedy[slots], action, sampled)
@@ -281,8 +368,8 @@ class EliteImitation(UpdateRule):
 
         def continuous_policy(obs: Tensor, slots: slice) -> Tensor:
             k = obs.shape[0]
-            pre = head.loc(self.module(obs.to(ctx.device))).cpu()
-            if self.sample:
+            pre = head.loc(output(obs, slots)).cpu()
+            if self.sample and not perturbed:
                 noise = torch.randn(k, act_dim, generator=ctx.generator, dtype=pre.dtype)
                 noisy = pre + self.noise_std * noise
                 pre = torch.where(greedy[slots].unsqueeze(-1), pre, noisy)
@@ -297,7 +384,8 @@ class EliteImitation(UpdateRule):
         obs_buf: list[list[Tensor]] = [[] for _ in range(n)]
         act_buf: list[list[Tensor]] = [[] for _ in range(n)]
         tgt_buf: list[list[Tensor]] = [[] for _ in range(n)]
-        trajectories: list[tuple[int, Tensor, Tensor, Tensor | None]] = []
+        trajectories: list[tuple[int, Tensor, Tensor, Tensor | None, Tensor | None]] = []
+        perturbed_episodes: list[tuple[Tensor, Tensor]] = []  # (ε, observations) of each
 
         def record(step: Step) -> None:
             targets: dict[int, Tensor] = {}
@@ -314,7 +402,11 @@ class EliteImitation(UpdateRule):
                     tgt_buf[i].append(targets[i])
                 if step.ended[i]:
                     trajectories.append((i, torch.stack(obs_buf[i]), torch.stack(act_buf[i]),
-                                         torch.stack(tgt_buf[i]) if tgt_buf[i] else None))
+                                         torch.stack(tgt_buf[i]) if tgt_buf[i] else None,
+                                         None if noise is None or greedy[i]
+                                         else noise.eps[i].clone()))
+                    if noise is not None:
+                        noise.redraw([i])
                     obs_buf[i], act_buf[i], tgt_buf[i] = [], [], []
 
         if self.starts is None:
@@ -331,24 +423,61 @@ class EliteImitation(UpdateRule):
         episodes, steps = [], 0
         for w, (quota, seeds) in enumerate(waves):
             trajectories.clear()
+            if noise is not None:
+                noise.redraw(range(n))
             for queue in pending.values():
                 queue.clear()
             played = rollout(env, policy if head.discrete else continuous_policy, quota=quota,
                              seeds=seeds, observe=record)
             steps += played.steps
-            for (slot, o, a, t), r in zip(trajectories, played.returns.tolist(), strict=True):
+            for (slot, o, a, t, e), r in zip(trajectories, played.returns.tolist(), strict=True):
                 episode = {"observation": o, "action": a, "return": float(r), "slot": slot,
                            "start": 0 if seeds is None else w * self.starts + slot % self.starts}
                 if t is not None:
                     episode["target"] = t
                 episodes.append(episode)
+                if e is not None:
+                    perturbed_episodes.append((e, o))
+        if noise is not None:
+            self._adapt_noise(noise, perturbed_episodes, ctx)
         return episodes, steps
+
+    @torch.no_grad()
+    def _adapt_noise(self, noise: _SlotNoise, episodes: list[tuple[Tensor, Tensor]],
+                     ctx: "RuleContext") -> None:
+        """Measure how far the perturbed copies acted from the policy, and adapt ``σ``.
+
+        The distance is measured on the observations each perturbed episode visited: the share
+        of them where its action differs from the policy's (discrete), or the root mean square
+        difference of the pre-squash means (continuous); summed over every rank's episodes. With
+        ``param_noise_target``, ``σ`` grows by 5% after an iteration below the target and shrinks
+        by 5% after one above it (Plappert et al. 2018's adaptive scaling).
+        """
+        head = self.module.actions
+        total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        for eps, obs in episodes:
+            obs = obs.to(ctx.device)
+            mine, theirs = self.module(obs), noise.apply(eps.expand(len(obs), -1), obs)
+            if head.discrete:
+                total[0] += float((mine.argmax(-1) != theirs.argmax(-1)).sum())
+            else:
+                total[0] += float(((head.loc(mine) - head.loc(theirs)) ** 2).mean(-1).sum())
+            total[1] += len(obs)
+        ctx.all_reduce_(total, "sum")
+        if total[1] == 0:
+            return
+        distance = float(total[0] / total[1])
+        self._distance = distance if head.discrete else math.sqrt(distance)
+        if self.param_noise_target is not None:
+            self._sigma *= 1.05 if self._distance < self.param_noise_target else 1 / 1.05
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"elites": [dict(e) for e in getattr(self, "_elites", [])],
-                "window": [[dict(e) for e in elites] for elites in getattr(self, "_window", [])]}
+                "window": [[dict(e) for e in elites] for elites in getattr(self, "_window", [])],
+                "param_noise": getattr(self, "_sigma", self.param_noise)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._elites = [dict(e) for e in state.get("elites", [])]
         self._window = [[dict(e) for e in elites] for elites in state.get("window", [])]
+        self._sigma = state.get("param_noise", self.param_noise)

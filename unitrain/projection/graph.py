@@ -793,14 +793,22 @@ class ProjectionGraph:
         return {name: means[key].reshape(param.shape) for key, name, param, _ in self._params()}
 
     @torch.no_grad()
-    def write_parameters(self, state: State, reduce_mean: ReduceMean | None = None) -> None:
+    def write_parameters(self, state: State, reduce_mean: ReduceMean | None = None,
+                         consistent: bool = False) -> None:
         """Copy the consensus parameters of ``state`` into the module's parameters.
 
         Args:
             state: copies of the parameters.
             reduce_mean: as in :meth:`project_consistency`.
+            consistent: ``state`` is an output of :meth:`project_consistency`, whose copies of a
+                parameter all hold its consensus: it is read from the first sample's copy, not
+                averaged again over the batch (whose rounding would depend on the batch size,
+                which differs between processes).
         """
-        means = self._param_means(state, reduce_mean or _identity)
+        if consistent:
+            means = {key: stage.param_mean(state[key][0]) for key, _, _, stage in self._params()}
+        else:
+            means = self._param_means(state, reduce_mean or _identity)
         for key, _, param, _ in self._params():
             param.copy_(means[key].reshape(param.shape))
 

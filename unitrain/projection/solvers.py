@@ -347,5 +347,5 @@ def fit_batch(
     result = solve(graph, state, inputs, targets, output, method, iterations, reduce_mean,
                    warm_start, compile)
     # The result state is consistent: its parameter copies already hold the all-rank mean.
-    graph.write_parameters(result.state)
+    graph.write_parameters(result.state, consistent=True)
     return result
