@@ -214,6 +214,9 @@ def test_new_rl_fields_are_validated():
     with pytest.raises(ut.ConfigError, match=r"^optimizer\.param_noise_target: got 0\.1; expected "
                                              r"null when param_noise is null"):
         EliteImitation(param_noise_target=0.1)
+    with pytest.raises(ut.ConfigError, match=r"^optimizer\.param_noise: got 0\.0; expected a number "
+                                             r"> 0 when param_noise_target is set"):
+        EliteImitation(param_noise=0.0, param_noise_target=0.1)
 
 
 def test_each_rule_serves_its_kind_of_run():
@@ -296,9 +299,22 @@ def test_parameter_noise_is_drawn_anew_for_every_episode(monkeypatch):
         redraw(self, slots)
 
     monkeypatch.setattr(_SlotNoise, "redraw", spy)
+    measured: list[tuple[_SlotNoise, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+    adapt = rule._adapt_noise
+    monkeypatch.setattr(rule, "_adapt_noise",
+                        lambda noise, played, c: (measured.append((noise, played)),
+                                                  adapt(noise, played, c)))
     episodes, _ = rule._collect(ctx)
     # Every slot gets noise before its first episode and after each episode it ends.
     assert sorted(redrawn) == sorted(list(range(4)) + [e["slot"] for e in episodes])
+    # Every action of a sampling slot's episode, its first included, is the argmax of the one
+    # perturbed copy recorded with that episode.
+    (noise, played), = measured
+    assert len(played) == sum(e["slot"] > 0 for e in episodes) == 6
+    for eps, obs in played:
+        episode, = [e for e in episodes if e["observation"] is obs]
+        assert torch.equal(noise.apply_one(eps, obs).argmax(-1), episode["action"])
+    assert len({float(eps.sum()) for eps, _ in played}) == 6
     with torch.no_grad():
         matches = [torch.equal(module(e["observation"]).argmax(-1), e["action"])
                    for e in episodes]

@@ -79,7 +79,8 @@ class Rollout:
 def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Tensor], *,
             quota: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
             max_steps: int | None = None,
-            observe: Callable[[Step], None] | None = None) -> Rollout:
+            observe: Callable[[Step], None] | None = None,
+            on_end: Callable[[torch.Tensor], None] | None = None) -> Rollout:
     """Play whole episodes: slot ``i`` plays ``quota[i]`` of them (default one per slot).
 
     The env is reset first. Rewards of idle slots are ignored (``where``, so a non-finite reward
@@ -100,6 +101,8 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Ten
         max_steps: cap on each episode's steps (one episode per slot only: a capped episode is
             not reset by the env, so its slot cannot go on).
         observe: called with a :class:`Step` of all ``n`` slots after every step.
+        on_end: called with the slots whose episode just ended (indices into ``range(n)``),
+            before the policy chooses their next episode's first action.
 
     Returns:
         The episodes, in the order they ended.
@@ -148,6 +151,8 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Ten
             length[idx] = 0
             remaining[sl] -= ended.long()
             active[sl] = remaining[sl] > 0
+            if on_end is not None:
+                on_end(idx)
         return g.record
 
     if bool(active.any()):

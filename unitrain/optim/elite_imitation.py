@@ -139,6 +139,11 @@ class _SlotNoise:
         params = self.theta + self.sigma * eps
         return self.batched(params, observation.unsqueeze(1)).squeeze(1)
 
+    def apply_one(self, eps: Tensor, observation: Tensor) -> Tensor:
+        """Every row of ``observation`` through the one copy ``θ + σ · eps``."""
+        params = (self.theta + self.sigma * eps).unsqueeze(0)
+        return self.batched(params, observation.unsqueeze(0)).squeeze(0)
+
 
 @register_rule("elite_imitation")
 @dataclass
@@ -235,6 +240,9 @@ class EliteImitation(UpdateRule):
         check(self.param_noise_target is None or self.param_noise is not None,
               "param_noise_target", "null when param_noise is null (no parameter noise to adapt)",
               self.param_noise_target)
+        check(self.param_noise_target is None or not self.param_noise == 0, "param_noise",
+              "a number > 0 when param_noise_target is set (a zero noise cannot be scaled)",
+              self.param_noise)
         check(math.isfinite(self.noise_std) and self.noise_std >= 0, "noise_std",
               "a number >= 0", self.noise_std)
         check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
@@ -285,7 +293,7 @@ class EliteImitation(UpdateRule):
         self.fit.attach(module if isinstance(net, nn.Module) or not has_aux
                         else _WithoutAux(module))
         self.module = module
-        self._sigma = self.param_noise
+        self._sigma = self._sigma_used = self.param_noise
         self._distance: float | None = None
         self._elites: list[dict[str, Any]] = []
         # The elite sets of the last ``window`` iterations, newest last.
@@ -324,7 +332,7 @@ class EliteImitation(UpdateRule):
             "frames": float(frames),
         })
         if self._distance is not None:
-            metrics["train/param_noise"] = float(self._sigma)
+            metrics["train/param_noise"] = float(self._sigma_used)
             metrics["train/action_distance"] = self._distance
         return metrics
 
@@ -386,6 +394,15 @@ class EliteImitation(UpdateRule):
         tgt_buf: list[list[Tensor]] = [[] for _ in range(n)]
         trajectories: list[tuple[int, Tensor, Tensor, Tensor | None, Tensor | None]] = []
         perturbed_episodes: list[tuple[Tensor, Tensor]] = []  # (ε, observations) of each
+        # The noise an episode that just ended was played with, until its record is kept.
+        played_with: dict[int, Tensor] = {}
+
+        def episode_ended(slots: Tensor) -> None:
+            # A new episode starts with new noise, before the policy picks its first action.
+            for i in slots.tolist():
+                if not greedy[i]:
+                    played_with[i] = noise.eps[i].clone()
+            noise.redraw(slots.tolist())
 
         def record(step: Step) -> None:
             targets: dict[int, Tensor] = {}
@@ -404,9 +421,7 @@ class EliteImitation(UpdateRule):
                     trajectories.append((i, torch.stack(obs_buf[i]), torch.stack(act_buf[i]),
                                          torch.stack(tgt_buf[i]) if tgt_buf[i] else None,
                                          None if noise is None or greedy[i]
-                                         else noise.eps[i].clone()))
-                    if noise is not None:
-                        noise.redraw([i])
+                                         else played_with.pop(i)))
                     obs_buf[i], act_buf[i], tgt_buf[i] = [], [], []
 
         if self.starts is None:
@@ -428,7 +443,8 @@ class EliteImitation(UpdateRule):
             for queue in pending.values():
                 queue.clear()
             played = rollout(env, policy if head.discrete else continuous_policy, quota=quota,
-                             seeds=seeds, observe=record)
+                             seeds=seeds, observe=record,
+                             on_end=episode_ended if noise is not None else None)
             steps += played.steps
             for (slot, o, a, t, e), r in zip(trajectories, played.returns.tolist(), strict=True):
                 episode = {"observation": o, "action": a, "return": float(r), "slot": slot,
@@ -457,12 +473,13 @@ class EliteImitation(UpdateRule):
         total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         for eps, obs in episodes:
             obs = obs.to(ctx.device)
-            mine, theirs = self.module(obs), noise.apply(eps.expand(len(obs), -1), obs)
+            mine, theirs = self.module(obs), noise.apply_one(eps, obs)
             if head.discrete:
-                total[0] += float((mine.argmax(-1) != theirs.argmax(-1)).sum())
+                total[0] += (mine.argmax(-1) != theirs.argmax(-1)).sum()
             else:
-                total[0] += float(((head.loc(mine) - head.loc(theirs)) ** 2).mean(-1).sum())
+                total[0] += ((head.loc(mine) - head.loc(theirs)) ** 2).mean(-1).sum()
             total[1] += len(obs)
+        self._sigma_used = noise.sigma
         ctx.all_reduce_(total, "sum")
         if total[1] == 0:
             return
@@ -480,4 +497,7 @@ class EliteImitation(UpdateRule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._elites = [dict(e) for e in state.get("elites", [])]
         self._window = [[dict(e) for e in elites] for elites in state.get("window", [])]
-        self._sigma = state.get("param_noise", self.param_noise)
+        # An adapted σ carries over; a fixed one is the config's.
+        saved = state.get("param_noise")
+        self._sigma = (saved if saved is not None and self.param_noise is not None
+                       and self.param_noise_target is not None else self.param_noise)
