@@ -58,7 +58,7 @@ def main() -> None:
         result = solve(graph, graph.init_state(x), x, targets, SquaredErrorOutput(1.0),
                        method=method, iterations=args.iterations)
         seconds = time.perf_counter() - start
-        graph.write_parameters(result.state)
+        graph.write_parameters(result.state, consistent=True)
         with torch.no_grad():
             after = float(((student(x) - targets) ** 2).mean())
         curve = result.violation

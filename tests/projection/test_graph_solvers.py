@@ -176,6 +176,25 @@ def test_parameters_round_trip_and_consensus_is_the_mean() -> None:
     assert torch.allclose(consensus["0.weight"], first.weight)
 
 
+def test_a_consistent_state_writes_its_consensus_exactly_at_any_batch_size() -> None:
+    """Copies that all hold one value give that value bit for bit, whatever the batch size (the
+    mean of the copies may round differently for different batch sizes, and processes with
+    different batches would drift apart)."""
+    net = _mlp(4)
+    graph = ProjectionGraph(net)
+    values = {key: torch.randn_like(param, dtype=DT) / 3 for key, _, param, _ in graph._params()}
+    written = []
+    for batch in (3, 7, 11, 13):
+        state = graph.init_state(torch.randn(batch, 4, dtype=DT))
+        for key, _, _, stage in graph._params():
+            state[key] = stage.param_expand(values[key], state[key].shape)
+        graph.write_parameters(state, consistent=True)
+        written.append(torch.nn.utils.parameters_to_vector(net.parameters()).clone())
+        for key, _, param, _ in graph._params():
+            assert torch.equal(param.detach(), values[key].to(param.dtype)), (batch, key)
+    assert all(torch.equal(w, written[0]) for w in written)
+
+
 def test_consistency_keeps_data_fixed_and_averages_copies() -> None:
     net = _mlp(2)
     graph = ProjectionGraph(net)
