@@ -122,6 +122,8 @@ class _SlotNoise:
         self.batched = PopulationPolicy(module, self.layout, act=lambda m, obs: m(obs))
         self.eps = torch.zeros(len(greedy), self.layout.numel, dtype=self.theta.dtype,
                                device=self.theta.device)
+        # Each slot's parameters θ + σ·ε, kept from one redraw to the next (not rebuilt per step).
+        self.params = self.theta.expand(len(greedy), -1).clone()
 
     def redraw(self, slots: Iterable[int]) -> None:
         """Draw new noise for these slots (greedy ones keep none)."""
@@ -129,15 +131,11 @@ class _SlotNoise:
             if not self.greedy[i]:
                 self.eps[i] = torch.randn(self.layout.numel, generator=self.generator,
                                           dtype=self.theta.dtype).to(self.theta.device)
+                self.params[i] = self.theta + self.sigma * self.eps[i]
 
     def __call__(self, observation: Tensor, slots: slice) -> Tensor:
         """The outputs ``[k, ...]`` of the slots ``slots`` for their observations ``[k, ...]``."""
-        return self.apply(self.eps[slots], observation)
-
-    def apply(self, eps: Tensor, observation: Tensor) -> Tensor:
-        """Row ``j`` of ``observation`` through ``θ + σ · eps[j]``."""
-        params = self.theta + self.sigma * eps
-        return self.batched(params, observation.unsqueeze(1)).squeeze(1)
+        return self.batched(self.params[slots], observation.unsqueeze(1)).squeeze(1)
 
     def apply_one(self, eps: Tensor, observation: Tensor) -> Tensor:
         """Every row of ``observation`` through the one copy ``θ + σ · eps``."""
