@@ -137,14 +137,17 @@ from policies import TinyPolicy
 
 
 def sigma(trainer, module):
-    rule = module._ctx.rule
-    return {"sigma": rule._sigma, "distance": rule._distance}
+    rule, norm = module._ctx.rule, module._ctx.services.obs_norm
+    return {"sigma": rule._sigma, "distance": rule._distance,
+            "norm": None if norm is None else [b.clone() for b in (norm.count, norm.mean, norm.m2)]}
 
 
 if __name__ == "__main__":
+    import sys
     rule = ut.optim.EliteImitation(episodes=4, param_noise=0.1, param_noise_target=0.02,
                                    batch_size=64)
-    trainer = ut.Trainer(env=ut.EnvSpec("CartPole-v1", num_envs=4), optimizer=rule, devices=2,
+    env = ut.EnvSpec("CartPole-v1", num_envs=4, obs_norm=sys.argv[1] == "obs_norm")
+    trainer = ut.Trainer(env=env, optimizer=rule, devices=2,
                          strategy="ddp", max_frames=1500, eval_every_frames=100000,
                          eval_episodes=2, seed=5, num_threads=1, run_dir="run",
                          callbacks=[Dump(extra=sigma)], enable_progress_bar=False)
@@ -152,15 +155,24 @@ if __name__ == "__main__":
 '''
 
 
-def test_two_processes_keep_identical_parameters_and_noise_in_elite_imitation(tmp_path: Path):
+@pytest.mark.parametrize("observations", ["raw", "obs_norm"])
+def test_two_processes_keep_identical_parameters_and_noise_in_elite_imitation(
+        tmp_path: Path, observations: str):
     """Each rank plays its own episodes; the fit's consensus and the measured action distance
-    are combined across ranks, so parameters and the adapted σ stay identical."""
-    r0, r1 = run_ranks(tmp_path, EI_SCRIPT)
+    are combined across ranks, so parameters and the adapted σ stay identical (also with
+    observations normalised by running statistics, as the CartPole recipe does)."""
+    r0, r1 = run_ranks(tmp_path, EI_SCRIPT, observations)
     assert r0["world_size"] == r1["world_size"] == 2 and r0["iterations"] >= 2
     for key, value in r0["params"].items():
         assert torch.equal(value, r1["params"][key]), key
     assert any(not torch.equal(r0["init"][k], v) for k, v in r0["params"].items())
     assert r0["sigma"] == r1["sigma"] != 0.1 and r0["distance"] == r1["distance"]
+    if observations == "obs_norm":
+        assert r0["norm"][0] > 0
+        for a, b in zip(r0["norm"], r1["norm"], strict=True):
+            assert torch.equal(a, b)
+    else:
+        assert r0["norm"] is None
 
 
 def _services(module: ut.RLModule, spec: ut.EnvSpec) -> RunServices:
