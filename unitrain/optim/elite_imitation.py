@@ -376,8 +376,8 @@ class EliteImitation(UpdateRule):
             k = obs.shape[0]
             pre = head.loc(output(obs, slots)).cpu()
             if self.sample and not perturbed:
-                noise = torch.randn(k, act_dim, generator=ctx.generator, dtype=pre.dtype)
-                noisy = pre + self.noise_std * noise
+                xi = torch.randn(k, act_dim, generator=ctx.generator, dtype=pre.dtype)
+                noisy = pre + self.noise_std * xi
                 pre = torch.where(greedy[slots].unsqueeze(-1), pre, noisy)
             if head.bounded:
                 unit = torch.rand(k, act_dim, generator=ctx.generator, dtype=pre.dtype) * 2 - 1
