@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import unitrain as ut
 from policies import TinyPolicy
-from unitrain.cli import main
 from torchrl.objectives import TD3Loss
 
+import unitrain as ut
+from unitrain.app.cli import main
 from unitrain.errors import ConfigError
-from unitrain.objectives import DSACTLoss
 from unitrain.optim import CEMRL
+from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
 
 
 def _fit(rule: CEMRL, run_dir: Path, frames: int) -> tuple[ut.Trainer, list[dict]]:

@@ -7,9 +7,10 @@ import os
 
 import pytest
 import torch
-
 from conftest import REPO, SMALL_RECIPE, run_cli
-from unitrain.cli import SHIPPED, main
+
+from unitrain.app.cli import main
+from unitrain.app.config import SHIPPED
 
 
 def _fail(capsys, *argv: str) -> str:
@@ -180,11 +181,11 @@ def test_shipped_recipes_come_with_a_regular_install(tmp_path):
     elsewhere.mkdir()
     (elsewhere / "mine.yaml").write_text((SHIPPED / "cartpole" / "ppo.yaml").read_text())
     env = {**os.environ, "PYTHONPATH": str(target)}
-    script = ("from unitrain.cli import SHIPPED, _find_recipe\n"
-              "from unitrain.config import load_recipe\n"
+    script = ("from unitrain.app.config import SHIPPED, find_recipe\n"
+              "from unitrain.app.config import load_recipe\n"
               "print(SHIPPED)\n"
               "for name in ('cartpole/ppo', 'recipes/cartpole/ppo.yaml', 'mine.yaml'):\n"
-              "    print(load_recipe(_find_recipe(name)).source)\n")
+              "    print(load_recipe(find_recipe(name)).source)\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, check=True,
                          capture_output=True, text=True).stdout.splitlines()
     installed = target / "unitrain" / "recipes"

@@ -9,12 +9,13 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
-import unitrain as ut
 from policies import TinyPolicy
 from test_population import Record
+
+import unitrain as ut
 from unitrain.errors import ConfigError
-from unitrain.functions import FunctionEnv, ParameterVector, rosenbrock, sphere
+from unitrain.functions import FunctionEnv, rosenbrock, sphere
+from unitrain.policy.models import ParameterVector
 
 
 def ellipsoid(x: np.ndarray) -> float:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unitrain.cli import main
-from unitrain.compare import compare
+from unitrain.app.cli import main
+from unitrain.app.compare import compare
 from unitrain.errors import UserError
 from unitrain.stats import auc, bootstrap_ci, first_reaching, iqm
 

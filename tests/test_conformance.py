@@ -16,14 +16,14 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from policies import TinyPolicy
+from rulecheck import CaptureStart, assert_same, checkpoint_state
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 import unitrain as ut
-from policies import TinyPolicy
-from rulecheck import CaptureStart, assert_same, checkpoint_state
-from unitrain.data import DataSpec, load_data
 from unitrain.envs import env_info
+from unitrain.envs.data import DataSpec, load_data
 from unitrain.optim import registered_rules
 
 # rule name (or "rule/variant" for a rule with an option that changes how it learns) -> (env spec,

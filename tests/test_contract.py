@@ -9,12 +9,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
-import unitrain as ut
 from conftest import run_cli
 from test_conformance import _rule_action
-from unitrain.action import ActionHead
+
+import unitrain as ut
 from unitrain.envs import EnvInfo, env_info
+from unitrain.policy.action import ActionHead
 
 OFF_POLICY = dict(batch_size=32, buffer_size=2000, warmup_frames=64, frames_per_batch=16,
                   critic_hidden=(16, 16))

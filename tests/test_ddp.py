@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-
 from conftest import SMALL_RECIPE, run_cli, run_ranks
+
 from unitrain.envs import EnvSpec, derive_seed, make_env
 
 SCRIPT = '''

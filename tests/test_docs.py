@@ -12,11 +12,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO
-from unitrain.cli import _find_recipe, main
-from unitrain.config import load_recipe
+from unitrain.app.cli import main
+from unitrain.app.config import find_recipe, load_recipe
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"(?:<!-- not run: (?P<why>[^\n]*?) -->\n)?[ ]*```(?P<lang>python|bash)\n"
@@ -37,7 +37,7 @@ def _tiny(cmd: str) -> list[str]:
     if args[0] == "unitrain":
         args = [sys.executable, "-m", "unitrain", *args[1:]]
         if args[3] == "fit":
-            recipe = load_recipe(_find_recipe(args[4]))
+            recipe = load_recipe(find_recipe(args[4]))
             args += (["trainer.max_epochs=1"] if recipe.env is None else
                      [f"trainer.max_frames={TINY_FRAMES}", "trainer.eval_episodes=2"])
     return args

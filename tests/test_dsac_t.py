@@ -13,7 +13,7 @@ from torch.distributions import Normal
 from torchrl.modules import ProbabilisticActor, TanhNormal
 from torchrl.objectives import LossModule, SoftUpdate
 
-from unitrain.objectives import DSACTLoss, make_dsac_t_networks
+from unitrain.rules.gradient.dsac_t_loss import DSACTLoss, make_dsac_t_networks
 
 pytestmark = pytest.mark.filterwarnings("ignore:No target network updater")
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 import unitrain as ut
-from conftest import run_cli
 from unitrain.envs import EnvInfo, env_info
 from unitrain.optim import EliteImitation, Projection
-from unitrain.services import RunServices
+from unitrain.run.services import RunServices
 
 PENDULUM = ut.EnvSpec("Pendulum-v1", num_envs=4)
 FIT = dict(output="squared_error", lam=1.0, iterations=20, standardize=True)

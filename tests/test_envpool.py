@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
+from policies import TinyPolicy
 from scipy import stats
 
 import unitrain as ut
-from conftest import run_script
-from policies import TinyPolicy
 from unitrain.envs import EnvSpec, env_info, make_env, resolve_backend
+from unitrain.envs.rollout import rollout
 from unitrain.errors import ConfigError
-from unitrain.rollout import rollout
 
 FAMILIES = ["CartPole-v1", "Pendulum-v1", "HalfCheetah-v5", "ALE/Pong-v5"]
 

@@ -1,4 +1,4 @@
-"""Tests for unitrain.envs and unitrain.collect: specs, batches, episode boundaries, seeding."""
+"""Tests for unitrain.envs and unitrain.envs.collect: specs, batches, episode boundaries, seeding."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.envs.utils import check_env_specs, step_mdp
 
-from unitrain.collect import make_collector
-from unitrain.envs import EnvSpec, ObsNorm, BatchedEnv, env_info, make_env
+from unitrain.envs import BatchedEnv, EnvSpec, ObsNorm, env_info, make_env
+from unitrain.envs.collect import make_collector
 from unitrain.errors import ConfigError
 
 
@@ -255,7 +255,7 @@ def test_collector_on_explicit_device_keeps_layout() -> None:
 
 
 def test_area_resize_averages_pixel_spans() -> None:
-    from unitrain.envs import _area_weights
+    from unitrain.envs.atari import _area_weights
 
     weights = _area_weights(210, 84)
     np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-6)
@@ -265,7 +265,7 @@ def test_area_resize_averages_pixel_spans() -> None:
 
 
 def test_vector_step_matches_gymnasium_sync_vector_env() -> None:
-    from unitrain.envs import _SameStepSyncVectorEnv
+    from unitrain.envs.gymnasium import SameStepSyncVectorEnv as _SameStepSyncVectorEnv
 
     fns = [lambda: gym.make("CartPole-v1")] * 3
     ours = _SameStepSyncVectorEnv(fns)

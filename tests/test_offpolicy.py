@@ -7,22 +7,22 @@ import json
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from conftest import run_ranks
+from policies import TinyPolicy
+from rulecheck import CaptureStart, assert_same, checkpoint_state
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensordict import TensorDict
 from torch import nn
 
-import lightning as L
 import unitrain as ut
-from conftest import run_ranks
-from policies import TinyPolicy
-from rulecheck import CaptureStart, assert_same, checkpoint_state
-from unitrain.cli import main
-from unitrain.config import load_recipe
+from unitrain.app.cli import main
+from unitrain.app.config import load_recipe
+from unitrain.envs.replay import Replay
 from unitrain.errors import ConfigError, TrainingDiverged, UserError
 from unitrain.optim import DDPG, DSACT, SAC, TD3
-from unitrain.replay import Replay
 
 PENDULUM = ut.EnvSpec("Pendulum-v1", num_envs=2)
 # Tiny settings: 64 warm-up frames, then 8 frames and 4 gradient updates per iteration.

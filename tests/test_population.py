@@ -13,16 +13,22 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
+from policies import TinyPolicy
 from torch import nn
 
 import unitrain as ut
-from policies import TinyPolicy
-from unitrain.config import load_recipe
+from unitrain.app.config import load_recipe
 from unitrain.envs import EnvInfo, EnvSpec, ObsNorm
 from unitrain.errors import ConfigError, UserError
-from unitrain.optim.ga import Genome, fresh_init, novelty
-from unitrain.population import (ParamLayout, PopulationEvaluator, PopulationPolicy,
-                                 centered_ranks, perturb_, shard)
+from unitrain.rules.population.ga import Genome, fresh_init, novelty
+from unitrain.rules.population.service import (
+    ParamLayout,
+    PopulationEvaluator,
+    PopulationPolicy,
+    centered_ranks,
+    perturb_,
+    shard,
+)
 
 TESTS = Path(__file__).resolve().parent
 

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, run_ranks
+from policies import TinyPolicy
 from torch import nn
 
 import unitrain as ut
-from conftest import run_cli, run_ranks
-from policies import TinyPolicy
-from unitrain.data import DataSpec, load_data
+from unitrain.envs.data import DataSpec, load_data
 from unitrain.optim import EliteImitation, Projection
-from unitrain.optim.elite_imitation import _SlotNoise
-from unitrain.services import RunServices
+from unitrain.rules.projection.elite_imitation import _SlotNoise
+from unitrain.run.services import RunServices
 
 FAST = dict(iterations=20, output="cross_entropy", lam=5.0)
 
@@ -64,7 +64,7 @@ def test_unsupported_layer_is_reported_by_the_rule(tmp_path: Path):
 
 
 def test_standardize_needs_a_linear_first_layer():
-    from unitrain.models import ConvNet
+    from unitrain.policy.models import ConvNet
 
     module = ConvNet(64, 10, channels=(2,))
     with pytest.raises(ut.ConfigError, match="^standardize: .*first layer is nn.Linear"):
@@ -99,8 +99,8 @@ import sys
 import unitrain as ut
 from dump import Dump
 from policies import TinyPolicy
-from unitrain.data import DataSpec, load_data
-from unitrain.models import ConvNet
+from unitrain.envs.data import DataSpec, load_data
+from unitrain.policy.models import ConvNet
 
 if __name__ == "__main__":
     train, test, info = load_data(DataSpec(name="digits", batch_size=100))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from unitrain.cli import SHIPPED
+from unitrain.app.config import SHIPPED
 from unitrain.optim import registered_rules
 
 RECIPES = sorted(SHIPPED.glob("*/*.yaml"))

@@ -9,10 +9,9 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
-from unitrain.cli import SHIPPED
-from unitrain.config import load_recipe
+
+from unitrain.app.config import SHIPPED, load_recipe
 
 RECIPES = sorted(SHIPPED.glob("*/*.yaml"))
 

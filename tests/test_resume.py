@@ -9,10 +9,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
-import unitrain as ut
 from policies import TinyPolicy
 from rulecheck import CaptureStart, assert_same, checkpoint_state, scalar_steps
+
+import unitrain as ut
 
 
 def _trainer(run_dir: Path, budget: int, callbacks=()) -> ut.Trainer:
@@ -42,7 +42,7 @@ def test_resume_restores_exact_state(tmp_path: Path):
 
 
 def test_resume_via_cli_continues_run_dir(tmp_path: Path, small_recipe: Path):
-    from unitrain.cli import main
+    from unitrain.app.cli import main
 
     run = tmp_path / "run"
     assert main(["fit", str(small_recipe), f"run_dir={run}", "trainer.max_frames=1024"]) == 0
@@ -52,7 +52,7 @@ def test_resume_via_cli_continues_run_dir(tmp_path: Path, small_recipe: Path):
 
 
 def test_resume_of_a_finished_run_changes_nothing(tmp_path: Path, small_recipe: Path, capsys):
-    from unitrain.cli import main
+    from unitrain.app.cli import main
 
     run = tmp_path / "run"
     assert main(["fit", str(small_recipe), f"run_dir={run}", "trainer.max_frames=1024"]) == 0

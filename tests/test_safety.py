@@ -1,5 +1,5 @@
 """Nothing lost when a run is stopped: atomic checkpoints, signals, SLURM requeue, kills, full
-disks (``unitrain.safety``; the driver is ``tools/fault_injection.py``)."""
+disks (``unitrain.run.safety``; the driver is ``tools/fault_injection.py``)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from rulecheck import scalar_steps
+
 from unitrain.errors import UserError
-from unitrain.safety import FAULT_ENV, atomic_write
+from unitrain.run.safety import FAULT_ENV, atomic_write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from fault_injection import final_state, fit, killed_run, same  # noqa: E402
@@ -45,7 +45,7 @@ def _ckpt_frames(run: Path) -> int:
 def test_atomic_write_keeps_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     atomic_write(path, b"complete", what="checkpoint")
-    import unitrain.safety as safety
+    import unitrain.run.safety as safety
 
     monkeypatch.setenv(FAULT_ENV, f"no-space:{safety._saves + 1}")
     with pytest.raises(UserError, match=r"cannot write checkpoint .*last\.ckpt: No space left"):

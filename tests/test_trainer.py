@@ -8,12 +8,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import run_cli
+from policies import TinyPolicy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import unitrain as ut
-from conftest import run_cli
-from policies import TinyPolicy
-from unitrain.cli import main
+from unitrain.app.cli import main
 
 
 def _api_run(run_dir: Path, **overrides) -> ut.Trainer:

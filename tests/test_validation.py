@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 import unitrain as ut
-from unitrain.cli import main
-from unitrain.config import load_recipe
-from unitrain.data import DataSpec
+from unitrain.app.cli import main
+from unitrain.app.config import load_recipe
+from unitrain.envs.data import DataSpec
 from unitrain.errors import ConfigError, UserError
-from unitrain.optim.base import registered_rules
-from unitrain.trainer import TrainerConfig
+from unitrain.rules.registry import registered_rules
+from unitrain.run.trainer import TrainerConfig
 
 BLOCKS = [*registered_rules().values(), ut.EnvSpec, DataSpec, TrainerConfig, ut.EarlyStop]
 

@@ -9,17 +9,16 @@ import json
 import imageio.v2 as imageio
 import pytest
 import torch
+from conftest import SMALL_RECIPE
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import unitrain as ut
-from conftest import SMALL_RECIPE
-from unitrain.cli import main
+from unitrain.app.cli import main
 from unitrain.envs import EnvSpec, env_info
 from unitrain.errors import ConfigError, UserError
-from unitrain.functions import ParameterVector
-from unitrain.models import NatureCNN
-from unitrain.video import record
+from unitrain.policy.models import NatureCNN, ParameterVector
+from unitrain.run.video import record
 
 
 def _frames(path) -> int:

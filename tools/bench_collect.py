@@ -5,7 +5,7 @@ autoreset) with the same batched MLP policy (``obs_dim → 64 → 64 → act_dim
 
 * ``raw``: a plain gymnasium loop; observations become a float32 tensor, the policy runs under
   ``torch.no_grad()``, actions go back as numpy. Nothing is stored.
-* ``unitrain``: :func:`unitrain.collect.make_collector` over :func:`unitrain.envs.make_env` on
+* ``unitrain``: :func:`unitrain.envs.collect.make_collector` over :func:`unitrain.envs.make_env` on
   the gymnasium backend, the policy wrapped in a ``TensorDictModule``; every transition is kept
   in the batch.
 * ``envpool``: the same on the EnvPool backend (``--env-threads`` threads of EnvPool's own).
@@ -31,10 +31,9 @@ from typing import TYPE_CHECKING, Callable
 import gymnasium as gym
 import numpy as np
 import torch
+from speed_table import print_speed_table
 from tensordict.nn import TensorDictModule
 from torch import nn
-
-from speed_table import print_speed_table
 
 if TYPE_CHECKING:
     from torchrl.collectors import Collector
@@ -89,8 +88,8 @@ def unitrain_runner(env_id: str, num_envs: int, module: TensorDictModule, seed: 
                     frames_per_batch: int, backend: str = "gymnasium",
                     env_threads: int = 1) -> Callable[[int], int]:
     """unitrain's path: ``make_collector`` over ``make_env`` on ``backend``."""
-    from unitrain.collect import make_collector
     from unitrain.envs import EnvSpec, make_env
+    from unitrain.envs.collect import make_collector
 
     env = make_env(EnvSpec(env_id, num_envs=num_envs, backend=backend), seed,
                    num_threads=env_threads)

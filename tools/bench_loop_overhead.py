@@ -3,7 +3,7 @@
 The hand loop is what a user would write with TorchRL alone: a ``GymEnv`` of ``num_envs``
 gymnasium copies, a ``Collector`` (uniform random actions for the warm-up), a
 ``ReplayBuffer`` over a ``LazyTensorStorage``, and per collected batch ``utd_ratio`` updates of
-the same loss (TorchRL's ``SACLoss``; ``unitrain.objectives.DSACTLoss`` with its delayed policy,
+the same loss (TorchRL's ``SACLoss``; ``unitrain.rules.gradient.dsac_t_loss.DSACTLoss`` with its delayed policy,
 temperature and target updates), optimisers stepped and targets moved by ``SoftUpdate``. The
 Trainer runs the shipped rule (``ut.optim.SAC`` / ``ut.optim.DSACT``) with the same env, networks
 (2 x 64 actor and critics), batch, warm-up, frames per batch and update-to-data ratio.
@@ -36,7 +36,7 @@ from torchrl.modules import MLP, ProbabilisticActor, TanhNormal
 from torchrl.objectives import SACLoss, SoftUpdate, ValueEstimators
 
 import unitrain as ut
-from unitrain.objectives import DSACTLoss
+from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
 
 ENV, NUM_ENVS, FRAMES_PER_BATCH, WARMUP, BATCH, HIDDEN = "Pendulum-v1", 4, 64, 1024, 256, (64, 64)
 LR = 1e-3

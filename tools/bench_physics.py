@@ -30,7 +30,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-
 from bench_collect import make_gym_vec, make_policy
 
 

@@ -2,12 +2,12 @@
 
 Part 1 (one process) steps ``--population`` HalfCheetah-v5 envs, one per individual, each driven
 by its own parameters of the same 64-64 tanh MLP, with the same batched policy
-(:class:`unitrain.population.PopulationPolicy`: ``torch.func.vmap(functional_call)`` over the
+(:class:`unitrain.rules.population.service.PopulationPolicy`: ``torch.func.vmap(functional_call)`` over the
 stacked parameters) on two paths:
 
 * ``raw``: a plain gymnasium ``SyncVectorEnv`` loop (same-step autoreset); observations become a
   float32 tensor, actions go back as numpy; nothing is recorded;
-* ``unitrain``: :class:`unitrain.population.PopulationEvaluator` (a ``BatchedEnv`` on the
+* ``unitrain``: :class:`unitrain.rules.population.service.PopulationEvaluator` (a ``BatchedEnv`` on the
   gymnasium backend, seeded episodes, returns, lengths, caps), episodes cut at ``--steps`` steps;
 * ``envpool/N``: the same evaluator on the EnvPool backend with ``N`` env threads
   (``--env-threads``).
@@ -40,7 +40,6 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 import torch
-
 from speed_table import print_speed_table
 
 ENV = "HalfCheetah-v5"
@@ -51,8 +50,8 @@ def population_policy(population: int, seed: int, env: str = ENV):
     on Atari the Nature-DQN network of Deep GA."""
     import unitrain as ut
     from unitrain.envs import EnvSpec, env_info
-    from unitrain.models import NatureCNN
-    from unitrain.population import ParamLayout, PopulationPolicy
+    from unitrain.policy.models import NatureCNN
+    from unitrain.rules.population.service import ParamLayout, PopulationPolicy
 
     info = env_info(EnvSpec(env))
     torch.manual_seed(seed)
@@ -107,7 +106,7 @@ def unitrain_runner(population: int, policy, params: torch.Tensor, seed: int,
                     env_threads: int = 1, env: str = ENV) -> Callable[[int], int]:
     """``steps -> env steps``: one evaluation of the population with episodes cut at ``steps``."""
     from unitrain.envs import EnvSpec
-    from unitrain.population import PopulationEvaluator
+    from unitrain.rules.population.service import PopulationEvaluator
 
     evaluator = PopulationEvaluator(policy, EnvSpec(env, backend=backend),
                                     policy.module.env_info.obs_shape, max_episode_steps=steps,

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from unitrain.cli import _find_recipe
-from unitrain.config import build_module, load_recipe
+from unitrain.app.config import build_module, find_recipe, load_recipe
 from unitrain.envs import env_info
-from unitrain.trainer import Trainer
+from unitrain.run.trainer import Trainer
 
 
 def _spin(stop: "mp.synchronize.Event") -> None:
@@ -35,7 +34,7 @@ def _spin(stop: "mp.synchronize.Event") -> None:
 
 
 def _run(recipe: str, threads: int, frames: int, run_dir: Path) -> tuple[float, float, float]:
-    r = load_recipe(_find_recipe(recipe), [f"trainer.max_frames={frames}",
+    r = load_recipe(find_recipe(recipe), [f"trainer.max_frames={frames}",
                                            f"trainer.num_threads={threads}"])
     module = build_module(r.module, env_info(r.env))
     trainer = Trainer(r.env, r.optimizer, seed=r.seed, run_dir=run_dir, logger=False,

@@ -24,7 +24,8 @@ import numpy as np
 from lightning.pytorch.loggers import Logger
 
 import unitrain as ut
-from unitrain.functions import FUNCTIONS, ParameterVector
+from unitrain.functions import FUNCTIONS
+from unitrain.policy.models import ParameterVector
 
 TARGET = 1e-8
 SETUPS = {"Sphere": (1.0, 1.0, 4000), "Rosenbrock": (0.1, 0.3, 12000)}  # x0, sigma0, budget

@@ -6,7 +6,7 @@ Then a second run is killed with SIGKILL ``--kills`` times at random moments (a 
 from ``--seed``, uniform in 0-1.5 s, after the run writes a checkpoint, so that each killed run
 has made progress and dies somewhere in the iteration after it), one of them half-way through
 writing a checkpoint (the test hook ``UNITRAIN_FAULT=kill-in-save:N`` of
-:mod:`unitrain.safety`), and resumed with ``resume=last`` each time (started afresh if it was
+:mod:`unitrain.run.safety`), and resumed with ``resume=last`` each time (started afresh if it was
 killed before its first checkpoint), until it finishes. Reported per recipe: kills survived (the run resumed and
 finished) out of kills made, and whether the final parameters, optimizer state, frames and
 evaluation are bit-identical to the reference (``--exact``) or only the budget was reached.

@@ -2,8 +2,8 @@
 
 Such et al. 2017 ("Deep Neuroevolution") store a genome as its initialisation seed plus one
 ``(seed, σ)`` per generation, and report encodings up to 10,000-fold smaller than the parameter
-vector. This prints that ratio for :class:`unitrain.models.NatureCNN` (the paper's Atari network)
-after ``--generations`` mutations, using :class:`unitrain.optim.ga.Genome`'s byte encoding,
+vector. This prints that ratio for :class:`unitrain.policy.models.NatureCNN` (the paper's Atari network)
+after ``--generations`` mutations, using :class:`unitrain.rules.population.ga.Genome`'s byte encoding,
 and checks that the genome rebuilds the parameters bit for bit. Run::
 
     python tools/genome_compression.py --generations 100
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from unitrain.models import NatureCNN
-from unitrain.optim.ga import Genome, fresh_init
-from unitrain.population import ParamLayout
+from unitrain.policy.models import NatureCNN
+from unitrain.rules.population.ga import Genome, fresh_init
+from unitrain.rules.population.service import ParamLayout
 
 
 def main() -> None:

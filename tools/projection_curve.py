@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from unitrain.projection import ProjectionGraph, SquaredErrorOutput, solve
+from unitrain.rules.projection import ProjectionGraph, SquaredErrorOutput, solve
 
 MARKS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 

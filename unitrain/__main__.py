@@ -2,6 +2,6 @@
 
 import sys
 
-from unitrain.cli import main
+from unitrain.app.cli import main
 
 sys.exit(main())

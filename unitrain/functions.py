@@ -1,91 +1,11 @@
-"""Black-box test functions as one-step environments, for checking population rules.
+"""Black-box test functions as one-step environments, and the module that plays them.
 
-``unitrain/Sphere-v0`` and ``unitrain/Rosenbrock-v0`` (``gymnasium.make(id, dim=10)``) play one
-step: the action is a point ``x ∈ ℝ^dim``, the reward is ``−f(x)`` and the episode ends. The
-observation is a constant zero, so a policy's action is all it says; :class:`ParameterVector` is
-the module whose action *is* its parameter vector. A population rule run on these envs goes
-through exactly the code path of an RL run (population evaluation, env stepping, fitness,
-checkpoints), with one env frame per function evaluation, so frames count evaluations.
-
-- sphere: ``f(x) = Σ xᵢ²``, minimum 0 at ``x = 0``;
-- Rosenbrock: ``f(x) = Σᵢ₌₁ⁿ⁻¹ 100(xᵢ² − xᵢ₊₁)² + (xᵢ − 1)²``, minimum 0 at ``x = 1``.
+``unitrain/Sphere-v0`` and ``unitrain/Rosenbrock-v0`` (:mod:`unitrain.envs.functions`) play one
+step whose reward is ``-f(action)``; :class:`ParameterVector` is the module whose action is its
+parameter vector, so a population rule run on them goes through the code path of an RL run.
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable, Sequence
-from typing import Any
-
-import gymnasium as gym
-import numpy as np
-import torch
-from torch import nn
-
-from unitrain.module import RLModule
+from unitrain.envs.functions import FUNCTIONS, FunctionEnv, rosenbrock, sphere
+from unitrain.policy.models import ParameterVector
 
 __all__ = ["FunctionEnv", "ParameterVector", "sphere", "rosenbrock", "FUNCTIONS"]
-
-
-def sphere(x: np.ndarray) -> float:
-    return float(np.sum(x * x))
-
-
-def rosenbrock(x: np.ndarray) -> float:
-    return float(np.sum(100.0 * (x[:-1] ** 2 - x[1:]) ** 2 + (x[:-1] - 1.0) ** 2))
-
-
-FUNCTIONS: dict[str, Callable[[np.ndarray], float]] = {"Sphere": sphere, "Rosenbrock": rosenbrock}
-
-
-class FunctionEnv(gym.Env):
-    """One step: action ``x``, reward ``−f(x)`` (computed in float64), then the episode ends.
-
-    Args:
-        function: ``x -> f(x)`` to minimise.
-        dim: the dimension of ``x``.
-    """
-
-    metadata: dict[str, Any] = {"render_modes": []}
-
-    def __init__(self, function: Callable[[np.ndarray], float], dim: int = 10) -> None:
-        if dim < 2:
-            raise ValueError(f"dim must be >= 2, got {dim}")
-        self.function = function
-        self.observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-        self.action_space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
-
-    def reset(self, *, seed: int | None = None,
-              options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        super().reset(seed=seed)
-        return np.zeros(1, np.float32), {}
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        value = self.function(np.asarray(action, dtype=np.float64))
-        return np.zeros(1, np.float32), -value, True, False, {}
-
-
-def _register() -> None:
-    for name, fn in FUNCTIONS.items():
-        env_id = f"unitrain/{name}-v0"
-        if env_id not in gym.registry:
-            gym.register(env_id, entry_point=FunctionEnv, kwargs={"function": fn, "dim": 10})
-
-
-_register()
-
-
-class ParameterVector(RLModule):
-    """A module whose action is its parameter vector ``x`` (for :class:`FunctionEnv`).
-
-    Args:
-        act_dim: the dimension of ``x`` (filled in from the env by recipes).
-        init: the starting point: one number for every coordinate, or ``act_dim`` numbers.
-    """
-
-    def __init__(self, act_dim: int, init: float | Sequence[float] = 0.0) -> None:
-        super().__init__()
-        start = torch.as_tensor(init, dtype=torch.float32).expand(act_dim).clone()
-        self.x = nn.Parameter(start)
-
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        return self.x.expand(*observation.shape[:-1], -1)

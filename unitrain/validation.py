@@ -1,7 +1,7 @@
 """One validation path for settings built in Python and read from recipes.
 
 Every block of settings (an update rule, :class:`~unitrain.envs.EnvSpec`,
-:class:`~unitrain.data.DataSpec`, the Trainer's own arguments) is a dataclass deriving from
+:class:`~unitrain.envs.data.DataSpec`, the Trainer's own arguments) is a dataclass deriving from
 :class:`Validated`. Constructing one checks each field against its annotation (``int``, ``float``,
 ``bool``, ``str``, ``X | None``, ``tuple[int, ...]``, nested blocks) and then runs the class's
 :meth:`Validated.validate` range checks, so ``PPO(epochs=2.5)`` fails where it is written, with
@@ -19,12 +19,13 @@ import dataclasses
 import functools
 import numbers
 import types
+import importlib
 import typing
 from typing import Any, ClassVar
 
 from unitrain.errors import ConfigError
 
-__all__ = ["Validated", "describe"]
+__all__ = ["Validated", "describe", "import_object"]
 
 
 class Validated:
@@ -163,3 +164,16 @@ def describe(hint: Any) -> str:
     if isinstance(hint, type):
         return f"a {hint.__name__}"
     return str(hint).replace("typing.", "")
+
+
+def import_object(path: str, key: str = "module.target") -> Any:
+    """Import ``package.module.Name`` (or ``package.module:Name``)."""
+    modname, _, attr = path.replace(":", ".").rpartition(".")
+    try:
+        obj = importlib.import_module(modname) if modname else None
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except (ImportError, AttributeError, TypeError):
+        raise ConfigError(key, f"cannot import {path!r}; expected a class path such as "
+                               "unitrain.MLPPolicy or mypackage.models.Policy") from None

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from unitrain.projection import (
+from unitrain.rules.projection import (
     CrossEntropyOutput,
     LinearStage,
     MarginOutput,

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from unitrain.models import ConvNet
-from unitrain.nn import Step
-from unitrain.projection import (
+from unitrain.policy.models import ConvNet
+from unitrain.policy.nn import Step
+from unitrain.rules.projection import (
     ConvStage,
     CrossEntropyOutput,
     PoolStage,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from unitrain.projection import (
+from unitrain.rules.projection import (
     project_dot,
     project_equal,
     project_margin,

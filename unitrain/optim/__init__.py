@@ -1,26 +1,36 @@
-"""Update rules: every way of training a module, behind one interface (see :mod:`.base`)."""
+"""Update rules by their public names: ``ut.optim.PPO(...)``, ``ut.optim.GA(...)``, ...
 
-from unitrain.optim.base import RuleContext, UpdateRule, get_rule, register_rule, registered_rules
-from unitrain.optim.ppo import PPO
-from unitrain.optim.reinforce import REINFORCE
-from unitrain.optim.ddpg import DDPG
-from unitrain.optim.dsac_t import DSACT
-from unitrain.optim.sac import SAC
-from unitrain.optim.td3 import TD3
-from unitrain.optim.es import ES
-from unitrain.optim.ga import GA
-from unitrain.optim.ars import ARS
-from unitrain.optim.cem import CEM
-from unitrain.optim.csa_es import CSAES
-from unitrain.optim.cbo import CBO
-from unitrain.optim.cmaes import CMAES
-from unitrain.optim.cem_rl import CEMRL
-from unitrain.optim.projection import Projection
-from unitrain.optim.elite_imitation import EliteImitation
-from unitrain.optim.supervised import Adam
+The rules live in :mod:`unitrain.rules` (the interface, the registry, and the gradient,
+population and projection families); this namespace is where users find them, as they find
+optimizers in ``torch.optim``.
+"""
+
+from unitrain.rules import (
+                            ARS,
+                            CBO,
+                            CEM,
+                            CEMRL,
+                            CMAES,
+                            CSAES,
+                            DDPG,
+                            DSACT,
+                            ES,
+                            GA,
+                            PPO,
+                            REINFORCE,
+                            SAC,
+                            TD3,
+                            Adam,
+                            EliteImitation,
+                            Projection,
+                            RuleContext,
+                            UpdateRule,
+                            get_rule,
+                            register_rule,
+                            registered_rules,
+)
 
 __all__ = ["UpdateRule", "RuleContext", "register_rule", "registered_rules", "get_rule",
-           "PPO", "REINFORCE"]
-__all__ += ["DDPG", "DSACT", "SAC", "TD3"]
-__all__ += ["ES", "GA", "ARS", "CEM", "CSAES", "CBO", "CMAES", "CEMRL"]
-__all__ += ["Projection", "EliteImitation", "Adam"]
+           "PPO", "REINFORCE", "DDPG", "DSACT", "SAC", "TD3",
+           "ES", "GA", "ARS", "CEM", "CSAES", "CBO", "CMAES", "CEMRL",
+           "Projection", "EliteImitation", "Adam"]

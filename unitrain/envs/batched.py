@@ -1,0 +1,388 @@
+"""Environment specs and the TorchRL environment that unitrain collects from.
+
+An :class:`EnvSpec` names a gymnasium id (classic control, MuJoCo ``*-v5``, ``ALE/*``), how many
+copies run together in one process, and the backend that simulates them: gymnasium's Python envs
+in one synchronous vector env, or EnvPool's C++ envs (Weng et al. 2022, "EnvPool: A Highly
+Parallel Reinforcement Learning Environment Execution Engine") on threads of their own.
+:func:`make_env` turns it into :class:`BatchedEnv`, a TorchRL :class:`~torchrl.envs.EnvBase` with
+same-step autoreset over either backend. It is a lean replacement for ``GymWrapper`` on the hot
+path: observations are
+converted to float32 once per step, episode returns and lengths are tracked in numpy, the final
+observation of an episode is returned as the ``next`` observation (for correct bootstrapping),
+and ``step_and_maybe_reset`` (what a collector calls) builds the next step's input directly
+instead of going through TorchRL's generic ``step_mdp``/partial-reset machinery.
+
+Atari ids get the usual preprocessing (Mnih et al. 2015; Machado et al. 2018) on either backend:
+no-op starts, frame skip 4 with max-pooling, 84×84 grayscale, 4 stacked frames, sticky actions
+(p = 0.25) and the minimal action set."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.envs import EnvBase
+
+from unitrain.envs.envpool import EnvPoolVector
+from unitrain.envs.gymnasium import GymnasiumVector
+from unitrain.envs.info import info_from_spaces
+from unitrain.envs.obs_norm import ObsNorm
+from unitrain.envs.spec import EnvSpec, resolve_backend
+from unitrain.errors import check
+
+__all__ = ["BatchedEnv", "make_env", "halves", "BACKENDS"]
+
+
+class _Running:
+    """Per-step mutable state of a :class:`BatchedEnv`.
+
+    Kept off the env itself: every attribute assignment on an ``EnvBase`` (an ``nn.Module``),
+    including ``self.x += ...`` on an array, goes through two ``__setattr__`` overrides, and a
+    step makes several.
+    """
+
+    __slots__ = ("obs", "ep_return", "ep_length")
+
+    def __init__(self, num_envs: int) -> None:
+        self.obs: torch.Tensor | None = None  # what the next step starts from
+        self.ep_return = np.zeros(num_envs)
+        self.ep_length = np.zeros(num_envs, dtype=np.int64)
+
+
+class _Split:
+    """Slots split into groups, each with a backend (and, on EnvPool, threads) of its own.
+
+    :meth:`step` steps every group (all started before any is waited for); a rollout can instead
+    :meth:`send` to one group and run the policy of another while the first one's envs step
+    (:func:`unitrain.envs.rollout.rollout`). Slot ``i`` is the same env, with the same seed, as in an
+    unsplit backend of the same size.
+    """
+
+    def __init__(self, make: Callable[[int, int | None], Any], sizes: Sequence[int],
+                 seed: int | None) -> None:
+        starts = np.cumsum([0, *sizes])
+        self.slices = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+        self.parts = [make(size, (seed or 0) + sl.start) for size, sl in zip(sizes, self.slices)]
+        self.name = self.parts[0].name
+        self.observation_space = self.parts[0].observation_space
+        self.action_space = self.parts[0].action_space
+
+    def reset(self, seed: int | list[int] | None) -> np.ndarray:
+        return np.concatenate([
+            part.reset(seed[sl] if isinstance(seed, list) else
+                       None if seed is None else seed + sl.start)
+            for part, sl in zip(self.parts, self.slices)])
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                  np.ndarray | None]:
+        for part, sl in zip(self.parts, self.slices):
+            part.send(action[sl])
+        outs = [part.recv() for part in self.parts]
+        obs, reward, terminated, truncated = (np.concatenate([o[k] for o in outs])
+                                              for k in range(4))
+        final = None
+        if any(o[4] is not None for o in outs):
+            final = np.concatenate([o[0] if o[4] is None else o[4] for o in outs])
+        return obs, reward, terminated, truncated, final
+
+    def state(self) -> None:
+        return None
+
+    def load(self, state: bytes) -> None:
+        raise ValueError("a split env has no saved state to load")
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+
+
+# Backends by name (EnvSpec.backend, after resolve_backend).
+BACKENDS: dict[str, Callable[[EnvSpec, int, int | None, int], Any]] = {
+    "gymnasium": GymnasiumVector, "envpool": EnvPoolVector}
+
+
+class BatchedEnv(EnvBase):
+    """``num_envs`` copies of an env, stepped together, as a batched TorchRL env.
+
+    The copies come from a backend (:data:`BACKENDS`): gymnasium's envs in this process, or
+    EnvPool's C++ pool with its own threads. Either way the env autoresets in the same step, so
+    when episode ``i`` ends,
+    ``("next", "observation")[i]`` is the episode's final observation (for bootstrapping) and the
+    first observation of the next episode is what the env delivers as ``"observation"`` on the
+    following step: directly from :meth:`step_and_maybe_reset` (the collector's path), or from
+    the partial reset that :meth:`~torchrl.envs.EnvBase.maybe_reset` issues after :meth:`step`.
+
+    Args:
+        spec: what to run (``spec.backend`` chooses the backend, see :func:`resolve_backend`).
+        seed: seed of the first reset (env ``i`` gets ``seed + i``).
+        obs_norm: shared :class:`ObsNorm`, or ``None``.
+        update_norm: whether stepping this env updates ``obs_norm`` (training) or not (evaluation).
+        num_envs: overrides ``spec.num_envs``.
+        num_threads: threads the backend may step envs on (EnvPool; gymnasium steps in this one).
+        parts: sizes of slot groups that :meth:`send_part`/:meth:`recv_part` step one at a time
+            (summing to ``num_envs``), so that a rollout can run the policy of one group while
+            EnvPool's threads step another; only the EnvPool backend splits (on gymnasium, which
+            steps in this thread, there is nothing to overlap and ``parts`` is ignored).
+        render_mode: gymnasium's ``render_mode`` for the envs (e.g. ``"rgb_array"`` for videos);
+            rendering envs run on the gymnasium backend, whatever ``spec.backend`` says.
+
+    Attributes:
+        finished: ``(return, length)`` of the episodes completed since the last
+            :meth:`pop_finished`, in completion order.
+        episodes_done: number of completed episodes per env slot, ``[num_envs]`` int64.
+    """
+
+    _batch_locked = True
+    _DONE_KEYS = ("done", "terminated", "truncated")
+    # Root entries that do not carry over to the next step's input (as in ``step_mdp``).
+    _NOT_CARRIED = frozenset(("next", "reward", "_reset", *_DONE_KEYS))
+
+    def __init__(self, spec: EnvSpec, seed: int = 0, obs_norm: ObsNorm | None = None,
+                 update_norm: bool = True, num_envs: int | None = None,
+                 num_threads: int = 1, parts: Sequence[int] | None = None,
+                 render_mode: str | None = None) -> None:
+        n = spec.num_envs if num_envs is None else num_envs
+        check(isinstance(n, int) and n >= 1, "num_envs", "an integer >= 1", n)
+        super().__init__(batch_size=torch.Size([n]), device=torch.device("cpu"))
+        self.spec_ = spec
+        self.num_envs = n
+        self.backend_name = "gymnasium" if render_mode else resolve_backend(spec)
+        make = BACKENDS[self.backend_name]
+        if render_mode:
+            make = functools.partial(GymnasiumVector, render_mode=render_mode)
+        sizes = [int(k) for k in parts or () if k > 0]
+        if self.backend_name == "envpool" and len(sizes) > 1:
+            check(sum(sizes) == n, "parts", f"sizes summing to num_envs={n}", list(parts or ()))
+            self.backend = _Split(lambda k, s: make(spec, k, s, num_threads), sizes, seed)
+            self.parts = self.backend.slices
+        else:
+            self.backend = make(spec, n, seed, num_threads)
+            self.parts = [slice(0, n)]
+        self.info = info_from_spaces(spec.id, self.backend.observation_space,
+                                      self.backend.action_space)
+        self._obs_dtype = np.uint8 if self.info.image else np.float32
+        self.obs_norm, self.update_norm = obs_norm, update_norm
+        self._seed: int | None = seed
+        self._run = _Running(n)
+        self._restored = False
+        self._continue = False
+        self.finished: list[tuple[float, int]] = []
+        self.episodes_done = np.zeros(n, dtype=np.int64)
+        self._make_specs()
+
+    def _make_specs(self) -> None:
+        n, info = self.num_envs, self.info
+        if info.image:
+            obs = Bounded(0, 255, shape=(n, *info.obs_shape), dtype=torch.uint8)
+        else:
+            obs = Unbounded(shape=(n, *info.obs_shape), dtype=torch.float32)
+        self.observation_spec = Composite(observation=obs, shape=(n,))
+        self._low: np.ndarray | None = None
+        self._high: np.ndarray | None = None
+        if info.discrete:
+            self.action_spec = Categorical(info.act_dim, shape=(n,), dtype=torch.int64)
+        else:
+            self.action_spec = Bounded(info.action_low.expand(n, -1),
+                                       info.action_high.expand(n, -1),
+                                       shape=(n, info.act_dim), dtype=torch.float32)
+            self._low = info.action_low.numpy()
+            self._high = info.action_high.numpy()
+        self.reward_spec = Unbounded(shape=(n, 1), dtype=torch.float32)
+        self.done_spec = Composite(
+            done=Categorical(2, shape=(n, 1), dtype=torch.bool),
+            terminated=Categorical(2, shape=(n, 1), dtype=torch.bool),
+            truncated=Categorical(2, shape=(n, 1), dtype=torch.bool), shape=(n,))
+
+    def _as_array(self, obs: np.ndarray) -> np.ndarray:
+        """Observations in the spec's dtype (a float64 → float32 copy, or ``obs`` itself)."""
+        return np.asarray(obs, dtype=self._obs_dtype)
+
+    def _to_tensor(self, obs: np.ndarray, update: bool) -> torch.Tensor:
+        t = torch.from_numpy(obs)
+        if self.obs_norm is not None:
+            if update and self.update_norm:
+                self.obs_norm.update(t)
+            t = self.obs_norm(t).to(torch.float32)
+        return t
+
+    def _td(self, entries: dict[str, Any], size: int | None = None) -> TensorDict:
+        # Entries are built here with the env's (or a slot group's) batch size, on the env's
+        # device: the validation the public constructor runs on every entry would only repeat
+        # that (TorchRL's own gym/brax wrappers build their step outputs the same way).
+        batch = self.batch_size if size is None else torch.Size([size])
+        return TensorDict._new_unsafe(entries, batch_size=batch, device=self.device)
+
+    def _not_done(self) -> dict[str, torch.Tensor]:
+        n = self.num_envs
+        return {key: torch.from_numpy(np.zeros((n, 1), dtype=bool)) for key in self._DONE_KEYS}
+
+    def _set_seed(self, seed: int | None) -> None:
+        self._seed = seed
+
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: Any) -> TensorDictBase:
+        run = self._run
+        partial = tensordict is not None and "_reset" in tensordict.keys()
+        if self._continue:
+            # The first reset after continue_episodes() goes on with the restored episodes.
+            self._continue = False
+        elif not partial or run.obs is None:
+            obs = self.backend.reset(self._seed)
+            self._seed = None
+            run.ep_return[:] = 0.0
+            run.ep_length[:] = 0
+            run.obs = self._to_tensor(self._as_array(obs), update=True)
+        # With same-step autoreset, envs that finished were already reset in _step and their
+        # first observation is waiting in run.obs.
+        return self._td({"observation": run.obs, **self._not_done()})
+
+    def _action_array(self, action: torch.Tensor) -> np.ndarray:
+        action = action.numpy(force=True)  # detach, to CPU, numpy: one call
+        if self._low is not None:
+            # np.clip's Python-level dispatch costs more than the two ufuncs on small arrays.
+            action = np.minimum(np.maximum(action, self._low), self._high)
+        return action
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        out = self.backend.step(self._action_array(tensordict.get("action")))
+        next_td, self._run.obs = self._finish(slice(0, self.num_envs), *out)
+        return next_td
+
+    def send_part(self, part: int, action: torch.Tensor) -> None:
+        """Start a step of slot group ``part`` (``self.parts[part]``) and return at once."""
+        backend = self.backend.parts[part] if isinstance(self.backend, _Split) else self.backend
+        backend.send(self._action_array(action))
+
+    def recv_part(self, part: int) -> tuple[TensorDictBase, torch.Tensor]:
+        """Finish the step :meth:`send_part` started: the group's ``next`` entries (as
+        :meth:`step` gives them) and the observations its next step starts from."""
+        backend = self.backend.parts[part] if isinstance(self.backend, _Split) else self.backend
+        # The whole-env observation is not kept up to date part by part: a later reset or
+        # step of the whole env starts afresh.
+        self._run.obs = None
+        return self._finish(self.parts[part], *backend.recv())
+
+    def _finish(self, sl: slice, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray,
+                truncated: np.ndarray, final: np.ndarray | None
+                ) -> tuple[TensorDictBase, torch.Tensor]:
+        """Book a step of slots ``sl``: the ``next`` entries and the observations the slots'
+        next step starts from (the next episode's first one where an episode ended)."""
+        run = self._run
+        done = terminated | truncated
+        ep_return, ep_length = run.ep_return[sl], run.ep_length[sl]  # views
+        ep_return += reward
+        ep_length += 1
+        first_obs = self._as_array(obs)
+        last_obs = first_obs
+        any_done = bool(done.any())
+        if any_done:
+            last_obs = first_obs.copy()
+            for i in np.flatnonzero(done):
+                last_obs[i] = final[i]
+                self.finished.append((float(ep_return[i]), int(ep_length[i])))
+            self.episodes_done[sl] += done
+            ep_return[done] = 0.0
+            ep_length[done] = 0
+        next_obs = self._to_tensor(last_obs, update=True)
+        start = self._to_tensor(first_obs, update=False) if any_done else next_obs
+        # Trailing dimensions are added in numpy, where a view costs a fraction of a torch op.
+        return self._td({
+            "observation": next_obs,
+            "reward": torch.from_numpy(reward.astype(np.float32)[:, None]),
+            "done": torch.from_numpy(done[:, None]),
+            "terminated": torch.from_numpy(terminated[:, None]),
+            "truncated": torch.from_numpy(truncated[:, None]),
+        }, len(reward)), start
+
+    def _step_and_maybe_reset(
+            self, tensordict: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase]:
+        """Step; return the step's data and the input of the next step.
+
+        The same result as the base class's ``step`` → ``step_mdp`` → ``maybe_reset``, without
+        their generic key bookkeeping: the vector env has already reset finished episodes, so the
+        next input is the root entries of ``tensordict`` (action and any other policy outputs)
+        with the current observations and cleared done flags.
+        """
+        keys = tensordict.keys()
+        # Partial steps, preset "next" entries, devices to cast and post-step hooks are left to
+        # the generic path; a collector's steps never need them.
+        if ("_step" in keys or "next" in keys or tensordict.device != self.device
+                or self._post_step_mdp_hooks is not None):
+            return super()._step_and_maybe_reset(tensordict)
+        if tensordict.batch_size != self.batch_size:
+            raise RuntimeError(f"Expected a tensordict with batch size {self.batch_size}, "
+                               f"got {tensordict.batch_size}")
+        tensordict.set("next", self._step(tensordict))
+        carried = {key: value.copy() if isinstance(value, TensorDictBase) else value
+                   for key, value in tensordict.items() if key not in self._NOT_CARRIED}
+        return tensordict, self._td({**carried, "observation": self._run.obs, **self._not_done()})
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The running episodes (the backend's envs, current observations, returns so far), or
+        ``None`` when the backend's envs cannot be saved (a resumed run then starts afresh)."""
+        envs = self.backend.state()
+        if envs is None:
+            return None
+        run = self._run
+        return {"envs": envs, "seed": self._seed,
+                "obs": None if run.obs is None else run.obs.clone(),
+                "ep_return": run.ep_return.copy(), "ep_length": run.ep_length.copy(),
+                "episodes_done": self.episodes_done.copy(), "finished": list(self.finished)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved: the sub-envs (their episodes and random
+        streams), and the running episodes for :meth:`continue_episodes`."""
+        self.backend.load(state["envs"])
+        # The sub-envs carry their random streams; a seed still pending at the save is kept.
+        self._seed = state["seed"]
+        run = self._run
+        run.obs, run.ep_return, run.ep_length = state["obs"], state["ep_return"], state["ep_length"]
+        self.episodes_done = state["episodes_done"]
+        self.finished = list(state["finished"])
+        self._restored = run.obs is not None
+
+    def continue_episodes(self) -> None:
+        """Make the next full reset go on with the episodes running when the state was saved
+        (what a collector built on a restored env needs); without it, a reset starts new
+        episodes from the restored random streams."""
+        self._continue, self._restored = self._restored, False
+
+    def pop_finished(self) -> list[tuple[float, int]]:
+        """Return and clear the (return, length) pairs of episodes completed since the last call."""
+        out, self.finished = self.finished, []
+        return out
+
+    def close(self, *, raise_if_closed: bool = True) -> None:
+        self.backend.close()
+        super().close(raise_if_closed=raise_if_closed)
+
+
+def make_env(spec: EnvSpec, seed: int, obs_norm: ObsNorm | None = None,
+             update_norm: bool = True, num_envs: int | None = None,
+             num_threads: int = 1, parts: Sequence[int] | None = None) -> BatchedEnv:
+    """Build the batched TorchRL env for ``spec``, seeded with ``seed``.
+
+    Args:
+        spec: what to run (and on which backend).
+        seed: seed of the first reset (slot ``i`` gets ``seed + i``).
+        obs_norm: shared observation normalisation, or ``None``.
+        update_norm: whether stepping updates ``obs_norm``.
+        num_envs: slots (default ``spec.num_envs``).
+        num_threads: threads EnvPool may step the envs on.
+        parts: slot groups a rollout steps in a pipeline (see :class:`BatchedEnv`).
+    """
+    return BatchedEnv(spec, seed=seed, obs_norm=obs_norm, update_norm=update_norm,
+                      num_envs=num_envs, num_threads=num_threads, parts=parts)
+
+
+def halves(n: int, unit: int = 1) -> list[int]:
+    """Two slot groups of ``n`` slots, split at a multiple of ``unit`` (``[n]`` if that leaves
+    one empty): the split a pipelined rollout uses."""
+    first = unit * math.ceil(n // unit / 2)
+    return [first, n - first] if 0 < first < n else [n]
+

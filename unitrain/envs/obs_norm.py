@@ -1,0 +1,69 @@
+"""Observation normalisation with running statistics merged across processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class ObsNorm(nn.Module):
+    """Running mean/variance of observations; normalises and clips to ``±clip``.
+
+    Observations folded in by :meth:`update` are *pending*: normalisation uses the statistics as of
+    the last :meth:`sync`, which merges every process's pending statistics in rank order. Every
+    process therefore normalises with identical statistics, and one process behaves the same way
+    with a trivial gather. Statistics combine by the parallel-variance formula (Chan et al. 1979).
+    """
+
+    def __init__(self, shape: tuple[int, ...], clip: float = 5.0, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.clip, self.eps = clip, eps
+        for prefix in ("", "pending_"):
+            self.register_buffer(f"{prefix}count", torch.zeros((), dtype=torch.float64))
+            self.register_buffer(f"{prefix}mean", torch.zeros(shape, dtype=torch.float64))
+            self.register_buffer(f"{prefix}m2", torch.zeros(shape, dtype=torch.float64))
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold a batch ``[B, *shape]`` into the pending statistics."""
+        x = x.detach().to(self.mean.device, torch.float64).reshape(-1, *self.mean.shape)
+        _chan_merge(self.pending_count, self.pending_mean, self.pending_m2,
+                    torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
+                    x.mean(0), x.var(0, unbiased=False) * x.shape[0])
+
+    def merge(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Merge statistics ``(count, mean, m2)`` of another stream into the applied ones."""
+        _chan_merge(self.count, self.mean, self.m2, count, mean, m2)
+
+    def sync(self, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply every process's pending statistics, in rank order, then clear them.
+
+        Args:
+            all_gather: stacks a tensor from every process along a new leading dim.
+        """
+        d = self.mean.numel()
+        packed = torch.cat([self.pending_count.reshape(1), self.pending_mean.flatten(),
+                            self.pending_m2.flatten()])
+        for row in all_gather(packed):
+            self.merge(row[0], row[1: 1 + d].view_as(self.mean), row[1 + d:].view_as(self.m2))
+        for buf in (self.pending_count, self.pending_mean, self.pending_m2):
+            buf.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count <= 1:
+            return x
+        std = (self.m2 / self.count).sqrt().to(x.dtype) + self.eps
+        return ((x - self.mean.to(x.dtype)) / std).clamp(-self.clip, self.clip)
+
+
+def _chan_merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                other_count: torch.Tensor, other_mean: torch.Tensor, other_m2: torch.Tensor) -> None:
+    """In place: ``(count, mean, m2)`` ← the statistics of both streams together."""
+    total = count + other_count
+    if total <= 0:
+        return
+    delta = other_mean - mean
+    mean += delta * (other_count / total)
+    m2 += other_m2 + delta.pow(2) * count * other_count / total
+    count.copy_(total)

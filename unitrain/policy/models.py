@@ -1,0 +1,188 @@
+"""Ready-made networks for image observations.
+
+:class:`ConvNet` is a small convolutional classifier/policy over images given as flat vectors
+(scikit-learn's 8×8 digits), built only from layers that projection training supports
+(:mod:`unitrain.rules.projection`), so every rule can train it.
+
+:class:`NatureCNN` is the network of Mnih et al. 2015 ("Human-level control through deep
+reinforcement learning"), the one Such et al. 2017 ("Deep Neuroevolution") evolve on Atari with
+the Deep GA: three convolutions (32×8×8 stride 4, 64×4×4 stride 2, 64×3×3 stride 1), a 512-unit
+fully connected layer and one output per action; about 1.7 M parameters with 18 actions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from unitrain.policy.action import ACTION_STD
+from unitrain.policy.module import RLModule
+from unitrain.policy.nn import Step
+
+__all__ = ["mlp", "ACTIVATIONS", "MLPPolicy", "ConvNet", "NatureCNN", "ParameterVector"]
+
+
+class NatureCNN(RLModule):
+    """The Nature-DQN convolutional policy over stacked 84×84 frames.
+
+    Args:
+        obs_shape: ``(frames, height, width)`` of an observation (filled in from the env by
+            recipes); uint8 pixels are scaled to ``[0, 1]``.
+        act_dim: number of actions (logits) or action size (continuous mean).
+        hidden: units of the fully connected layer.
+    """
+
+    def __init__(self, obs_shape: Sequence[int], act_dim: int, hidden: int = 512) -> None:
+        super().__init__()
+        channels, height, width = (int(s) for s in obs_shape)
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+            nn.Flatten(-3))
+        with torch.no_grad():
+            size = self.features(torch.zeros(1, channels, height, width)).shape[-1]
+        self.head = nn.Sequential(nn.Linear(size, hidden), nn.ReLU(), nn.Linear(hidden, act_dim))
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(observation.float() / 255.0))
+
+
+class ConvNet(RLModule):
+    """Convolutions (each keeping the image size, then average pooling) and a linear head.
+
+    Args:
+        obs_dim: flat input size (filled in from the env or dataset by recipes).
+        act_dim: outputs (classes, or actions).
+        image: ``(channels, height, width)`` of one input; their product must be ``obs_dim``.
+        channels: output channels of each convolution.
+        kernel: the convolutions' square kernel size (odd; zero padding keeps the size).
+        pool: the average-pooling window (and stride) after each convolution; 1 for none.
+        hidden: sizes of fully connected hidden layers after the convolutions.
+        activation: ``"relu"``, ``"step"`` or ``"step_ste"`` (see :class:`unitrain.MLPPolicy`),
+            after every convolution and hidden layer.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, image: Sequence[int] = (1, 8, 8),
+                 channels: Sequence[int] = (8, 16), kernel: int = 3, pool: int = 2,
+                 hidden: Sequence[int] = (), activation: str = "relu") -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in image)
+        if len(shape) != 3 or shape[0] * shape[1] * shape[2] != obs_dim:
+            raise ValueError(f"image {list(image)} must be [channels, height, width] with "
+                             f"{obs_dim} values in all (the input size)")
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd integer >= 1, got {kernel}")
+        if activation not in ("relu", "step", "step_ste"):
+            raise ValueError(f"activation {activation!r} is not one of relu, step, step_ste")
+        self.obs_dim = obs_dim
+        act = ACTIVATIONS[activation]
+        layers: list[nn.Module] = [nn.Unflatten(1, shape)]
+        c_in, height, width = shape
+        for c in channels:
+            layers += [nn.Conv2d(c_in, int(c), kernel, padding=kernel // 2), act()]
+            if pool > 1:
+                layers.append(nn.AvgPool2d(pool))
+                height, width = height // pool, width // pool
+            c_in = int(c)
+        layers.append(nn.Flatten())
+        width_in = c_in * height * width
+        for h in hidden:
+            layers += [nn.Linear(width_in, int(h)), act()]
+            width_in = int(h)
+        layers.append(nn.Linear(width_in, act_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        lead = observation.shape[:-1]
+        out = self.net(observation.reshape(-1, self.obs_dim).float())
+        return out.reshape(*lead, out.shape[-1])
+
+
+def mlp(in_dim: int, out_dim: int, hidden: Sequence[int] = (64, 64),
+        activation: Callable[[], nn.Module] = nn.Tanh, out_gain: float | None = None) -> nn.Sequential:
+    """A multilayer perceptron with orthogonal initialisation (√2 gain, output gain ``out_gain``).
+
+    Args:
+        in_dim: input features.
+        out_dim: output features.
+        hidden: sizes of the hidden layers.
+        activation: activation class (or factory) between layers.
+        out_gain: gain of the last layer's orthogonal init (``None`` keeps PyTorch's default).
+    """
+    layers: list[nn.Module] = []
+    dims = [in_dim, *hidden]
+    for a, b in zip(dims[:-1], dims[1:]):
+        lin = nn.Linear(a, b)
+        nn.init.orthogonal_(lin.weight, math.sqrt(2))
+        nn.init.zeros_(lin.bias)
+        layers += [lin, activation()]
+    last = nn.Linear(dims[-1], out_dim)
+    if out_gain is not None:
+        nn.init.orthogonal_(last.weight, out_gain)
+        nn.init.zeros_(last.bias)
+    layers.append(last)
+    return nn.Sequential(*layers)
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "step": Step,
+    "step_ste": functools.partial(Step, straight_through=True)}
+
+
+class MLPPolicy(RLModule):
+    """A multilayer-perceptron policy over flattened observations.
+
+    Args:
+        obs_dim: flattened observation size (filled in from the env by recipes).
+        act_dim: number of actions (discrete) or action size (continuous).
+        hidden: hidden layer sizes; ``[]`` gives a linear policy.
+        activation: ``"tanh"``, ``"relu"``, ``"gelu"``, ``"elu"``, ``"step"`` (the hard threshold
+            :class:`unitrain.policy.nn.Step`, no gradient) or ``"step_ste"`` (the same with
+            straight-through gradients).
+        out_scale: gain of the output layer's init (small values start near-uniform/zero actions).
+        obs_shape: observation shape; multi-dimensional observations are flattened.
+        action_std: continuous actions: ``"param"`` (a learned state-independent log std) or
+            ``"state"`` (the network also outputs the log std: ``2 * act_dim`` outputs).
+        discrete: whether actions are discrete (filled in by recipes; discrete actions always
+            take ``act_dim`` logits).
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (64, 64),
+                 activation: str = "tanh", out_scale: float = 0.01,
+                 obs_shape: Sequence[int] | None = None, action_std: str = "param",
+                 discrete: bool | None = None) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if action_std not in ACTION_STD:
+            raise ValueError(f"action_std {action_std!r} is not one of {list(ACTION_STD)}")
+        self.action_std = action_std
+        self.obs_ndim = len(obs_shape) if obs_shape else 1
+        outputs = 2 * act_dim if action_std == "state" and not discrete else act_dim
+        self.net = mlp(obs_dim, outputs, tuple(hidden), ACTIVATIONS[activation], out_scale)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        x = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
+        return self.net(x.float())
+
+
+class ParameterVector(RLModule):
+    """A module whose action is its parameter vector ``x`` (for :class:`FunctionEnv`).
+
+    Args:
+        act_dim: the dimension of ``x`` (filled in from the env by recipes).
+        init: the starting point: one number for every coordinate, or ``act_dim`` numbers.
+    """
+
+    def __init__(self, act_dim: int, init: float | Sequence[float] = 0.0) -> None:
+        super().__init__()
+        start = torch.as_tensor(init, dtype=torch.float32).expand(act_dim).clone()
+        self.x = nn.Parameter(start)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.x.expand(*observation.shape[:-1], -1)

@@ -1,0 +1,348 @@
+"""Off-policy actor-critic training: what DDPG and DSAC-T share.
+
+Both rules (:mod:`unitrain.rules.gradient.ddpg`, Lillicrap et al. 2016, "Continuous control with deep
+reinforcement learning"; :mod:`unitrain.rules.gradient.dsac_t`, Duan et al., "Distributional Soft
+Actor-Critic with Three Refinements", arXiv:2310.05858) learn from a replay memory of past
+transitions instead of the latest batch. A rule composes :class:`OffPolicyLoop`, which owns
+everything that does not depend on the loss, and keeps its own ``step``: ``return
+self.loop.step(ctx, self.update)``. Their shared hyperparameters are the fields of
+:class:`OffPolicyFields`.
+
+- **Actions.** The module is the actor through the shared action contract
+  (:mod:`unitrain.policy.action`): its pre-squash mean ``u`` gives the action ``tanh(u)`` in ``[-1, 1]``,
+  scaled affinely to the env's bounds. Critics and the replay memory see the ``[-1, 1]`` action,
+  so one set of hyperparameters fits every action range; the deterministic action is
+  ``module.act``, as for every rule.
+- **Collection.** Each iteration collects ``frames_per_batch`` transitions per process through a
+  TorchRL collector (``ctx.collector``) with the rule's exploration (a function of the
+  observation giving actions in ``[-1, 1]``), drawn from the loop's seeded generator.
+- **Warm-up.** Until a process has collected ``warmup_frames`` transitions its actions are
+  uniform on ``[-1, 1]``; no gradient step is taken before the memory holds
+  ``max(warmup_frames, batch_size)`` transitions. Collecting them happens inside one iteration.
+- **Update-to-data ratio.** After warm-up, ``utd_ratio`` gradient updates are made per collected
+  frame (fractions carry over between iterations), each on ``batch_size`` transitions sampled
+  uniformly from the memory (:class:`~unitrain.envs.replay.Replay`); the rule's ``update(batch, ctx)`` makes one.
+- **Several processes.** Every process collects with its own seeds into its own memory; gradients
+  are averaged across processes before every optimizer step, so parameters, target networks and
+  optimizer states stay identical.
+- **Divergence.** Gradients are checked after averaging (the same verdict on every process); a
+  non-finite one stops the run with :class:`~unitrain.errors.TrainingDiverged` before any
+  parameter changes, so the last checkpoint and the in-memory parameters stay usable.
+- **Checkpoints.** The loss module (critics, target networks, and any other state of the loss)
+  is registered under ``module.aux[<rule name>]`` and saved with the module; the optimizers with
+  the run; the frame and update counters, and with ``save_buffer`` the replay memory, in the
+  rule's state (:meth:`OffPolicyLoop.state_dict`).
+
+Critics: a module that defines ``make_critic()`` supplies its own — each call returns a new
+network ``(observation, action) -> output`` with ``action`` in ``[-1, 1]`` (the output each rule
+expects is on its page); otherwise the rule builds MLP critics over the flattened observation
+concatenated with the action (``critic_hidden`` units).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torch import Tensor, nn
+from torchrl.data import Composite
+from torchrl.modules import MLP
+
+from unitrain.envs.replay import Replay
+from unitrain.errors import ConfigError, TrainingDiverged, UserError, check
+from unitrain.rules.base import UpdateRule
+
+if TYPE_CHECKING:
+    from unitrain.envs.info import EnvInfo
+    from unitrain.envs.spec import EnvSpec
+    from unitrain.policy.action import ActionHead
+    from unitrain.policy.module import RLModule
+    from unitrain.rules.base import RuleContext
+
+__all__ = ["OffPolicyFields", "OffPolicyLoop", "Critic", "make_critics"]
+
+
+class Critic(nn.Module):
+    """The default critic: an MLP over ``[flatten(observation), action]``.
+
+    Args:
+        obs_shape: observation shape (flattened before the first layer).
+        act_dim: action size.
+        hidden: hidden layer widths.
+        activation: hidden activation class.
+        outputs: output features (1 for a Q-value; 2 for DSAC-T's mean and raw std).
+    """
+
+    def __init__(self, obs_shape: tuple[int, ...], act_dim: int, hidden: tuple[int, ...],
+                 activation: type[nn.Module], outputs: int) -> None:
+        super().__init__()
+        self.obs_ndim = len(obs_shape)
+        self.net = MLP(in_features=math.prod(obs_shape) + act_dim, out_features=outputs,
+                       num_cells=list(hidden), activation_class=activation)
+
+    def forward(self, observation: Tensor, action: Tensor) -> Tensor:
+        """The critic's outputs, ``[..., outputs]``.
+
+        Args:
+            observation: ``[..., *obs_shape]``.
+            action: ``[..., act_dim]`` in ``[-1, 1]``.
+        """
+        obs = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
+        return self.net(torch.cat([obs.to(action.dtype), action], dim=-1))
+
+
+def make_critics(module: "RLModule", count: int, outputs: int, hidden: tuple[int, ...],
+                 activation: type[nn.Module]) -> list[nn.Module]:
+    """``count`` distinct critics: the module's ``make_critic()`` or default MLPs.
+
+    Args:
+        module: the user's module (bound to its env).
+        count: critics to build.
+        outputs: output features of a default critic.
+        hidden: hidden widths of a default critic.
+        activation: hidden activation of a default critic.
+    """
+    make = getattr(module, "make_critic", None)
+    if callable(make):
+        critics = [make() for _ in range(count)]
+        if not all(isinstance(c, nn.Module) for c in critics):
+            raise UserError(f"{type(module).__name__}.make_critic() must return an nn.Module")
+        return critics
+    info = module.env_info
+    assert info is not None
+    return [Critic(info.obs_shape, info.act_dim, hidden, activation, outputs)
+            for _ in range(count)]
+
+
+class _Explorer(TensorDictModuleBase):
+    """The collector's policy: the rule's exploration (or uniform warm-up actions).
+
+    Writes ``"action"`` in env units (what the env steps with) and ``"action_unit"`` in
+    ``[-1, 1]`` (what the replay memory keeps). The user's module is registered so that the
+    collector sees parameters already on the policy device and runs this object as it is.
+    """
+
+    in_keys = ["observation"]
+    out_keys = ["action", "action_unit"]
+
+    def __init__(self, loop: "OffPolicyLoop", module: nn.Module,
+                 explore: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.module = module
+        self.__dict__["loop"] = loop
+        self.__dict__["explore"] = explore
+        self.random = True
+        # Output specs spare the collector a dry run of the policy (a draw of exploration noise).
+        spec = loop.head.spec(loop.device, "action_unit")
+        self.spec = Composite(action=spec["action"], action_unit=spec["action_unit"],
+                              device=loop.device)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        observation = tensordict.get("observation")
+        head = self.loop.head
+        with torch.no_grad():
+            if self.random:
+                shape = (*observation.shape[: -len(self.loop.obs_shape)], head.act_dim)
+                unit = self.loop.draw(shape, uniform=True) * 2.0 - 1.0
+            else:
+                unit = self.explore(observation)
+        tensordict.set("action_unit", unit)
+        tensordict.set("action", head.to_env(unit))
+        return tensordict
+
+
+@dataclass
+class OffPolicyFields(UpdateRule):
+    """The hyperparameters every off-policy actor-critic rule shares (fields only).
+
+    Args:
+        lr_actor: Adam step size of the actor (the module).
+        lr_critic: Adam step size of the critics.
+        gamma: discount factor.
+        tau: Polyak step of the target networks, in (0, 1].
+        batch_size: transitions per gradient update.
+        buffer_size: replay memory capacity per process (oldest transitions are overwritten).
+        warmup_frames: transitions per process collected with uniform random actions before the
+            first update (the memory then holds at least ``max(warmup_frames, batch_size)``).
+        frames_per_batch: transitions collected per iteration per process, a multiple of
+            ``env.num_envs`` (``None``: one step of every env).
+        utd_ratio: gradient updates per collected frame after warm-up (update-to-data ratio).
+        critic_hidden: hidden widths of the default critics.
+        save_buffer: save the replay memory in checkpoints, so a resumed run continues with it
+            (about ``buffer_size x (2 obs_dim + act_dim + 3) x 4`` bytes per checkpoint when
+            full); otherwise a resumed run refills ``max(warmup_frames, batch_size)``
+            transitions with its current policy before updating again.
+    """
+
+    lr_actor: float = 3e-4
+    lr_critic: float = 3e-4
+    gamma: float = 0.99
+    tau: float = 0.005
+    batch_size: int = 256
+    buffer_size: int = 1_000_000
+    warmup_frames: int = 10_000
+    frames_per_batch: int | None = None
+    utd_ratio: float = 1.0
+    critic_hidden: tuple[int, ...] = (256, 256)
+    save_buffer: bool = False
+
+    def validate(self) -> None:
+        check(self.lr_actor > 0, "lr_actor", "a number > 0", self.lr_actor)
+        check(self.lr_critic > 0, "lr_critic", "a number > 0", self.lr_critic)
+        check(0 < self.gamma <= 1, "gamma", "a number in (0, 1]", self.gamma)
+        check(0 < self.tau <= 1, "tau", "a number in (0, 1]", self.tau)
+        check(self.buffer_size >= 1, "buffer_size", "an integer >= 1", self.buffer_size)
+        check(1 <= self.batch_size <= self.buffer_size, "batch_size",
+              f"an integer in [1, buffer_size={self.buffer_size}]", self.batch_size)
+        check(0 <= self.warmup_frames <= self.buffer_size, "warmup_frames",
+              f"an integer in [0, buffer_size={self.buffer_size}]", self.warmup_frames)
+        check(self.frames_per_batch is None or self.frames_per_batch >= 1, "frames_per_batch",
+              "an integer >= 1 or null", self.frames_per_batch)
+        check(self.utd_ratio > 0, "utd_ratio", "a number > 0", self.utd_ratio)
+        check(all(h >= 1 for h in self.critic_hidden), "critic_hidden",
+              "a list of integers >= 1", list(self.critic_hidden))
+
+    def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
+        if info.discrete:
+            raise ConfigError("env.id", f"{info.id} has discrete actions ({info.act_dim}); "
+                                        f"{self.name} needs a continuous (Box) action space "
+                                        "(for discrete actions use ppo or reinforce)")
+        bounds = (info.action_low, info.action_high)
+        if any(b is None or not bool(torch.isfinite(b).all()) for b in bounds):
+            raise ConfigError("env.id", f"{info.id} has unbounded actions; {self.name} squashes "
+                                        "actions into the env's bounds, which must be finite")
+        if self.frames_per_batch is not None:
+            check(self.frames_per_batch % env.num_envs == 0, "optimizer.frames_per_batch",
+                  f"a multiple of env.num_envs={env.num_envs}", self.frames_per_batch)
+
+
+class OffPolicyLoop:
+    """Replay, warm-up, collection and the update-to-data schedule of an off-policy rule.
+
+    Args:
+        rule: the rule's hyperparameters (its name is used in messages).
+        module: the user's module, bound to a continuous, bounded action space.
+        ctx: the run's services.
+        explore: ``observation -> action in [-1, 1]``, the rule's exploration (no gradient).
+        metric_names: the per-update metrics the rule's ``update`` returns (reported as NaN,
+            hence not logged, in iterations without updates, so every step has the same keys).
+    """
+
+    def __init__(self, rule: OffPolicyFields, module: "RLModule", ctx: "RuleContext",
+                 explore: Callable[[Tensor], Tensor], metric_names: tuple[str, ...]) -> None:
+        info = ctx.env_info
+        if info is None:
+            raise UserError(f"{rule.name}: needs an env; give the Trainer env=...")
+        self.head: ActionHead = module.actions
+        self.frames_per_batch = rule.frames_per_batch or ctx.env_spec.num_envs
+        self.rule, self.metric_names = rule, metric_names
+        self.obs_shape = info.obs_shape
+        self.generator = ctx.generator
+        self.device = ctx.device
+        self.replay = Replay(rule.buffer_size, rule.batch_size, ctx.generator, ctx.device)
+        self.env: Any = None
+        self._collector: Iterator[TensorDictBase] | None = None
+        self._explorer = _Explorer(self, module, explore)
+        self.collected = 0       # frames this process collected, warm-up included
+        self.trained_frames = 0  # frames collected in iterations that began with a ready memory
+        self.updates = 0         # gradient updates made
+
+    def draw(self, shape: tuple[int, ...], uniform: bool = False) -> Tensor:
+        """Standard normal (or uniform on [0, 1)) draws from the loop's generator, on the device."""
+        draw = torch.rand if uniform else torch.randn
+        return draw(shape, generator=self.generator).to(self.device)
+
+    def step(self, ctx: "RuleContext",
+             update: Callable[[TensorDictBase, "RuleContext"], dict[str, Tensor | float]]
+             ) -> dict[str, float]:
+        """Collect one iteration's frames, then make the updates they are due.
+
+        Args:
+            ctx: the run's services.
+            update: one gradient update on a replayed batch, returning its metrics.
+        """
+        if self._collector is None:
+            self.env = ctx.train_env()
+            self._collector = iter(ctx.collector(self._explorer, self.frames_per_batch))
+        rule = self.rule
+        ready_size = max(rule.warmup_frames, rule.batch_size)
+        ready = len(self.replay) >= ready_size
+        frames = self._collect()
+        while len(self.replay) < ready_size:
+            frames += self._collect()
+        if ready:
+            self.trained_frames += frames
+        due = math.floor(rule.utd_ratio * self.trained_frames + 1e-9) - self.updates
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        start = time.perf_counter()
+        for _ in range(due):
+            for key, value in update(self.replay.sample(), ctx).items():
+                value = float(value.detach()) if isinstance(value, Tensor) else float(value)
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+            self.updates += 1
+        elapsed = time.perf_counter() - start
+        nan = float("nan")
+        metrics = {key: sums[key] / counts[key] if key in counts else nan
+                   for key in self.metric_names}
+        metrics.update({"optim/updates": float(due), "train/updates_total": float(self.updates),
+                        "train/buffer_size": float(len(self.replay)),
+                        "perf/updates_per_s": due / elapsed if due else nan,
+                        "frames": float(frames)})
+        return metrics
+
+    def _collect(self) -> int:
+        assert self._collector is not None
+        self._explorer.random = self.collected < self.rule.warmup_frames
+        batch = next(self._collector)
+        batch.set("action", batch.get("action_unit"))
+        self.replay.extend(batch)
+        self.collected += batch.numel()
+        return batch.numel()
+
+    def descend(self, loss: Tensor, optimizers: list[torch.optim.Optimizer],
+                ctx: "RuleContext") -> None:
+        """One step of ``optimizers`` on ``loss``, gradients averaged across processes.
+
+        Args:
+            loss: a scalar whose gradient reaches the optimizers' parameters.
+            optimizers: the optimizers to step.
+            ctx: the run's services (collectives, iteration number).
+
+        Raises:
+            TrainingDiverged: a gradient is NaN or infinite (no parameter is changed).
+        """
+        params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ctx.all_reduce_grads(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        # Averaged gradients are identical on every rank, so every rank stops together.
+        if grads and not bool(torch.isfinite(nn.utils.get_total_norm(grads))):
+            raise TrainingDiverged(
+                f"{self.rule.name}: non-finite gradients (a NaN or infinite loss) at iteration "
+                f"{ctx.iteration + 1}, gradient update {self.updates + 1}; the run stopped and "
+                "its last checkpoint holds the last finite state (try lower learning rates)")
+        for opt in optimizers:
+            opt.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, and the replay memory when the rule saves it."""
+        return {"collected": self.collected, "trained_frames": self.trained_frames,
+                "updates": self.updates,
+                "replay": self.replay.state_dict() if self.rule.save_buffer else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.collected = int(state["collected"])
+        self.trained_frames = int(state["trained_frames"])
+        self.updates = int(state["updates"])
+        if self.rule.save_buffer and state.get("replay") is not None:
+            self.replay.load_state_dict(state["replay"])

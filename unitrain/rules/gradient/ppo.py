@@ -1,0 +1,236 @@
+"""PPO: proximal policy optimisation with a clipped surrogate objective.
+
+Schulman et al. 2017, "Proximal Policy Optimization Algorithms", with generalized advantage
+estimation (Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
+Estimation"), over TorchRL's ``ClipPPOLoss`` and ``GAE``. The policy is the
+user's module read through the shared action contract (:mod:`unitrain.policy.action`): a categorical
+policy over logits, or a tanh-squashed Gaussian scaled to the env's bounds whose log standard
+deviation is ``aux.log_std`` or the module's own second half of outputs. A value function
+(``aux.value``, an MLP over the flattened observation) is added unless the module has a
+``value(observation)`` method. :class:`REINFORCE` lives in :mod:`unitrain.rules.gradient.reinforce` and
+composes :class:`OnPolicyBatches` (policy, value function, collection, GAE) and uses
+:func:`gradient_step` and :func:`annealed_lr` like PPO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torchrl.modules import ValueOperator
+from torchrl.objectives import ClipPPOLoss
+from torchrl.objectives.value import GAE
+
+from unitrain.errors import UserError, check
+from unitrain.policy.action import stochastic_actor
+from unitrain.policy.models import mlp
+from unitrain.rules.base import UpdateRule
+from unitrain.rules.registry import register_rule
+
+if TYPE_CHECKING:
+    from unitrain.envs.info import EnvInfo
+    from unitrain.envs.spec import EnvSpec
+    from unitrain.policy.module import RLModule
+    from unitrain.rules.base import RuleContext
+
+__all__ = ["PPO", "OnPolicyBatches", "check_batch", "value_operator", "gradient_step", "annealed_lr"]
+
+
+class _Flatten(nn.Module):
+    """Flatten the observation's trailing dims before an MLP (images included)."""
+
+    def __init__(self, net: nn.Module, obs_ndim: int) -> None:
+        super().__init__()
+        self.net, self.obs_ndim = net, obs_ndim
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        x = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
+        return self.net(x.float())
+
+
+class _ModuleValue(nn.Module):
+    """The user's ``module.value(observation)`` as a network."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.module.value(observation)
+
+
+def value_operator(module: "RLModule", info: "EnvInfo", hidden: tuple[int, ...]) -> ValueOperator:
+    """The state-value function: ``module.value`` if defined, else an MLP under ``aux.value``.
+
+    Args:
+        module: the user's module.
+        info: the env's shapes.
+        hidden: hidden sizes of the default MLP.
+    """
+    if callable(getattr(module, "value", None)):
+        value_net: nn.Module = _ModuleValue(module)
+    else:
+        value_net = module.add_aux("value", _Flatten(
+            mlp(info.obs_dim, 1, hidden, nn.Tanh, out_gain=1.0), len(info.obs_shape)))
+    return ValueOperator(value_net, in_keys=["observation"])
+
+
+def gradient_step(loss: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
+                  max_grad_norm: float, ctx: "RuleContext", sums: dict[str, float]) -> None:
+    """One optimizer step on the sum of ``loss(batch)``'s ``loss_*`` entries.
+
+    Gradients are averaged across processes, then clipped to ``max_grad_norm``; the scalars of
+    the loss's output and the gradient norm are added to ``sums``.
+    """
+    out = loss(batch)
+    total = sum(v for k, v in out.items() if k.startswith("loss_"))
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ctx.all_reduce_grads(params)
+    grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    for k, v in out.items():
+        if v.numel() == 1:
+            name = f"loss/{k[5:]}" if k.startswith("loss_") else f"train/{k}"
+            sums[name] = sums.get(name, 0.0) + float(v.detach())
+    sums["train/grad_norm"] = sums.get("train/grad_norm", 0.0) + float(grad_norm)
+
+
+def check_batch(frames_per_batch: int, env: "EnvSpec") -> None:
+    """``optimizer.frames_per_batch`` must fill whole steps of the vectorised env."""
+    check(frames_per_batch % env.num_envs == 0, "optimizer.frames_per_batch",
+          f"a multiple of env.num_envs={env.num_envs}", frames_per_batch)
+
+
+class OnPolicyBatches:
+    """The on-policy evidence PPO and REINFORCE share: the module's stochastic policy (the action
+    contract's) and a state-value function, ``frames_per_batch`` transitions per iteration from a
+    TorchRL collector, and GAE advantages.
+
+    Args:
+        rule: the rule's name (for messages).
+        module: the user's module.
+        ctx: the run's services.
+        frames_per_batch: transitions per batch on each rank (a multiple of ``env.num_envs``).
+        gamma, lmbda: GAE's discount and λ.
+        log_std_init: initial log std of continuous actions (``aux.log_std``, if created here).
+        value_hidden: hidden sizes of the default value network.
+    """
+
+    def __init__(self, rule: str, module: "RLModule", ctx: "RuleContext", frames_per_batch: int,
+                 gamma: float, lmbda: float, log_std_init: float,
+                 value_hidden: tuple[int, ...]) -> None:
+        info = ctx.env_info
+        if info is None:
+            raise UserError(f"{rule} needs an env: give the Trainer env=...")
+        self.frames_per_batch = frames_per_batch
+        self.actor = stochastic_actor(module, log_std_init)
+        self.critic = value_operator(module, info, value_hidden)
+        self.advantage = GAE(gamma=gamma, lmbda=lmbda, value_network=self.critic,
+                             average_gae=False)
+        self._batches: Any = None
+
+    def next(self, ctx: "RuleContext") -> Any:
+        """The next batch ``[num_envs, steps]`` with its ``"advantage"`` and value targets."""
+        if self._batches is None:
+            self._batches = iter(ctx.collector(self.actor, self.frames_per_batch))
+        batch = next(self._batches)
+        with torch.no_grad():
+            self.advantage(batch)
+        return batch
+
+
+def annealed_lr(optimizer: torch.optim.Optimizer, lr: float, anneal: bool, progress: float) -> float:
+    """Set (and return) ``lr``, decayed linearly to 0 over the budget if ``anneal``."""
+    lr = lr * (1.0 - progress) if anneal else lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@register_rule("ppo")
+@dataclass
+class PPO(UpdateRule):
+    """Proximal Policy Optimization with a clipped surrogate objective and GAE.
+
+    Args:
+        lr: Adam step size (annealed linearly to 0 over ``max_frames`` if ``anneal_lr``).
+        anneal_lr: linear learning-rate decay over the frame budget.
+        frames_per_batch: transitions collected per iteration on each rank (a multiple of
+            ``env.num_envs``).
+        minibatch_size: transitions per gradient step.
+        epochs: passes over each batch.
+        gamma: discount factor.
+        gae_lambda: GAE λ.
+        clip: surrogate clipping range ε.
+        entropy_coef: entropy bonus coefficient.
+        value_coef: value loss coefficient.
+        max_grad_norm: gradient norm clip.
+        normalize_advantage: standardise advantages per minibatch.
+        log_std_init: initial log standard deviation of continuous actions.
+        value_hidden: hidden sizes of the default value network.
+    """
+
+    lr: float = 3e-4
+    anneal_lr: bool = True
+    frames_per_batch: int = 2048
+    minibatch_size: int = 64
+    epochs: int = 10
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    entropy_coef: float = 0.0
+    value_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    normalize_advantage: bool = True
+    log_std_init: float = 0.0
+    value_hidden: tuple[int, ...] = (64, 64)
+
+    def validate(self) -> None:
+        check(self.lr > 0, "lr", "a number > 0", self.lr)
+        check(self.frames_per_batch >= 1, "frames_per_batch", "an integer >= 1", self.frames_per_batch)
+        check(1 <= self.minibatch_size, "minibatch_size", "an integer >= 1", self.minibatch_size)
+        check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        check(0 < self.gamma <= 1, "gamma", "a number in (0, 1]", self.gamma)
+        check(0 <= self.gae_lambda <= 1, "gae_lambda", "a number in [0, 1]", self.gae_lambda)
+        check(0 < self.clip < 1, "clip", "a number in (0, 1)", self.clip)
+        check(self.entropy_coef >= 0, "entropy_coef", "a number >= 0", self.entropy_coef)
+        check(self.value_coef >= 0, "value_coef", "a number >= 0", self.value_coef)
+        check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0", self.max_grad_norm)
+
+    def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
+        check_batch(self.frames_per_batch, env)
+
+    # ------------------------------------------------------------------ construction
+    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
+        self.data = OnPolicyBatches(self.name, module, ctx, self.frames_per_batch, self.gamma,
+                                    self.gae_lambda, self.log_std_init, self.value_hidden)
+        self.loss = ClipPPOLoss(self.data.actor, self.data.critic, clip_epsilon=self.clip,
+                                entropy_bonus=self.entropy_coef > 0,
+                                entropy_coeff=self.entropy_coef or None,
+                                critic_coeff=self.value_coef, loss_critic_type="l2",
+                                normalize_advantage=self.normalize_advantage)
+        self.optimizer = torch.optim.Adam(module.parameters(), lr=self.lr, eps=1e-5)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self, ctx: "RuleContext") -> dict[str, float]:
+        batch = self.data.next(ctx)
+        flat = batch.reshape(-1)
+        lr = annealed_lr(self.optimizer, self.lr, self.anneal_lr, ctx.progress)
+        sums: dict[str, float] = {}
+        updates = 0
+        for _ in range(self.epochs):
+            order = torch.randperm(flat.shape[0], generator=ctx.generator).to(flat.device)
+            for idx in order.split(self.minibatch_size):
+                gradient_step(self.loss, flat[idx], self.optimizer, self.max_grad_norm, ctx, sums)
+                updates += 1
+        metrics = {k: v / updates for k, v in sums.items()}
+        metrics.update({"optim/lr": lr, "optim/updates": float(updates),
+                        "frames": float(batch.numel())})
+        return metrics

@@ -1,0 +1,108 @@
+"""ARS: augmented random search.
+
+Mania, Guy and Recht 2018, "Simple random search provides a competitive approach to
+reinforcement learning". Each generation draws ``N = population / 2`` directions ``δₖ`` and plays
+the mirrored candidates ``θ ± ν·δₖ`` (both members of a pair on the same episode seeds). With
+``r⁺ₖ, r⁻ₖ`` their returns, the ``b`` directions with the largest ``max(r⁺ₖ, r⁻ₖ)`` are kept and
+
+    θ ← θ + α / (b·σ_R) · Σₖ (r⁺ₖ − r⁻ₖ) · δₖ
+
+with ``σ_R`` the standard deviation of the ``2b`` kept returns. The paper's V1 uses raw
+observations; V2 normalises them with running statistics, which here is the env's own option
+(``EnvSpec(obs_norm=True)``: statistics frozen within a generation, merged across processes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from unitrain.errors import check
+from unitrain.rules.population.service import (
+    STREAM_EPISODES,
+    PopulationEvaluation,
+    PopulationFields,
+    episode_seeds,
+    generation_seeds,
+    mirrored,
+    noise_sum,
+)
+from unitrain.rules.registry import register_rule
+
+if TYPE_CHECKING:
+    from unitrain.policy.module import RLModule
+    from unitrain.rules.base import RuleContext
+
+__all__ = ["ARS"]
+
+_NOISE = 23  # shared random stream of the directions' seeds
+
+
+@register_rule("ars")
+@dataclass
+class ARS(PopulationFields):
+    """Augmented random search (V1; V2 with ``env.obs_norm: true``), top-``b`` directions.
+
+    Args:
+        population: candidates per generation, ``2N`` for ``N`` mirrored directions (even).
+        sigma: exploration noise ν of the directions.
+        lr: step size α.
+        top: directions kept, ``b`` (``None``: all ``N``).
+        episodes: episodes per candidate.
+        max_episode_steps: cap on each evaluated episode's steps (``None``: the env's limit).
+        max_envs: most env copies stepped together per process (``None``: a whole share at once).
+    """
+
+    population: int = 64
+    sigma: float = 0.03
+    lr: float = 0.02
+    top: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.population % 2 == 0, "population",
+              "an even integer >= 2 (mirrored directions)", self.population)
+        check(self.lr > 0, "lr", "a number > 0", self.lr)
+        check(self.top is None or 1 <= self.top <= self.population // 2, "top",
+              f"an integer in [1, population/2={self.population // 2}] or null", self.top)
+
+    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
+        self.module = module
+        self.pop = PopulationEvaluation(self, module, ctx)
+        self.layout = self.pop.layout
+
+    def step(self, ctx: "RuleContext") -> dict[str, float]:
+        gen, count, n = self.pop.generation, self.population, self.layout.numel
+        directions = count // 2
+        seeds = generation_seeds(ctx, _NOISE, gen, directions)
+        theta = self.layout.flatten(self.module)
+        pair_seeds = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
+        ev = self.pop.evaluate(ctx, count, mirrored(theta, seeds, self.sigma),
+                               lambda j, e: pair_seeds(j // 2, e))
+
+        # A candidate with a non-finite return counts as the generation's worst.
+        fitness = ev.fitness.to(torch.float64)
+        finite = torch.isfinite(fitness)
+        worst = fitness[finite].min() if bool(finite.any()) else torch.tensor(0.0, dtype=fitness.dtype)
+        fitness = torch.where(finite, fitness, worst)
+        plus, minus = fitness[0::2], fitness[1::2]
+        b = self.top or directions
+        kept = torch.argsort(torch.maximum(plus, minus), descending=True, stable=True)[:b]
+        reward_std = torch.cat([plus[kept], minus[kept]]).std(unbiased=False).item()
+        weights = torch.zeros(directions, dtype=torch.float64)
+        weights[kept] = (plus - minus)[kept] / (b * reward_std) if reward_std > 0 else 0.0
+        step = noise_sum(seeds, weights.tolist(), n, self.layout.dtype, theta.device) * self.lr
+        new_theta = (theta.to(torch.float64) + step).to(self.layout.dtype)
+        self.layout.assign(self.module, new_theta)
+
+        metrics = self.pop.finish_generation(ctx, ev, ev.local_frames, (theta, new_theta))
+        metrics.update({"optim/lr": self.lr, "optim/reward_std": reward_std})
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.pop.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pop.load_state_dict(state)

@@ -1,0 +1,162 @@
+"""CEM: the cross-entropy method with a diagonal Gaussian, in the form CEM-RL uses.
+
+Pourchot and Sigaud 2019, "CEM-RL: Combining evolutionary and gradient-based methods for policy
+search" (the CEM part; after Rubinstein 1997 and Szita and Lőrincz 2006's extra noise). The
+module's parameters are the mean ``μ``; a diagonal variance ``Σ`` starts at ``σ²``. Each generation
+samples ``θᵢ = μ + √Σ ⊙ εᵢ`` (all candidates on the same episode seeds), ranks them by return and
+refits to the ``K`` best (``K = ⌊elite_fraction · population⌋``) with weights
+``wᵢ ∝ log((K + 1) / i)``:
+
+    μ' = Σᵢ wᵢ θ₍ᵢ₎,        Σ' = Σᵢ wᵢ (θ₍ᵢ₎ − μ)² + ε,        ε ← τ·ε + (1 − τ)·ε_end
+
+(the variance about the previous mean, as in CEM-RL's code). The added noise ``ε`` starts at
+``noise_init`` and decays towards ``noise_end``, keeping the search from collapsing early.
+Noise is regenerated from seeds drawn identically on every rank, so ``devices=1`` and
+``devices=N`` make the same updates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from unitrain.errors import check
+from unitrain.rules.population.service import (
+    STREAM_EPISODES,
+    PopulationEvaluation,
+    PopulationFields,
+    episode_seeds,
+    generation_seeds,
+    noise,
+)
+from unitrain.rules.registry import register_rule
+
+if TYPE_CHECKING:
+    from unitrain.policy.module import RLModule
+    from unitrain.rules.base import RuleContext
+
+__all__ = ["CEM", "CEMDistribution"]
+
+_NOISE = 25  # shared random stream of the candidates' seeds
+
+
+class CEMDistribution:
+    """CEM's search distribution over a flat parameter vector: the mean lives in the module, the
+    diagonal variance ``Σ`` and the extra noise ``ε`` here (what :class:`CEM` and
+    :class:`~unitrain.rules.population.cem_rl.CEMRL` share).
+
+    Args:
+        rule: the rule's CEM fields (``sigma``, ``elite_fraction``, ``noise_*``).
+        numel: parameters.
+    """
+
+    def __init__(self, rule: "CEM", numel: int) -> None:
+        self.rule = rule
+        self.var = torch.full((numel,), rule.sigma ** 2, dtype=torch.float64)
+        self.extra = rule.noise_init
+
+    def std(self, like: torch.Tensor) -> torch.Tensor:
+        """``√Σ`` in ``like``'s dtype and device."""
+        return self.var.sqrt().to(like.dtype).to(like.device)
+
+    def refit(self, mean: torch.Tensor, fitness: torch.Tensor,
+              offset: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """The new mean from the ``K`` best candidates (``offset(j) = θⱼ − μ``); refits ``Σ`` and
+        decays ``ε``. Returns the new mean (``mean``'s dtype) and the elites' indices, best first.
+        """
+        rule, k = self.rule, self.rule.elites
+        order = torch.argsort(fitness, descending=True, stable=True)[:k].tolist()
+        raw = torch.tensor([math.log((k + 1) / i) for i in range(1, k + 1)], dtype=torch.float64)
+        weights = raw / raw.sum()
+        z = torch.stack([offset(j).to(torch.float64) for j in order])  # θ₍ᵢ₎ − μ
+        new_mean = (mean.to(torch.float64) + weights @ z).to(mean.dtype)
+        self.var = (weights @ (z * z)).cpu() + self.extra
+        self.extra = rule.noise_decay * self.extra + (1 - rule.noise_decay) * rule.noise_end
+        return new_mean, order
+
+    def metrics(self) -> dict[str, float]:
+        return {"optim/sigma": self.var.sqrt().mean().item(),  # mean standard deviation
+                "optim/extra_noise": self.extra}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"var": self.var.clone(), "extra": self.extra}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.var = state["var"].clone()
+        self.extra = float(state["extra"])
+
+
+@register_rule("cem")
+@dataclass
+class CEM(PopulationFields):
+    """Cross-entropy method, diagonal covariance, log-rank elite weights, decaying extra noise.
+
+    Args:
+        population: candidates per generation.
+        sigma: initial standard deviation of every parameter.
+        elite_fraction: share of the population the distribution is refitted to.
+        noise_init: extra variance ε added after the first refit.
+        noise_end: the value ε decays towards.
+        noise_decay: τ in ``ε ← τ·ε + (1 − τ)·noise_end``.
+        episodes: episodes per candidate.
+        max_episode_steps: cap on each evaluated episode's steps (``None``: the env's limit).
+        max_envs: most env copies stepped together per process (``None``: a whole share at once).
+    """
+
+    population: int = 64
+    sigma: float = 0.1
+    elite_fraction: float = 0.5
+    noise_init: float = 1e-3
+    noise_end: float = 1e-5
+    noise_decay: float = 0.95
+
+    def validate(self) -> None:
+        super().validate()
+        check(0 < self.elite_fraction < 1, "elite_fraction", "a number in (0, 1)",
+              self.elite_fraction)
+        check(self.noise_init >= 0, "noise_init", "a number >= 0", self.noise_init)
+        check(self.noise_end >= 0, "noise_end", "a number >= 0", self.noise_end)
+        check(0 <= self.noise_decay <= 1, "noise_decay", "a number in [0, 1]", self.noise_decay)
+
+    @property
+    def elites(self) -> int:
+        return max(1, int(self.elite_fraction * self.population))
+
+    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
+        self.module = module
+        self.pop = PopulationEvaluation(self, module, ctx)
+        self.layout = self.pop.layout
+        self.dist = CEMDistribution(self, self.layout.numel)
+
+    def step(self, ctx: "RuleContext") -> dict[str, float]:
+        gen, count, n = self.pop.generation, self.population, self.layout.numel
+        seeds = generation_seeds(ctx, _NOISE, gen, count)
+        mean = self.layout.flatten(self.module)
+        std = self.dist.std(mean)
+
+        def offset(j: int) -> torch.Tensor:
+            return std * noise(seeds[j], n, self.layout.dtype, mean.device)
+
+        def candidates(idx: Sequence[int]) -> torch.Tensor:
+            return torch.stack([mean + offset(j) for j in idx])
+
+        shared = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
+        ev = self.pop.evaluate(ctx, count, candidates, lambda j, e: shared(0, e))
+
+        new_mean, order = self.dist.refit(mean, ev.fitness, offset)
+        self.layout.assign(self.module, new_mean)
+
+        metrics = self.pop.finish_generation(ctx, ev, ev.local_frames, (mean, new_mean))
+        metrics.update({**self.dist.metrics(),
+                        "fitness/elite_mean": ev.fitness[order].mean().item()})
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.pop.state_dict(), **self.dist.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pop.load_state_dict(state)
+        self.dist.load_state_dict(state)

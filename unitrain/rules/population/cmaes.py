@@ -1,0 +1,241 @@
+"""CMA-ES: the (μ/μ_w, λ) evolution strategy with covariance matrix adaptation.
+
+Hansen and Ostermeier 2001, "Completely Derandomized Self-Adaptation in Evolution Strategies";
+Hansen, Müller and Koumoutsakos 2003 (the rank-μ update); constants and the order of the updates
+as in Hansen 2016, "The CMA Evolution Strategy: A Tutorial". The diagonal variant is Ros and
+Hansen 2008, "A Simple Modification in CMA-ES Achieving Linear Time and Space Complexity"
+(sep-CMA-ES). The classical baseline of "Solving Deep Reinforcement Learning Benchmarks with
+Linear Policy Networks".
+
+The module's parameters are the mean ``m`` (kept in float64 by the rule). With ``C = B·D²·Bᵀ``,
+each generation samples ``λ`` candidates ``xₖ = m + σ·yₖ``, ``yₖ = B·D·zₖ``, ``zₖ ~ N(0, I)``
+regenerated from seeds (every candidate on the same episode seeds), ranks them by return and,
+with log-rank weights ``wᵢ`` over the ``μ = ⌊λ/2⌋`` best and ``⟨y⟩ = Σ wᵢ y₍ᵢ₎``:
+
+    m   ← m + σ·⟨y⟩
+    p_σ ← (1 − c_σ)·p_σ + √(c_σ(2 − c_σ)μ_eff)·B·⟨z⟩
+    p_c ← (1 − c_c)·p_c + h_σ·√(c_c(2 − c_c)μ_eff)·⟨y⟩
+    C   ← (1 + c₁δ(h_σ) − c₁ − c_μ)·C + c₁·p_c·p_cᵀ + c_μ·Σ wᵢ y₍ᵢ₎y₍ᵢ₎ᵀ
+    σ   ← σ·exp((c_σ/d_σ)(‖p_σ‖ / E‖N(0, I)‖ − 1))
+
+``B`` and ``D`` are refreshed from ``C`` by an eigendecomposition every
+``max(1, ⌊1/(10·n·(c₁ + c_μ))⌋)`` generations (the tutorial's lazy update). Full covariance costs
+O(n²) memory and O(n³) per decomposition; above ``full_max`` parameters the rule switches to
+sep-CMA-ES, which keeps the diagonal of ``C`` only (``B = I``, O(n) everything) with ``c₁`` and
+``c_μ`` multiplied by ``(n + 2)/3``.
+
+Every rank holds the same ``C`` and computes the same candidates: the linear algebra runs in
+float64 on one thread, one candidate at a time, so ``devices=1`` and ``devices=N`` make the same
+updates bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from unitrain.errors import ConfigError, check
+from unitrain.rules.population.service import (
+    STREAM_EPISODES,
+    PopulationEvaluation,
+    PopulationFields,
+    episode_seeds,
+    generation_seeds,
+    noise,
+)
+from unitrain.rules.registry import register_rule
+
+if TYPE_CHECKING:
+    from unitrain.policy.module import RLModule
+    from unitrain.rules.base import RuleContext
+
+__all__ = ["CMAES"]
+
+_NOISE = 29  # shared random stream of the candidates' seeds
+COVARIANCES = ("auto", "full", "diagonal")
+FULL_LIMIT = 10_000  # largest n a full covariance is allowed for (an 800 MB float64 matrix)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch's CPU kernels on one thread, so results do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def default_population(n: int) -> int:
+    """λ = 4 + ⌊3 ln n⌋."""
+    return 4 + int(3 * math.log(n))
+
+
+@register_rule("cmaes")
+@dataclass
+class CMAES(PopulationFields):
+    """(μ/μ_w, λ)-CMA-ES: weighted recombination, step-size and covariance adaptation.
+
+    Args:
+        population: λ, candidates per generation (``None``: ``4 + ⌊3 ln n⌋`` for ``n``
+            parameters); the best ``⌊λ/2⌋`` are recombined.
+        sigma: initial step size σ₀ (the mean starts at the module's parameters).
+        covariance: ``"full"``, ``"diagonal"`` (sep-CMA-ES) or ``"auto"``: full up to
+            ``full_max`` parameters, diagonal above.
+        full_max: the largest parameter count ``"auto"`` adapts a full covariance for.
+        episodes: episodes per candidate.
+        max_episode_steps: cap on each evaluated episode's steps (``None``: the env's limit).
+        max_envs: most env copies stepped together per process (``None``: a whole share at once).
+    """
+
+    population: int | None = None  # type: ignore[assignment]
+    sigma: float = 0.1
+    covariance: str = "auto"
+    full_max: int = 1000
+
+    def validate_population(self) -> None:
+        if self.population is not None:
+            check(isinstance(self.population, int) and self.population >= 4, "population",
+                  "an integer >= 4 or null (4 + 3 ln n)", self.population)
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.covariance in COVARIANCES, "covariance", "one of " + ", ".join(COVARIANCES),
+              self.covariance)
+        check(1 <= self.full_max <= FULL_LIMIT, "full_max", f"an integer in [1, {FULL_LIMIT}]",
+              self.full_max)
+
+    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
+        self.module = module
+        n = sum(p.numel() for p in module.policy_parameters())
+        if self.covariance == "full" and n > FULL_LIMIT:
+            raise ConfigError("optimizer.covariance", (
+                f"full covariance for {n:,} parameters needs a {n}x{n} matrix; the limit is "
+                f"{FULL_LIMIT:,}: use covariance: diagonal (or auto)"))
+        self.lam = self.population or default_population(n)
+        self.pop = PopulationEvaluation(self, module, ctx)
+        self.layout = self.pop.layout
+        self.full = self.covariance == "full" or (self.covariance == "auto" and n <= self.full_max)
+        self._constants(n)
+        self._mean = self.layout.flatten(module).detach().to(torch.float64).cpu()
+        self._sigma = float(self.sigma)
+        self._ps = torch.zeros(n, dtype=torch.float64)
+        self._pc = torch.zeros(n, dtype=torch.float64)
+        if self.full:
+            self._C = torch.eye(n, dtype=torch.float64)
+            self._B = torch.eye(n, dtype=torch.float64)
+        else:
+            self._C = torch.ones(n, dtype=torch.float64)  # the diagonal
+        self._D = torch.ones(n, dtype=torch.float64)
+        self._decomposed = 0  # generation of the last eigendecomposition
+
+    def _constants(self, n: int) -> None:
+        lam = self.lam
+        mu = lam // 2
+        raw = torch.tensor([math.log((lam + 1) / 2) - math.log(i) for i in range(1, mu + 1)],
+                           dtype=torch.float64)
+        self.weights = raw / raw.sum()
+        self.mu_eff = 1.0 / float((self.weights ** 2).sum())
+        me = self.mu_eff
+        self.c_sigma = (me + 2) / (n + me + 5)
+        self.d_sigma = 1 + 2 * max(0.0, math.sqrt((me - 1) / (n + 1)) - 1) + self.c_sigma
+        self.c_c = (4 + me / n) / (n + 4 + 2 * me / n)
+        c1 = 2 / ((n + 1.3) ** 2 + me)
+        cmu = 2 * (me - 2 + 1 / me) / ((n + 2) ** 2 + me)
+        if not self.full:
+            c1, cmu = c1 * (n + 2) / 3, cmu * (n + 2) / 3
+        self.c1 = min(1.0, c1)
+        self.cmu = min(1 - self.c1, cmu)
+        self.chi = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n * n))
+        self.decompose_every = max(1, int(1 / (10 * n * (self.c1 + self.cmu))))
+
+    def _y(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, y = B·D·z)`` of one candidate, float64 on the CPU."""
+        z = noise(seed, self.layout.numel, torch.float64)
+        dz = self._D * z
+        return z, (self._B @ dz if self.full else dz)
+
+    def step(self, ctx: "RuleContext") -> dict[str, float]:
+        gen, lam, n = self.pop.generation, self.lam, self.layout.numel
+        seeds = generation_seeds(ctx, _NOISE, gen, lam)
+        before = self._mean.clone()
+        device = self.layout.flatten(self.module).device
+
+        def candidates(idx: Sequence[int]) -> torch.Tensor:
+            with _one_thread():
+                rows = [self._mean + self._sigma * self._y(seeds[j])[1] for j in idx]
+            return torch.stack(rows).to(self.layout.dtype).to(device)
+
+        shared = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
+        ev = self.pop.evaluate(ctx, lam, candidates, lambda j, e: shared(0, e))
+        order = torch.argsort(ev.fitness, descending=True, stable=True)[:len(self.weights)]
+        with _one_thread():
+            self._update([seeds[j] for j in order.tolist()], gen)
+        self.layout.assign(self.module, self._mean.to(self.layout.dtype).to(device))
+
+        metrics = self.pop.finish_generation(ctx, ev, ev.local_frames, (before, self._mean))
+        metrics.update({"optim/sigma": self._sigma,
+                        "optim/axis_ratio": (self._D.max() / self._D.min()).item(),
+                        "optim/path_ratio": self._ps.norm().item() / self.chi,
+                        "optim/population": float(lam)})
+        return metrics
+
+    def _update(self, best: list[int], gen: int) -> None:
+        zs, ys = zip(*(self._y(s) for s in best), strict=True)
+        Z, Y = torch.stack(zs), torch.stack(ys)  # [μ, n], best first
+        w = self.weights
+        z_w, y_w = w @ Z, w @ Y
+        self._mean = self._mean + self._sigma * y_w
+
+        cs, cc, c1, cmu, me = self.c_sigma, self.c_c, self.c1, self.cmu, self.mu_eff
+        # C^{-1/2}·⟨y⟩ = B·⟨z⟩
+        self._ps = (1 - cs) * self._ps + math.sqrt(cs * (2 - cs) * me) * (
+            self._B @ z_w if self.full else z_w)
+        ps_norm = self._ps.norm().item()
+        h_sigma = ps_norm / math.sqrt(1 - (1 - cs) ** (2 * (gen + 1))) < \
+            (1.4 + 2 / (self.layout.numel + 1)) * self.chi
+        self._pc = (1 - cc) * self._pc + (math.sqrt(cc * (2 - cc) * me) if h_sigma else 0.0) * y_w
+        delta = 0.0 if h_sigma else cc * (2 - cc)
+        keep = 1 + c1 * delta - c1 - cmu
+        if self.full:
+            rank_mu = (Y * w[:, None]).T @ Y
+            self._C = keep * self._C + c1 * torch.outer(self._pc, self._pc) + cmu * rank_mu
+            self._C = (self._C + self._C.T) / 2
+        else:
+            self._C = keep * self._C + c1 * self._pc ** 2 + cmu * (w @ (Y * Y))
+        self._sigma *= math.exp((cs / self.d_sigma) * (ps_norm / self.chi - 1))
+
+        if not self.full:
+            self._D = self._C.sqrt()
+        elif gen + 1 - self._decomposed >= self.decompose_every:
+            eigvals, self._B = torch.linalg.eigh(self._C)
+            self._D = eigvals.clamp_min(1e-300).sqrt()
+            self._decomposed = gen + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {**self.pop.state_dict(), "mean": self._mean.clone(), "sigma": self._sigma,
+                 "ps": self._ps.clone(), "pc": self._pc.clone(), "C": self._C.clone(),
+                 "D": self._D.clone(), "decomposed": self._decomposed}
+        if self.full:
+            state["B"] = self._B.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pop.load_state_dict(state)
+        if state["C"].dim() != (2 if self.full else 1):
+            raise ConfigError("optimizer.covariance", (
+                "the checkpoint's covariance is " + ("diagonal" if self.full else "full")
+                + "; resume with the covariance setting it was trained with"))
+        self._mean = state["mean"].clone()
+        self._sigma = float(state["sigma"])
+        self._ps, self._pc = state["ps"].clone(), state["pc"].clone()
+        self._C, self._D = state["C"].clone(), state["D"].clone()
+        self._decomposed = int(state["decomposed"])
+        if self.full:
+            self._B = state["B"].clone()

@@ -1,0 +1,121 @@
+"""OpenAI-ES: evolution strategies with mirrored sampling, rank shaping and Adam.
+
+Salimans et al. 2017, "Evolution Strategies as a Scalable Alternative to Reinforcement
+Learning". Each generation draws ``population / 2`` noise seeds; the candidates are the mirrored
+pairs ``θ ± σ·εᵢ``. With centred-rank fitness ``F`` in ``[−0.5, 0.5]`` over all candidates, the
+search gradient is
+
+    g = 1/P · Σᵢ (F(θ + σεᵢ) − F(θ − σεᵢ)) · εᵢ
+
+(σ is not divided out, as in the authors' code: the rank transform fixes the scale and Adam is
+invariant to it), and the optimizer steps on ``−g + λ·θ`` (L2 weight decay ``λ``). Both members of a
+pair play the same episode seeds (common random numbers), so their difference measures the
+perturbation rather than the episodes. Noise is regenerated from seeds; with observation
+normalisation (``EnvSpec(obs_norm=True)``) every candidate of a generation sees the same statistics,
+and the generation's observations are folded in afterwards (merged across processes by the
+Trainer).
+
+With several processes each rank evaluates a contiguous share of the candidates; only returns
+cross process boundaries, and every rank regenerates all the noise and makes the same update, so
+``devices=1`` and ``devices=N`` follow the same trajectory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from unitrain.errors import check
+from unitrain.rules.population.service import (
+    STREAM_EPISODES,
+    PopulationEvaluation,
+    PopulationFields,
+    centered_ranks,
+    episode_seeds,
+    generation_seeds,
+    mirrored,
+    noise_sum,
+)
+from unitrain.rules.registry import register_rule
+
+if TYPE_CHECKING:
+    from unitrain.policy.module import RLModule
+    from unitrain.rules.base import RuleContext
+
+__all__ = ["ES"]
+
+_NOISE = 21  # shared random stream of the noise seeds
+
+
+@register_rule("es")
+@dataclass
+class ES(PopulationFields):
+    """OpenAI evolution strategies (mirrored sampling, centred ranks, Adam, L2 decay).
+
+    Args:
+        population: candidates per generation (an even number: ``population / 2`` mirrored pairs).
+        sigma: perturbation standard deviation σ.
+        lr: step size of the optimizer.
+        weight_decay: L2 coefficient λ added to the descent direction.
+        update: ``"adam"`` (``torch.optim.Adam``) or ``"sgd"`` (``torch.optim.SGD``, momentum 0.9).
+        episodes: episodes per candidate.
+        max_episode_steps: cap on each evaluated episode's steps (``None``: the env's limit).
+        max_envs: most env copies stepped together per process (``None``: a whole share at once).
+    """
+
+    population: int = 64
+    sigma: float = 0.02
+    lr: float = 0.01
+    weight_decay: float = 0.005
+    update: str = "adam"
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.population % 2 == 0, "population",
+              "an even integer >= 2 (mirrored pairs)", self.population)
+        check(self.lr > 0, "lr", "a number > 0", self.lr)
+        check(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
+        check(self.update in ("adam", "sgd"), "update", "'adam' or 'sgd'", self.update)
+
+    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
+        self.module = module
+        self.pop = PopulationEvaluation(self, module, ctx)
+        self.layout = self.pop.layout
+        params = module.policy_parameters()
+        if self.update == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    def step(self, ctx: "RuleContext") -> dict[str, float]:
+        gen, count, n = self.pop.generation, self.population, self.layout.numel
+        seeds = generation_seeds(ctx, _NOISE, gen, count // 2)
+        theta = self.layout.flatten(self.module)
+        pair_seeds = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
+        ev = self.pop.evaluate(ctx, count, mirrored(theta, seeds, self.sigma),
+                               lambda j, e: pair_seeds(j // 2, e))
+
+        shaped = centered_ranks(ev.fitness)
+        weights = (shaped[0::2] - shaped[1::2]).tolist()
+        grad = noise_sum(seeds, weights, n, self.layout.dtype, theta.device) / count
+        descent = -grad + self.weight_decay * theta.to(torch.float64)
+        self.layout.set_grads(self.module, descent.to(self.layout.dtype))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        moved = (theta, self.layout.flatten(self.module))
+        metrics = self.pop.finish_generation(ctx, ev, ev.local_frames, moved)
+        metrics.update({"optim/lr": self.optimizer.param_groups[0]["lr"],
+                        "optim/grad_norm": grad.norm().item()})
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.pop.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pop.load_state_dict(state)

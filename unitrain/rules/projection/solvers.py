@@ -1,0 +1,350 @@
+"""Douglas-Rachford and alternating projections over the two-set split of a network's graph.
+
+The feasibility problem of :class:`~unitrain.rules.projection.graph.ProjectionGraph` has two sets: A,
+every operation on its graph (and the output constraint), and B, all copies consistent. Both
+projections are cheap and parallel across operations and samples, which is the premise of
+Bergmeister et al., "A projection-based framework for gradient-free and parallel learning"
+(arXiv:2506.05878). Each mini-batch starts from a forward pass, runs a fixed number of
+iterations, and writes the consensus parameters back into the module.
+
+The reported violation of an iterate is ``dist(x, B)`` for ``x = P_A(z)``: how far the
+operation-wise projected copies are from agreeing, divided by ``sqrt(batch size)``. It is zero
+exactly at a point of both sets (and at a fixed point of Douglas-Rachford, also when the output
+"constraint" is a proximal step). With several processes it is the local part of that distance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from unitrain.rules.projection.graph import OutputConstraint, ProjectionGraph, ReduceMean, State
+
+__all__ = [
+    "Method",
+    "SolveResult",
+    "alternating_projections",
+    "douglas_rachford",
+    "fit_batch",
+    "solve",
+]
+
+Method = Literal["douglas_rachford", "alternating_projections"]
+
+
+@dataclass
+class SolveResult:
+    """Outcome of a solve on one batch.
+
+    Attributes:
+        state: the consistent state ``P_B(P_A(z))`` of the last iterate; its parameter copies
+            are the consensus parameters.
+        violation: ``dist(P_A(z_k), B)`` for every iteration ``k``, shape ``(iterations,)``.
+    """
+
+    state: State
+    violation: Tensor
+
+
+def _check_iterations(iterations: int) -> None:
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+
+
+Step = Callable[
+    [ProjectionGraph, State, State, Tensor, Tensor, OutputConstraint, "ReduceMean | None",
+     "State | None", "Tensor | None"],
+    tuple[State, State, Tensor],
+]
+
+
+def _violation(x: State, pb_x: State, weights: Tensor | None) -> Tensor:
+    """``dist(x, P_B(x)) / sqrt(batch)``, counting only samples of positive weight."""
+    if weights is None:
+        total = sum(((x[k] - pb_x[k]) ** 2).sum() for k in x)
+        return torch.as_tensor(total).sqrt() / math.sqrt(x["out"].shape[0])
+    per_sample = sum(((x[k] - pb_x[k]) ** 2).reshape(len(weights), -1).sum(1) for k in x)
+    return (torch.as_tensor(per_sample) * (weights > 0)).sum().sqrt() / (weights > 0).sum().sqrt()
+
+
+def _dr_step(
+    graph: ProjectionGraph,
+    z: State,
+    pb_z: State,
+    inputs: Tensor,
+    targets: Tensor,
+    output: OutputConstraint,
+    reduce_mean: ReduceMean | None,
+    warm: State | None,
+    weights: Tensor | None,
+) -> tuple[State, State, Tensor]:
+    """One Douglas-Rachford iteration: the new ``z``, ``P_B(x)`` and the violation of ``x``."""
+    x = graph.project_ops(z, output, targets, warm)
+    pb_x = graph.project_consistency(x, inputs, reduce_mean, weights)
+    # z <- z + P_B(2x - z) - x = z - (x - P_B(x)) + P_B(x) - P_B(z), as P_B(2x - z) =
+    # 2 P_B(x) - P_B(z); the residual x - P_B(x) also gives the violation.
+    z = {key: z[key] - x[key] + 2.0 * pb_x[key] - pb_z[key] for key in z}
+    return z, pb_x, _violation(x, pb_x, weights)
+
+
+def _ap_step(
+    graph: ProjectionGraph,
+    z: State,
+    pb_z: State,
+    inputs: Tensor,
+    targets: Tensor,
+    output: OutputConstraint,
+    reduce_mean: ReduceMean | None,
+    warm: State | None,
+    weights: Tensor | None,
+) -> tuple[State, State, Tensor]:
+    """One alternating projection ``z <- P_B(P_A(z))``: the new ``z`` (twice) and violation."""
+    x = graph.project_ops(z, output, targets, warm)
+    z = graph.project_consistency(x, inputs, reduce_mean, weights)
+    return z, z, _violation(x, z, weights)
+
+
+_COMPILED: dict[Step, Step] = {}
+# Every (step, graph, output constraint, batch size) run compiled in this process. Dynamo keeps
+# the compiled versions of all of them on the step's code object, and skipping its guard checks
+# is only sound while one such problem exists: with several, a version compiled for another
+# graph or constraint could be picked without its guards being checked.
+_PROBLEMS: set[tuple[Step, int, str, int]] = set()
+
+
+def _iterate(
+    step: Step,
+    graph: ProjectionGraph,
+    z: State,
+    inputs: Tensor,
+    targets: Tensor,
+    output: OutputConstraint,
+    iterations: int,
+    reduce_mean: ReduceMean | None,
+    warm_start: bool,
+    compile: bool,
+) -> SolveResult:
+    """Run ``step`` ``iterations`` times.
+
+    A compiled step is used for one batch size per graph, the first it is compiled for. A
+    smaller batch (the last of an epoch) is padded to that size with repeats of its own samples
+    at weight 0, which leave the parameters and the violation unchanged, and runs compiled too;
+    a larger one runs uncompiled.
+    """
+    _check_iterations(iterations)
+    fast = step
+    batch = int(inputs.shape[0])
+    weights: Tensor | None = None
+    if compile and reduce_mean is None:
+        if graph.compiled_batch is None:
+            graph.compiled_batch = batch
+        if graph.compiled_batch >= batch:
+            if step not in _COMPILED:
+                _COMPILED[step] = torch.compile(step, dynamic=False)
+            fast = _COMPILED[step]
+            _PROBLEMS.add((step, id(graph), repr(output), graph.compiled_batch))
+            weights = torch.zeros(graph.compiled_batch, dtype=z["out"].dtype,
+                                  device=z["out"].device)
+            weights[:batch] = 1.0
+            if graph.compiled_batch > batch:
+                rows = torch.arange(graph.compiled_batch, device=inputs.device) % batch
+                z = {key: value[rows] for key, value in z.items()}
+                inputs, targets = inputs[rows], targets[rows]
+    pb_z = graph.project_consistency(z, inputs, reduce_mean, weights)
+    warm: State | None = graph.inner_start(z) if (warm_start or compile) else None
+    violation: list[Tensor] = []
+    with ExitStack() as stack:
+        for k in range(iterations):
+            if k == 2 and fast is not step and len(_PROBLEMS) == 1:
+                # Later calls of this solve pass the same graph, constraint, shapes and strides
+                # as the second (the first starts from eager tensors of other strides), whose
+                # guards have just been checked; with no other problem compiled in the process,
+                # re-checking them is unnecessary.
+                stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
+            z, pb_z, v = fast(graph, z, pb_z, inputs, targets, output, reduce_mean, warm,
+                              weights)
+            violation.append(v)
+    if pb_z["out"].shape[0] != batch:
+        pb_z = {key: value[:batch] for key, value in pb_z.items()}
+    return SolveResult(state=pb_z, violation=torch.stack(violation))
+
+
+@torch.no_grad()
+def douglas_rachford(
+    graph: ProjectionGraph,
+    state: State,
+    inputs: Tensor,
+    targets: Tensor,
+    output: OutputConstraint,
+    iterations: int = 50,
+    reduce_mean: ReduceMean | None = None,
+    warm_start: bool = False,
+    compile: bool = False,
+) -> SolveResult:
+    """Douglas-Rachford splitting ``z <- z/2 + R_B R_A z / 2`` with ``R = 2P - I``.
+
+    Written with the shadow ``x = P_A(z)``: ``z <- z + P_B(2x - z) - x``. Because ``P_B`` is
+    affine, ``P_B(2x - z) = 2 P_B(x) - P_B(z)``, and after an update
+    ``P_B(z + P_B(2x - z) - x) = P_B(x)``; so one consistency projection per iteration serves the
+    update, the violation and the consensus, and ``reduce_mean`` is called once per iteration.
+
+    Args:
+        graph: the network's feasibility problem.
+        state: the starting point ``z_0``, usually :meth:`ProjectionGraph.init_state`.
+        inputs: the batch's inputs (fixed data).
+        targets: the batch's targets for ``output``.
+        output: the constraint on the network output.
+        iterations: number of iterations.
+        reduce_mean: elementwise mean over processes, for the parameter consensus.
+        warm_start: solve the inner scalar problems of set A (the dot products' multipliers,
+            the cross-entropy's proximal step) with a fixed number of Newton steps started from
+            the previous iteration's solutions (see :meth:`ProjectionGraph.project_ops`)
+            instead of to rounding from scratch; the first iteration starts them from
+            :meth:`ProjectionGraph.inner_start`.
+        compile: run every iteration as one ``torch.compile``-d program
+            (implies ``warm_start``; single-process only: with ``reduce_mean`` the iterations
+            run uncompiled). The first batch compiles, about half a minute on a CPU and cached
+            on disk for later processes; a smaller batch is padded to its size (with weight-0
+            repeats of its samples) and a larger one runs uncompiled.
+
+    Returns:
+        The consistent state of the last shadow and the violation per iteration.
+    """
+    return _iterate(_dr_step, graph, state, inputs, targets, output, iterations, reduce_mean,
+                    warm_start, compile)
+
+
+@torch.no_grad()
+def alternating_projections(
+    graph: ProjectionGraph,
+    state: State,
+    inputs: Tensor,
+    targets: Tensor,
+    output: OutputConstraint,
+    iterations: int = 50,
+    reduce_mean: ReduceMean | None = None,
+    warm_start: bool = False,
+    compile: bool = False,
+) -> SolveResult:
+    """Alternating projections ``z <- P_B(P_A(z))``.
+
+    Args:
+        graph: the network's feasibility problem.
+        state: the starting point, usually :meth:`ProjectionGraph.init_state`.
+        inputs: the batch's inputs (fixed data).
+        targets: the batch's targets for ``output``.
+        output: the constraint on the network output.
+        iterations: number of iterations.
+        reduce_mean: elementwise mean over processes, for the parameter consensus.
+        warm_start: as in :func:`douglas_rachford`.
+        compile: as in :func:`douglas_rachford`.
+
+    Returns:
+        The last consistent state and the violation per iteration.
+    """
+    return _iterate(_ap_step, graph, state, inputs, targets, output, iterations, reduce_mean,
+                    warm_start, compile)
+
+
+_METHODS = {
+    "douglas_rachford": douglas_rachford,
+    "alternating_projections": alternating_projections,
+}
+
+
+def solve(
+    graph: ProjectionGraph,
+    state: State,
+    inputs: Tensor,
+    targets: Tensor,
+    output: OutputConstraint,
+    method: Method = "douglas_rachford",
+    iterations: int = 50,
+    reduce_mean: ReduceMean | None = None,
+    warm_start: bool = False,
+    compile: bool = False,
+) -> SolveResult:
+    """Run ``method`` from ``state``; the arguments are those of :func:`douglas_rachford`.
+
+    Args:
+        graph: the network's feasibility problem.
+        state: the starting point.
+        inputs: the batch's inputs.
+        targets: the batch's targets.
+        output: the constraint on the network output.
+        method: ``"douglas_rachford"`` or ``"alternating_projections"``.
+        iterations: number of iterations.
+        reduce_mean: elementwise mean over processes.
+        warm_start: as in :func:`douglas_rachford`.
+        compile: as in :func:`douglas_rachford`.
+
+    Returns:
+        The solver's result.
+
+    Raises:
+        ValueError: unknown method.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown projection method {method!r}; choose one of {sorted(_METHODS)}")
+    with _flush_denormals():
+        return _METHODS[method](graph, state, inputs, targets, output, iterations, reduce_mean,
+                                warm_start, compile)
+
+
+@contextmanager
+def _flush_denormals() -> Iterator[None]:
+    """Treat subnormal floats as zero on the CPU for the duration of the block.
+
+    Copies that the iterations drive towards zero (inactive ReLU branches, multipliers of
+    satisfied constraints) pass through the subnormal range, where x86 arithmetic is up to two
+    orders of magnitude slower; flushing them changes values below 1e-38 only.
+    """
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if supported:
+            torch.set_flush_denormal(False)
+
+
+def fit_batch(
+    graph: ProjectionGraph,
+    inputs: Tensor,
+    targets: Tensor,
+    output: OutputConstraint,
+    method: Method = "douglas_rachford",
+    iterations: int = 50,
+    reduce_mean: ReduceMean | None = None,
+    warm_start: bool = False,
+    compile: bool = False,
+) -> SolveResult:
+    """One training step: initialise from a forward pass, solve, write the consensus back.
+
+    Args:
+        graph: the network's feasibility problem; its module's parameters are updated.
+        inputs: the batch's inputs ``(B, *input shape)``.
+        targets: the batch's targets for ``output``.
+        output: the constraint on the network output.
+        method: ``"douglas_rachford"`` or ``"alternating_projections"``.
+        iterations: iterations on this batch.
+        reduce_mean: elementwise mean over processes; with several ranks it must average over
+            all of them (e.g. an all-reduce sum divided by the world size), and every rank must
+            call this function the same number of times.
+        warm_start: as in :func:`douglas_rachford`.
+        compile: as in :func:`douglas_rachford`.
+
+    Returns:
+        The solver's result.
+    """
+    state = graph.init_state(inputs)
+    result = solve(graph, state, inputs, targets, output, method, iterations, reduce_mean,
+                   warm_start, compile)
+    # The result state is consistent: its parameter copies already hold the all-rank mean.
+    graph.write_parameters(result.state, consistent=True)
+    return result

@@ -1,0 +1,51 @@
+"""The registry of update rules by name: ``optimizer: {name: ppo}`` in a recipe.
+
+A rule registers itself where it is defined (``@register_rule("ppo")``); importing
+:mod:`unitrain.rules` imports the built-in rules and so registers them. A user's rule in their
+own file registers itself when that file is imported, or is named by its class path in a recipe
+(``optimizer: {target: mypkg.rules:MyRule}``) without registering at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from unitrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from unitrain.rules.base import UpdateRule
+
+__all__ = ["register_rule", "registered_rules", "get_rule"]
+
+_REGISTRY: dict[str, type[UpdateRule]] = {}
+
+
+def register_rule(name: str):
+    """Class decorator: make a rule dataclass available as ``optimizer: {name: <name>}``.
+
+    Args:
+        name: the rule's name in recipes and in :func:`get_rule`.
+    """
+
+    def wrap(cls: type[UpdateRule]) -> type[UpdateRule]:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"update rule {cls.__name__} must be a dataclass")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def registered_rules() -> dict[str, type[UpdateRule]]:
+    """All registered rules by name (the built-in ones once :mod:`unitrain.rules` is imported)."""
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_rule(name: str) -> type[UpdateRule]:
+    """The rule class registered as ``name``; a :class:`ConfigError` lists valid names."""
+    rules = registered_rules()
+    if name not in rules:
+        raise ConfigError("name", f"unknown update rule {name!r}; valid: {', '.join(rules)}")
+    return rules[name]

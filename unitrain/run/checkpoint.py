@@ -1,0 +1,164 @@
+"""Reading unitrain checkpoints: the module they hold and its deterministic evaluation.
+
+A checkpoint (``last.ckpt``, ``best.ckpt``) holds the module's parameters (``state_dict``), and
+under ``"unitrain"`` the run's counters, rule state, env spec, observation statistics and the
+module's class path and constructor arguments. :func:`evaluate` plays a module's deterministic
+policy (``module.act``) on fresh seeded episodes, from a module or from a checkpoint, without a
+Trainer; ``unitrain evaluate CKPT`` calls it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from unitrain.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from unitrain.envs.spec import EnvSpec
+    from unitrain.policy.module import RLModule
+
+__all__ = ["read_checkpoint", "load_module", "evaluate", "evaluate_checkpoint"]
+
+
+def read_checkpoint(path: str | os.PathLike, what: str | None = None) -> dict[str, Any]:
+    """Load a unitrain checkpoint (a full pickle: only load checkpoints you trust).
+
+    Args:
+        path: the ``.ckpt`` file.
+        what: how the user named it, for error messages (default: the path).
+
+    Raises:
+        UserError: the file is missing, unreadable, or not a unitrain checkpoint.
+    """
+    path = Path(path)
+    what = what or str(path)
+    if not path.is_file():
+        raise UserError(f"{what}: no such checkpoint file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: any unpickling error
+        raise UserError(f"{what}: {path} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "unitrain" not in ckpt or "state_dict" not in ckpt:
+        raise UserError(f"{what}: {path} is not a unitrain checkpoint (no unitrain state inside)")
+    return ckpt
+
+
+def load_module(checkpoint: str | os.PathLike, module: "RLModule | None" = None) -> "RLModule":
+    """The checkpoint's module with its trained policy (and ``aux.log_std``).
+
+    Args:
+        checkpoint: a unitrain checkpoint.
+        module: a module to load into (e.g. an instance of a class defined in a script); by
+            default the checkpoint's recorded class is imported and rebuilt from its recorded
+            constructor arguments.
+
+    Raises:
+        UserError: the class cannot be imported (pass ``module=``) or the parameters do not fit.
+    """
+    from unitrain.validation import import_object
+
+    ckpt = read_checkpoint(checkpoint)
+    state = ckpt["unitrain"]
+    if module is None:
+        try:
+            cls = import_object(state["module_class"], "module_class")
+        except ConfigError:
+            raise UserError(f"{checkpoint}: module class {state['module_class']} is not importable "
+                            "here; from Python pass an instance: "
+                            "unitrain.evaluate(checkpoint, module=MyModule(...))") from None
+        module = cls(**state["module_hparams"])
+    module.load_policy(checkpoint)
+    return module
+
+
+def policy_and_env(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None" = None,
+                   module: "RLModule | None" = None) -> tuple["RLModule", "EnvSpec", Any]:
+    """The module to play, the env to play it in and its frozen observation normalisation
+    (``None`` without one): what :func:`evaluate` and :func:`unitrain.run.video.record` share.
+
+    ``policy`` is a module or a checkpoint; a checkpoint brings its run's env and statistics.
+    """
+    from unitrain.envs.info import env_info
+    from unitrain.envs.obs_norm import ObsNorm
+    from unitrain.envs.spec import EnvSpec
+    from unitrain.policy.module import RLModule
+
+    norm_state = None
+    if not isinstance(policy, RLModule):
+        ckpt = read_checkpoint(policy)
+        state = ckpt["unitrain"]
+        if env is None:
+            if state.get("env") is None:
+                raise UserError(f"{policy}: this run has no environment to evaluate in")
+            env = EnvSpec(**state["env"])
+        norm_state = state.get("obs_norm")
+        policy = load_module(policy, module)
+    if env is None:
+        raise UserError("evaluate: give env= (a gymnasium id or unitrain.EnvSpec)")
+    spec = EnvSpec(id=env) if isinstance(env, str) else env
+    info = env_info(spec)
+    policy.bind_env(info)
+    norm = None
+    if spec.obs_norm:
+        norm = ObsNorm(info.obs_shape)
+        if norm_state is not None:
+            norm.load_state_dict(norm_state)
+    return policy, spec, norm
+
+
+@torch.no_grad()
+def evaluate(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None" = None,
+             episodes: int = 10, seed: int = 0, module: "RLModule | None" = None,
+             evaluation: int = 0) -> dict[str, float]:
+    """Deterministic evaluation of a module, or of a checkpoint's policy, without a Trainer.
+
+    Args:
+        policy: an :class:`~unitrain.RLModule` or a checkpoint path.
+        env: a gymnasium id or :class:`~unitrain.EnvSpec` (default for a checkpoint: its run's).
+        episodes: episodes to play (each from its own seed).
+        seed: the seed the episodes' seeds derive from.
+        module: with a checkpoint, the module to load its policy into (a class from a script).
+        evaluation: the evaluation's number (numbers play different episodes for one seed).
+
+    Returns:
+        ``return_mean``, ``return_std``, ``return_max``, ``return_min``, ``length_mean``,
+        ``episodes``.
+    """
+    from unitrain.envs.batched import halves, make_env
+    from unitrain.envs.rollout import evaluate_policy
+
+    policy, spec, norm = policy_and_env(policy, env, module)
+    envs: dict[int, Any] = {}
+
+    def make(slots: int) -> Any:
+        if slots not in envs:
+            envs[slots] = make_env(spec, 0, norm, update_norm=False, num_envs=slots,
+                                   parts=halves(slots))
+        return envs[slots]
+
+    was_training = policy.training
+    policy.eval()
+    try:
+        return evaluate_policy(policy.act, make, episodes, seed, evaluation,
+                               device=policy.device)
+    finally:
+        policy.train(was_training)
+        for e in envs.values():
+            e.close()
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, episodes: int = 10,
+                        seed: int = 0) -> dict[str, Any]:
+    """:func:`evaluate` of a checkpoint in its run's env, with the checkpoint's frame count."""
+    ckpt = read_checkpoint(checkpoint)
+    result = evaluate(checkpoint, episodes=episodes, seed=seed)
+    return {"checkpoint": str(checkpoint), "env": ckpt["unitrain"]["env"]["id"]
+            if ckpt["unitrain"].get("env") else None, "frames": ckpt["unitrain"]["frames"],
+            **{f"eval/{k}": v for k, v in result.items()}}
