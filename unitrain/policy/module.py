@@ -76,9 +76,9 @@ class RLModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.automatic_optimization = False
-        # Lightning logs module hparams itself; unitrain logs the whole run's configuration.
-        self._log_hyperparams = False
-        self.save_hyperparameters()
+        # Recorded to rebuild the module from a checkpoint, not sent to the loggers: the Trainer
+        # logs the whole run's configuration, the module's arguments included (module/*).
+        self.save_hyperparameters(logger=False)
         self._ctx: RunHooks | None = None
         self.env_info: EnvInfo | None = None
         self._actions: ActionHead | None = None

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from unitrain.run.lightning_compat import advance_global_step
 from unitrain.run.safety import RunStopped, StopSignals, slurm_requeue, slurm_requeue_signal
 from unitrain.run.services import RunServices, episode_stats
 
@@ -63,19 +64,6 @@ class _EvalPeriod:
     def __iter__(self) -> Iterator[int]:
         while not self.adapter.period_over():
             yield 0
-
-
-def _count_iteration(trainer: "L.Trainer") -> None:
-    """Count one rule iteration as one Lightning global step.
-
-    Lightning counts optimizer steps taken through its optimizer wrappers; rules step their own
-    ``torch.optim`` optimizers any number of times (or none), and Lightning offers no public way
-    to advance the step counter that checkpoint and step-based callbacks key on. This is the one
-    place unitrain touches that counter.
-    """
-    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-    progress.increment_ready()
-    progress.increment_completed()
 
 
 class RunAdapter:
@@ -170,7 +158,7 @@ class RunAdapter:
         s.frames += frames
         s.iteration += 1
         trainer = self.module.trainer
-        _count_iteration(trainer)
+        advance_global_step(trainer)  # one rule iteration is one global step
         now = time.perf_counter()
         self.frames_per_s = frames / max(now - self._clock, 1e-9)
         reduced["perf/frames_per_s"] = self.frames_per_s

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from unitrain.errors import UserError
@@ -159,7 +158,7 @@ def slurm_restarted() -> bool:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint I/O with :func:`atomic_write` (serialised in memory first)."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH,
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")

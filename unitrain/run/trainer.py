@@ -225,7 +225,10 @@ class Trainer(L.Trainer):
         seed: seeds networks, envs (per rank) and the rule.
         num_threads: torch intra-op threads per process (default 1).
         run_dir: where logs, checkpoints and ``summary.json`` go (default ``runs/<env>-<rule>/<time>``).
-        devices, strategy, accelerator, callbacks, logger, **kwargs: as for ``lightning.Trainer``;
+        logger: as for ``lightning.Trainer``; ``True`` (default): TensorBoard in ``run_dir``,
+            whose curves a resumed run continues without repeating steps. A logger passed here
+            is used as given.
+        devices, strategy, accelerator, callbacks, **kwargs: as for ``lightning.Trainer``;
             ``strategy="ddp"`` selects unitrain's DDP launch.
     """
 
@@ -303,9 +306,10 @@ class Trainer(L.Trainer):
                                            check_on_train_epoch_end=False))
         if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(FrameProgressBar())
+        # The Trainer's own logger; a resumed run replaces it (_continue_logs).
+        self._own_logger: TensorBoardLogger | None = None
         if logger is True:
-            logger = TensorBoardLogger(save_dir=str(self.run_dir), name="", version="",
-                                       default_hp_metric=False)
+            logger = self._own_logger = run_logger(self.run_dir)
         if strategy == "ddp" or (strategy == "auto" and _many(devices)):
             strategy = RuleDDPStrategy()
         if accelerator == "auto" and not torch.cuda.is_available():
@@ -401,13 +405,17 @@ class Trainer(L.Trainer):
         return True
 
     def _continue_logs(self, state: dict[str, Any]) -> None:
-        """Make a resumed run's TensorBoard curves continue the interrupted ones: what the
-        interrupted run logged after its checkpoint is hidden (TensorBoard's ``purge_step``);
-        the run configuration was logged by the first segment."""
+        """Make a resumed run's TensorBoard curves continue the interrupted ones: the Trainer's
+        own logger is replaced by one that hides what the interrupted run logged after its
+        checkpoint (TensorBoard's ``purge_step``); the run configuration was logged by the first
+        segment. A logger passed to the Trainer is used as it was given."""
+        own = self._own_logger
+        if own is None or not any(logger is own for logger in self.loggers):
+            return
         step = state.get("frames", 0) if self.env_spec is not None else state.get("iteration", 0)
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger) and logger._experiment is None:
-                logger._kwargs["purge_step"] = int(step) + 1
+        fresh = run_logger(self.run_dir, purge_step=int(step) + 1)
+        self.loggers = [fresh if logger is own else logger for logger in self.loggers]
+        self._own_logger = fresh
 
     def _clean_failed_start(self) -> None:
         """Remove the run directory this Trainer created if no checkpoint was written in it."""
@@ -485,6 +493,22 @@ def _init_from(module: RLModule, services: RunServices, checkpoint: str) -> None
         state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("unitrain", {})
         if state.get("obs_norm") is not None:
             norm.load_state_dict(state["obs_norm"])
+
+
+def run_logger(run_dir: Path, purge_step: int | None = None) -> TensorBoardLogger:
+    """The Trainer's own logger: TensorBoard event files and ``hparams.yaml`` in ``run_dir``.
+
+    Args:
+        run_dir: the run directory.
+        purge_step: events that earlier launches logged at this step or later are hidden
+            (a resumed run's: one past its checkpoint's step). ``TensorBoardLogger`` hands its
+            extra keyword arguments to ``SummaryWriter``, whose ``purge_step`` this is.
+
+    Returns:
+        The logger (its event file is created on first use).
+    """
+    return TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False,
+                             purge_step=purge_step)
 
 
 @rank_zero_only
