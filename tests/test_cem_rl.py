@@ -129,6 +129,32 @@ def test_a_module_holding_the_other_critic_is_refused(tmp_path: Path):
         trainer.fit(module)
 
 
+class NormPolicy(ut.RLModule):
+    """A policy with a LayerNorm attribute named ``norm`` (a TensorDict method's name too)."""
+
+    def __init__(self, obs_dim: int = 3, act_dim: int = 1) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(obs_dim, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.out = torch.nn.Linear(16, act_dim)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.norm(self.inp(observation))))
+
+
+def test_a_policy_with_a_layer_named_norm_trains(tmp_path: Path):
+    """The critic's loss holds the policy's parameters in a TensorDict under aux; evaluating
+    the population must swap only the policy's own names."""
+    rule = CEMRL(population=4, warmup_frames=100, batch_size=32, buffer_size=1000,
+                 max_episode_steps=50, critic_hidden=(16,))
+    trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=2), optimizer=rule,
+                         max_frames=600, eval_every_frames=600, eval_episodes=1, seed=0,
+                         num_threads=1, run_dir=tmp_path, logger=False, enable_progress_bar=False)
+    trainer.fit(NormPolicy())
+    assert trainer.summary["frames"] >= 600
+    assert rule.loop.updates > 0  # the actors learned from the critic
+
+
 def test_bad_input():
     with pytest.raises(ConfigError, match=r"optimizer.gradient_actors: got 11; expected an "
                                           r"integer in \[0, population=10\] or null"):

@@ -16,6 +16,7 @@ import unitrain as ut
 from unitrain.errors import ConfigError
 from unitrain.functions import FunctionEnv, rosenbrock, sphere
 from unitrain.policy.models import ParameterVector
+from unitrain.rules.population.cmaes import default_population
 
 
 def ellipsoid(x: np.ndarray) -> float:
@@ -61,7 +62,7 @@ def test_test_functions_are_one_step_envs():
 def test_constants_are_hansens_for_ten_parameters():
     # pycma prints "(5_w,10)-aCMA-ES (mu_w=3.2,w_1=45%) in dimension 10" for the same setting.
     rule = ut.optim.CMAES()
-    rule.lam, rule.full = ut.optim.cmaes.default_population(10), True
+    rule.lam, rule.full = default_population(10), True
     rule._constants(10)
     assert rule.lam == 10 and len(rule.weights) == 5
     assert round(rule.mu_eff, 1) == 3.2 and int(100 * rule.weights[0].item()) == 45
@@ -89,7 +90,7 @@ def test_reaches_the_optimum_within_the_reference_evaluations(fn, x0, sigma, eva
                                                               tmp_path: Path):
     record, trainer, module = _minimise(f"unitrain/{fn}-v0", 10, x0,
                                         ut.optim.CMAES(sigma=sigma), evaluations, tmp_path)
-    assert trainer.rule.lam == 10 and trainer.rule.full
+    assert trainer.rule.strategy.lam == 10 and trainer.rule.strategy.full
     reached = _evaluations_to(record, 10, 1e-8)
     assert reached is not None and reached <= evaluations, record.series("fitness/return_max")[-5:]
     optimum = torch.zeros(10) if fn == "Sphere" else torch.ones(10)
@@ -107,7 +108,7 @@ def test_covariance_learns_the_ellipsoids_axes(tmp_path: Path):
     record, trainer, _ = _minimise("unitrain-test/Ellipsoid-v0", 6, 1.0,
                                    ut.optim.CMAES(sigma=1.0, covariance="diagonal"), 3000,
                                    tmp_path / "sep")
-    assert not trainer.rule.full and 500 < record.series("optim/axis_ratio")[-1] < 2000
+    assert not trainer.rule.strategy.full and 500 < record.series("optim/axis_ratio")[-1] < 2000
 
 
 def test_auto_covariance_turns_diagonal_above_full_max(tmp_path: Path):

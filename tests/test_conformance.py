@@ -125,7 +125,7 @@ def _digits() -> tuple[Any, Any, Any]:
 def _run(name: str, run_dir: Path, budget: int | None = None, ckpt: str | None = None,
          callbacks=(), record: list | None = None) -> tuple[ut.Trainer, TinyPolicy]:
     spec, kwargs, default_budget, _ = TASKS[name]
-    rule = registered_rules()[_base(name)](**kwargs)
+    rule = ut.optim.as_rule(registered_rules()[_base(name)](**kwargs))
     if record is not None:
         _record_keys(rule, record)
     common = dict(optimizer=rule, seed=1, num_threads=1, run_dir=run_dir,

@@ -1,6 +1,7 @@
 """The docs are tested: every Python and shell snippet in README.md and docs/ runs (with a tiny
-budget), unless the doc marks it ``<!-- not run: reason -->``; every list of logged scalars
-matches the tags a real run writes."""
+budget), unless the doc marks it ``<!-- not run: reason -->``; a snippet marked
+``<!-- file: NAME -->`` is a file the later snippets use, written as NAME; every list of logged
+scalars matches the tags a real run writes."""
 
 from __future__ import annotations
 
@@ -19,15 +20,17 @@ from unitrain.app.cli import main
 from unitrain.app.config import find_recipe, load_recipe
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-FENCE = re.compile(r"(?:<!-- not run: (?P<why>[^\n]*?) -->\n)?[ ]*```(?P<lang>python|bash)\n"
-                   r"(?P<body>.*?)```", re.S)
+FENCE = re.compile(r"(?:<!-- not run: (?P<why>[^\n]*?) -->\n|<!-- file: (?P<file>[^\n]*?) -->\n)?"
+                   r"[ ]*```(?P<lang>python|bash|yaml)\n(?P<body>.*?)```", re.S)
 TINY_FRAMES = 2048
 
 
-def _snippets(doc: Path) -> list[tuple[int, str, str, str | None]]:
+def _snippets(doc: Path) -> list[tuple[int, str, str, str | None, str | None]]:
+    """``(line, language, body, why not run, file name)`` of each snippet to run or write (a
+    YAML block that names no file is an illustration)."""
     text = doc.read_text()
-    return [(text[:m.start()].count("\n") + 1, m["lang"], textwrap.dedent(m["body"]), m["why"])
-            for m in FENCE.finditer(text)]
+    return [(text[:m.start()].count("\n") + 1, m["lang"], textwrap.dedent(m["body"]), m["why"],
+             m["file"]) for m in FENCE.finditer(text) if m["lang"] != "yaml" or m["file"]]
 
 
 def _tiny(cmd: str) -> list[str]:
@@ -48,11 +51,15 @@ def test_every_snippet_runs(doc: Path, tmp_path: Path, monkeypatch):
     """A doc's snippets run in order in one directory (a later one may use an earlier one's
     run); Python snippets share one namespace."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # files the doc writes import as modules
     namespace: dict = {"__name__": "__docs__"}
-    for line, lang, body, why in _snippets(doc):
+    for line, lang, body, why, file in _snippets(doc):
         where = f"{doc.name}:{line}"
         if why is not None:
             assert why.strip(), f"{where}: a snippet marked not run says why"
+            continue
+        if file is not None:
+            (tmp_path / file).write_text(body)
             continue
         if lang == "python":
             source = re.sub(r"max_frames=[\d_]+", f"max_frames={TINY_FRAMES}", body)

@@ -301,7 +301,7 @@ def replay_and_updates(trainer, module):
     extra = {"replay_obs": rule.loop.replay.buffer.storage[:8]["observation"].clone(),
              "updates": rule.state_dict()["updates"]}
     if rule.name == "cem_rl":
-        extra["cem_var"] = rule.dist.var.clone()
+        extra["cem_var"] = rule.cem.dist.var.clone()
     return extra
 
 

@@ -21,14 +21,8 @@ from unitrain.app.config import load_recipe
 from unitrain.envs import EnvInfo, EnvSpec, ObsNorm
 from unitrain.errors import ConfigError, UserError
 from unitrain.rules.population.ga import Genome, fresh_init, novelty
-from unitrain.rules.population.service import (
-    ParamLayout,
-    PopulationEvaluator,
-    PopulationPolicy,
-    centered_ranks,
-    perturb_,
-    shard,
-)
+from unitrain.rules.population.service import (ParamLayout, PopulationEvaluator, PopulationPolicy,
+                                               centered_ranks, perturb_, shard)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -144,6 +138,46 @@ def test_vmap_population_matches_each_individual(kind: str):
     halves = torch.cat([PopulationPolicy(module, layout, lambda m, o: m(o))(params[a:b], obs[a:b])
                         for a, b in ((0, 2), (2, 5))])
     assert torch.equal(halves, forward)
+
+
+class TiedPolicy(ut.RLModule):
+    """A layer used twice, a second layer tied to the first's weight, a LayerNorm named
+    ``norm``."""
+
+    def __init__(self, obs_dim: int = 4, act_dim: int = 3) -> None:
+        super().__init__()
+        self.first = nn.Linear(obs_dim, obs_dim)
+        self.norm = nn.LayerNorm(obs_dim)
+        self.again = self.first
+        self.tied = nn.Linear(obs_dim, obs_dim, bias=False)
+        self.tied.weight = self.first.weight
+        self.head = nn.Linear(obs_dim, act_dim)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        x = self.again(torch.tanh(self.norm(self.first(observation))))
+        return self.head(torch.tanh(self.tied(x)))
+
+
+def test_vmap_population_swaps_tied_weights_and_leaves_aux_copies_alone():
+    """Tied policy weights take each candidate's values under both names; an aux network that
+    holds the policy's own parameters (as a TorchRL loss over the module does) is not swapped."""
+    torch.manual_seed(0)
+    module = TiedPolicy()
+    holder = nn.Module()
+    holder.weight = module.first.weight  # the same Parameter, under aux
+    module.add_aux("loss", holder)
+    module.bind_env(EnvInfo("d", (4,), 4, 3, True))
+    module.eval()
+    layout = ParamLayout.of(module)
+    policy = PopulationPolicy(module, layout, lambda m, o: m(o))
+    assert policy._tied == [("module.tied.weight", "module.first.weight")]
+    params = _population(layout, 3, 2)
+    obs = torch.randn(3, 5, 4)
+    out = policy(params, obs)
+    for i in range(3):
+        layout.assign(module, params[i])
+        with torch.no_grad():
+            torch.testing.assert_close(out[i], module(obs[i]), rtol=1e-5, atol=1e-5)
 
 
 def _evaluator(module: ut.RLModule, spec: EnvSpec, **kwargs: Any) -> PopulationEvaluator:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import numbers
 import types
-import importlib
 import typing
 from typing import Any, ClassVar
 

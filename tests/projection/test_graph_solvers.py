@@ -9,21 +9,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from unitrain.rules.projection import (
-    CrossEntropyOutput,
-    LinearStage,
-    MarginOutput,
-    Method,
-    OneVsRestOutput,
-    OutputConstraint,
-    ProjectionGraph,
-    SquaredErrorOutput,
-    State,
-    alternating_projections,
-    douglas_rachford,
-    fit_batch,
-    solve,
-)
+from unitrain.rules.projection import (CrossEntropyOutput, LinearStage, MarginOutput, Method,
+                                       OneVsRestOutput, OutputConstraint, ProjectionGraph,
+                                       SquaredErrorOutput, State, alternating_projections,
+                                       douglas_rachford, fit_batch, solve)
 
 DT = torch.float64
 

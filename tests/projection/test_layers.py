@@ -15,16 +15,8 @@ from torch import Tensor, nn
 
 from unitrain.policy.models import ConvNet
 from unitrain.policy.nn import Step
-from unitrain.rules.projection import (
-    ConvStage,
-    CrossEntropyOutput,
-    PoolStage,
-    ProjectionGraph,
-    SquaredErrorOutput,
-    State,
-    douglas_rachford,
-    fit_batch,
-)
+from unitrain.rules.projection import (ConvStage, CrossEntropyOutput, PoolStage, ProjectionGraph,
+                                       SquaredErrorOutput, State, douglas_rachford, fit_batch)
 
 DT = torch.float64
 

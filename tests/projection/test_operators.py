@@ -15,18 +15,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from unitrain.rules.projection import (
-    project_dot,
-    project_equal,
-    project_margin,
-    project_mean,
-    project_one_vs_rest,
-    project_relu,
-    project_step,
-    project_sum,
-    prox_cross_entropy,
-    prox_squared_error,
-)
+from unitrain.rules.projection import (project_dot, project_equal, project_margin, project_mean,
+                                       project_one_vs_rest, project_relu, project_step, project_sum,
+                                       prox_cross_entropy, prox_squared_error)
 
 DT = torch.float64
 

@@ -101,9 +101,9 @@ def _target(module: str | type | None) -> str | None:
 
 def _check_module(target: Any, recipe: str) -> None:
     """The module class must import here (as it will in each run) and be an RLModule."""
-    from unitrain.validation import import_object
     from unitrain.errors import ConfigError
     from unitrain.policy.module import RLModule
+    from unitrain.validation import import_object
 
     if not isinstance(target, str):
         return
@@ -140,8 +140,7 @@ def compare(recipes: Sequence[str], seeds: int | Sequence[int] = 3, frames: int 
     Raises:
         UserError: a recipe or override is invalid (checked before any run starts).
     """
-    from unitrain.app.config import find_recipe
-    from unitrain.app.config import load_recipe
+    from unitrain.app.config import find_recipe, load_recipe
 
     out = Path(out)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]

@@ -23,8 +23,8 @@ one definition of every parameter and its valid range. Every error is a one-line
 from __future__ import annotations
 
 import dataclasses
-import os
 import inspect
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +40,10 @@ from unitrain.envs.spec import EnvSpec
 from unitrain.errors import ConfigError, UserError, check
 from unitrain.policy.module import RLModule
 from unitrain.rules.base import UpdateRule
+from unitrain.rules.population.strategy import Strategy, as_rule
 from unitrain.rules.registry import get_rule
 from unitrain.run.trainer import TrainerConfig
-from unitrain.validation import import_object, describe
+from unitrain.validation import describe, import_object
 
 __all__ = ["Recipe", "TrainerConfig", "load_recipe", "build_module", "import_object", "find_recipe",
            "SHIPPED"]
@@ -122,16 +123,19 @@ def _build(src: str, merged: DictConfig) -> Recipe:
         env = _typed(EnvSpec, merged.get("env"), "env")
     trainer = _typed(TrainerConfig, merged.get("trainer"), "trainer")
     opt_node = merged.get("optimizer")
-    if opt_node is None or "name" not in opt_node:
+    if opt_node is None or ("name" not in opt_node and "target" not in opt_node):
         rules = ", ".join(_rule_names())
-        raise ConfigError("optimizer.name", f"missing; valid update rules: {rules}")
+        raise ConfigError("optimizer.name", f"missing; valid update rules: {rules} (or "
+                                            "target: a class path such as mypkg.rules:MyRule)")
     opt_items = OmegaConf.to_container(opt_node, resolve=True)
-    name = opt_items.pop("name")
-    try:
-        rule_cls = get_rule(str(name))
-    except ConfigError as e:
-        raise e.prefixed("optimizer") from None
-    rule = _typed(rule_cls, OmegaConf.create(opt_items), "optimizer")
+    if "target" in opt_items:
+        rule_cls = _rule_class(str(opt_items.pop("target")))
+    else:
+        try:
+            rule_cls = get_rule(str(opt_items.pop("name")))
+        except ConfigError as e:
+            raise e.prefixed("optimizer") from None
+    rule = as_rule(_typed(rule_cls, OmegaConf.create(opt_items), "optimizer"))
     module = OmegaConf.to_container(merged.get("module") or OmegaConf.create({}), resolve=True)
     module.setdefault("target", "unitrain.MLPPolicy")
     seed = merged.get("seed", 0)
@@ -146,6 +150,17 @@ def _build(src: str, merged: DictConfig) -> Recipe:
                   None if resume is None else str(resume), env, module, rule, trainer,
                   OmegaConf.to_container(merged, resolve=True), data,
                   None if init is None else str(init))
+
+
+def _rule_class(target: str) -> type:
+    """The update rule or population strategy class a recipe names by its path."""
+    cls = import_object(target, "optimizer.target")
+    if not (inspect.isclass(cls) and issubclass(cls, (UpdateRule, Strategy))
+            and dataclasses.is_dataclass(cls)):
+        raise ConfigError("optimizer.target", f"{target!r} is not an update rule or a population "
+                                              "strategy (a dataclass subclassing "
+                                              "unitrain.optim.UpdateRule or unitrain.optim.Strategy)")
+    return cls
 
 
 def _rule_names() -> list[str]:

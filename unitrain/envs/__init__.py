@@ -13,15 +13,8 @@ This is the lowest layer of unitrain: it imports nothing from the layers above i
 from unitrain.envs.batched import BACKENDS, BatchedEnv, halves, make_env
 from unitrain.envs.info import EnvInfo, env_info
 from unitrain.envs.obs_norm import ObsNorm
-from unitrain.envs.spec import (
-           BACKEND_CHOICES,
-           EnvSpec,
-           derive_seed,
-           envpool_id,
-           is_mujoco,
-           resolve_backend,
-           validate_env_id,
-)
+from unitrain.envs.spec import (BACKEND_CHOICES, EnvSpec, derive_seed, envpool_id, is_mujoco,
+                                resolve_backend, validate_env_id)
 
 __all__ = ["EnvSpec", "EnvInfo", "ObsNorm", "BatchedEnv", "make_env", "env_info",
            "derive_seed", "resolve_backend", "envpool_id", "is_mujoco", "validate_env_id",

@@ -5,32 +5,6 @@ population and projection families); this namespace is where users find them, as
 optimizers in ``torch.optim``.
 """
 
-from unitrain.rules import (
-                            ARS,
-                            CBO,
-                            CEM,
-                            CEMRL,
-                            CMAES,
-                            CSAES,
-                            DDPG,
-                            DSACT,
-                            ES,
-                            GA,
-                            PPO,
-                            REINFORCE,
-                            SAC,
-                            TD3,
-                            Adam,
-                            EliteImitation,
-                            Projection,
-                            RuleContext,
-                            UpdateRule,
-                            get_rule,
-                            register_rule,
-                            registered_rules,
-)
+from unitrain.rules import *  # noqa: F403  (the public names of unitrain.rules)
+from unitrain.rules import __all__  # noqa: F401
 
-__all__ = ["UpdateRule", "RuleContext", "register_rule", "registered_rules", "get_rule",
-           "PPO", "REINFORCE", "DDPG", "DSACT", "SAC", "TD3",
-           "ES", "GA", "ARS", "CEM", "CSAES", "CBO", "CMAES", "CEMRL",
-           "Projection", "EliteImitation", "Adam"]

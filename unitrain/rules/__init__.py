@@ -25,12 +25,14 @@ from unitrain.rules.population.cmaes import CMAES
 from unitrain.rules.population.csa_es import CSAES
 from unitrain.rules.population.es import ES
 from unitrain.rules.population.ga import GA
+from unitrain.rules.population.strategy import Ask, PopulationRule, Strategy, Told, as_rule
 from unitrain.rules.projection.elite_imitation import EliteImitation
 from unitrain.rules.projection.rule import Projection
 from unitrain.rules.projection.supervised import Adam
 from unitrain.rules.registry import get_rule, register_rule, registered_rules
 
 __all__ = ["UpdateRule", "RuleContext", "register_rule", "registered_rules", "get_rule",
+           "Strategy", "Ask", "Told", "PopulationRule", "as_rule",
            "PPO", "REINFORCE", "DDPG", "DSACT", "SAC", "TD3",
            "ES", "GA", "ARS", "CEM", "CSAES", "CBO", "CMAES", "CEMRL",
            "Projection", "EliteImitation", "Adam"]

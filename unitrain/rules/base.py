@@ -40,7 +40,6 @@ from unitrain.errors import ConfigError
 from unitrain.validation import Validated
 
 if TYPE_CHECKING:
-    from tensordict import TensorDictBase
     from torchrl.collectors import Collector
 
     from unitrain.envs.batched import BatchedEnv
@@ -49,7 +48,7 @@ if TYPE_CHECKING:
     from unitrain.envs.spec import EnvSpec
     from unitrain.policy.module import RLModule
 
-__all__ = ["UpdateRule", "RuleContext"]
+__all__ = ["UpdateRule", "RuleContext", "rule_config"]
 
 
 class RuleContext(Protocol):
@@ -151,10 +150,16 @@ class UpdateRule(Validated):
 
     def config(self) -> dict[str, Any]:
         """The hyperparameters, as recipe keys (``name`` first; a composed rule as a mapping)."""
-        def plain(value: Any) -> Any:
-            if isinstance(value, UpdateRule):
-                return {k: v for k, v in value.config().items() if k != "name"}
-            return value
+        return rule_config(self)
 
-        fields = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-        return {"name": self.name, **fields}
+
+def rule_config(rule: Any) -> dict[str, Any]:
+    """A rule's or strategy's hyperparameters (its dataclass fields) as recipe keys, ``name``
+    first; a field holding another rule becomes a mapping of its keys."""
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and hasattr(value, "config"):
+            return {k: v for k, v in value.config().items() if k != "name"}
+        return value
+
+    return {"name": rule.name, **{f.name: plain(getattr(rule, f.name))
+                                  for f in dataclasses.fields(rule)}}

@@ -51,6 +51,7 @@ from unitrain.envs.spec import EnvSpec
 from unitrain.errors import ConfigError, UserError, check
 from unitrain.policy.module import RLModule
 from unitrain.rules.base import UpdateRule
+from unitrain.rules.population.strategy import Strategy, as_rule
 from unitrain.rules.registry import registered_rules
 from unitrain.run.adapter import RunAdapter, default_eval_every
 from unitrain.run.progress import FrameProgressBar
@@ -232,7 +233,7 @@ class Trainer(L.Trainer):
             ``strategy="ddp"`` selects unitrain's DDP launch.
     """
 
-    def __init__(self, env: str | EnvSpec | None = None, optimizer: UpdateRule | None = None, *,
+    def __init__(self, env: str | EnvSpec | None = None, optimizer: UpdateRule | Strategy | None = None, *,
                  max_frames: int | None = None, num_envs: int | None = None,
                  eval_every_frames: int | None = None, eval_episodes: int = 10,
                  early_stop: EarlyStop | dict | None = None, seed: int = 0,
@@ -240,8 +241,10 @@ class Trainer(L.Trainer):
                  run_dir: str | os.PathLike | None = None, devices: Any = 1, strategy: Any = "auto",
                  accelerator: str = "auto", callbacks: list | None = None, logger: Any = True,
                  **kwargs: Any) -> None:
+        optimizer = as_rule(optimizer)  # a population strategy runs under the population service
         if not isinstance(optimizer, UpdateRule):
-            raise UserError("Trainer: optimizer= must be an update rule, e.g. unitrain.optim.PPO(); "
+            raise UserError("Trainer: optimizer= must be an update rule or a population strategy, "
+                            "e.g. unitrain.optim.PPO() or unitrain.optim.ES(); "
                             f"got {type(optimizer).__name__}")
         if "eval_every" in kwargs:
             raise UserError("Trainer: eval_every (rule iterations) is now eval_every_frames "

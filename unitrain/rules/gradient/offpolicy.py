@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
     from unitrain.rules.base import RuleContext
 
-__all__ = ["OffPolicyFields", "OffPolicyLoop", "Critic", "make_critics"]
+__all__ = ["CriticFields", "OffPolicyFields", "OffPolicyLoop", "Critic", "make_critics"]
 
 
 class Critic(nn.Module):
@@ -157,8 +157,9 @@ class _Explorer(TensorDictModuleBase):
 
 
 @dataclass
-class OffPolicyFields(UpdateRule):
-    """The hyperparameters every off-policy actor-critic rule shares (fields only).
+class CriticFields(UpdateRule):
+    """The hyperparameters of an actor learning from twin critics over a replay memory (fields
+    and their checks only): what the off-policy rules and CEM-RL share.
 
     Args:
         lr_actor: Adam step size of the actor (the module).
@@ -167,10 +168,8 @@ class OffPolicyFields(UpdateRule):
         tau: Polyak step of the target networks, in (0, 1].
         batch_size: transitions per gradient update.
         buffer_size: replay memory capacity per process (oldest transitions are overwritten).
-        warmup_frames: transitions per process collected with uniform random actions before the
-            first update (the memory then holds at least ``max(warmup_frames, batch_size)``).
-        frames_per_batch: transitions collected per iteration per process, a multiple of
-            ``env.num_envs`` (``None``: one step of every env).
+        warmup_frames: transitions per process collected before the first update (the memory
+            then holds at least ``max(warmup_frames, batch_size)``).
         utd_ratio: gradient updates per collected frame after warm-up (update-to-data ratio).
         critic_hidden: hidden widths of the default critics.
         save_buffer: save the replay memory in checkpoints, so a resumed run continues with it
@@ -186,7 +185,6 @@ class OffPolicyFields(UpdateRule):
     batch_size: int = 256
     buffer_size: int = 1_000_000
     warmup_frames: int = 10_000
-    frames_per_batch: int | None = None
     utd_ratio: float = 1.0
     critic_hidden: tuple[int, ...] = (256, 256)
     save_buffer: bool = False
@@ -201,8 +199,6 @@ class OffPolicyFields(UpdateRule):
               f"an integer in [1, buffer_size={self.buffer_size}]", self.batch_size)
         check(0 <= self.warmup_frames <= self.buffer_size, "warmup_frames",
               f"an integer in [0, buffer_size={self.buffer_size}]", self.warmup_frames)
-        check(self.frames_per_batch is None or self.frames_per_batch >= 1, "frames_per_batch",
-              "an integer >= 1 or null", self.frames_per_batch)
         check(self.utd_ratio > 0, "utd_ratio", "a number > 0", self.utd_ratio)
         check(all(h >= 1 for h in self.critic_hidden), "critic_hidden",
               "a list of integers >= 1", list(self.critic_hidden))
@@ -216,6 +212,27 @@ class OffPolicyFields(UpdateRule):
         if any(b is None or not bool(torch.isfinite(b).all()) for b in bounds):
             raise ConfigError("env.id", f"{info.id} has unbounded actions; {self.name} squashes "
                                         "actions into the env's bounds, which must be finite")
+
+
+@dataclass
+class OffPolicyFields(CriticFields):
+    """The hyperparameters every off-policy actor-critic rule shares: :class:`CriticFields`
+    and how much it collects per iteration.
+
+    Args:
+        frames_per_batch: transitions collected per iteration per process, a multiple of
+            ``env.num_envs`` (``None``: one step of every env).
+    """
+
+    frames_per_batch: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.frames_per_batch is None or self.frames_per_batch >= 1, "frames_per_batch",
+              "an integer >= 1 or null", self.frames_per_batch)
+
+    def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
+        super().check_env(env, info)
         if self.frames_per_batch is not None:
             check(self.frames_per_batch % env.num_envs == 0, "optimizer.frames_per_batch",
                   f"a multiple of env.num_envs={env.num_envs}", self.frames_per_batch)
@@ -233,13 +250,15 @@ class OffPolicyLoop:
             hence not logged, in iterations without updates, so every step has the same keys).
     """
 
-    def __init__(self, rule: OffPolicyFields, module: "RLModule", ctx: "RuleContext",
+    def __init__(self, rule: CriticFields, module: "RLModule", ctx: "RuleContext",
                  explore: Callable[[Tensor], Tensor], metric_names: tuple[str, ...]) -> None:
         info = ctx.env_info
         if info is None:
             raise UserError(f"{rule.name}: needs an env; give the Trainer env=...")
         self.head: ActionHead = module.actions
-        self.frames_per_batch = rule.frames_per_batch or ctx.env_spec.num_envs
+        # A rule that fills the memory itself (CEM-RL) has no frames_per_batch and never collects.
+        per_batch = rule.frames_per_batch if isinstance(rule, OffPolicyFields) else None
+        self.frames_per_batch = per_batch or ctx.env_spec.num_envs
         self.rule, self.metric_names = rule, metric_names
         self.obs_shape = info.obs_shape
         self.generator = ctx.generator
@@ -251,6 +270,16 @@ class OffPolicyLoop:
         self.collected = 0       # frames this process collected, warm-up included
         self.trained_frames = 0  # frames collected in iterations that began with a ready memory
         self.updates = 0         # gradient updates made
+
+    def remember(self, transitions: TensorDictBase) -> None:
+        """Add transitions this process played outside the loop's own collection (CEM-RL's
+        population episodes) to the memory; they count as collected frames."""
+        self.replay.extend(transitions)
+        self.collected += transitions.numel()
+
+    def count_update(self) -> None:
+        """Count a gradient update made outside :meth:`step` (CEM-RL's critic steps)."""
+        self.updates += 1
 
     def draw(self, shape: tuple[int, ...], uniform: bool = False) -> Tensor:
         """Standard normal (or uniform on [0, 1)) draws from the loop's generator, on the device."""

@@ -15,24 +15,17 @@ observations; V2 normalises them with running statistics, which here is the env'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from unitrain.errors import check
-from unitrain.rules.population.service import (
-    STREAM_EPISODES,
-    PopulationEvaluation,
-    PopulationFields,
-    episode_seeds,
-    generation_seeds,
-    mirrored,
-    noise_sum,
-)
+from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, episode_seeds,
+                                               generation_seeds, mirrored, noise_sum)
+from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
 
 if TYPE_CHECKING:
-    from unitrain.policy.module import RLModule
     from unitrain.rules.base import RuleContext
 
 __all__ = ["ARS"]
@@ -42,7 +35,7 @@ _NOISE = 23  # shared random stream of the directions' seeds
 
 @register_rule("ars")
 @dataclass
-class ARS(PopulationFields):
+class ARS(Strategy):
     """Augmented random search (V1; V2 with ``env.obs_norm: true``), top-``b`` directions.
 
     Args:
@@ -50,9 +43,8 @@ class ARS(PopulationFields):
         sigma: exploration noise ν of the directions.
         lr: step size α.
         top: directions kept, ``b`` (``None``: all ``N``).
-        episodes: episodes per candidate.
-        max_episode_steps: cap on each evaluated episode's steps (``None``: the env's limit).
-        max_envs: most env copies stepped together per process (``None``: a whole share at once).
+        episodes, max_episode_steps, max_envs: as for every strategy
+            (:class:`~unitrain.rules.population.service.PopulationFields`).
     """
 
     population: int = 64
@@ -68,22 +60,17 @@ class ARS(PopulationFields):
         check(self.top is None or 1 <= self.top <= self.population // 2, "top",
               f"an integer in [1, population/2={self.population // 2}] or null", self.top)
 
-    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        self.module = module
-        self.pop = PopulationEvaluation(self, module, ctx)
-        self.layout = self.pop.layout
+    def ask(self, ctx: "RuleContext", generation: int, theta: torch.Tensor) -> Ask:
+        seeds = generation_seeds(ctx, _NOISE, generation, self.population // 2)
+        pair_seeds = episode_seeds(ctx.seed, STREAM_EPISODES, generation)
+        return Ask(self.population, mirrored(theta, seeds, self.sigma),
+                   lambda j, e: pair_seeds(j // 2, e), data=(seeds, theta))
 
-    def step(self, ctx: "RuleContext") -> dict[str, float]:
-        gen, count, n = self.pop.generation, self.population, self.layout.numel
-        directions = count // 2
-        seeds = generation_seeds(ctx, _NOISE, gen, directions)
-        theta = self.layout.flatten(self.module)
-        pair_seeds = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
-        ev = self.pop.evaluate(ctx, count, mirrored(theta, seeds, self.sigma),
-                               lambda j, e: pair_seeds(j // 2, e))
-
+    def tell(self, ctx: "RuleContext", generation: int, ask: Ask, evaluation: Evaluation) -> Told:
+        seeds, theta = ask.data
+        directions = len(seeds)
         # A candidate with a non-finite return counts as the generation's worst.
-        fitness = ev.fitness.to(torch.float64)
+        fitness = evaluation.fitness.to(torch.float64)
         finite = torch.isfinite(fitness)
         worst = fitness[finite].min() if bool(finite.any()) else torch.tensor(0.0, dtype=fitness.dtype)
         fitness = torch.where(finite, fitness, worst)
@@ -93,16 +80,6 @@ class ARS(PopulationFields):
         reward_std = torch.cat([plus[kept], minus[kept]]).std(unbiased=False).item()
         weights = torch.zeros(directions, dtype=torch.float64)
         weights[kept] = (plus - minus)[kept] / (b * reward_std) if reward_std > 0 else 0.0
-        step = noise_sum(seeds, weights.tolist(), n, self.layout.dtype, theta.device) * self.lr
-        new_theta = (theta.to(torch.float64) + step).to(self.layout.dtype)
-        self.layout.assign(self.module, new_theta)
-
-        metrics = self.pop.finish_generation(ctx, ev, ev.local_frames, (theta, new_theta))
-        metrics.update({"optim/lr": self.lr, "optim/reward_std": reward_std})
-        return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.pop.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pop.load_state_dict(state)
+        step = noise_sum(seeds, weights.tolist(), theta.numel(), theta.dtype, theta.device) * self.lr
+        return Told(theta=(theta.to(torch.float64) + step).to(theta.dtype),
+                    metrics={"optim/lr": self.lr, "optim/reward_std": reward_std})

@@ -24,14 +24,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from unitrain.errors import check
-from unitrain.rules.population.service import (
-    STREAM_EPISODES,
-    PopulationEvaluation,
-    PopulationFields,
-    episode_seeds,
-    generation_seeds,
-    noise,
-)
+from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
+                                               episode_seeds, generation_seeds, noise)
+from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
 
 if TYPE_CHECKING:
@@ -46,7 +41,7 @@ _INIT = 31  # shared random stream of the initial spread
 
 @register_rule("cbo")
 @dataclass
-class CBO(PopulationFields):
+class CBO(Strategy):
     """Consensus-based optimisation with anisotropic noise.
 
     Args:
@@ -56,9 +51,8 @@ class CBO(PopulationFields):
         drift: λ, the pull towards the consensus.
         dt: time step.
         init_std: spread of the initial particles around the module's parameters.
-        episodes: episodes per particle.
-        max_episode_steps: cap on each evaluated episode's steps (``None``: the env's limit).
-        max_envs: most env copies stepped together per process (``None``: a whole share at once).
+        episodes, max_episode_steps, max_envs: as for every strategy
+            (:class:`~unitrain.rules.population.service.PopulationFields`).
     """
 
     population: int = 64
@@ -75,54 +69,42 @@ class CBO(PopulationFields):
         check(self.dt > 0, "dt", "a number > 0", self.dt)
         check(self.init_std > 0, "init_std", "a number > 0", self.init_std)
 
-    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        self.module = module
-        self.pop = PopulationEvaluation(self, module, ctx)
-        self.layout = self.pop.layout
-        start = self.layout.flatten(module).cpu()
+    def start(self, ctx: "RuleContext", module: "RLModule", layout: ParamLayout) -> None:
+        start = layout.flatten(module).cpu()
         seeds = generation_seeds(ctx, _INIT, 0, self.population)
-        self._particles = torch.stack([start + self.init_std * noise(s, self.layout.numel,
-                                                                     self.layout.dtype)
+        self._particles = torch.stack([start + self.init_std * noise(s, layout.numel, layout.dtype)
                                        for s in seeds])
 
-    def step(self, ctx: "RuleContext") -> dict[str, float]:
-        gen, count, n = self.pop.generation, self.population, self.layout.numel
-        particles = self._particles
-        device = self.module.device
+    def ask(self, ctx: "RuleContext", generation: int, theta: torch.Tensor) -> Ask:
+        particles, device = self._particles, theta.device
 
         def candidates(idx: Sequence[int]) -> torch.Tensor:
             return particles[list(idx)].to(device)
 
-        shared = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
-        ev = self.pop.evaluate(ctx, count, candidates, lambda j, e: shared(0, e))
+        shared = episode_seeds(ctx.seed, STREAM_EPISODES, generation)
+        return Ask(self.population, candidates, lambda j, e: shared(0, e))
 
-        before = self.layout.flatten(self.module)
-        fitness = ev.fitness.to(torch.float64)
+    def tell(self, ctx: "RuleContext", generation: int, ask: Ask, evaluation: Evaluation) -> Told:
+        particles = self._particles
+        count, n = ask.count, particles.shape[1]
+        fitness = evaluation.fitness.to(torch.float64)
         finite = torch.isfinite(fitness)
         logits = torch.where(finite, self.alpha * fitness, torch.tensor(-math.inf,
                                                                          dtype=torch.float64))
         if not bool(finite.any()):
             logits = torch.zeros_like(fitness)  # nothing to prefer: the plain mean
         weights = torch.softmax(logits, 0)
-        consensus = (weights @ particles.to(torch.float64)).to(self.layout.dtype)
-        seeds = generation_seeds(ctx, _NOISE, gen, count)
-        xi = torch.stack([noise(s, n, self.layout.dtype) for s in seeds])
+        consensus = (weights @ particles.to(torch.float64)).to(particles.dtype)
+        seeds = generation_seeds(ctx, _NOISE, generation, count)
+        xi = torch.stack([noise(s, n, particles.dtype) for s in seeds])
         gap = particles - consensus
         self._particles = (particles - self.drift * self.dt * gap
                            + self.sigma * math.sqrt(self.dt) * gap * xi)
-        self.layout.assign(self.module, consensus.to(before.device))
-
-        metrics = self.pop.finish_generation(ctx, ev, ev.local_frames,
-                                             (before, consensus.to(before.device)))
-        metrics.update({
-            "optim/spread": gap.norm(dim=1).mean().item(),
-            "optim/weight_max": weights.max().item(),
-        })
-        return metrics
+        return Told(theta=consensus, metrics={"optim/spread": gap.norm(dim=1).mean().item(),
+                                              "optim/weight_max": weights.max().item()})
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.pop.state_dict(), "particles": self._particles.clone()}
+        return {"particles": self._particles.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pop.load_state_dict(state)
         self._particles = state["particles"].clone()

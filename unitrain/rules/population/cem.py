@@ -18,27 +18,24 @@ Noise is regenerated from seeds drawn identically on every rank, so ``devices=1`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from unitrain.errors import check
-from unitrain.rules.population.service import (
-    STREAM_EPISODES,
-    PopulationEvaluation,
-    PopulationFields,
-    episode_seeds,
-    generation_seeds,
-    noise,
-)
+from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
+                                               PopulationFields, episode_seeds, generation_seeds,
+                                               noise)
+from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
 
 if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
     from unitrain.rules.base import RuleContext
 
-__all__ = ["CEM", "CEMDistribution"]
+__all__ = ["CEM", "CEMFields", "CEMDistribution"]
 
 _NOISE = 25  # shared random stream of the candidates' seeds
 
@@ -53,7 +50,7 @@ class CEMDistribution:
         numel: parameters.
     """
 
-    def __init__(self, rule: "CEM", numel: int) -> None:
+    def __init__(self, rule: "CEMFields", numel: int) -> None:
         self.rule = rule
         self.var = torch.full((numel,), rule.sigma ** 2, dtype=torch.float64)
         self.extra = rule.noise_init
@@ -89,10 +86,9 @@ class CEMDistribution:
         self.extra = float(state["extra"])
 
 
-@register_rule("cem")
 @dataclass
-class CEM(PopulationFields):
-    """Cross-entropy method, diagonal covariance, log-rank elite weights, decaying extra noise.
+class CEMFields(PopulationFields):
+    """CEM's hyperparameters (fields and their checks): what :class:`CEM` and CEM-RL share.
 
     Args:
         population: candidates per generation.
@@ -101,9 +97,8 @@ class CEM(PopulationFields):
         noise_init: extra variance ε added after the first refit.
         noise_end: the value ε decays towards.
         noise_decay: τ in ``ε ← τ·ε + (1 − τ)·noise_end``.
-        episodes: episodes per candidate.
-        max_episode_steps: cap on each evaluated episode's steps (``None``: the env's limit).
-        max_envs: most env copies stepped together per process (``None``: a whole share at once).
+        episodes, max_episode_steps, max_envs: as for every strategy
+            (:class:`~unitrain.rules.population.service.PopulationFields`).
     """
 
     population: int = 64
@@ -125,38 +120,45 @@ class CEM(PopulationFields):
     def elites(self) -> int:
         return max(1, int(self.elite_fraction * self.population))
 
-    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        self.module = module
-        self.pop = PopulationEvaluation(self, module, ctx)
-        self.layout = self.pop.layout
-        self.dist = CEMDistribution(self, self.layout.numel)
 
-    def step(self, ctx: "RuleContext") -> dict[str, float]:
-        gen, count, n = self.pop.generation, self.population, self.layout.numel
-        seeds = generation_seeds(ctx, _NOISE, gen, count)
-        mean = self.layout.flatten(self.module)
-        std = self.dist.std(mean)
+@register_rule("cem")
+@dataclass
+class CEM(CEMFields, Strategy):
+    """Cross-entropy method, diagonal covariance, log-rank elite weights, decaying extra noise
+    (the fields of :class:`CEMFields`).
+
+    Attributes:
+        noise_stream: the shared random stream the candidates' seeds are drawn from (a
+            composition sets its own).
+    """
+
+    noise_stream: ClassVar[int] = _NOISE
+
+    def start(self, ctx: "RuleContext", module: "RLModule", layout: ParamLayout) -> None:
+        self.dist = CEMDistribution(self, layout.numel)
+
+    def ask(self, ctx: "RuleContext", generation: int, theta: torch.Tensor) -> Ask:
+        seeds = generation_seeds(ctx, self.noise_stream, generation, self.population)
+        std, n = self.dist.std(theta), theta.numel()
 
         def offset(j: int) -> torch.Tensor:
-            return std * noise(seeds[j], n, self.layout.dtype, mean.device)
+            return std * noise(seeds[j], n, theta.dtype, theta.device)
 
         def candidates(idx: Sequence[int]) -> torch.Tensor:
-            return torch.stack([mean + offset(j) for j in idx])
+            return torch.stack([theta + offset(j) for j in idx])
 
-        shared = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
-        ev = self.pop.evaluate(ctx, count, candidates, lambda j, e: shared(0, e))
+        shared = episode_seeds(ctx.seed, STREAM_EPISODES, generation)
+        return Ask(self.population, candidates, lambda j, e: shared(0, e), data=theta,
+                   offset=offset)
 
-        new_mean, order = self.dist.refit(mean, ev.fitness, offset)
-        self.layout.assign(self.module, new_mean)
-
-        metrics = self.pop.finish_generation(ctx, ev, ev.local_frames, (mean, new_mean))
-        metrics.update({**self.dist.metrics(),
-                        "fitness/elite_mean": ev.fitness[order].mean().item()})
-        return metrics
+    def tell(self, ctx: "RuleContext", generation: int, ask: Ask, evaluation: Evaluation) -> Told:
+        assert ask.offset is not None
+        new_mean, order = self.dist.refit(ask.data, evaluation.fitness, ask.offset)
+        return Told(theta=new_mean, metrics={
+            **self.dist.metrics(), "fitness/elite_mean": evaluation.fitness[order].mean().item()})
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.pop.state_dict(), **self.dist.state_dict()}
+        return {**self.dist.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pop.load_state_dict(state)
         self.dist.load_state_dict(state)

@@ -5,7 +5,7 @@ for policy search", ICLR 2019 (arXiv:1810.01222).
 
 Each generation:
 
-1. CEM (:class:`~unitrain.rules.population.cem.CEMDistribution`, the ``cem`` rule's distribution) samples
+1. The CEM strategy (:class:`~unitrain.rules.population.cem.CEM`, as the ``cem`` rule) samples
    ``population`` actors ``θᵢ = μ + √Σ ⊙ εᵢ`` from seeds shared by every process.
 2. Once the replay memory is ready, the first ``gradient_actors`` of them (half the population by
    default) learn from the shared critic, one after another. For actor ``i``: the critic makes
@@ -41,9 +41,10 @@ every rank.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tensordict import TensorDict
@@ -53,16 +54,10 @@ from torchrl.objectives import SoftUpdate, TD3Loss
 from unitrain.errors import ConfigError, check
 from unitrain.rules.gradient.dsac_t import dsac_t_loss
 from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
-from unitrain.rules.gradient.offpolicy import OffPolicyFields, OffPolicyLoop
+from unitrain.rules.gradient.offpolicy import CriticFields, OffPolicyLoop
 from unitrain.rules.gradient.td3 import td3_loss
-from unitrain.rules.population.cem import CEM, CEMDistribution
-from unitrain.rules.population.service import (
-    STREAM_EPISODES,
-    PopulationEvaluation,
-    episode_seeds,
-    generation_seeds,
-    noise,
-)
+from unitrain.rules.population.cem import CEM, CEMFields
+from unitrain.rules.population.service import PopulationEvaluation
 from unitrain.rules.registry import register_rule
 
 if TYPE_CHECKING:
@@ -81,11 +76,14 @@ _DSAC_T_METRICS = _METRICS + ("loss/temperature", "train/alpha")
 
 @register_rule("cem_rl")
 @dataclass
-class CEMRL(CEM):
+class CEMRL(CEMFields, CriticFields):
     """CEM-RL (Pourchot & Sigaud 2019) with a TD3 or DSAC-T critic; the defaults are the paper's.
 
-    Fields of :class:`~unitrain.rules.population.cem.CEM` (``population``, ``sigma``, ``elite_fraction``,
-    ``noise_*``, ``episodes``, ...), and of the off-policy rules:
+    A composition: a :class:`~unitrain.rules.population.cem.CEM` strategy (its fields,
+    :class:`~unitrain.rules.population.cem.CEMFields`: ``population``, ``sigma``,
+    ``elite_fraction``, ``noise_*``, ``episodes``, ...), the population evaluation, and the
+    off-policy loop with its critics (the fields of
+    :class:`~unitrain.rules.gradient.offpolicy.CriticFields`):
 
     Args:
         gradient_actors: actors per generation that learn from the critic (``None``: half the
@@ -130,12 +128,9 @@ class CEMRL(CEM):
     alpha_init: float = math.e
     target_entropy: float | None = None
 
-    # The off-policy loop's collection is not used: the population's episodes fill the memory.
-    frames_per_batch = None
-
     def validate(self) -> None:
-        super().validate()
-        OffPolicyFields.validate(self)  # type: ignore[arg-type]
+        CEMFields.validate(self)
+        CriticFields.validate(self)
         check(self.gradient_actors is None or 0 <= self.gradient_actors <= self.population,
               "gradient_actors", f"an integer in [0, population={self.population}] or null",
               self.gradient_actors)
@@ -146,7 +141,7 @@ class CEMRL(CEM):
         check(self.alpha_init > 0, "alpha_init", "a number > 0", self.alpha_init)
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
-        OffPolicyFields.check_env(self, env, info)  # type: ignore[arg-type]
+        CriticFields.check_env(self, env, info)
         if env.obs_norm:
             raise ConfigError("env.obs_norm", "cem_rl replays raw observations to its critic; "
                                               "set env.obs_norm: false")
@@ -157,9 +152,12 @@ class CEMRL(CEM):
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         self.module = module
-        self.pop = PopulationEvaluation(self, module, ctx)
+        # The CEM strategy samples the actors and refits to them (from a stream of its own).
+        self.cem = CEM(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CEMFields)})
+        self.cem.noise_stream = _NOISE
+        self.pop = PopulationEvaluation(self.cem, module, ctx)
         self.layout = self.pop.layout
-        self.dist = CEMDistribution(self, self.layout.numel)
+        self.cem.start(ctx, module, self.layout)
         self.metric_names = _DSAC_T_METRICS if self.critic == "dsac_t" else _METRICS
         self.loop = OffPolicyLoop(self, module, ctx, lambda obs: obs,  # type: ignore[arg-type]
                                   self.metric_names)
@@ -186,12 +184,10 @@ class CEMRL(CEM):
         return [self.critic_opt, self.actor_opt] + ([self.alpha_opt] if self.alpha_opt else [])
 
     def step(self, ctx: "RuleContext") -> dict[str, float]:
-        gen, count, n = self.pop.generation, self.population, self.layout.numel
-        seeds = generation_seeds(ctx, _NOISE, gen, count)
+        gen, count = self.pop.generation, self.population
         mean = self.layout.flatten(self.module)
-        std = self.dist.std(mean)
-        actors = torch.stack([mean + std * noise(seeds[j], n, self.layout.dtype, mean.device)
-                              for j in range(count)])
+        ask = self.cem.ask(ctx, gen, mean)
+        actors = ask.params(range(count))  # θⱼ = μ + √Σ ⊙ εⱼ
         metrics: dict[str, float] = dict.fromkeys(self.metric_names, math.nan)
         before = self.loop.updates
         trained = self._ready(ctx)
@@ -199,19 +195,22 @@ class CEMRL(CEM):
             metrics.update(self._learn(actors, ctx))
         self.layout.assign(self.module, mean)
 
-        shared = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
-        ev = self.pop.evaluate(ctx, count, lambda idx: actors[list(idx)],
-                               lambda j, e: shared(0, e), observe=self._remember)
+        played = dataclasses.replace(ask, params=lambda idx: actors[list(idx)],
+                                     offset=lambda j: actors[j] - mean, observe=self._remember)
+        ev = self.pop.evaluate(ctx, count, played.params, played.seeds, observe=played.observe)
         self.frames_seen += ev.frames
         self.last_frames = ev.frames
 
-        new_mean, order = self.dist.refit(mean, ev.fitness, lambda j: actors[j] - mean)
-        self.layout.assign(self.module, new_mean)
+        # CEM refits to every actor as it was played, the gradient-trained ones included.
+        told = self.cem.tell(ctx, gen, played, ev)
+        assert told.theta is not None
+        self.layout.assign(self.module, told.theta)
+        order = torch.argsort(ev.fitness, descending=True, stable=True)[:self.cem.elites].tolist()
         # How the critic's pupils fared against the plain CEM samples (NaN before they learn).
         pupils = self.learners if trained else 0
-        metrics.update(self.pop.finish_generation(ctx, ev, ev.local_frames, (mean, new_mean)))
+        metrics.update(self.pop.finish_generation(ctx, ev, ev.local_frames, (mean, told.theta)))
         metrics.update({
-            **self.dist.metrics(), "fitness/elite_mean": ev.fitness[order].mean().item(),
+            **told.metrics,
             "fitness/gradient_mean": ev.fitness[:pupils].mean().item() if pupils else math.nan,
             "fitness/cem_mean": ev.fitness[pupils:].mean().item() if pupils < count else math.nan,
             "fitness/gradient_elites": float(sum(j < pupils for j in order)) if pupils else math.nan,
@@ -254,7 +253,7 @@ class CEMRL(CEM):
                 if isinstance(loss, DSACTLoss):
                     ctx.all_reduce_(loss.omega, "mean")
                 self.updater.step()
-                self.loop.updates += 1
+                self.loop.count_update()
                 add("loss/critic", critic_loss.detach())
                 add("train/q_mean", info["pred_value"].mean())
             self.actor_opt.state.clear()  # a fresh Adam for every actor, as in the paper
@@ -283,7 +282,7 @@ class CEMRL(CEM):
         head = self.loop.head
         low, high = head.low.to(step.action), head.high.to(step.action)
         unit = ((step.action - low) / (high - low) * 2.0 - 1.0).clamp(-1.0, 1.0)
-        self.loop.replay.extend(TensorDict({
+        self.loop.remember(TensorDict({
             "observation": step.observation[on].to(torch.float32),
             "action": unit[on].to(torch.float32),
             "next": {"observation": nxt["observation"][on].to(torch.float32),
@@ -292,15 +291,14 @@ class CEMRL(CEM):
                      "done": (nxt["done"].reshape(-1) | step.ended)[on].reshape(-1, 1),
                      "terminated": nxt["terminated"][on]},
         }, batch_size=[int(on.sum())]))
-        self.loop.collected += int(on.sum())
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.pop.state_dict(), **self.dist.state_dict(), **self.loop.state_dict(),
+        return {**self.pop.state_dict(), **self.cem.state_dict(), **self.loop.state_dict(),
                 "frames_seen": self.frames_seen, "last_frames": self.last_frames}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pop.load_state_dict(state)
-        self.dist.load_state_dict(state)
+        self.cem.load_state_dict(state)
         self.loop.load_state_dict(state)
         self.frames_seen = int(state["frames_seen"])
         self.last_frames = int(state["last_frames"])

@@ -40,14 +40,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from unitrain.errors import ConfigError, check
-from unitrain.rules.population.service import (
-    STREAM_EPISODES,
-    PopulationEvaluation,
-    PopulationFields,
-    episode_seeds,
-    generation_seeds,
-    noise,
-)
+from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
+                                               episode_seeds, generation_seeds, noise)
+from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
 
 if TYPE_CHECKING:
@@ -79,7 +74,7 @@ def default_population(n: int) -> int:
 
 @register_rule("cmaes")
 @dataclass
-class CMAES(PopulationFields):
+class CMAES(Strategy):
     """(μ/μ_w, λ)-CMA-ES: weighted recombination, step-size and covariance adaptation.
 
     Args:
@@ -89,9 +84,8 @@ class CMAES(PopulationFields):
         covariance: ``"full"``, ``"diagonal"`` (sep-CMA-ES) or ``"auto"``: full up to
             ``full_max`` parameters, diagonal above.
         full_max: the largest parameter count ``"auto"`` adapts a full covariance for.
-        episodes: episodes per candidate.
-        max_episode_steps: cap on each evaluated episode's steps (``None``: the env's limit).
-        max_envs: most env copies stepped together per process (``None``: a whole share at once).
+        episodes, max_episode_steps, max_envs: as for every strategy
+            (:class:`~unitrain.rules.population.service.PopulationFields`).
     """
 
     population: int | None = None  # type: ignore[assignment]
@@ -111,19 +105,17 @@ class CMAES(PopulationFields):
         check(1 <= self.full_max <= FULL_LIMIT, "full_max", f"an integer in [1, {FULL_LIMIT}]",
               self.full_max)
 
-    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        self.module = module
-        n = sum(p.numel() for p in module.policy_parameters())
+    def start(self, ctx: "RuleContext", module: "RLModule", layout: ParamLayout) -> None:
+        n = layout.numel
         if self.covariance == "full" and n > FULL_LIMIT:
             raise ConfigError("optimizer.covariance", (
                 f"full covariance for {n:,} parameters needs a {n}x{n} matrix; the limit is "
                 f"{FULL_LIMIT:,}: use covariance: diagonal (or auto)"))
         self.lam = self.population or default_population(n)
-        self.pop = PopulationEvaluation(self, module, ctx)
-        self.layout = self.pop.layout
+        self.n = n
         self.full = self.covariance == "full" or (self.covariance == "auto" and n <= self.full_max)
         self._constants(n)
-        self._mean = self.layout.flatten(module).detach().to(torch.float64).cpu()
+        self._mean = layout.flatten(module).detach().to(torch.float64).cpu()
         self._sigma = float(self.sigma)
         self._ps = torch.zeros(n, dtype=torch.float64)
         self._pc = torch.zeros(n, dtype=torch.float64)
@@ -157,34 +149,31 @@ class CMAES(PopulationFields):
 
     def _y(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z, y = B·D·z)`` of one candidate, float64 on the CPU."""
-        z = noise(seed, self.layout.numel, torch.float64)
+        z = noise(seed, self.n, torch.float64)
         dz = self._D * z
         return z, (self._B @ dz if self.full else dz)
 
-    def step(self, ctx: "RuleContext") -> dict[str, float]:
-        gen, lam, n = self.pop.generation, self.lam, self.layout.numel
-        seeds = generation_seeds(ctx, _NOISE, gen, lam)
-        before = self._mean.clone()
-        device = self.layout.flatten(self.module).device
+    def ask(self, ctx: "RuleContext", generation: int, theta: torch.Tensor) -> Ask:
+        seeds = generation_seeds(ctx, _NOISE, generation, self.lam)
+        dtype, device = theta.dtype, theta.device
 
         def candidates(idx: Sequence[int]) -> torch.Tensor:
             with _one_thread():
                 rows = [self._mean + self._sigma * self._y(seeds[j])[1] for j in idx]
-            return torch.stack(rows).to(self.layout.dtype).to(device)
+            return torch.stack(rows).to(dtype).to(device)
 
-        shared = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
-        ev = self.pop.evaluate(ctx, lam, candidates, lambda j, e: shared(0, e))
-        order = torch.argsort(ev.fitness, descending=True, stable=True)[:len(self.weights)]
+        shared = episode_seeds(ctx.seed, STREAM_EPISODES, generation)
+        return Ask(self.lam, candidates, lambda j, e: shared(0, e), data=seeds)
+
+    def tell(self, ctx: "RuleContext", generation: int, ask: Ask, evaluation: Evaluation) -> Told:
+        seeds = ask.data
+        order = torch.argsort(evaluation.fitness, descending=True, stable=True)[:len(self.weights)]
         with _one_thread():
-            self._update([seeds[j] for j in order.tolist()], gen)
-        self.layout.assign(self.module, self._mean.to(self.layout.dtype).to(device))
-
-        metrics = self.pop.finish_generation(ctx, ev, ev.local_frames, (before, self._mean))
-        metrics.update({"optim/sigma": self._sigma,
-                        "optim/axis_ratio": (self._D.max() / self._D.min()).item(),
-                        "optim/path_ratio": self._ps.norm().item() / self.chi,
-                        "optim/population": float(lam)})
-        return metrics
+            self._update([seeds[j] for j in order.tolist()], generation)
+        return Told(theta=self._mean, metrics={
+            "optim/sigma": self._sigma, "optim/axis_ratio": (self._D.max() / self._D.min()).item(),
+            "optim/path_ratio": self._ps.norm().item() / self.chi,
+            "optim/population": float(self.lam)})
 
     def _update(self, best: list[int], gen: int) -> None:
         zs, ys = zip(*(self._y(s) for s in best), strict=True)
@@ -199,7 +188,7 @@ class CMAES(PopulationFields):
             self._B @ z_w if self.full else z_w)
         ps_norm = self._ps.norm().item()
         h_sigma = ps_norm / math.sqrt(1 - (1 - cs) ** (2 * (gen + 1))) < \
-            (1.4 + 2 / (self.layout.numel + 1)) * self.chi
+            (1.4 + 2 / (self.n + 1)) * self.chi
         self._pc = (1 - cc) * self._pc + (math.sqrt(cc * (2 - cc) * me) if h_sigma else 0.0) * y_w
         delta = 0.0 if h_sigma else cc * (2 - cc)
         keep = 1 + c1 * delta - c1 - cmu
@@ -219,7 +208,7 @@ class CMAES(PopulationFields):
             self._decomposed = gen + 1
 
     def state_dict(self) -> dict[str, Any]:
-        state = {**self.pop.state_dict(), "mean": self._mean.clone(), "sigma": self._sigma,
+        state = {"mean": self._mean.clone(), "sigma": self._sigma,
                  "ps": self._ps.clone(), "pc": self._pc.clone(), "C": self._C.clone(),
                  "D": self._D.clone(), "decomposed": self._decomposed}
         if self.full:
@@ -227,7 +216,6 @@ class CMAES(PopulationFields):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pop.load_state_dict(state)
         if state["C"].dim() != (2 if self.full else 1):
             raise ConfigError("optimizer.covariance", (
                 "the checkpoint's covariance is " + ("diagonal" if self.full else "full")

@@ -23,25 +23,17 @@ cross process boundaries, and every rank regenerates all the noise and makes the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from unitrain.errors import check
-from unitrain.rules.population.service import (
-    STREAM_EPISODES,
-    PopulationEvaluation,
-    PopulationFields,
-    centered_ranks,
-    episode_seeds,
-    generation_seeds,
-    mirrored,
-    noise_sum,
-)
+from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, centered_ranks,
+                                               episode_seeds, generation_seeds, mirrored, noise_sum)
+from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
 
 if TYPE_CHECKING:
-    from unitrain.policy.module import RLModule
     from unitrain.rules.base import RuleContext
 
 __all__ = ["ES"]
@@ -51,7 +43,7 @@ _NOISE = 21  # shared random stream of the noise seeds
 
 @register_rule("es")
 @dataclass
-class ES(PopulationFields):
+class ES(Strategy):
     """OpenAI evolution strategies (mirrored sampling, centred ranks, Adam, L2 decay).
 
     Args:
@@ -60,9 +52,8 @@ class ES(PopulationFields):
         lr: step size of the optimizer.
         weight_decay: L2 coefficient λ added to the descent direction.
         update: ``"adam"`` (``torch.optim.Adam``) or ``"sgd"`` (``torch.optim.SGD``, momentum 0.9).
-        episodes: episodes per candidate.
-        max_episode_steps: cap on each evaluated episode's steps (``None``: the env's limit).
-        max_envs: most env copies stepped together per process (``None``: a whole share at once).
+        episodes, max_episode_steps, max_envs: as for every strategy
+            (:class:`~unitrain.rules.population.service.PopulationFields`).
     """
 
     population: int = 64
@@ -79,43 +70,24 @@ class ES(PopulationFields):
         check(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
         check(self.update in ("adam", "sgd"), "update", "'adam' or 'sgd'", self.update)
 
-    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        self.module = module
-        self.pop = PopulationEvaluation(self, module, ctx)
-        self.layout = self.pop.layout
-        params = module.policy_parameters()
+    def optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if self.update == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr)
+            self._optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr)
         else:
-            self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+            self._optimizer = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+        return self._optimizer
 
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer]
+    def ask(self, ctx: "RuleContext", generation: int, theta: torch.Tensor) -> Ask:
+        seeds = generation_seeds(ctx, _NOISE, generation, self.population // 2)
+        pair_seeds = episode_seeds(ctx.seed, STREAM_EPISODES, generation)
+        return Ask(self.population, mirrored(theta, seeds, self.sigma),
+                   lambda j, e: pair_seeds(j // 2, e), data=(seeds, theta))
 
-    def step(self, ctx: "RuleContext") -> dict[str, float]:
-        gen, count, n = self.pop.generation, self.population, self.layout.numel
-        seeds = generation_seeds(ctx, _NOISE, gen, count // 2)
-        theta = self.layout.flatten(self.module)
-        pair_seeds = episode_seeds(ctx.seed, STREAM_EPISODES, gen)
-        ev = self.pop.evaluate(ctx, count, mirrored(theta, seeds, self.sigma),
-                               lambda j, e: pair_seeds(j // 2, e))
-
-        shaped = centered_ranks(ev.fitness)
+    def tell(self, ctx: "RuleContext", generation: int, ask: Ask, evaluation: Evaluation) -> Told:
+        seeds, theta = ask.data
+        shaped = centered_ranks(evaluation.fitness)
         weights = (shaped[0::2] - shaped[1::2]).tolist()
-        grad = noise_sum(seeds, weights, n, self.layout.dtype, theta.device) / count
+        grad = noise_sum(seeds, weights, theta.numel(), theta.dtype, theta.device) / ask.count
         descent = -grad + self.weight_decay * theta.to(torch.float64)
-        self.layout.set_grads(self.module, descent.to(self.layout.dtype))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-        moved = (theta, self.layout.flatten(self.module))
-        metrics = self.pop.finish_generation(ctx, ev, ev.local_frames, moved)
-        metrics.update({"optim/lr": self.optimizer.param_groups[0]["lr"],
-                        "optim/grad_norm": grad.norm().item()})
-        return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.pop.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pop.load_state_dict(state)
+        return Told(grad=descent, metrics={"optim/lr": self._optimizer.param_groups[0]["lr"],
+                                           "optim/grad_norm": grad.norm().item()})

@@ -42,16 +42,9 @@ import numpy as np
 import torch
 
 from unitrain.errors import UserError, check
-from unitrain.rules.population.service import (
-    STREAM_EPISODES,
-    Evaluation,
-    ParamLayout,
-    PopulationEvaluation,
-    PopulationFields,
-    centered_ranks,
-    episode_seeds,
-    perturb_,
-)
+from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
+                                               centered_ranks, episode_seeds, perturb_)
+from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
 
 if TYPE_CHECKING:
@@ -201,7 +194,7 @@ def novelty(behaviour: torch.Tensor, archive: torch.Tensor, k: int) -> torch.Ten
 
 @register_rule("ga")
 @dataclass
-class GA(PopulationFields):
+class GA(Strategy):
     """Deep GA: truncation selection, Gaussian mutation, elitism with re-evaluation, optional
     novelty search. Defaults are the paper's Atari settings.
 
@@ -212,9 +205,8 @@ class GA(PopulationFields):
         elite_candidates: fittest individuals re-evaluated for the elite, besides the previous
             elite.
         elite_episodes: extra episodes per elite candidate (0: pick the elite by fitness alone).
-        episodes: episodes per individual.
-        max_episode_steps: cap on each evaluated episode's steps (``None``: the env's limit).
-        max_envs: most env copies stepped together per process (``None``: a whole share at once).
+        episodes, max_episode_steps, max_envs: as for every strategy
+            (:class:`~unitrain.rules.population.service.PopulationFields`).
         init: ``"fresh"``: generation 0 is P initialisations of the module class, each under its
             own seed (the module is rebuilt from its recorded constructor arguments);
             ``"module"``: generation 0 is the module's starting parameters and P − 1 mutations
@@ -252,15 +244,13 @@ class GA(PopulationFields):
         check(self.behaviour in ("final", "mean"), "behaviour", "'final' or 'mean'", self.behaviour)
 
     # ------------------------------------------------------------------ construction
-    def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
-        self.module = module
-        self.pop = PopulationEvaluation(self, module, ctx,
-                                        self.behaviour if self.novelty > 0 else None)
-        self.layout = self.pop.layout
-        self._fresh = fresh_init(module, self.layout) if self.init == "fresh" else None
+    def characterisation(self) -> str | None:
+        return self.behaviour if self.novelty > 0 else None
+
+    def start(self, ctx: "RuleContext", module: "RLModule", layout: ParamLayout) -> None:
+        self._fresh = fresh_init(module, layout) if self.init == "fresh" else None
         if self._fresh is not None:
             self._fresh(0)  # fail now, with the reason, if the module cannot be rebuilt
-        self._generation = 0
         self._genomes: list[Genome] = []
         self._parent_of: list[int] = []
         self._parents: list[Genome] = []
@@ -275,14 +265,14 @@ class GA(PopulationFields):
         assert self._fresh is not None
         return self._fresh(seed)
 
-    def _first_generation(self, ctx: "RuleContext") -> None:
+    def _first_generation(self, ctx: "RuleContext", theta: torch.Tensor) -> None:
         gen = ctx.shared_generator(_INIT)
         seeds = torch.randint(0, _SEED_HIGH, (self.population,), generator=gen).tolist()
         if self.init == "fresh":
             self._genomes = [Genome(s) for s in seeds]
         else:
-            # Read at the first step, after rank 0's parameters reached every rank.
-            self._base = self.layout.flatten(self.module)
+            # Read at the first generation, after rank 0's parameters reached every rank.
+            self._base = theta
             self._genomes = [Genome(None)] + [Genome(None).mutate(s, self.sigma)
                                               for s in seeds[1:]]
         self._parent_of = [-1] * self.population
@@ -305,24 +295,51 @@ class GA(PopulationFields):
         return torch.stack(rows)
 
     # ------------------------------------------------------------------ one generation
-    def step(self, ctx: "RuleContext") -> dict[str, float]:
+    def ask(self, ctx: "RuleContext", generation: int, theta: torch.Tensor) -> Ask:
         if not self._genomes:
-            self._first_generation(ctx)
-        gen, count = self._generation, self.population
-        ev = self.pop.evaluate(ctx, count, self._materialise,
-                               episode_seeds(ctx.seed, STREAM_EPISODES, gen))
-        metrics: dict[str, float] = {}
-        score = ev.fitness
-        if self.novelty > 0:
-            score = self._novelty_score(ctx, ev, metrics)
-        elite, elite_return, elite_ev = self._select_elite(ctx, ev.fitness)
-        order = torch.argsort(score, descending=True, stable=True)
-        parents = order[: self.truncation].tolist()
+            self._first_generation(ctx, theta)
+        return Ask(self.population, self._materialise,
+                   episode_seeds(ctx.seed, STREAM_EPISODES, generation))
 
-        # The next generation: the elite unchanged, then mutations of uniformly drawn parents.
+    def tell(self, ctx: "RuleContext", generation: int, ask: Ask, evaluation: Evaluation) -> Told:
+        if ask.data is None:  # the population's evaluation
+            metrics: dict[str, float] = {}
+            score = evaluation.fitness
+            if self.novelty > 0:
+                score = self._novelty_score(ctx, generation, evaluation, metrics)
+            self._score = score
+            candidates = self._elite_candidates(generation, evaluation.fitness)
+            if self.elite_episodes == 0:
+                best = candidates[int(torch.argmax(evaluation.fitness[candidates]))]
+                return self._breed(ctx, generation, best, evaluation.fitness[best].item(), metrics)
+            # Elitism: the candidates play further episodes of their own.
+            seeds = episode_seeds(ctx.seed, STREAM_ELITE_EPISODES, generation)
+            again = Ask(len(candidates),
+                        lambda idx: self._materialise([candidates[j] for j in idx]),
+                        lambda j, e: seeds(candidates[j], e), self.elite_episodes,
+                        behaviour=False, data=candidates)
+            return Told(metrics=metrics, again=again)
+        candidates = ask.data  # the elite candidates' re-evaluation
+        best = int(torch.argmax(evaluation.fitness))
+        return self._breed(ctx, generation, candidates[best], evaluation.fitness[best].item(), {})
+
+    def _elite_candidates(self, generation: int, fitness: torch.Tensor) -> list[int]:
+        """The previous elite (individual 0 from the second generation on), then the
+        ``elite_candidates`` fittest; ties go to the first."""
+        order = torch.argsort(fitness, descending=True, stable=True).tolist()
+        previous = [0] if generation > 0 else []
+        return previous + [i for i in order[: self.elite_candidates] if i not in previous]
+
+    def _breed(self, ctx: "RuleContext", generation: int, elite: int, elite_return: float,
+               metrics: dict[str, float]) -> Told:
+        """The next generation: the elite unchanged, then mutations of uniformly drawn parents
+        (the top ``truncation`` by selection score)."""
+        count = self.population
+        order = torch.argsort(self._score, descending=True, stable=True)
+        parents = order[: self.truncation].tolist()
         keep = parents + [elite]
         cache = self._materialise(keep)
-        gen_rng = ctx.shared_generator(_BREED, gen)
+        gen_rng = ctx.shared_generator(_BREED, generation)
         picks = torch.randint(0, self.truncation, (count - 1,), generator=gen_rng).tolist()
         seeds = torch.randint(0, _SEED_HIGH, (count - 1,), generator=gen_rng).tolist()
         kept = [self._genomes[i] for i in keep]
@@ -330,37 +347,11 @@ class GA(PopulationFields):
         self._genomes = [kept[-1], *children]
         self._parent_of = [len(kept) - 1] + picks
         self._parents, self._cache = kept, cache
-        self.layout.assign(self.module, cache[-1])
-        self._generation += 1
+        metrics.update({"fitness/elite_return": elite_return,
+                        "ga/elite_mutations": float(len(kept[-1].mutations))})
+        return Told(theta=cache[-1], metrics=metrics)
 
-        local = ev.local_frames + (elite_ev.local_frames if elite_ev is not None else 0)
-        metrics.update(self.pop.finish_generation(ctx, ev, local))
-        metrics["fitness/elite_return"] = elite_return
-        metrics["ga/elite_mutations"] = float(len(kept[-1].mutations))
-        return metrics
-
-    def _select_elite(self, ctx: "RuleContext", fitness: torch.Tensor
-                      ) -> tuple[int, float, Evaluation | None]:
-        """The elite's index, its return, and the candidates' re-evaluation (``None`` if none).
-
-        Ties go to the first candidate: the previous elite, then the better fitness.
-        """
-        order = torch.argsort(fitness, descending=True, stable=True).tolist()
-        # Individual 0 is the previous elite from the second generation on.
-        previous = [0] if self._generation > 0 else []
-        candidates = previous + [i for i in order[: self.elite_candidates] if i not in previous]
-        if self.elite_episodes == 0:
-            best = int(torch.argmax(fitness[candidates]))
-            return candidates[best], fitness[candidates[best]].item(), None
-        seeds = episode_seeds(ctx.seed, STREAM_ELITE_EPISODES, self._generation)
-        ev = self.pop.evaluate(ctx, len(candidates),
-                               lambda idx: self._materialise([candidates[j] for j in idx]),
-                               lambda j, e: seeds(candidates[j], e), self.elite_episodes,
-                               behaviour=False)
-        best = int(torch.argmax(ev.fitness))
-        return candidates[best], ev.fitness[best].item(), ev
-
-    def _novelty_score(self, ctx: "RuleContext", ev: Evaluation,
+    def _novelty_score(self, ctx: "RuleContext", generation: int, ev: Evaluation,
                        metrics: dict[str, float]) -> torch.Tensor:
         """Selection score mixing return and novelty ranks; grows the archive."""
         assert ev.behaviour is not None
@@ -373,7 +364,7 @@ class GA(PopulationFields):
                  + self.novelty * centered_ranks(nov))
         score = score.masked_fill(~torch.isfinite(ev.fitness), -torch.inf)
         if self.archive_add:
-            gen = ctx.shared_generator(_ARCHIVE, self._generation)
+            gen = ctx.shared_generator(_ARCHIVE, generation)
             pick = torch.randperm(len(bcs), generator=gen)[: self.archive_add]
             pick = pick[torch.isfinite(bcs[pick]).all(1)]
             self._archive = torch.cat([self._archive, bcs[pick]])
@@ -383,15 +374,13 @@ class GA(PopulationFields):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"generation": self._generation,
-                "genomes": [g.to_bytes() for g in self._genomes],
+        return {"genomes": [g.to_bytes() for g in self._genomes],
                 "parent_of": list(self._parent_of),
                 "parents": [g.to_bytes() for g in self._parents],
                 "base": None if self._base is None else self._base.clone(),
                 "archive": self._archive.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._generation = int(state["generation"])
         self._genomes = [Genome.from_bytes(b) for b in state["genomes"]]
         self._parent_of = list(state["parent_of"])
         self._parents = [Genome.from_bytes(b) for b in state["parents"]]

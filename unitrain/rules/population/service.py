@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ from unitrain.envs.obs_norm import ObsNorm
 from unitrain.envs.rollout import Step, rollout, shard
 from unitrain.envs.spec import EnvSpec, derive_seed
 from unitrain.errors import UserError, check
-from unitrain.rules.base import UpdateRule
+from unitrain.validation import Validated
 
 if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
@@ -222,13 +222,30 @@ class PopulationPolicy:
         self.module, self.layout = module, layout
         self._actor = _Actor(module, act)
         self._batched = vmap(self._one, in_dims=(0, 0))
+        # Other names of the same policy tensors in other modules (weights the user tied), swapped
+        # with them. Only these: the aux networks may hold the policy's parameters too (a loss's
+        # functional copy of the actor) and are not part of the policy's forward, and a module
+        # reachable under two names holds its parameter once.
+        first = {id(p): name for name, p in module.named_policy_parameters()}
+
+        def owner(name: str) -> tuple[int, str]:
+            path, _, attr = name.rpartition(".")
+            return id(module.get_submodule(path)), attr
+
+        self._tied = [(f"module.{name}", f"module.{first[id(p)]}")
+                      for name, p in module.named_parameters(remove_duplicate=False)
+                      if id(p) in first and not name.startswith("aux.")
+                      and owner(name) != owner(first[id(p)])]
 
     def _one(self, params: dict[str, torch.Tensor], observation: torch.Tensor) -> torch.Tensor:
-        return functional_call(self._actor, params, (observation,))
+        return functional_call(self._actor, params, (observation,), tie_weights=False)
 
     def stack(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-parameter tensors ``[w, *shape]`` of ``params [w, numel]``, for :meth:`apply`."""
-        return self.layout.unflatten(params, "module.")
+        stacked = self.layout.unflatten(params, "module.")
+        for name, same in self._tied:
+            stacked[name] = stacked[same]
+        return stacked
 
     @torch.no_grad()
     def apply(self, stacked: dict[str, torch.Tensor], observation: torch.Tensor) -> torch.Tensor:
@@ -472,8 +489,8 @@ class Evaluation:
 
 
 @dataclass
-class PopulationFields(UpdateRule):
-    """The hyperparameters every population rule has (fields and their validation only).
+class PopulationFields(Validated):
+    """The hyperparameters every population strategy has (fields and their validation only).
 
     Args:
         population: individuals per generation.
@@ -483,6 +500,8 @@ class PopulationFields(UpdateRule):
         max_envs: most env copies stepped together per process (``None``: a process's whole
             share of the population at once); bounds memory for large populations and images.
     """
+
+    block: ClassVar[str] = "optimizer"
 
     population: int = 64
     sigma: float = 0.02

@@ -7,43 +7,17 @@ constraints and copy consistency (:mod:`.graph`), and the Douglas-Rachford and
 alternating-projection solvers over that split (:mod:`.solvers`).
 """
 
-from unitrain.rules.projection.graph import (
-    SUPPORTED_LAYERS,
-    ActivationStage,
-    ConvStage,
-    CrossEntropyOutput,
-    LinearStage,
-    MarginOutput,
-    OneVsRestOutput,
-    OutputConstraint,
-    PoolStage,
-    ProjectionGraph,
-    ReduceMean,
-    ReshapeStage,
-    SquaredErrorOutput,
-    State,
-)
-from unitrain.rules.projection.operators import (
-    project_dot,
-    project_dot_multiplier,
-    project_equal,
-    project_margin,
-    project_mean,
-    project_one_vs_rest,
-    project_relu,
-    project_step,
-    project_sum,
-    prox_cross_entropy,
-    prox_squared_error,
-)
-from unitrain.rules.projection.solvers import (
-    Method,
-    SolveResult,
-    alternating_projections,
-    douglas_rachford,
-    fit_batch,
-    solve,
-)
+from unitrain.rules.projection.graph import (SUPPORTED_LAYERS, ActivationStage, ConvStage,
+                                             CrossEntropyOutput, LinearStage, MarginOutput,
+                                             OneVsRestOutput, OutputConstraint, PoolStage,
+                                             ProjectionGraph, ReduceMean, ReshapeStage,
+                                             SquaredErrorOutput, State)
+from unitrain.rules.projection.operators import (project_dot, project_dot_multiplier, project_equal,
+                                                 project_margin, project_mean, project_one_vs_rest,
+                                                 project_relu, project_step, project_sum,
+                                                 prox_cross_entropy, prox_squared_error)
+from unitrain.rules.projection.solvers import (Method, SolveResult, alternating_projections,
+                                               douglas_rachford, fit_batch, solve)
 
 __all__ = [
     "SUPPORTED_LAYERS",

@@ -51,18 +51,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from unitrain.policy.nn import Step
-from unitrain.rules.projection.operators import (
-    project_dot,
-    project_dot_multiplier,
-    project_margin,
-    project_mean,
-    project_one_vs_rest,
-    project_relu,
-    project_step,
-    project_sum,
-    prox_cross_entropy,
-    prox_squared_error,
-)
+from unitrain.rules.projection.operators import (project_dot, project_dot_multiplier,
+                                                 project_margin, project_mean, project_one_vs_rest,
+                                                 project_relu, project_step, project_sum,
+                                                 prox_cross_entropy, prox_squared_error)
 
 __all__ = [
     "SUPPORTED_LAYERS",

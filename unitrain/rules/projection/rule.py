@@ -28,19 +28,9 @@ from torch import Tensor, nn
 
 from unitrain.errors import ConfigError, check
 from unitrain.rules.base import UpdateRule
-from unitrain.rules.projection import (
-    ConvStage,
-    CrossEntropyOutput,
-    LinearStage,
-    MarginOutput,
-    OneVsRestOutput,
-    OutputConstraint,
-    PoolStage,
-    ProjectionGraph,
-    ReshapeStage,
-    SquaredErrorOutput,
-    fit_batch,
-)
+from unitrain.rules.projection import (ConvStage, CrossEntropyOutput, LinearStage, MarginOutput,
+                                       OneVsRestOutput, OutputConstraint, PoolStage,
+                                       ProjectionGraph, ReshapeStage, SquaredErrorOutput, fit_batch)
 from unitrain.rules.registry import register_rule
 
 if TYPE_CHECKING:
