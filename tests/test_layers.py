@@ -47,7 +47,7 @@ def _imports(modules: dict[str, Path]) -> tuple[dict[str, set[str]], list[str]]:
                         edges[name].add(f"{base}.{alias.name}")
                         continue
                     edges[name].add(base)
-                    if alias.name.startswith("_"):
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
                         private.append(f"{name} imports {alias.name} from {base}")
     return edges, private
 
