@@ -3,7 +3,6 @@ the rules that run on it (resume, devices=1 vs devices=2)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from conftest import run_script

@@ -194,23 +194,23 @@ def test_episodes_do_not_depend_on_how_the_population_is_split():
     evaluator = _evaluator(module, EnvSpec("CartPole-v1"), episodes=2, behaviour="final")
     params = _population(evaluator.policy.layout, 6, 2)
     seeds = lambda i, e: 1000 * i + e  # noqa: E731
-    whole = evaluator.evaluate(range(6), lambda idx: params[list(idx)], seeds)
-    parts = [evaluator.evaluate(range(a, b), lambda idx: params[list(idx)], seeds)
+    whole = evaluator.play(range(6), lambda idx: params[list(idx)], seeds)
+    parts = [evaluator.play(range(a, b), lambda idx: params[list(idx)], seeds)
              for a, b in ((0, 1), (1, 4), (4, 6))]
     assert torch.equal(whole.returns, torch.cat([p.returns for p in parts]))
     assert torch.equal(whole.behaviour, torch.cat([p.behaviour for p in parts]))
     assert torch.equal(whole.returns, whole.lengths.double())  # CartPole: +1 per step
-    other = evaluator.evaluate(range(6), lambda idx: params[list(idx)],
+    other = evaluator.play(range(6), lambda idx: params[list(idx)],
                                lambda i, e: seeds(i, e) + 7)
     assert not torch.equal(other.behaviour, whole.behaviour)  # the seeds decide the episodes
     assert whole.behaviour.shape == (6, 2, 4)
     # Waves of at most 4 env slots (two individuals) give the same episodes.
     waves = _evaluator(module, EnvSpec("CartPole-v1"), episodes=2, max_envs=4)
-    assert torch.equal(waves.evaluate(range(6), lambda idx: params[list(idx)], seeds).returns,
+    assert torch.equal(waves.play(range(6), lambda idx: params[list(idx)], seeds).returns,
                        whole.returns)
     # A step cap truncates every episode.
     capped = _evaluator(module, EnvSpec("CartPole-v1"), episodes=2, max_episode_steps=5)
-    assert capped.evaluate(range(6), lambda idx: params[list(idx)], seeds).lengths.max() <= 5
+    assert capped.play(range(6), lambda idx: params[list(idx)], seeds).lengths.max() <= 5
 
 
 def test_observation_normalisation_is_frozen_during_a_generation():
@@ -219,7 +219,7 @@ def test_observation_normalisation_is_frozen_during_a_generation():
     evaluator = _evaluator(module, EnvSpec("Pendulum-v1"), max_episode_steps=20, obs_norm=norm,
                            max_envs=2)
     params = _population(evaluator.policy.layout, 4, 3)
-    res = evaluator.evaluate(range(4), lambda idx: params[list(idx)], lambda i, e: i)
+    res = evaluator.play(range(4), lambda idx: params[list(idx)], lambda i, e: i)
     assert norm.count.item() == 0  # two waves ran on the statistics of the generation's start
     norm.sync(lambda t: t.unsqueeze(0))  # what the Trainer does after each iteration
     assert norm.count.item() == res.lengths.sum().item() == 80

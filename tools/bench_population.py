@@ -115,7 +115,7 @@ def unitrain_runner(population: int, policy, params: torch.Tensor, seed: int,
 
     def run(_: int) -> int:
         calls[0] += 1
-        res = evaluator.evaluate(range(population), lambda idx: params[list(idx)],
+        res = evaluator.play(range(population), lambda idx: params[list(idx)],
                                  lambda i, e: seed + 1000 * calls[0] + i)
         return res.steps
 

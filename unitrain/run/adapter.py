@@ -195,18 +195,18 @@ class RunAdapter:
         if not self.env_run:
             self._count_correct(batch)
             return
-        res = self.evaluate()
+        res = self.run_evaluation()
         # For the progress bar and the callbacks that monitor it (best.ckpt, early stopping).
         self.module.log("eval/return_mean", res["return_mean"], prog_bar=True, logger=False,
                         on_step=False, on_epoch=True, batch_size=1)
 
-    def evaluate(self) -> dict[str, float]:
+    def run_evaluation(self) -> dict[str, float]:
         """One deterministic evaluation, logged, and the next one scheduled (the last one again
         if nothing was trained since)."""
         s = self.services
         if self._eval_frames == s.frames and self.last_eval is not None:
             return self.last_eval
-        res = s.evaluate(self.eval_episodes)
+        res = s.play_evaluation(self.eval_episodes)
         self.last_eval, self._eval_frames = res, s.frames
         self.next_eval = (s.frames // self.eval_every_frames + 1) * self.eval_every_frames
         self._log({f"eval/{k}": v for k, v in res.items()})
@@ -252,7 +252,7 @@ class RunAdapter:
 
     def on_train_end(self) -> None:
         if self.env_run:
-            self.final_eval = self.evaluate()
+            self.final_eval = self.run_evaluation()
             self._log({f"final/{k}": v for k, v in self.final_eval.items()})
 
     # ------------------------------------------------------------------ logging

@@ -218,7 +218,7 @@ class RunServices:
         return self._train_env.pop_finished() if self._train_env is not None else []
 
     @torch.no_grad()
-    def evaluate(self, episodes: int, act: Callable[[torch.Tensor], torch.Tensor] | None = None
+    def play_evaluation(self, episodes: int, act: Callable[[torch.Tensor], torch.Tensor] | None = None
                  ) -> dict[str, float]:
         """Deterministic evaluation over ``episodes`` episodes split across ranks.
 

@@ -328,11 +328,10 @@ class PopulationEvaluator:
                 parts=halves(slots, episodes))
         return env
 
-    def evaluate(self, individuals: Sequence[int], params: Callable[[Sequence[int]], torch.Tensor],
-                 seeds: Callable[[int, int], int], episodes: int | None = None,
-                 behaviour: bool = True, observe: Callable[[Step], None] | None = None
-                 ) -> Episodes:
-        """Evaluate ``individuals``.
+    def play(self, individuals: Sequence[int], params: Callable[[Sequence[int]], torch.Tensor],
+             seeds: Callable[[int, int], int], episodes: int | None = None,
+             behaviour: bool = True, observe: Callable[[Step], None] | None = None) -> Episodes:
+        """Play the episodes of ``individuals``.
 
         Args:
             individuals: indices of the individuals (passed back to ``params`` and ``seeds``).
@@ -568,12 +567,12 @@ class PopulationEvaluation:
             seeds: ``(individual, episode) -> env seed``.
             episodes: episodes per individual (default ``rule.episodes``).
             behaviour: characterise behaviours (when the evaluator was built to).
-            observe: sees every step this rank plays (see :meth:`PopulationEvaluator.evaluate`).
+            observe: sees every step this rank plays (see :meth:`PopulationEvaluator.play`).
         """
         episodes = self.rule.episodes if episodes is None else episodes
         mine = list(shard(count, ctx.rank, ctx.world_size))
         start = time.perf_counter()
-        res = self.evaluator.evaluate(mine, params, seeds, episodes, behaviour, observe)
+        res = self.evaluator.play(mine, params, seeds, episodes, behaviour, observe)
         self._eval_s += time.perf_counter() - start
         self._steps += res.steps
         # One collective carries returns, lengths and behaviours.
