@@ -88,6 +88,121 @@ def test_resume_corrupt_checkpoint_keeps_files(capsys, small_recipe, tmp_path):
     assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "last.ckpt"]
 
 
+FIXTURE_CKPT = REPO / "tests" / "fixtures" / "checkpoints_0_1_0" / "cartpole_es.ckpt"
+
+# Files that are not what they are named as: (argv, the file the error names, what it says). The
+# paths are relative to a directory holding the files of `_bad_files`.
+BAD_FILES = {
+    "fit: a checkpoint as recipe": (["fit", "runs/x/checkpoints/last.ckpt"],
+                                    "runs/x/checkpoints/last.ckpt",
+                                    "a binary file (a checkpoint?)"),
+    "fit: a directory as recipe": (["fit", "empty_dir"], "empty_dir",
+                                   "a directory, not a recipe file"),
+    "fit: a directory of recipes": (["fit", "recipes"], "recipes",
+                                    "give a file in it: recipes/a.yaml, recipes/b.yaml"),
+    "fit: an empty recipe": (["fit", "empty.yaml"], "empty.yaml", "an empty file (0 bytes)"),
+    "fit: a recipe of comments": (["fit", "comments.yaml"], "comments.yaml", "no YAML content"),
+    "fit: a list as recipe": (["fit", "list.yaml"], "list.yaml", "holds a list, not a mapping"),
+    "fit: a value as recipe": (["fit", "scalar.yaml"], "scalar.yaml",
+                               "holds a single value ('cartpole/ppo'), not a mapping"),
+    "fit: init= a text file": (["fit", "small.yaml", "init=notes.txt"], "init=notes.txt",
+                               "a text file, not a checkpoint"),
+    "fit: init= a directory": (["fit", "small.yaml", "init=empty_dir"], "init=empty_dir",
+                               "a directory, not a checkpoint file"),
+    "fit: init= an empty file": (["fit", "small.yaml", "init=empty.ckpt"], "init=empty.ckpt",
+                                 "an empty file (0 bytes)"),
+    "fit: resume= a text file": (["fit", "small.yaml", "resume=notes.txt"], "resume=notes.txt",
+                                 "a text file, not a checkpoint"),
+    "fit: resume= a run directory": (["fit", "small.yaml", "resume=runs/x"], "resume=runs/x",
+                                     "give a file in it: runs/x/checkpoints/last.ckpt"),
+    "fit: resume= an empty file": (["fit", "small.yaml", "resume=empty.ckpt"],
+                                   "resume=empty.ckpt", "an empty file (0 bytes)"),
+    "fit: resume=last a directory": (["fit", "small.yaml", "run_dir=odd", "resume=last"],
+                                     "resume=last: odd/checkpoints/last.ckpt",
+                                     "a directory, not a checkpoint file"),
+    "fit: run_dir= a file": (["fit", "small.yaml", "run_dir=notes.txt"], "notes.txt",
+                             "cannot write to notes.txt (Not a directory)"),
+    "evaluate: a text file": (["evaluate", "notes.txt"], "notes.txt",
+                              "a text file, not a checkpoint"),
+    "evaluate: a recipe": (["evaluate", "small.yaml"], "small.yaml",
+                           "a text file, not a checkpoint"),
+    "evaluate: a directory": (["evaluate", "empty_dir"], "empty_dir",
+                              "a directory, not a checkpoint file"),
+    "evaluate: an empty file": (["evaluate", "empty.ckpt"], "empty.ckpt",
+                                "an empty file (0 bytes)"),
+    "evaluate: --video a directory": (
+        ["evaluate", "runs/x/checkpoints/last.ckpt", "--video", "empty_dir"], "--video empty_dir",
+        "a directory, not a file"),
+    "evaluate: --video a directory named .gif": (
+        ["evaluate", "runs/x/checkpoints/last.ckpt", "--video", "dir.gif"], "--video dir.gif",
+        "a directory, not a file"),
+    "evaluate: --video under a file": (
+        ["evaluate", "runs/x/checkpoints/last.ckpt", "--video", "notes.txt/clip.gif"],
+        "--video notes.txt/clip.gif", "notes.txt is a file, not a directory"),
+    "compare: a checkpoint as recipe": (["compare", "runs/x/checkpoints/last.ckpt"],
+                                        "runs/x/checkpoints/last.ckpt", "a binary file"),
+    "compare: a checkpoint as recipe, --python": (
+        ["compare", "runs/x/checkpoints/last.ckpt", "--python", "policies:TinyPolicy"],
+        "runs/x/checkpoints/last.ckpt", "a binary file"),
+    "compare: a directory as recipe": (["compare", "small.yaml", "empty_dir"], "empty_dir",
+                                       "a directory, not a recipe file"),
+    "compare: an empty recipe": (["compare", "small.yaml", "empty.yaml"], "empty.yaml",
+                                 "an empty file (0 bytes)"),
+    "compare: --out a file": (["compare", "small.yaml", "--out", "notes.txt"], "--out notes.txt",
+                              "a file, not a directory"),
+    "compare: --out under a file": (["compare", "small.yaml", "--out", "notes.txt/cmp"],
+                                    "--out notes.txt/cmp", "notes.txt is a file, not a directory"),
+}
+
+
+def _bad_files(root) -> None:
+    (root / "runs" / "x" / "checkpoints").mkdir(parents=True)
+    (root / "runs" / "x" / "checkpoints" / "last.ckpt").write_bytes(FIXTURE_CKPT.read_bytes())
+    (root / "odd" / "checkpoints" / "last.ckpt").mkdir(parents=True)
+    (root / "empty_dir").mkdir()
+    (root / "dir.gif").mkdir()
+    (root / "recipes").mkdir()
+    for name in ("a.yaml", "b.yaml"):
+        (root / "recipes" / name).write_text(SMALL_RECIPE)
+    (root / "small.yaml").write_text(SMALL_RECIPE)
+    (root / "notes.txt").write_text("hello\n")
+    (root / "empty.yaml").write_text("")
+    (root / "empty.ckpt").write_bytes(b"")
+    (root / "comments.yaml").write_text("# a recipe, some day\n\n")
+    (root / "list.yaml").write_text("- cartpole/ppo\n- cartpole/es\n")
+    (root / "scalar.yaml").write_text("cartpole/ppo\n")
+
+
+def _contents(root) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_a_file_that_is_not_what_it_should_be_is_one_line(capsys, tmp_path, monkeypatch, case):
+    argv, named, says = BAD_FILES[case]
+    _bad_files(tmp_path)
+    before = _contents(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    err = _fail(capsys, *argv)
+    assert err.startswith(f"unitrain: error: {named}: ") or \
+        err.startswith(f"unitrain: error: run_dir: cannot write to {named} "), err
+    assert says in err and "; " in err, err  # what is wrong; what would be valid
+    assert capsys.readouterr().out == ""
+    assert _contents(tmp_path) == before  # nothing written, nothing lost
+
+
+def test_a_checkpoint_given_as_a_recipe_is_one_line_in_a_fresh_process(tmp_path):
+    _bad_files(tmp_path)
+    proc = run_cli("fit", "runs/x/checkpoints/last.ckpt", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "unitrain: error: runs/x/checkpoints/last.ckpt: a binary file (a checkpoint?), not a "
+        "recipe YAML; evaluate a checkpoint with `unitrain evaluate runs/x/checkpoints/last.ckpt`, "
+        "or train from it with `unitrain fit RECIPE init=runs/x/checkpoints/last.ckpt`"]
+    assert proc.stdout == ""
+
+
 def test_bad_override_syntax(capsys, small_recipe):
     err = _fail(capsys, "fit", str(small_recipe), "optimizer.lr")
     assert "key=value" in err

@@ -31,9 +31,39 @@ def test_bootstrap_interval_matches_the_exact_distribution():
     assert bootstrap_ci([0.0, 1.0], np.mean, reps=4000) == (0.0, 1.0)
     assert bootstrap_ci([0.0, 1.0], np.mean, reps=4000, level=0.4) == (0.5, 0.5)
     assert bootstrap_ci([7.0, 7.0, 7.0]) == (7.0, 7.0)
-    low, high = bootstrap_ci([1.0, 2.0, 3.0, 4.0, 100.0])
-    assert 1.0 <= low <= iqm([1.0, 2.0, 3.0, 4.0, 100.0]) <= high <= 100.0
     assert bootstrap_ci([1.0, 5.0, 2.0], seed=3) == bootstrap_ci([1.0, 5.0, 2.0], seed=3)
+
+
+def test_bootstrap_interval_of_the_iqm_matches_the_exact_distribution():
+    # Four runs 0, 0, 1, 1; a resample holds K ones, K ~ Binomial(4, 1/2). Its IQM (n = 4: drop
+    # one at each end, average the middle two) is 0 for K <= 1, 0.5 for K = 2 and 1 for K >= 3:
+    # probabilities 5/16, 6/16, 5/16. So the 25 % quantile is 0 and the 75 % quantile 1 (level
+    # 0.5), and the 40 % and 60 % quantiles are 0.5 (level 0.2). The mean of a resample, K/4, has
+    # its 25 % and 75 % quantiles at 0.25 and 0.75 instead: the interval is the IQM's by default.
+    values = [0.0, 0.0, 1.0, 1.0]
+    assert bootstrap_ci(values, level=0.5) == (0.0, 1.0)
+    assert bootstrap_ci(values, level=0.2) == (0.5, 0.5)
+    assert bootstrap_ci(values, np.mean, level=0.5) == (0.25, 0.75)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values, interpolating linearly between order statistics."""
+    position = q * (len(sorted_values) - 1)
+    below = int(position)
+    above = min(below + 1, len(sorted_values) - 1)
+    return sorted_values[below] + (position - below) * (sorted_values[above] - sorted_values[below])
+
+
+def test_bootstrap_interval_resample_by_resample():
+    # Five runs with an outlier; the resamples are rows of runs drawn with replacement by the
+    # seeded generator; each row's IQM by hand (n = 5: drop the lowest and the highest, average
+    # the middle three); the interval is the (1 - level)/2 and (1 + level)/2 quantiles of those.
+    values = [1.0, 2.0, 3.0, 4.0, 100.0]
+    for reps, level, seed in ((4, 0.5, 0), (7, 0.8, 1), (200, 0.95, 2)):
+        rows = np.random.default_rng(seed).integers(0, 5, size=(reps, 5))
+        iqms = sorted(sum(sorted(values[i] for i in row)[1:4]) / 3 for row in rows)
+        expected = (_percentile(iqms, (1 - level) / 2), _percentile(iqms, (1 + level) / 2))
+        assert bootstrap_ci(values, reps=reps, level=level, seed=seed) == pytest.approx(expected)
 
 
 def test_area_under_the_curve_and_first_reaching_by_hand():
@@ -66,9 +96,12 @@ def test_tiny_compare_writes_every_file_and_resumes_to_the_same_results(tmp_path
         e = results["recipes"][recipe]
         assert sorted(e["final"]) == ["0", "1"] and not e["failed"]
         finals = list(e["final"].values())
-        assert e["mean"] == pytest.approx(np.mean(finals))
-        assert e["iqm"] == pytest.approx(iqm(finals))
-        assert e["iqm_ci95"][0] <= e["iqm"] <= e["iqm_ci95"][1]
+        assert e["mean"] == pytest.approx(sum(finals) / 2)
+        # Two seeds: the IQM drops nothing (n // 4 = 0 at each end), so it is their mean; a
+        # resample's IQM is the lower final, their mean or the higher final with probabilities
+        # 1/4, 1/2, 1/4, so the 2.5 % and 97.5 % quantiles are the lower and the higher final.
+        assert e["iqm"] == pytest.approx(sum(finals) / 2)
+        assert e["iqm_ci95"] == [min(finals), max(finals)]
         assert all(f >= 512 for f in e["frames"].values())
         assert all(len(c["frames"]) >= 2 for c in e["curves"].values())
     table = (out / "results.md").read_text()

@@ -257,20 +257,31 @@ def test_omega_is_a_moving_average_of_the_batch_std() -> None:
 
 
 def test_target_sample_is_clipped_at_three_omega() -> None:
-    zero = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
-    critics = [LinearCritic(zero, [0.0, 0.0]), LinearCritic(zero, [0.0, 0.0])]
-    loss = DSACTLoss(LinearActor(ACTOR_W, ACTOR_B), critics)
+    # Both critics predict Q = 0. The first's sigma is softplus(0) everywhere; the second's raw
+    # sigma is 1 + action, so its sigma differs from sample to sample and its omega (the batch
+    # mean of sigma) differs from each sample's sigma: the clip must use omega, per critic.
+    first = LinearCritic([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [0.0, 0.0])
+    second = LinearCritic([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], [0.0, 1.0])
+    loss = DSACTLoss(LinearActor(ACTOR_W, ACTOR_B), [first, second])
     batch = make_batch()
     batch["next", "terminated"] = torch.ones(3, 1, dtype=torch.bool)
-    batch["next", "reward"] = torch.tensor([[1.0], [5.0], [-5.0]])
+    rewards = [1.0, 3.0, -5.0]
+    batch["next", "reward"] = torch.tensor(rewards).unsqueeze(-1)
     _, info = loss.critic_loss(batch)
 
-    sigma = math.log(2.0) + MIN_STD  # Q = 0 and sigma = softplus(0) everywhere, so omega = sigma
-    bound = 3 * sigma
-    assert 1.0 < bound < 5.0
-    expected = torch.tensor([1.0, bound, -bound])  # y_z = r: inside kept, outside clipped
-    torch.testing.assert_close(info["target_sample"], torch.tensor([1.0, 5.0, -5.0]))
-    torch.testing.assert_close(info["target_sample_clipped"], expected.expand(2, 3))
+    def sigma(raw: float) -> float:
+        return math.log1p(math.exp(raw)) + MIN_STD
+
+    actions = [row[0] for row in batch["action"].tolist()]
+    omega = [sigma(0.0), sum(sigma(1.0 + a) for a in actions) / 3]  # 0.693..., 1.478...
+    torch.testing.assert_close(loss.omega, torch.tensor(omega))
+    torch.testing.assert_close(info["omega"], torch.tensor(omega))
+    # y_z = r (terminal); y_b = Q + clamp(y_z - Q, -3 omega, 3 omega) with Q = 0: the first
+    # critic (bound 2.08) keeps 1 and clips 3 and -5, the second (bound 4.44) keeps 1 and 3 and
+    # clips -5 (a per-sample bound, 3 sigma, would clip 3 at 2.56 and keep -5 under 6.11).
+    expected = torch.tensor([[max(-3 * w, min(3 * w, r)) for r in rewards] for w in omega])
+    torch.testing.assert_close(info["target_sample"], torch.tensor(rewards))
+    torch.testing.assert_close(info["target_sample_clipped"], expected)
 
 
 # ---------------------------------------------------------------- target networks

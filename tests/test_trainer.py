@@ -16,6 +16,15 @@ import unitrain as ut
 from unitrain.app.cli import main
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A run sets torch's thread count for its whole process: each test here leaves the count
+    it found, so no test sees another's setting."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _api_run(run_dir: Path, **overrides) -> ut.Trainer:
     args = dict(env=ut.EnvSpec("CartPole-v1", num_envs=4), max_frames=2048, eval_every_frames=512,
                 eval_episodes=4, seed=3, num_threads=1, run_dir=run_dir,
@@ -163,13 +172,16 @@ class Threads(L.Callback):
 
 
 def test_one_thread_per_process_by_default(tmp_path: Path):
+    # Start from another count than the default, so a run that left torch's count alone (or a
+    # count left by an earlier run in this process) could not pass for the default.
+    torch.set_num_threads(3)
     threads = Threads()
-    before = torch.get_num_threads()
-    try:
-        _api_run(tmp_path, num_threads=None, max_frames=128, callbacks=[threads])
-    finally:
-        torch.set_num_threads(before)
+    _api_run(tmp_path / "default", num_threads=None, max_frames=128, callbacks=[threads])
     assert threads.threads == 1
+    # An explicit count is the one the run trains with (the callback sees the run's setting).
+    torch.set_num_threads(1)
+    _api_run(tmp_path / "two", num_threads=2, max_frames=128, callbacks=[threads])
+    assert threads.threads == 2
 
 
 def test_a_failed_start_leaves_no_run_directory(tmp_path: Path):

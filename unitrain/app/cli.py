@@ -9,7 +9,8 @@
     unitrain recipes                          list the shipped recipes
 
 User mistakes (a missing file, a bad key or value, an unknown env or rule, an unreadable
-checkpoint) print one line on stderr and exit with code 2.
+checkpoint, a path that is a directory, an empty file or a binary one where text belongs) print
+one line on stderr and exit with code 2.
 """
 
 from __future__ import annotations
@@ -164,8 +165,9 @@ def _resolve_resume(resume: str | None, run_dir: str | None, recipe: Any) -> tup
             path = candidates[-1]
     else:
         path = Path(resume)
-    if not path.is_file():
-        raise UserError(f"resume={resume}: no checkpoint at {path}")
+    if not path.exists():
+        raise UserError(f"resume={resume}: no checkpoint at {path}; give resume=PATH to a .ckpt "
+                        "file, or leave resume= out to start a new run")
     from unitrain.run.checkpoint import read_checkpoint
 
     read_checkpoint(path, f"resume={resume}")
@@ -182,11 +184,9 @@ def _evaluate(checkpoint: str, episodes: int, seed: int, video: str | None = Non
     if episodes < 1:
         raise UserError(f"--episodes {episodes}: expected an integer >= 1")
     if video is not None:
-        from unitrain.run.video import VIDEO_SUFFIXES, record
+        from unitrain.run.video import check_video_path, record
 
-        if Path(video).suffix not in VIDEO_SUFFIXES:
-            raise UserError(f"--video {video}: expected a file ending in "
-                            f"{' or '.join(VIDEO_SUFFIXES)}")
+        check_video_path(video)  # before the evaluation: a bad path costs no episodes
     result = evaluate_checkpoint(checkpoint, episodes=episodes, seed=seed)
     if video is not None:
         filmed = record(checkpoint, video, episodes=video_episodes, seed=seed)

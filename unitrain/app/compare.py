@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from unitrain.errors import UserError
+from unitrain.errors import UserError, check_output_path
 from unitrain.stats import auc, bootstrap_ci, first_reaching, iqm
 
 __all__ = ["compare", "Run", "summarise"]
@@ -78,7 +78,9 @@ def _module_recipe(recipe_file: str, target: str, out: Path, slug: str) -> str:
     """A copy of ``recipe_file`` whose module block is ``{target: target}``."""
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.load(recipe_file)
+    from unitrain.app.config import read_recipe
+
+    raw = read_recipe(recipe_file)
     raw.module = {"target": target}
     path = out / "recipes" / f"{slug}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,11 +140,13 @@ def compare(recipes: Sequence[str], seeds: int | Sequence[int] = 3, frames: int 
         The content of ``results.json``.
 
     Raises:
-        UserError: a recipe or override is invalid (checked before any run starts).
+        UserError: a recipe, override or the output directory is invalid (checked before any
+            run starts).
     """
     from unitrain.app.config import find_recipe, load_recipe
 
-    out = Path(out)
+    out = check_output_path(out, f"--out {out}", "expected a directory for the results "
+                                                  "(created if missing)", directory=True)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not recipes or not seed_list:
         raise UserError("compare: give at least one recipe and one seed")

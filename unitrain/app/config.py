@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
 import os
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from unitrain.envs.data import DataInfo, DataSpec
 from unitrain.envs.info import EnvInfo
 from unitrain.envs.spec import EnvSpec
-from unitrain.errors import ConfigError, UserError, check
+from unitrain.errors import ConfigError, UserError, check, check_file
 from unitrain.policy.module import RLModule
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.population.strategy import Strategy, as_rule
@@ -45,8 +46,8 @@ from unitrain.rules.registry import get_rule
 from unitrain.run.trainer import TrainerConfig
 from unitrain.validation import describe, import_object
 
-__all__ = ["Recipe", "TrainerConfig", "load_recipe", "build_module", "import_object", "find_recipe",
-           "SHIPPED"]
+__all__ = ["Recipe", "TrainerConfig", "load_recipe", "read_recipe", "build_module", "import_object",
+           "find_recipe", "SHIPPED"]
 
 _TOP_LEVEL = ("seed", "run_dir", "resume", "init", "env", "data", "module", "optimizer",
               "trainer")
@@ -79,19 +80,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     Raises:
         UserError: with a one-line message naming the file and key.
     """
-    path = Path(path)
     src = str(path)
-    if not path.is_file():
-        raise UserError(f"{src}: no such recipe file (`unitrain recipes` lists the shipped recipes)")
-    try:
-        raw = OmegaConf.load(path)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{src}: YAML syntax error{where}: {problem}") from None
-    if not isinstance(raw, DictConfig):
-        raise UserError(f"{src}: a recipe must be a mapping with keys {', '.join(_TOP_LEVEL)}")
+    raw = read_recipe(path)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r}: expected key=value, e.g. trainer.max_frames=50000")
@@ -106,6 +96,59 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         return _build(src, merged)
     except ConfigError as e:
         raise UserError(f"{src}: {e}") from None
+
+
+# What a recipe file is, for the messages about one that is not.
+_RECIPE = ("expected a recipe YAML, a mapping with keys seed, env, module, optimizer, trainer, ... "
+           "(`unitrain recipes` lists the shipped recipes)")
+
+
+def read_recipe(path: str | Path) -> DictConfig:
+    """The mapping in a recipe file, before overrides and validation.
+
+    Raises:
+        UserError: the path is missing, a directory, empty or not text, the YAML does not parse,
+            or it holds something other than a mapping; one line naming the file.
+    """
+    src = str(path)
+    path = check_file(path, src, "recipe file", _RECIPE, inside=("*.yaml", "*.yml"))
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{src}: cannot read it ({e.strerror or type(e).__name__}); "
+                        f"{_RECIPE}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        if data.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a bare pickle
+            raise UserError(f"{src}: a binary file (a checkpoint?), not a recipe YAML; evaluate "
+                            f"a checkpoint with `unitrain evaluate {src}`, or train from it with "
+                            f"`unitrain fit RECIPE init={src}`") from None
+        raise UserError(f"{src}: a binary file, not a recipe (not UTF-8 text); {_RECIPE}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise _syntax_error(src, e) from None
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+        raise UserError(f"{src}: no YAML content (only comments, blank lines or null); {_RECIPE}")
+    if isinstance(node, yaml.SequenceNode):
+        raise UserError(f"{src}: holds a list, not a mapping; {_RECIPE}")
+    if not isinstance(node, yaml.MappingNode):
+        value = getattr(node, "value", "?")
+        raise UserError(f"{src}: holds a single value ({value!r}), not a mapping; {_RECIPE}")
+    try:
+        raw = OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as e:  # what omegaconf's loader refuses: a duplicate key, a tag
+        raise _syntax_error(src, e) from None
+    assert isinstance(raw, DictConfig)
+    return raw
+
+
+def _syntax_error(src: str, e: yaml.YAMLError) -> UserError:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return UserError(f"{src}: YAML syntax error{where}: {problem}")
 
 
 def _build(src: str, merged: DictConfig) -> Recipe:

@@ -16,13 +16,28 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from unitrain.errors import ConfigError, UserError
+from unitrain.errors import ConfigError, UserError, check_file
 
 if TYPE_CHECKING:
     from unitrain.envs.spec import EnvSpec
     from unitrain.policy.module import RLModule
 
 __all__ = ["read_checkpoint", "load_module", "evaluate", "evaluate_checkpoint"]
+
+
+# What a checkpoint is, for the messages about a file that is not one.
+_CHECKPOINT = "expected a .ckpt file written by `unitrain fit` (runs/<run>/checkpoints/last.ckpt)"
+
+
+def _is_text(path: Path) -> bool:
+    """Whether the file's first KiB is UTF-8 text (a recipe or a log given as a checkpoint)."""
+    with path.open("rb") as f:
+        head = f.read(1024)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3  # a character cut at the end of the KiB
+    return b"\0" not in head
 
 
 def read_checkpoint(path: str | os.PathLike, what: str | None = None) -> dict[str, Any]:
@@ -33,20 +48,30 @@ def read_checkpoint(path: str | os.PathLike, what: str | None = None) -> dict[st
         what: how the user named it, for error messages (default: the path).
 
     Raises:
-        UserError: the file is missing, unreadable, or not a unitrain checkpoint.
+        UserError: the file is missing, a directory, empty, unreadable, or not a unitrain
+            checkpoint.
     """
     path = Path(path)
     what = what or str(path)
-    if not path.is_file():
-        raise UserError(f"{what}: no such checkpoint file")
+    if str(path) not in what:  # resume=last: name the file it stands for
+        what = f"{what}: {path}"
+    path = check_file(path, what, "checkpoint file", _CHECKPOINT,
+                      inside=("*.ckpt", "checkpoints/*.ckpt"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except OSError as e:
+        raise UserError(f"{what}: cannot read it ({e.strerror or type(e).__name__}); "
+                        f"{_CHECKPOINT}") from None
     except Exception as e:  # a truncated or foreign file: any unpickling error
-        raise UserError(f"{what}: {path} is not a readable checkpoint ({type(e).__name__})") from None
+        if _is_text(path):
+            raise UserError(f"{what}: a text file, not a checkpoint; {_CHECKPOINT}") from None
+        raise UserError(f"{what}: not a readable checkpoint ({type(e).__name__}); "
+                        f"{_CHECKPOINT}") from None
     if not isinstance(ckpt, dict) or "unitrain" not in ckpt or "state_dict" not in ckpt:
-        raise UserError(f"{what}: {path} is not a unitrain checkpoint (no unitrain state inside)")
+        raise UserError(f"{what}: not a unitrain checkpoint (no unitrain state inside); "
+                        f"{_CHECKPOINT}")
     return ckpt
 
 

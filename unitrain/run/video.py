@@ -36,7 +36,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from unitrain.errors import UserError
+from unitrain.errors import UserError, check_output_path
 
 if TYPE_CHECKING:
     from unitrain.envs.obs_norm import ObsNorm
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
 
 __all__ = ["record", "play", "prepare_rendering", "gif_bytes", "log_video", "log_episode",
-           "Sink", "VIDEO_SUFFIXES"]
+           "Sink", "VIDEO_SUFFIXES", "check_video_path"]
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 # A TensorBoard video: at most this many frames, each at most this many pixels on its longer side.
@@ -221,6 +221,23 @@ class _FileWriter(Sink):
             self.path.write_bytes(gif_bytes(self._frames, self.fps))
 
 
+def check_video_path(path: str | os.PathLike) -> Path:
+    """``path`` if a video can be written there (creates nothing).
+
+    Raises:
+        UserError: the path is a directory, lies under a file, or does not end in a video suffix.
+    """
+    p = Path(path)
+    valid = f"expected a file ending in {' or '.join(VIDEO_SUFFIXES)}"
+    if p.is_dir():
+        raise UserError(f"--video {path}: a directory, not a file; {valid}, "
+                        f"e.g. {p / 'episode.mp4'}")
+    check_output_path(p, f"--video {path}", f"{valid} in a directory (created if missing)")
+    if p.suffix not in VIDEO_SUFFIXES:
+        raise UserError(f"--video {path}: {valid}")
+    return p
+
+
 def record(policy: "RLModule | str | os.PathLike", path: str | os.PathLike,
            env: "str | EnvSpec | None" = None, episodes: int = 1, seed: int = 0,
            module: "RLModule | None" = None, evaluation: int = 0) -> dict[str, Any]:
@@ -238,9 +255,7 @@ def record(policy: "RLModule | str | os.PathLike", path: str | os.PathLike,
     """
     from unitrain.run.checkpoint import policy_and_env
 
-    path = Path(path)
-    if path.suffix not in VIDEO_SUFFIXES:
-        raise UserError(f"--video {path}: expected a file ending in {' or '.join(VIDEO_SUFFIXES)}")
+    path = check_video_path(path)
     if episodes < 1:
         raise UserError(f"--video-episodes: got {episodes}; expected an integer >= 1")
     policy, spec, norm = policy_and_env(policy, env, module)
