@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,13 @@ def _tiny(cmd: str) -> list[str]:
 @pytest.mark.parametrize("doc", [d for d in DOCS if _snippets(d)], ids=lambda d: d.name)
 def test_every_snippet_runs(doc: Path, tmp_path: Path, monkeypatch):
     """A doc's snippets run in order in one directory (a later one may use an earlier one's
-    run); Python snippets share one namespace."""
+    run); Python snippets share one namespace, a module's (the classes a doc defines, such as a
+    dataclass, look their module up)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))  # files the doc writes import as modules
-    namespace: dict = {"__name__": "__docs__"}
+    module = types.ModuleType("__docs__")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace = module.__dict__
     for line, lang, body, why, file in _snippets(doc):
         where = f"{doc.name}:{line}"
         if why is not None:
