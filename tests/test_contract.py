@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import run_cli
-from test_conformance import _rule_action
+from test_conformance import RULE_ACTIONS
 
 import unitrain as ut
 from unitrain.envs import EnvInfo, env_info
@@ -76,7 +76,7 @@ def test_one_module_trained_by_every_rule_in_turn(kind: str, tmp_path: Path):
         with torch.no_grad():
             after = module.act(obs)
         # The rule's own deterministic action is module.act ...
-        torch.testing.assert_close(_rule_action(name, trainer.rule, module, obs), after,
+        torch.testing.assert_close(RULE_ACTIONS[name](trainer.rule, module, obs), after,
                                    rtol=0, atol=1e-6)
         # ... and stays within the env's bounds.
         if not info.discrete:
