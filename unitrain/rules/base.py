@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from unitrain.envs.spec import EnvSpec
     from unitrain.policy.module import RLModule
 
-__all__ = ["UpdateRule", "RuleContext", "rule_config"]
+__all__ = ["UpdateRule", "RuleFields", "RuleContext", "rule_config"]
 
 
 class RuleContext(Protocol):
@@ -112,12 +112,32 @@ class RuleContext(Protocol):
         """Log a histogram of ``values`` at the current frame count (rank 0)."""
 
 
-class UpdateRule(Validated):
-    """Base class of update rules. Subclasses are dataclasses registered by name; their fields
-    are type-checked on construction and range-checked in :meth:`validate`."""
+class RuleFields(Validated):
+    """What update rules and population strategies share: the name they are registered under,
+    the recipe block they are read from, their hyperparameters as recipe keys, and their own
+    state. Subclasses are dataclasses; their fields are type-checked on construction and
+    range-checked in :meth:`validate`."""
 
     name: ClassVar[str] = ""
     block: ClassVar[str] = "optimizer"
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's own state (not the module's, not the optimizers')."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        del state
+
+    def config(self) -> dict[str, Any]:
+        """The hyperparameters, as recipe keys (``name`` first; a composed rule as a mapping)."""
+        return rule_config(self)
+
+
+class UpdateRule(RuleFields):
+    """Base class of update rules. Subclasses are dataclasses registered by name; their fields
+    are type-checked on construction and range-checked in :meth:`validate`."""
+
     # Rules that fit (input, target) batches and take no env.
     supervised_only: ClassVar[bool] = False
 
@@ -139,18 +159,6 @@ class UpdateRule(Validated):
     def step(self, ctx: RuleContext) -> dict[str, float]:
         """Run one iteration and return its metrics (include ``"frames"`` collected here)."""
         raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        """The rule's own state (not the module's, not the optimizers')."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        del state
-
-    def config(self) -> dict[str, Any]:
-        """The hyperparameters, as recipe keys (``name`` first; a composed rule as a mapping)."""
-        return rule_config(self)
 
 
 def rule_config(rule: Any) -> dict[str, Any]:

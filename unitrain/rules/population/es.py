@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from unitrain.errors import check
-from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, centered_ranks,
-                                               episode_seeds, generation_seeds, mirrored, noise_sum)
-from unitrain.rules.population.strategy import Ask, Strategy, Told
+from unitrain.rules.population.service import (Evaluation, centered_ranks,
+                                               noise_sum)
+from unitrain.rules.population.strategy import Ask, Strategy, Told, mirrored_ask
 from unitrain.rules.registry import register_rule
 
 if TYPE_CHECKING:
@@ -78,10 +78,7 @@ class ES(Strategy):
         return self._optimizer
 
     def ask(self, ctx: "RuleContext", generation: int, theta: torch.Tensor) -> Ask:
-        seeds = generation_seeds(ctx, _NOISE, generation, self.population // 2)
-        pair_seeds = episode_seeds(ctx.seed, STREAM_EPISODES, generation)
-        return Ask(self.population, mirrored(theta, seeds, self.sigma),
-                   lambda j, e: pair_seeds(j // 2, e), data=(seeds, theta))
+        return mirrored_ask(ctx, _NOISE, generation, theta, self.population, self.sigma)
 
     def tell(self, ctx: "RuleContext", generation: int, ask: Ask, evaluation: Evaluation) -> Told:
         seeds, theta = ask.data

@@ -33,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ from unitrain.envs.obs_norm import ObsNorm
 from unitrain.envs.rollout import Step, rollout, shard
 from unitrain.envs.spec import EnvSpec, derive_seed
 from unitrain.errors import UserError, check
-from unitrain.validation import Validated
+from unitrain.rules.base import RuleFields
 
 if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
@@ -488,7 +488,7 @@ class Evaluation:
 
 
 @dataclass
-class PopulationFields(Validated):
+class PopulationFields(RuleFields):
     """The hyperparameters every population strategy has (fields and their validation only).
 
     Args:
@@ -499,8 +499,6 @@ class PopulationFields(Validated):
         max_envs: most env copies stepped together per process (``None``: a process's whole
             share of the population at once); bounds memory for large populations and images.
     """
-
-    block: ClassVar[str] = "optimizer"
 
     population: int = 64
     sigma: float = 0.02

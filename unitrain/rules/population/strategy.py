@@ -26,13 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from unitrain.rules.base import UpdateRule, rule_config
-from unitrain.rules.population.service import (Evaluation, ParamLayout, PopulationEvaluation,
-                                               PopulationFields)
+from unitrain.rules.base import UpdateRule
+from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
+                                               PopulationEvaluation, PopulationFields,
+                                               episode_seeds, generation_seeds, mirrored)
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
     from unitrain.rules.base import RuleContext
 
-__all__ = ["Ask", "Told", "Strategy", "PopulationRule", "as_rule"]
+__all__ = ["Ask", "Told", "Strategy", "PopulationRule", "as_rule", "mirrored_ask"]
 
 
 @dataclass
@@ -96,11 +97,9 @@ class Strategy(PopulationFields):
 
     A subclass is a dataclass that adds its hyperparameters as fields (checked in ``validate``)
     and implements :meth:`ask` and :meth:`tell`, plus :meth:`start`, :meth:`state_dict` and
-    :meth:`load_state_dict` when it has state, and :meth:`optimizer` when it steps a
-    ``torch.optim`` optimizer on the policy's parameters.
+    :meth:`load_state_dict` when it has state (``"generation"`` is the service's key), and
+    :meth:`optimizer` when it steps a ``torch.optim`` optimizer on the policy's parameters.
     """
-
-    name: ClassVar[str] = ""
 
     def characterisation(self) -> str | None:
         """``"final"`` or ``"mean"`` observation as each episode's behaviour (for novelty), or
@@ -136,18 +135,6 @@ class Strategy(PopulationFields):
         """Take the fitness of ``ask``'s candidates (``evaluation.fitness``, ``[count]``; ``-inf``
         for a candidate with a non-finite return) and update the strategy."""
         raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        """The strategy's state (``"generation"`` is the service's key)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        del state
-
-    def config(self) -> dict[str, Any]:
-        """The hyperparameters, as recipe keys (``name`` first)."""
-        return rule_config(self)
 
 
 class PopulationRule(UpdateRule):
@@ -224,3 +211,14 @@ def as_rule(optimizer: Any) -> Any:
     """``optimizer`` as an update rule: a :class:`Strategy` runs in a :class:`PopulationRule`,
     anything else is returned as it is."""
     return PopulationRule(optimizer) if isinstance(optimizer, Strategy) else optimizer
+
+
+def mirrored_ask(ctx: "RuleContext", stream: int, generation: int, theta: torch.Tensor,
+                 population: int, sigma: float) -> Ask:
+    """Mirrored pairs ``θ ± σ·εₖ`` (candidates ``2k`` and ``2k + 1``) from ``population / 2``
+    seeds of the shared ``stream``, both members of a pair on the same episode seeds (common
+    random numbers): the ask of ES and ARS. ``data`` is ``(seeds, theta)``."""
+    seeds = generation_seeds(ctx, stream, generation, population // 2)
+    pair_seeds = episode_seeds(ctx.seed, STREAM_EPISODES, generation)
+    return Ask(population, mirrored(theta, seeds, sigma), lambda j, e: pair_seeds(j // 2, e),
+               data=(seeds, theta))
