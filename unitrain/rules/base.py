@@ -120,6 +120,8 @@ class RuleFields(Validated):
 
     name: ClassVar[str] = ""
     block: ClassVar[str] = "optimizer"
+    # Rules that fit (input, target) batches and take no env.
+    supervised_only: ClassVar[bool] = False
 
     def state_dict(self) -> dict[str, Any]:
         """The rule's own state (not the module's, not the optimizers')."""
@@ -137,9 +139,6 @@ class RuleFields(Validated):
 class UpdateRule(RuleFields):
     """Base class of update rules. Subclasses are dataclasses registered by name; their fields
     are type-checked on construction and range-checked in :meth:`validate`."""
-
-    # Rules that fit (input, target) batches and take no env.
-    supervised_only: ClassVar[bool] = False
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         """Check the rule's settings against the run's env before anything runs or is written;
