@@ -118,7 +118,7 @@ def test_auto_covariance_turns_diagonal_above_full_max(tmp_path: Path):
                              max_frames=1, num_threads=1, run_dir=tmp_path / str(full_max),
                              logger=False, enable_progress_bar=False)
         trainer.fit(TinyPolicy(4, 2, hidden=8))  # 58 parameters
-        return trainer.rule
+        return trainer.rule.strategy
 
     full, sep = rule_for(58), rule_for(57)
     assert full.full and full._C.shape == (58, 58) and full.lam == 4 + int(3 * math.log(58))
