@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from unitrain.policy.nn import Step
 from unitrain.rules.projection import (CrossEntropyOutput, LinearStage, MarginOutput, Method,
                                        OneVsRestOutput, OutputConstraint, ProjectionGraph,
                                        SquaredErrorOutput, State, alternating_projections,
@@ -410,6 +411,7 @@ def test_warm_started_inner_solves_follow_the_exact_iteration() -> None:
     assert _states_close(warm.state, graph.project_consistency(warm.state, x), 1e-6)
 
 
+@pytest.mark.compiled
 def test_compiled_iterations_equal_the_uncompiled_ones() -> None:
     """torch.compile changes the speed, not the iterates; other batch sizes run uncompiled."""
     x, labels, net = _digits_like(24, 1)
@@ -431,3 +433,47 @@ def test_compiled_iterations_equal_the_uncompiled_ones() -> None:
     assert torch.allclose(small.violation, small_plain.violation, rtol=1e-4, atol=1e-6)
     assert small.state["out"].shape[0] == 10
     assert _states_close(small.state, small_plain.state, 1e-4)
+
+
+@pytest.mark.compiled
+def test_compiled_problems_of_equal_shapes_each_run_their_own_program(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Problems that differ only in their operations never share a compiled program.
+
+    Two networks of identical shapes and weights (a ReLU, then a hard threshold) are solved
+    compiled one after the other, the first graph freed before the second is built (which may
+    then get its ``id``): each gives its own uncompiled iterates, on the full batch and on a
+    padded smaller one. No call of the compiled step skips Dynamo's guards, and one compiled
+    program per problem serves its first iteration, its later ones and the padded batch.
+    """
+    stances: list[dict[str, Any]] = []
+    set_stance = torch.compiler.set_stance
+
+    def recording_set_stance(*args: Any, **kwargs: Any) -> Any:
+        stances.append(kwargs)
+        return set_stance(*args, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", recording_set_stance)
+    x, labels, _ = _digits_like(24, 1)
+    output = CrossEntropyOutput(5.0)
+    from torch._dynamo.utils import counters
+
+    programs_compiled = counters["stats"]
+    for activation in (nn.ReLU, Step):
+        torch.manual_seed(3)
+        graph = ProjectionGraph(nn.Sequential(nn.Linear(6, 5), activation(), nn.Linear(5, 3)))
+        programs = programs_compiled["unique_graphs"]
+        for rows in (slice(None), slice(0, 10)):
+            state = graph.init_state(x[rows])
+            plain = douglas_rachford(graph, state, x[rows], labels[rows], output, iterations=6,
+                                     warm_start=True)
+            compiled = douglas_rachford(graph, state, x[rows], labels[rows], output,
+                                        iterations=6, compile=True)
+            assert torch.allclose(compiled.violation, plain.violation, rtol=1e-4, atol=1e-6)
+            assert _states_close(compiled.state, plain.state, 1e-4)
+        assert graph.compiled_batch == 24
+        # At most one new program: none when an earlier test compiled the same problem.
+        assert programs_compiled["unique_graphs"] - programs <= 1, activation
+        del graph
+    assert not any(kwargs.get("skip_guard_eval_unsafe") for kwargs in stances), stances

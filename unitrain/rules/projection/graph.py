@@ -648,12 +648,12 @@ class ProjectionGraph:
     def inner_start(self, state: State) -> State:
         """Starting points of the inner scalar solves for :meth:`project_ops`'s ``warm``.
 
-        The dot products' multipliers start at 0 and the cross-entropy's proximal step at the
-        current output copy.
+        The dot products' multipliers start at 0 and the cross-entropy's proximal step at a
+        copy of the current output copy (its own tensor, like the solutions that replace it).
         """
         warm: State = {f"{i}.t": torch.zeros_like(state[f"{i}.d_dot"])
                        for i, s in self._active() if isinstance(s, _DotStage)}
-        warm["out"] = state["out"]
+        warm["out"] = state["out"].clone()
         return warm
 
     def project_ops(
@@ -759,7 +759,9 @@ class ProjectionGraph:
             prev_key = f"{i}.y"
         assert prev_key is not None
         final = 0.5 * (state[prev_key].reshape(state["out"].shape) + state["out"])
-        new[prev_key] = final.reshape(state[prev_key].shape)
+        # One tensor when the shapes agree (as a compiled step returns it), else a view.
+        same = final.shape == state[prev_key].shape
+        new[prev_key] = final if same else final.reshape(state[prev_key].shape)
         new["out"] = final
         means = self._param_means(state, reduce, weights)
         for key, _, _, stage in self._params():

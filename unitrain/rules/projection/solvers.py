@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -111,11 +111,36 @@ def _ap_step(
 
 
 _COMPILED: dict[Step, Step] = {}
-# Every (step, graph, output constraint, batch size) run compiled in this process. Dynamo keeps
-# the compiled versions of all of them on the step's code object, and skipping its guard checks
-# is only sound while one such problem exists: with several, a version compiled for another
-# graph or constraint could be picked without its guards being checked.
-_PROBLEMS: set[tuple[Step, int, str, int]] = set()
+
+
+def _compiled(step: Step) -> Step:
+    """The ``torch.compile``-d ``step``, one per step function for the whole process.
+
+    Every call goes through Dynamo's guards (the graph's structure, the output constraint, the
+    tensors' shapes, strides and aliasing, the global state), which select the compiled version
+    made for exactly that problem or compile a new one; checking them costs microseconds against
+    the milliseconds of an iteration. ``fullgraph`` makes a graph break an error rather than a
+    silent split of the iteration into several programs.
+    """
+    if step not in _COMPILED:
+        _COMPILED[step] = torch.compile(step, dynamic=False, fullgraph=True)
+    return _COMPILED[step]
+
+
+def _contiguous(tensor: Tensor) -> Tensor:
+    """``tensor`` with the strides of a new contiguous tensor, including along axes of size 1.
+
+    :meth:`torch.Tensor.contiguous` keeps the strides of size-1 axes, which the guards of a
+    compiled step compare too.
+    """
+    strides: list[int] = []
+    step = 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    if tensor.stride() == tuple(reversed(strides)):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _iterate(
@@ -135,7 +160,10 @@ def _iterate(
     A compiled step is used for one batch size per graph, the first it is compiled for. A
     smaller batch (the last of an epoch) is padded to that size with repeats of its own samples
     at weight 0, which leave the parameters and the violation unchanged, and runs compiled too;
-    a larger one runs uncompiled.
+    a larger one runs uncompiled. The compiled path starts from contiguous tensors, laid out like
+    the compiled Douglas-Rachford step's own outputs, so that its first iteration runs the
+    program compiled for the later ones instead of needing one of its own (alternating
+    projections compile a second, for the consistent states their later iterations start from).
     """
     _check_iterations(iterations)
     fast = step
@@ -145,10 +173,7 @@ def _iterate(
         if graph.compiled_batch is None:
             graph.compiled_batch = batch
         if graph.compiled_batch >= batch:
-            if step not in _COMPILED:
-                _COMPILED[step] = torch.compile(step, dynamic=False)
-            fast = _COMPILED[step]
-            _PROBLEMS.add((step, id(graph), repr(output), graph.compiled_batch))
+            fast = _compiled(step)
             weights = torch.zeros(graph.compiled_batch, dtype=z["out"].dtype,
                                   device=z["out"].device)
             weights[:batch] = 1.0
@@ -156,20 +181,13 @@ def _iterate(
                 rows = torch.arange(graph.compiled_batch, device=inputs.device) % batch
                 z = {key: value[rows] for key, value in z.items()}
                 inputs, targets = inputs[rows], targets[rows]
+            z = {key: _contiguous(value) for key, value in z.items()}
     pb_z = graph.project_consistency(z, inputs, reduce_mean, weights)
     warm: State | None = graph.inner_start(z) if (warm_start or compile) else None
     violation: list[Tensor] = []
-    with ExitStack() as stack:
-        for k in range(iterations):
-            if k == 2 and fast is not step and len(_PROBLEMS) == 1:
-                # Later calls of this solve pass the same graph, constraint, shapes and strides
-                # as the second (the first starts from eager tensors of other strides), whose
-                # guards have just been checked; with no other problem compiled in the process,
-                # re-checking them is unnecessary.
-                stack.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
-            z, pb_z, v = fast(graph, z, pb_z, inputs, targets, output, reduce_mean, warm,
-                              weights)
-            violation.append(v)
+    for _ in range(iterations):
+        z, pb_z, v = fast(graph, z, pb_z, inputs, targets, output, reduce_mean, warm, weights)
+        violation.append(v)
     if pb_z["out"].shape[0] != batch:
         pb_z = {key: value[:batch] for key, value in pb_z.items()}
     return SolveResult(state=pb_z, violation=torch.stack(violation))
@@ -209,9 +227,10 @@ def douglas_rachford(
             :meth:`ProjectionGraph.inner_start`.
         compile: run every iteration as one ``torch.compile``-d program
             (implies ``warm_start``; single-process only: with ``reduce_mean`` the iterations
-            run uncompiled). The first batch compiles, about half a minute on a CPU and cached
-            on disk for later processes; a smaller batch is padded to its size (with weight-0
-            repeats of its samples) and a larger one runs uncompiled.
+            run uncompiled). The first batch compiles one program for the problem (graph,
+            output constraint, batch size), about half a minute on a CPU and cached on disk for
+            later processes; every call checks that program's guards. A smaller batch is padded
+            to its size (with weight-0 repeats of its samples) and a larger one runs uncompiled.
 
     Returns:
         The consistent state of the last shadow and the violation per iteration.
