@@ -4,7 +4,7 @@ evaluate identically and resume.
 The fixtures were written by ``unitrain fit`` of 0.1.0: ``cartpole/ppo env.obs_norm=true`` (2,048
 frames), ``cartpole/es`` (3,000 frames) and ``pendulum/sac optimizer.warmup_frames=512
 optimizer.buffer_size=2000`` (1,280 frames). They record the module class as
-``unitrain.policy:MLPPolicy``, the path of 0.1.0.
+``unitrain.module:MLPPolicy``, the path of 0.1.0.
 """
 
 from __future__ import annotations
