@@ -3,52 +3,16 @@
 Implements the numerical core of Bergmeister et al., "A projection-based framework for
 gradient-free and parallel learning" (arXiv:2506.05878): closed-form projections onto the graphs
 of elementary operations (:mod:`.operators`), the split of a network into per-operation
-constraints and copy consistency (:mod:`.graph`), and the Douglas-Rachford and
-alternating-projection solvers over that split (:mod:`.solvers`).
+constraints and copy consistency (:mod:`.graph`, with the network's stages in :mod:`.stages`,
+the supported layers in :mod:`.layers` and the output constraints in :mod:`.outputs`), and the
+Douglas-Rachford and alternating-projection solvers over that split (:mod:`.solvers`).
+
+The package exports the public names of :mod:`.graph`, :mod:`.operators` and :mod:`.solvers`.
 """
 
-from unitrain.rules.projection.graph import (SUPPORTED_LAYERS, ActivationStage, ConvStage,
-                                             CrossEntropyOutput, LinearStage, MarginOutput,
-                                             OneVsRestOutput, OutputConstraint, PoolStage,
-                                             ProjectionGraph, ReduceMean, ReshapeStage,
-                                             SquaredErrorOutput, State)
-from unitrain.rules.projection.operators import (project_dot, project_dot_multiplier, project_equal,
-                                                 project_margin, project_mean, project_one_vs_rest,
-                                                 project_relu, project_step, project_sum,
-                                                 prox_cross_entropy, prox_squared_error)
-from unitrain.rules.projection.solvers import (Method, SolveResult, alternating_projections,
-                                               douglas_rachford, fit_batch, solve)
+from unitrain.rules.projection import graph, operators, solvers
+from unitrain.rules.projection.graph import *
+from unitrain.rules.projection.operators import *
+from unitrain.rules.projection.solvers import *
 
-__all__ = [
-    "SUPPORTED_LAYERS",
-    "ActivationStage",
-    "ConvStage",
-    "CrossEntropyOutput",
-    "LinearStage",
-    "MarginOutput",
-    "Method",
-    "OneVsRestOutput",
-    "OutputConstraint",
-    "PoolStage",
-    "ProjectionGraph",
-    "ReduceMean",
-    "ReshapeStage",
-    "SolveResult",
-    "SquaredErrorOutput",
-    "State",
-    "alternating_projections",
-    "douglas_rachford",
-    "fit_batch",
-    "project_dot",
-    "project_dot_multiplier",
-    "project_equal",
-    "project_margin",
-    "project_mean",
-    "project_one_vs_rest",
-    "project_relu",
-    "project_step",
-    "project_sum",
-    "prox_cross_entropy",
-    "prox_squared_error",
-    "solve",
-]
+__all__ = graph.__all__ + operators.__all__ + solvers.__all__
