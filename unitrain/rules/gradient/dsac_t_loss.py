@@ -80,7 +80,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -108,8 +108,9 @@ def _mlp(in_dim: int, out_dim: int, hidden: Sequence[int],
     return nn.Sequential(*layers)
 
 
-class DSACTActor(nn.Module):
-    """A Gaussian policy head: observation -> ``(loc, raw_scale)``, each ``[..., act_dim]``.
+class _GaussianHead(nn.Module):
+    """An MLP ``self.net`` whose output halves are the two parameters of a Gaussian: over the
+    observation for the policy, over the observation and the action for a critic.
 
     Args:
         obs_dim: observation size.
@@ -118,10 +119,21 @@ class DSACTActor(nn.Module):
         activation: hidden activation class.
     """
 
+    reads_action: ClassVar[bool] = False
+
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256, 256),
                  activation: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.net = _mlp(obs_dim, 2 * act_dim, hidden, activation)
+        if self.reads_action:
+            self.net = _mlp(obs_dim + act_dim, 2, hidden, activation)
+        else:
+            self.net = _mlp(obs_dim, 2 * act_dim, hidden, activation)
+
+
+class DSACTActor(_GaussianHead):
+    """A Gaussian policy head: observation -> ``(loc, raw_scale)``, each ``[..., act_dim]``;
+    an MLP of ``hidden`` widths and ``activation`` over ``obs_dim`` inputs.
+    """
 
     def forward(self, observation: Tensor) -> tuple[Tensor, Tensor]:
         """The pre-tanh Gaussian's parameters.
@@ -136,20 +148,12 @@ class DSACTActor(nn.Module):
         return loc, raw_scale
 
 
-class DSACTCritic(nn.Module):
-    """A Gaussian return head: ``(observation, action)`` -> ``(mean, raw_std)``, each ``[..., 1]``.
-
-    Args:
-        obs_dim: observation size.
-        act_dim: action size.
-        hidden: widths of the hidden layers.
-        activation: hidden activation class.
+class DSACTCritic(_GaussianHead):
+    """A Gaussian return head: ``(observation, action)`` -> ``(mean, raw_std)``, each ``[..., 1]``;
+    an MLP of ``hidden`` widths and ``activation`` over ``obs_dim + act_dim`` inputs.
     """
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256, 256),
-                 activation: type[nn.Module] = nn.GELU) -> None:
-        super().__init__()
-        self.net = _mlp(obs_dim + act_dim, 2, hidden, activation)
+    reads_action = True
 
     def forward(self, observation: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """The return distribution's parameters.
