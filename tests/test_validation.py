@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import unitrain as ut
 from unitrain.app.cli import main
 from unitrain.app.config import load_recipe
 from unitrain.envs.data import DataSpec
-from unitrain.errors import ConfigError, UserError
+from unitrain.errors import ConfigError, UserError, check
 from unitrain.rules.registry import registered_rules
 from unitrain.run.trainer import TrainerConfig
+from unitrain.validation import Validated, bounded, one_of
 
 BLOCKS = [*registered_rules().values(), ut.EnvSpec, DataSpec, TrainerConfig, ut.EarlyStop]
 
@@ -130,3 +132,51 @@ def test_a_recipe_that_cannot_start_writes_nothing(tmp_path: Path, capsys):
         assert code == 2 and len(err) == 1, err
         assert err[0].startswith(f"unitrain: error: {recipe}: {message}"), err
         assert not run_dir.exists()
+
+
+@dataclasses.dataclass
+class _Bounded(Validated):
+    block: typing.ClassVar[str] = "optimizer"
+    lr: float = bounded(1e-3, "(0, inf]")
+    noise: float = bounded(1.0, "[0, inf)")
+    gamma: float = bounded(0.99, "(0, 1]")
+    batch_size: int = bounded(8, "[1, buffer_size]")
+    buffer_size: int = bounded(100, "[1, inf]")
+    hidden: tuple[int, ...] = bounded((4, 4), "[1, inf]")
+    top: int | None = bounded(None, "[1, inf]", null=True)
+    update: str = one_of("adam", "adam", "sgd")
+
+    def validate(self) -> None:
+        check(self.buffer_size != 7, "buffer_size", "not 7", self.buffer_size)
+
+
+@dataclasses.dataclass
+class _NewDefault(_Bounded):
+    gamma: float = 0.5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=0), "optimizer.lr: got 0.0; expected a number > 0"),
+    (dict(noise=math.inf), "optimizer.noise: got inf; expected a number >= 0"),
+    (dict(noise=math.nan), "optimizer.noise: got nan; expected a number >= 0"),
+    (dict(gamma=1.5), "optimizer.gamma: got 1.5; expected a number in (0, 1]"),
+    (dict(batch_size=101), "optimizer.batch_size: got 101; expected an integer in "
+                           "[1, buffer_size=100]"),
+    # The bound's own checks, in validate() too, come before the ranges it bounds.
+    (dict(buffer_size=0), "optimizer.buffer_size: got 0; expected an integer >= 1"),
+    (dict(buffer_size=7), "optimizer.buffer_size: got 7; expected not 7"),
+    (dict(hidden=[4, 0]), "optimizer.hidden: got [4, 0]; expected a list of integers >= 1"),
+    (dict(top=0), "optimizer.top: got 0; expected an integer >= 1 or null"),
+    (dict(update="rmsprop"), "optimizer.update: got 'rmsprop'; expected 'adam' or 'sgd'"),
+])
+def test_declared_ranges_and_choices_give_the_check_messages(kwargs, message):
+    for cls in (_Bounded, _NewDefault):  # a new default keeps the declared range
+        with pytest.raises(ConfigError) as err:
+            cls(**kwargs)
+        assert str(err.value) == message
+
+
+def test_declared_ranges_admit_their_ends():
+    rule = _Bounded(lr=math.inf, noise=0.0, gamma=1.0, batch_size=100, top=3, update="sgd")
+    assert rule.lr == math.inf and rule.batch_size == 100 and rule.top == 3
+    assert _NewDefault().gamma == 0.5

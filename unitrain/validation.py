@@ -9,6 +9,12 @@ the same message a recipe gets::
 
     ConfigError: optimizer.epochs: got 2.5; expected an integer
 
+A field declared with :func:`bounded` or :func:`one_of` carries its range or its choices, checked
+on construction with the message :func:`~unitrain.errors.check` gives
+(``optimizer.gamma: got 0; expected a number in (0, 1]``): a fixed range or the choices before
+:meth:`Validated.validate`, a range bounded by other fields (``[1, buffer_size]``) after it. A
+subclass that only changes the default keeps the bound. ``validate`` holds the other checks.
+
 Errors name the field's full recipe key (``block`` + field name). A block nested in another
 (``trainer.early_stop``, elite imitation's ``optimizer.fit``) is named by its path.
 """
@@ -18,14 +24,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 import numbers
+import re
 import types
 import typing
 from typing import Any, ClassVar
 
-from unitrain.errors import ConfigError
+from unitrain.errors import ConfigError, check
 
-__all__ = ["Validated", "describe", "import_object"]
+__all__ = ["Validated", "bounded", "describe", "import_object", "one_of"]
 
 
 class Validated:
@@ -50,7 +58,14 @@ class Validated:
                     raise ConfigError(f"{name}.{e.field}", e.detail) from None
                 if conformed is not value:
                     setattr(self, name, conformed)
+            hints = _field_hints(type(self))
+            own, bounded_by_others = _constraints(type(self))
+            for name, constraint in own.items():
+                constraint.check(self, name, hints[name])
             self.validate()
+            # After every other check, so that a bad bound is reported as itself.
+            for name, constraint in bounded_by_others.items():
+                constraint.check(self, name, hints[name])
         except ConfigError as e:
             raise e.prefixed(self.block) if self.block else e from None
 
@@ -61,6 +76,116 @@ class Validated:
 
 class _Mismatch(Exception):
     pass
+
+
+_CONSTRAINT = "unitrain.constraint"
+_ENDS = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Interval:
+    """``low``/``high``: a number, ``inf``/``-inf``, or the name of another field."""
+
+    low: str
+    high: str
+    closed_low: bool
+    closed_high: bool
+    null: bool
+
+    @property
+    def cross(self) -> bool:
+        return any(end.isidentifier() and end != "inf" for end in (self.low, self.high))
+
+    def _end(self, block: Any, end: str) -> tuple[float, str]:
+        if end.isidentifier() and end != "inf":
+            value = getattr(block, end)
+            return value, f"{end}={value}"
+        return float(end), end
+
+    def check(self, block: Any, name: str, hint: Any) -> None:
+        value = getattr(block, name)
+        if value is None and self.null:
+            return
+        low, low_text = self._end(block, self.low)
+        high, high_text = self._end(block, self.high)
+        items = value if isinstance(value, tuple) else (value,)
+        ok = all((low <= v if self.closed_low else low < v)
+                 and (v <= high if self.closed_high else v < high) for v in items)
+        if math.isinf(high):
+            where = f"{'>=' if self.closed_low else '>'} {low_text}"
+        elif math.isinf(low):
+            where = f"{'<=' if self.closed_high else '<'} {high_text}"
+        else:
+            where = (f"in {'[' if self.closed_low else '('}{low_text}, "
+                     f"{high_text}{']' if self.closed_high else ')'}")
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+        kind = " or ".join(describe(a) for a in kinds)
+        valid = f"{kind} {where}" + (" or null" if self.null else "")
+        check(ok, name, valid, list(value) if isinstance(value, tuple) else value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Choice:
+    """``options``: the valid values; never bounded by another field."""
+
+    options: tuple[str, ...]
+    cross: bool = False
+
+    def check(self, block: Any, name: str, hint: Any) -> None:
+        del hint
+        value = getattr(block, name)
+        check(value in self.options, name, " or ".join(repr(o) for o in self.options), value)
+
+
+def bounded(default: Any, interval: str, *, null: bool = False) -> Any:
+    """A dataclass field whose value must lie in ``interval``.
+
+    Args:
+        default: the field's default.
+        interval: ``"(low, high]"``, ``[``/``]`` closed and ``(``/``)`` open ends; an end is a
+            number, ``inf``/``-inf``, or the name of another field of the block, whose value
+            bounds this one. ``"(0, inf]"`` admits every number above 0, ``"(0, inf)"`` only
+            finite ones. A list field (``tuple[int, ...]``) bounds every item.
+        null: ``None`` is valid too.
+
+    Returns:
+        A ``dataclasses.field``; a bad value raises ``got <value>; expected <kind> in (0, 1]``
+        (or ``>= 1``, ``< 0``, ``in [1, buffer_size=256]``; ``or null``).
+    """
+    match = _ENDS.match(interval)
+    if match is None:
+        raise ValueError(f"interval {interval!r}: expected the form '(low, high]'")
+    opening, low, high, closing = match.groups()
+    return dataclasses.field(default=default, metadata={_CONSTRAINT: _Interval(
+        low, high, opening == "[", closing == "]", null)})
+
+
+def one_of(default: str, *options: str) -> Any:
+    """A dataclass field whose value must be one of ``options`` (``got 'x'; expected 'a' or 'b'``).
+
+    Args:
+        default: the field's default.
+        options: the valid values.
+
+    Returns:
+        A ``dataclasses.field``.
+    """
+    return dataclasses.field(default=default, metadata={_CONSTRAINT: _Choice(options)})
+
+
+@functools.cache
+def _constraints(cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The declared constraints of ``cls``'s fields, own ranges first, then cross-field ones; a
+    field redeclared without one keeps its base class's."""
+    found: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        for f in getattr(klass, "__dataclass_fields__", {}).values():
+            if _CONSTRAINT in f.metadata:
+                found[f.name] = f.metadata[_CONSTRAINT]
+    names = [f.name for f in dataclasses.fields(cls) if f.name in found]
+    return ({n: found[n] for n in names if not found[n].cross},
+            {n: found[n] for n in names if found[n].cross})
 
 
 @functools.cache

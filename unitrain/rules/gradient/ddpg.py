@@ -36,9 +36,9 @@ from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
 from torchrl.objectives import DDPGLoss, SoftUpdate, ValueEstimators
 
-from unitrain.errors import check
 from unitrain.rules.gradient.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded, one_of
 
 if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
@@ -77,15 +77,9 @@ class DDPG(OffPolicyFields):
 
     lr_actor: float = 1e-3
     lr_critic: float = 1e-3
-    noise: str = "normal"
-    noise_std: float = 0.1
-    ou_theta: float = 0.15
-
-    def validate(self) -> None:
-        super().validate()
-        check(self.noise in ("normal", "ou"), "noise", "'normal' or 'ou'", self.noise)
-        check(self.noise_std >= 0, "noise_std", "a number >= 0", self.noise_std)
-        check(0 < self.ou_theta <= 1, "ou_theta", "a number in (0, 1]", self.ou_theta)
+    noise: str = one_of("normal", "normal", "ou")
+    noise_std: float = bounded(0.1, "[0, inf]")
+    ou_theta: float = bounded(0.15, "(0, 1]")
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)

@@ -41,10 +41,10 @@ from tensordict import TensorDictBase
 from torch import Tensor, nn
 from torchrl.objectives import SoftUpdate
 
-from unitrain.errors import check
 from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
 from unitrain.rules.gradient.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded, one_of
 
 if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
@@ -129,21 +129,13 @@ class DSACT(OffPolicyFields):
     warmup_frames: int = 10_000
     utd_ratio: float = 0.05
     critic_hidden: tuple[int, ...] = (256, 256, 256)
-    lr_alpha: float = 3e-4
-    alpha_init: float = math.e
+    lr_alpha: float = bounded(3e-4, "(0, inf]")
+    alpha_init: float = bounded(math.e, "(0, inf]")
     target_entropy: float | None = None
-    delay: int = 2
-    alpha_every: str = "delayed"
+    delay: int = bounded(2, "[1, inf]")
+    alpha_every: str = one_of("delayed", "delayed", "update")
 
     log_std_bounds: ClassVar[tuple[float, float]] = LOG_STD_BOUNDS
-
-    def validate(self) -> None:
-        super().validate()
-        check(self.lr_alpha > 0, "lr_alpha", "a number > 0", self.lr_alpha)
-        check(self.alpha_init > 0, "alpha_init", "a number > 0", self.alpha_init)
-        check(self.delay >= 1, "delay", "an integer >= 1", self.delay)
-        check(self.alpha_every in ("delayed", "update"), "alpha_every", "'delayed' or 'update'",
-              self.alpha_every)
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)

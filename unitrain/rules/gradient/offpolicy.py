@@ -56,6 +56,7 @@ from torchrl.modules import MLP
 from unitrain.envs.replay import Replay
 from unitrain.errors import ConfigError, TrainingDiverged, UserError, check
 from unitrain.rules.base import UpdateRule
+from unitrain.validation import bounded
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -178,30 +179,16 @@ class CriticFields(UpdateRule):
             transitions with its current policy before updating again.
     """
 
-    lr_actor: float = 3e-4
-    lr_critic: float = 3e-4
-    gamma: float = 0.99
-    tau: float = 0.005
-    batch_size: int = 256
-    buffer_size: int = 1_000_000
-    warmup_frames: int = 10_000
-    utd_ratio: float = 1.0
-    critic_hidden: tuple[int, ...] = (256, 256)
+    lr_actor: float = bounded(3e-4, "(0, inf]")
+    lr_critic: float = bounded(3e-4, "(0, inf]")
+    gamma: float = bounded(0.99, "(0, 1]")
+    tau: float = bounded(0.005, "(0, 1]")
+    batch_size: int = bounded(256, "[1, buffer_size]")
+    buffer_size: int = bounded(1_000_000, "[1, inf]")
+    warmup_frames: int = bounded(10_000, "[0, buffer_size]")
+    utd_ratio: float = bounded(1.0, "(0, inf]")
+    critic_hidden: tuple[int, ...] = bounded((256, 256), "[1, inf]")
     save_buffer: bool = False
-
-    def validate(self) -> None:
-        check(self.lr_actor > 0, "lr_actor", "a number > 0", self.lr_actor)
-        check(self.lr_critic > 0, "lr_critic", "a number > 0", self.lr_critic)
-        check(0 < self.gamma <= 1, "gamma", "a number in (0, 1]", self.gamma)
-        check(0 < self.tau <= 1, "tau", "a number in (0, 1]", self.tau)
-        check(self.buffer_size >= 1, "buffer_size", "an integer >= 1", self.buffer_size)
-        check(1 <= self.batch_size <= self.buffer_size, "batch_size",
-              f"an integer in [1, buffer_size={self.buffer_size}]", self.batch_size)
-        check(0 <= self.warmup_frames <= self.buffer_size, "warmup_frames",
-              f"an integer in [0, buffer_size={self.buffer_size}]", self.warmup_frames)
-        check(self.utd_ratio > 0, "utd_ratio", "a number > 0", self.utd_ratio)
-        check(all(h >= 1 for h in self.critic_hidden), "critic_hidden",
-              "a list of integers >= 1", list(self.critic_hidden))
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         if info.discrete:
@@ -224,12 +211,7 @@ class OffPolicyFields(CriticFields):
             ``env.num_envs`` (``None``: one step of every env).
     """
 
-    frames_per_batch: int | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        check(self.frames_per_batch is None or self.frames_per_batch >= 1, "frames_per_batch",
-              "an integer >= 1 or null", self.frames_per_batch)
+    frames_per_batch: int | None = bounded(None, "[1, inf]", null=True)
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         super().check_env(env, info)

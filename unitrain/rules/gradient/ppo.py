@@ -28,6 +28,7 @@ from unitrain.policy.action import stochastic_actor
 from unitrain.policy.models import mlp
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
     from unitrain.rules.base import RuleContext
 
-__all__ = ["PPO", "OnPolicyBatches", "check_batch", "value_operator", "gradient_step", "annealed_lr"]
+__all__ = ["PPO", "OnPolicyFields", "OnPolicyBatches", "check_batch", "value_operator", "gradient_step", "annealed_lr"]
 
 
 class _Flatten(nn.Module):
@@ -151,58 +152,59 @@ def annealed_lr(optimizer: torch.optim.Optimizer, lr: float, anneal: bool, progr
     return lr
 
 
-@register_rule("ppo")
 @dataclass
-class PPO(UpdateRule):
-    """Proximal Policy Optimization with a clipped surrogate objective and GAE.
+class OnPolicyFields(UpdateRule):
+    """The hyperparameters PPO and REINFORCE share (fields and their checks only): the policy,
+    value network, collection and advantages of :class:`OnPolicyBatches`, and the Adam step.
 
     Args:
         lr: Adam step size (annealed linearly to 0 over ``max_frames`` if ``anneal_lr``).
         anneal_lr: linear learning-rate decay over the frame budget.
         frames_per_batch: transitions collected per iteration on each rank (a multiple of
             ``env.num_envs``).
-        minibatch_size: transitions per gradient step.
-        epochs: passes over each batch.
         gamma: discount factor.
-        gae_lambda: GAE λ.
-        clip: surrogate clipping range ε.
-        entropy_coef: entropy bonus coefficient.
-        value_coef: value loss coefficient.
+        normalize_advantage: standardise the advantages (PPO: per minibatch; REINFORCE: over
+            the batch).
         max_grad_norm: gradient norm clip.
-        normalize_advantage: standardise advantages per minibatch.
         log_std_init: initial log standard deviation of continuous actions.
         value_hidden: hidden sizes of the default value network.
     """
 
-    lr: float = 3e-4
+    lr: float = bounded(3e-4, "(0, inf]")
     anneal_lr: bool = True
-    frames_per_batch: int = 2048
-    minibatch_size: int = 64
-    epochs: int = 10
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip: float = 0.2
-    entropy_coef: float = 0.0
-    value_coef: float = 0.5
-    max_grad_norm: float = 0.5
+    frames_per_batch: int = bounded(2048, "[1, inf]")
+    gamma: float = bounded(0.99, "(0, 1]")
     normalize_advantage: bool = True
+    max_grad_norm: float = bounded(0.5, "(0, inf]")
     log_std_init: float = 0.0
     value_hidden: tuple[int, ...] = (64, 64)
 
-    def validate(self) -> None:
-        check(self.lr > 0, "lr", "a number > 0", self.lr)
-        check(self.frames_per_batch >= 1, "frames_per_batch", "an integer >= 1", self.frames_per_batch)
-        check(1 <= self.minibatch_size, "minibatch_size", "an integer >= 1", self.minibatch_size)
-        check(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
-        check(0 < self.gamma <= 1, "gamma", "a number in (0, 1]", self.gamma)
-        check(0 <= self.gae_lambda <= 1, "gae_lambda", "a number in [0, 1]", self.gae_lambda)
-        check(0 < self.clip < 1, "clip", "a number in (0, 1)", self.clip)
-        check(self.entropy_coef >= 0, "entropy_coef", "a number >= 0", self.entropy_coef)
-        check(self.value_coef >= 0, "value_coef", "a number >= 0", self.value_coef)
-        check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0", self.max_grad_norm)
-
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         check_batch(self.frames_per_batch, env)
+
+
+@register_rule("ppo")
+@dataclass
+class PPO(OnPolicyFields):
+    """Proximal Policy Optimization with a clipped surrogate objective and GAE.
+
+    Fields of :class:`OnPolicyFields` (learning rate, batch, discount, ...), plus:
+
+    Args:
+        minibatch_size: transitions per gradient step.
+        epochs: passes over each batch.
+        gae_lambda: GAE λ.
+        clip: surrogate clipping range ε.
+        entropy_coef: entropy bonus coefficient.
+        value_coef: value loss coefficient.
+    """
+
+    minibatch_size: int = bounded(64, "[1, inf]")
+    epochs: int = bounded(10, "[1, inf]")
+    gae_lambda: float = bounded(0.95, "[0, 1]")
+    clip: float = bounded(0.2, "(0, 1)")
+    entropy_coef: float = bounded(0.0, "[0, inf]")
+    value_coef: float = bounded(0.5, "[0, inf]")
 
     # ------------------------------------------------------------------ construction
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:

@@ -21,14 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 from torchrl.objectives import ReinforceLoss
 
-from unitrain.errors import check
-from unitrain.rules.base import UpdateRule
-from unitrain.rules.gradient.ppo import OnPolicyBatches, annealed_lr, check_batch, gradient_step
+from unitrain.rules.gradient.ppo import OnPolicyBatches, OnPolicyFields, annealed_lr, gradient_step
 from unitrain.rules.registry import register_rule
 
 if TYPE_CHECKING:
-    from unitrain.envs.info import EnvInfo
-    from unitrain.envs.spec import EnvSpec
     from unitrain.policy.module import RLModule
     from unitrain.rules.base import RuleContext
 
@@ -37,39 +33,14 @@ __all__ = ["REINFORCE"]
 
 @register_rule("reinforce")
 @dataclass
-class REINFORCE(UpdateRule):
-    """REINFORCE with a value baseline and standardised advantages.
-
-    Args:
-        lr: Adam step size (annealed linearly to 0 over ``max_frames`` if ``anneal_lr``).
-        anneal_lr: linear learning-rate decay over the frame budget.
-        frames_per_batch: transitions per gradient step on each rank (a multiple of
-            ``env.num_envs``).
-        gamma: discount factor.
-        normalize_advantage: standardise the batch's advantages.
-        max_grad_norm: gradient norm clip.
-        log_std_init: initial log standard deviation of continuous actions.
-        value_hidden: hidden sizes of the default value network.
+class REINFORCE(OnPolicyFields):
+    """REINFORCE with a value baseline and standardised advantages: the fields of
+    :class:`~unitrain.rules.gradient.ppo.OnPolicyFields`, with a larger step on smaller batches
+    (``frames_per_batch`` transitions per gradient step).
     """
 
     lr: float = 1e-2
-    anneal_lr: bool = True
     frames_per_batch: int = 256
-    gamma: float = 0.99
-    normalize_advantage: bool = True
-    max_grad_norm: float = 0.5
-    log_std_init: float = 0.0
-    value_hidden: tuple[int, ...] = (64, 64)
-
-    def validate(self) -> None:
-        check(self.lr > 0, "lr", "a number > 0", self.lr)
-        check(self.frames_per_batch >= 1, "frames_per_batch", "an integer >= 1",
-              self.frames_per_batch)
-        check(0 < self.gamma <= 1, "gamma", "a number in (0, 1]", self.gamma)
-        check(self.max_grad_norm > 0, "max_grad_norm", "a number > 0", self.max_grad_norm)
-
-    def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
-        check_batch(self.frames_per_batch, env)
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         # GAE with λ = 1: discounted returns minus the baseline.

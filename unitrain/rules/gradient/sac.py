@@ -39,9 +39,9 @@ from torch import Tensor, nn
 from torchrl.modules import ProbabilisticActor, TanhNormal
 from torchrl.objectives import SACLoss, SoftUpdate, ValueEstimators
 
-from unitrain.errors import check
 from unitrain.rules.gradient.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded
 
 if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
@@ -85,18 +85,12 @@ class SAC(OffPolicyFields):
 
     lr_actor: float = 3e-4
     lr_critic: float = 3e-4
-    lr_alpha: float = 3e-4
-    alpha_init: float = 1.0
+    lr_alpha: float = bounded(3e-4, "(0, inf]")
+    alpha_init: float = bounded(1.0, "(0, inf]")
     target_entropy: float | None = None
-    delay: int = 1
+    delay: int = bounded(1, "[1, inf]")
 
     log_std_bounds: ClassVar[tuple[float, float]] = (-20.0, 2.0)
-
-    def validate(self) -> None:
-        super().validate()
-        check(self.lr_alpha > 0, "lr_alpha", "a number > 0", self.lr_alpha)
-        check(self.alpha_init > 0, "alpha_init", "a number > 0", self.alpha_init)
-        check(self.delay >= 1, "delay", "an integer >= 1", self.delay)
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)

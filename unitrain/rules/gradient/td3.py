@@ -32,10 +32,10 @@ from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
 from torchrl.objectives import SoftUpdate, TD3Loss, ValueEstimators
 
-from unitrain.errors import check
 from unitrain.rules.gradient.ddpg import TanhActor
 from unitrain.rules.gradient.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded
 
 if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
@@ -76,17 +76,10 @@ class TD3(OffPolicyFields):
     """
 
     warmup_frames: int = 25_000
-    noise_std: float = 0.1
-    policy_noise: float = 0.2
-    noise_clip: float = 0.5
-    delay: int = 2
-
-    def validate(self) -> None:
-        super().validate()
-        check(self.noise_std >= 0, "noise_std", "a number >= 0", self.noise_std)
-        check(self.policy_noise >= 0, "policy_noise", "a number >= 0", self.policy_noise)
-        check(self.noise_clip >= 0, "noise_clip", "a number >= 0", self.noise_clip)
-        check(self.delay >= 1, "delay", "an integer >= 1", self.delay)
+    noise_std: float = bounded(0.1, "[0, inf]")
+    policy_noise: float = bounded(0.2, "[0, inf]")
+    noise_clip: float = bounded(0.5, "[0, inf]")
+    delay: int = bounded(2, "[1, inf]")
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)

@@ -23,6 +23,7 @@ from unitrain.errors import check
 from unitrain.rules.population.service import (Evaluation, noise_sum)
 from unitrain.rules.population.strategy import Ask, Strategy, Told, mirrored_ask
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded
 
 if TYPE_CHECKING:
     from unitrain.rules.base import RuleContext
@@ -48,14 +49,13 @@ class ARS(Strategy):
 
     population: int = 64
     sigma: float = 0.03
-    lr: float = 0.02
+    lr: float = bounded(0.02, "(0, inf]")
     top: int | None = None
 
     def validate(self) -> None:
         super().validate()
         check(self.population % 2 == 0, "population",
               "an even integer >= 2 (mirrored directions)", self.population)
-        check(self.lr > 0, "lr", "a number > 0", self.lr)
         check(self.top is None or 1 <= self.top <= self.population // 2, "top",
               f"an integer in [1, population/2={self.population // 2}] or null", self.top)
 

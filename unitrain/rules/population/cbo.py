@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from unitrain.errors import check
 from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
                                                episode_seeds, generation_seeds, noise)
 from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded
 
 if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
@@ -57,17 +57,10 @@ class CBO(Strategy):
 
     population: int = 64
     sigma: float = 1.0
-    alpha: float = 50.0
-    drift: float = 1.0
-    dt: float = 0.1
-    init_std: float = 0.1
-
-    def validate(self) -> None:
-        super().validate()
-        check(self.alpha >= 0, "alpha", "a number >= 0", self.alpha)
-        check(self.drift >= 0, "drift", "a number >= 0", self.drift)
-        check(self.dt > 0, "dt", "a number > 0", self.dt)
-        check(self.init_std > 0, "init_std", "a number > 0", self.init_std)
+    alpha: float = bounded(50.0, "[0, inf]")
+    drift: float = bounded(1.0, "[0, inf]")
+    dt: float = bounded(0.1, "(0, inf]")
+    init_std: float = bounded(0.1, "(0, inf]")
 
     def start(self, ctx: "RuleContext", module: "RLModule", layout: ParamLayout) -> None:
         start = layout.flatten(module).cpu()

@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from unitrain.errors import check
 from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
                                                PopulationFields, episode_seeds, generation_seeds,
                                                noise)
 from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded
 
 if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
@@ -103,18 +103,10 @@ class CEMFields(PopulationFields):
 
     population: int = 64
     sigma: float = 0.1
-    elite_fraction: float = 0.5
-    noise_init: float = 1e-3
-    noise_end: float = 1e-5
-    noise_decay: float = 0.95
-
-    def validate(self) -> None:
-        super().validate()
-        check(0 < self.elite_fraction < 1, "elite_fraction", "a number in (0, 1)",
-              self.elite_fraction)
-        check(self.noise_init >= 0, "noise_init", "a number >= 0", self.noise_init)
-        check(self.noise_end >= 0, "noise_end", "a number >= 0", self.noise_end)
-        check(0 <= self.noise_decay <= 1, "noise_decay", "a number in [0, 1]", self.noise_decay)
+    elite_fraction: float = bounded(0.5, "(0, 1)")
+    noise_init: float = bounded(1e-3, "[0, inf]")
+    noise_end: float = bounded(1e-5, "[0, inf]")
+    noise_decay: float = bounded(0.95, "[0, 1]")
 
     @property
     def elites(self) -> int:

@@ -51,7 +51,7 @@ from tensordict import TensorDict
 from torch import Tensor
 from torchrl.objectives import SoftUpdate, TD3Loss
 
-from unitrain.errors import ConfigError, check
+from unitrain.errors import ConfigError
 from unitrain.rules.gradient.dsac_t import dsac_t_loss
 from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
 from unitrain.rules.gradient.offpolicy import CriticFields, OffPolicyLoop
@@ -59,6 +59,7 @@ from unitrain.rules.gradient.td3 import td3_loss
 from unitrain.rules.population.cem import CEM, CEMFields
 from unitrain.rules.population.service import PopulationEvaluation
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded, one_of
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -110,7 +111,7 @@ class CEMRL(CEMFields, CriticFields):
 
     population: int = 10
     sigma: float = math.sqrt(1e-3)  # the paper's initial variance 1e-3
-    gradient_actors: int | None = None
+    gradient_actors: int | None = bounded(None, "[0, population]", null=True)
     lr_actor: float = 1e-3
     lr_critic: float = 1e-3
     gamma: float = 0.99
@@ -120,25 +121,13 @@ class CEMRL(CEMFields, CriticFields):
     warmup_frames: int = 10_000
     utd_ratio: float = 1.0
     critic_hidden: tuple[int, ...] = (400, 300)
-    policy_noise: float = 0.2
-    noise_clip: float = 0.5
+    policy_noise: float = bounded(0.2, "[0, inf]")
+    noise_clip: float = bounded(0.5, "[0, inf]")
     save_buffer: bool = False
-    critic: str = "td3"
-    lr_alpha: float = 3e-4
-    alpha_init: float = math.e
+    critic: str = one_of("td3", "td3", "dsac_t")
+    lr_alpha: float = bounded(3e-4, "(0, inf]")
+    alpha_init: float = bounded(math.e, "(0, inf]")
     target_entropy: float | None = None
-
-    def validate(self) -> None:
-        CEMFields.validate(self)
-        CriticFields.validate(self)
-        check(self.gradient_actors is None or 0 <= self.gradient_actors <= self.population,
-              "gradient_actors", f"an integer in [0, population={self.population}] or null",
-              self.gradient_actors)
-        check(self.policy_noise >= 0, "policy_noise", "a number >= 0", self.policy_noise)
-        check(self.noise_clip >= 0, "noise_clip", "a number >= 0", self.noise_clip)
-        check(self.critic in ("td3", "dsac_t"), "critic", "'td3' or 'dsac_t'", self.critic)
-        check(self.lr_alpha > 0, "lr_alpha", "a number > 0", self.lr_alpha)
-        check(self.alpha_init > 0, "alpha_init", "a number > 0", self.alpha_init)
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         CriticFields.check_env(self, env, info)

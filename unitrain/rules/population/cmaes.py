@@ -44,6 +44,7 @@ from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, Para
                                                episode_seeds, generation_seeds, noise)
 from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded
 
 if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
@@ -91,7 +92,7 @@ class CMAES(Strategy):
     population: int | None = None  # type: ignore[assignment]
     sigma: float = 0.1
     covariance: str = "auto"
-    full_max: int = 1000
+    full_max: int = bounded(1000, f"[1, {FULL_LIMIT}]")
 
     def validate_population(self) -> None:
         if self.population is not None:
@@ -102,8 +103,6 @@ class CMAES(Strategy):
         super().validate()
         check(self.covariance in COVARIANCES, "covariance", "one of " + ", ".join(COVARIANCES),
               self.covariance)
-        check(1 <= self.full_max <= FULL_LIMIT, "full_max", f"an integer in [1, {FULL_LIMIT}]",
-              self.full_max)
 
     def start(self, ctx: "RuleContext", module: "RLModule", layout: ParamLayout) -> None:
         n = layout.numel

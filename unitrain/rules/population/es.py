@@ -32,6 +32,7 @@ from unitrain.rules.population.service import (Evaluation, centered_ranks,
                                                noise_sum)
 from unitrain.rules.population.strategy import Ask, Strategy, Told, mirrored_ask
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded, one_of
 
 if TYPE_CHECKING:
     from unitrain.rules.base import RuleContext
@@ -58,17 +59,14 @@ class ES(Strategy):
 
     population: int = 64
     sigma: float = 0.02
-    lr: float = 0.01
-    weight_decay: float = 0.005
-    update: str = "adam"
+    lr: float = bounded(0.01, "(0, inf]")
+    weight_decay: float = bounded(0.005, "[0, inf]")
+    update: str = one_of("adam", "adam", "sgd")
 
     def validate(self) -> None:
         super().validate()
         check(self.population % 2 == 0, "population",
               "an even integer >= 2 (mirrored pairs)", self.population)
-        check(self.lr > 0, "lr", "a number > 0", self.lr)
-        check(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
-        check(self.update in ("adam", "sgd"), "update", "'adam' or 'sgd'", self.update)
 
     def optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if self.update == "adam":

@@ -41,11 +41,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from unitrain.errors import UserError, check
+from unitrain.errors import UserError
 from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
                                                centered_ranks, episode_seeds, perturb_)
 from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded, one_of
 
 if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
@@ -221,27 +222,14 @@ class GA(Strategy):
 
     population: int = 1000
     sigma: float = 0.002
-    truncation: int = 20
-    elite_candidates: int = 10
-    elite_episodes: int = 30
-    init: str = "fresh"
-    novelty: float = 0.0
-    novelty_k: int = 10
-    archive_add: int = 5
-    behaviour: str = "final"
-
-    def validate(self) -> None:
-        super().validate()
-        check(1 <= self.truncation <= self.population, "truncation",
-              f"an integer in [1, population={self.population}]", self.truncation)
-        check(1 <= self.elite_candidates <= self.population, "elite_candidates",
-              f"an integer in [1, population={self.population}]", self.elite_candidates)
-        check(self.elite_episodes >= 0, "elite_episodes", "an integer >= 0", self.elite_episodes)
-        check(self.init in ("fresh", "module"), "init", "'fresh' or 'module'", self.init)
-        check(0 <= self.novelty <= 1, "novelty", "a number in [0, 1]", self.novelty)
-        check(self.novelty_k >= 1, "novelty_k", "an integer >= 1", self.novelty_k)
-        check(self.archive_add >= 0, "archive_add", "an integer >= 0", self.archive_add)
-        check(self.behaviour in ("final", "mean"), "behaviour", "'final' or 'mean'", self.behaviour)
+    truncation: int = bounded(20, "[1, population]")
+    elite_candidates: int = bounded(10, "[1, population]")
+    elite_episodes: int = bounded(30, "[0, inf]")
+    init: str = one_of("fresh", "fresh", "module")
+    novelty: float = bounded(0.0, "[0, 1]")
+    novelty_k: int = bounded(10, "[1, inf]")
+    archive_add: int = bounded(5, "[0, inf]")
+    behaviour: str = one_of("final", "final", "mean")
 
     # ------------------------------------------------------------------ construction
     def characterisation(self) -> str | None:

@@ -66,6 +66,7 @@ from unitrain.rules.base import UpdateRule
 from unitrain.rules.population.service import ParamLayout, PopulationPolicy
 from unitrain.rules.projection.rule import Projection
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -208,48 +209,29 @@ class EliteImitation(UpdateRule):
 
     fit: Projection = field(default_factory=lambda: Projection(
         iterations=20, lam=1.0, step_size=0.3, standardize=True))
-    episodes: int = 16
-    elite_fraction: float = 0.3
+    episodes: int = bounded(16, "[1, inf]")
+    elite_fraction: float = bounded(0.3, "(0, 1]")
     keep_elites: bool = False
-    explore: float = 0.05
+    explore: float = bounded(0.05, "[0, 1]")
     sample: bool = True
-    greedy_share: float = 0.25
-    param_noise: float | None = None
-    param_noise_target: float | None = None
-    noise_std: float = 2.0
-    batch_size: int = 512
-    updates: int = 1
-    window: int = 1
-    starts: int | None = None
+    greedy_share: float = bounded(0.25, "[0, 1]")
+    param_noise: float | None = bounded(None, "[0, inf)", null=True)
+    param_noise_target: float | None = bounded(None, "(0, inf)", null=True)
+    noise_std: float = bounded(2.0, "[0, inf)")
+    batch_size: int = bounded(512, "[1, inf]")
+    updates: int = bounded(1, "[1, inf]")
+    window: int = bounded(1, "[1, inf]")
+    starts: int | None = bounded(None, "[1, inf]", null=True)
 
     def validate(self) -> None:
-        check(self.episodes >= 1, "episodes", "an integer >= 1", self.episodes)
-        check(0 < self.elite_fraction <= 1, "elite_fraction", "a number in (0, 1]",
-              self.elite_fraction)
-        check(0 <= self.explore <= 1, "explore", "a number in [0, 1]", self.explore)
-        check(0 <= self.greedy_share <= 1, "greedy_share", "a number in [0, 1]",
-              self.greedy_share)
-        check(self.param_noise is None
-              or (math.isfinite(self.param_noise) and self.param_noise >= 0), "param_noise",
-              "a number >= 0 or null", self.param_noise)
         check(self.param_noise is None or self.sample, "param_noise",
               "null when sample is false (no slot explores)", self.param_noise)
-        check(self.param_noise_target is None
-              or (math.isfinite(self.param_noise_target) and self.param_noise_target > 0),
-              "param_noise_target", "a number > 0 or null", self.param_noise_target)
         check(self.param_noise_target is None or self.param_noise is not None,
               "param_noise_target", "null when param_noise is null (no parameter noise to adapt)",
               self.param_noise_target)
         check(self.param_noise_target is None or not self.param_noise == 0, "param_noise",
               "a number > 0 when param_noise_target is set (a zero noise cannot be scaled)",
               self.param_noise)
-        check(math.isfinite(self.noise_std) and self.noise_std >= 0, "noise_std",
-              "a number >= 0", self.noise_std)
-        check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
-        check(self.updates >= 1, "updates", "an integer >= 1", self.updates)
-        check(self.window >= 1, "window", "an integer >= 1", self.window)
-        check(self.starts is None or self.starts >= 1, "starts", "an integer >= 1 or null",
-              self.starts)
         check(self.starts is None or not self.keep_elites, "starts",
               "null when keep_elites is true (elites from other starts are not comparable)",
               self.starts)

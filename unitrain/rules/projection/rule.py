@@ -32,6 +32,7 @@ from unitrain.rules.projection import (ConvStage, CrossEntropyOutput, LinearStag
                                        OneVsRestOutput, OutputConstraint, PoolStage,
                                        ProjectionGraph, ReshapeStage, SquaredErrorOutput, fit_batch)
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -87,21 +88,17 @@ class Projection(UpdateRule):
     supervised_only: ClassVar[bool] = True
 
     solver: str = "douglas_rachford"
-    iterations: int = 50
+    iterations: int = bounded(50, "[1, inf]")
     output: str = "cross_entropy"
-    lam: float = 5.0
-    margin: float = 1.0
-    step_size: float = 1.0
+    lam: float = bounded(5.0, "(0, inf]")
+    margin: float = bounded(1.0, "(0, inf]")
+    step_size: float = bounded(1.0, "(0, 1]")
     standardize: bool = False
     compile: bool = False
 
     def validate(self) -> None:
         check(self.solver in _SOLVERS, "solver", f"one of {', '.join(_SOLVERS)}", self.solver)
-        check(self.iterations >= 1, "iterations", "an integer >= 1", self.iterations)
         check(self.output in _OUTPUTS, "output", f"one of {', '.join(_OUTPUTS)}", self.output)
-        check(self.lam > 0, "lam", "a number > 0", self.lam)
-        check(self.margin > 0, "margin", "a number > 0", self.margin)
-        check(0 < self.step_size <= 1, "step_size", "a number in (0, 1]", self.step_size)
 
     # ------------------------------------------------------------------ construction
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:

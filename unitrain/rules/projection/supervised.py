@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch.nn import functional as F
 
-from unitrain.errors import check
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.registry import register_rule
+from unitrain.validation import bounded
 
 if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
@@ -40,12 +40,8 @@ class Adam(UpdateRule):
 
     supervised_only: ClassVar[bool] = True
 
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-
-    def validate(self) -> None:
-        check(self.lr > 0, "lr", "a number > 0", self.lr)
-        check(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
+    lr: float = bounded(1e-3, "(0, inf]")
+    weight_decay: float = bounded(0.0, "[0, inf]")
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         self.module = module
