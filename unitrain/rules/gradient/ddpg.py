@@ -34,9 +34,10 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
-from torchrl.objectives import DDPGLoss, SoftUpdate, ValueEstimators
+from torchrl.objectives import DDPGLoss, ValueEstimators
 
-from unitrain.rules.gradient.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
+from unitrain.rules.gradient.offpolicy import (OffPolicyFields, OffPolicyLoop, critic_steps,
+                                               make_critics)
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded, one_of
 
@@ -92,10 +93,8 @@ class DDPG(OffPolicyFields):
         loss.make_value_estimator(ValueEstimators.TD0, gamma=self.gamma)
         self.loss: DDPGLoss = module.add_aux(self.name, loss)
         self.actor = self.loss.actor_network.module
-        self.updater = SoftUpdate(self.loss, tau=self.tau)
-        self.critic_opt = torch.optim.Adam(list(self.loss.value_network_params.values(True, True)),
-                                           lr=self.lr_critic)
-        self.actor_opt = torch.optim.Adam(module.policy_parameters(), lr=self.lr_actor)
+        self.updater, self.critic_opt, self.actor_opt = critic_steps(
+            self, self.loss, self.loss.value_network_params, module.policy_parameters())
         self._ou: Tensor | None = None
         self._episodes_seen: np.ndarray | None = None
 

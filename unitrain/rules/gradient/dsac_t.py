@@ -39,10 +39,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from tensordict import TensorDictBase
 from torch import Tensor, nn
-from torchrl.objectives import SoftUpdate
 
 from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
-from unitrain.rules.gradient.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
+from unitrain.rules.gradient.offpolicy import (OffPolicyFields, OffPolicyLoop, critic_steps,
+                                               make_critics)
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded, one_of
 
@@ -142,10 +142,8 @@ class DSACT(OffPolicyFields):
         loss, actor_params = dsac_t_loss(self, module, ctx)
         self.loss: DSACTLoss = module.add_aux(self.name, loss)
         self.actor = self.loss.actor_network
-        self.updater = SoftUpdate(self.loss, tau=self.tau)
-        self.critic_opt = torch.optim.Adam(list(self.loss.qvalue_network_params.values(True, True)),
-                                           lr=self.lr_critic)
-        self.actor_opt = torch.optim.Adam(actor_params, lr=self.lr_actor)
+        self.updater, self.critic_opt, self.actor_opt = critic_steps(
+            self, self.loss, self.loss.qvalue_network_params, actor_params)
         self.alpha_opt = torch.optim.Adam([self.loss.log_alpha], lr=self.lr_alpha)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:

@@ -52,6 +52,7 @@ from tensordict.nn import TensorDictModuleBase
 from torch import Tensor, nn
 from torchrl.data import Composite
 from torchrl.modules import MLP
+from torchrl.objectives import SoftUpdate
 
 from unitrain.envs.replay import Replay
 from unitrain.errors import ConfigError, TrainingDiverged, UserError, check
@@ -65,7 +66,8 @@ if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
     from unitrain.rules.base import RuleContext
 
-__all__ = ["CriticFields", "OffPolicyFields", "OffPolicyLoop", "Critic", "make_critics"]
+__all__ = ["CriticFields", "OffPolicyFields", "OffPolicyLoop", "Critic", "critic_steps",
+           "make_critics"]
 
 
 class Critic(nn.Module):
@@ -118,6 +120,26 @@ def make_critics(module: "RLModule", count: int, outputs: int, hidden: tuple[int
     assert info is not None
     return [Critic(info.obs_shape, info.act_dim, hidden, activation, outputs)
             for _ in range(count)]
+
+
+def critic_steps(rule: "CriticFields", loss: nn.Module, critic_params: Any,
+                 actor_params: Any) -> tuple[SoftUpdate, torch.optim.Adam, torch.optim.Adam]:
+    """What every rule with target critics steps: the Polyak update of ``loss``'s target
+    networks (``rule.tau``), Adam on its critics (``rule.lr_critic``) and Adam on the actor
+    (``rule.lr_actor``).
+
+    Args:
+        rule: the hyperparameters.
+        loss: a TorchRL loss with target networks.
+        critic_params: the loss's critic parameters (a ``TensorDict`` of them).
+        actor_params: the actor's parameters.
+
+    Returns:
+        ``(updater, critic optimizer, actor optimizer)``.
+    """
+    return (SoftUpdate(loss, tau=rule.tau),
+            torch.optim.Adam(list(critic_params.values(True, True)), lr=rule.lr_critic),
+            torch.optim.Adam(actor_params, lr=rule.lr_actor))
 
 
 class _Explorer(TensorDictModuleBase):

@@ -37,9 +37,10 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
 from torchrl.modules import ProbabilisticActor, TanhNormal
-from torchrl.objectives import SACLoss, SoftUpdate, ValueEstimators
+from torchrl.objectives import SACLoss, ValueEstimators
 
-from unitrain.rules.gradient.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
+from unitrain.rules.gradient.offpolicy import (OffPolicyFields, OffPolicyLoop, critic_steps,
+                                               make_critics)
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded
 
@@ -113,10 +114,8 @@ class SAC(OffPolicyFields):
         # checkpoint (which holds it) loads into a fresh module.
         _ = loss.target_entropy
         self.loss: SACLoss = module.add_aux(self.name, loss)
-        self.updater = SoftUpdate(self.loss, tau=self.tau)
-        self.critic_opt = torch.optim.Adam(list(self.loss.qvalue_network_params.values(True, True)),
-                                           lr=self.lr_critic)
-        self.actor_opt = torch.optim.Adam(actor_params, lr=self.lr_actor)
+        self.updater, self.critic_opt, self.actor_opt = critic_steps(
+            self, self.loss, self.loss.qvalue_network_params, actor_params)
         self.alpha_opt = torch.optim.Adam([self.loss.log_alpha], lr=self.lr_alpha)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:

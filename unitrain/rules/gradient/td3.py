@@ -30,10 +30,11 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
-from torchrl.objectives import SoftUpdate, TD3Loss, ValueEstimators
+from torchrl.objectives import TD3Loss, ValueEstimators
 
 from unitrain.rules.gradient.ddpg import TanhActor
-from unitrain.rules.gradient.offpolicy import OffPolicyFields, OffPolicyLoop, make_critics
+from unitrain.rules.gradient.offpolicy import (OffPolicyFields, OffPolicyLoop, critic_steps,
+                                               make_critics)
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded
 
@@ -85,10 +86,8 @@ class TD3(OffPolicyFields):
         self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)
         self.loss: TD3Loss = module.add_aux(self.name, td3_loss(self, module, ctx))
         self.actor = self.loss.actor_network.module
-        self.updater = SoftUpdate(self.loss, tau=self.tau)
-        self.critic_opt = torch.optim.Adam(list(self.loss.qvalue_network_params.values(True, True)),
-                                           lr=self.lr_critic)
-        self.actor_opt = torch.optim.Adam(module.policy_parameters(), lr=self.lr_actor)
+        self.updater, self.critic_opt, self.actor_opt = critic_steps(
+            self, self.loss, self.loss.qvalue_network_params, module.policy_parameters())
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.critic_opt, self.actor_opt]

@@ -49,12 +49,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tensordict import TensorDict
 from torch import Tensor
-from torchrl.objectives import SoftUpdate, TD3Loss
+from torchrl.objectives import TD3Loss
 
 from unitrain.errors import ConfigError
 from unitrain.rules.gradient.dsac_t import dsac_t_loss
 from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
-from unitrain.rules.gradient.offpolicy import CriticFields, OffPolicyLoop
+from unitrain.rules.gradient.offpolicy import CriticFields, OffPolicyLoop, critic_steps
 from unitrain.rules.gradient.td3 import td3_loss
 from unitrain.rules.population.cem import CEM, CEMFields
 from unitrain.rules.population.service import PopulationEvaluation
@@ -160,10 +160,8 @@ class CEMRL(CEMFields, CriticFields):
                               f"got {self.critic!r}, but the module already holds a "
                               f"{type(self.loss).__name__} critic under aux.{self.name} (from an "
                               "earlier run): use the same critic or a fresh module")
-        self.updater = SoftUpdate(self.loss, tau=self.tau)
-        self.critic_opt = torch.optim.Adam(list(self.loss.qvalue_network_params.values(True, True)),
-                                           lr=self.lr_critic)
-        self.actor_opt = torch.optim.Adam(actor_params, lr=self.lr_actor)
+        self.updater, self.critic_opt, self.actor_opt = critic_steps(
+            self, self.loss, self.loss.qvalue_network_params, actor_params)
         self.alpha_opt = (torch.optim.Adam([self.loss.log_alpha], lr=self.lr_alpha)
                           if isinstance(self.loss, DSACTLoss) else None)
         self.frames_seen = 0  # frames of every generation so far, all processes
