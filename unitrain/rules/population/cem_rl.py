@@ -196,7 +196,9 @@ class CEMRL(CEMFields, CriticFields):
         self.layout.assign(self.module, mean)
 
         played = dataclasses.replace(ask, params=lambda idx: actors[list(idx)],
-                                     offset=lambda j: actors[j] - mean, observe=self._remember)
+                                     offset=lambda j: actors[j] - mean,
+                                     offset_bound=float((actors - mean).abs().max()),
+                                     observe=self._remember)
         ev = self.pop.evaluate(ctx, count, played.params, played.seeds, observe=played.observe)
         self.frames_seen += ev.frames
         self.last_frames = ev.frames

@@ -163,17 +163,6 @@ def mirrored(theta: torch.Tensor, seeds: Sequence[int],
     return candidates
 
 
-def noise_sum(seeds: Sequence[int], weights: Sequence[float], numel: int, dtype: torch.dtype,
-              device: torch.device) -> torch.Tensor:
-    """``Σₖ wₖ·ε(seedₖ)`` in float64, accumulated in a fixed order so every rank computes the same
-    bits; a zero weight adds nothing and its noise is not regenerated."""
-    total = torch.zeros(numel, dtype=torch.float64, device=device)
-    for seed, w in zip(seeds, weights, strict=True):
-        if w != 0.0:
-            total.add_(noise(seed, numel, dtype, device).to(torch.float64), alpha=w)
-    return total
-
-
 # ---------------------------------------------------------------------------------- the policy
 class _Actor(nn.Module):
     """``observation -> act(module, observation)`` (``module.act``, the contract's deterministic

@@ -11,6 +11,13 @@ as in evosax's and EvoTorch's functional interfaces:
   direction for the strategy's ``torch.optim`` optimizer (``grad``), its metrics, and
   optionally another :class:`Ask` in the same generation (the GA re-evaluates its elites).
 
+Every rank's ``tell`` sees the whole population's fitness (``P`` floats, gathered by the
+service) but does the heavy part of the update — the sum over candidates of their perturbations
+or parameters — on its own share only: :func:`~unitrain.rules.population.reduce.exact_sum` (and
+:func:`~unitrain.rules.population.reduce.noise_sum` on top of it) builds this rank's terms and
+combines the shares exactly, in integers, so every rank gets the same bits whatever the number of
+processes. A strategy whose update is small may compute it whole on every rank instead.
+
 :class:`PopulationRule` is the service that runs a strategy under the Trainer: it owns the
 population evaluation (:class:`~unitrain.rules.population.service.PopulationEvaluation`: the
 vmapped evaluator, each rank evaluating a contiguous share of every ask with only fitness crossing
@@ -60,6 +67,8 @@ class Ask:
         data: whatever the strategy wants back in :meth:`Strategy.tell` (seeds, the centre).
         offset: ``j -> θⱼ − θ`` for a strategy that samples around a centre ``θ``: what its
             ``tell`` refits from, so a composition (CEM-RL) may replace candidates.
+        offset_bound: an upper bound of ``|offset(j)|`` over every ``j`` and parameter (the
+            grid of the exact cross-rank sum, :mod:`unitrain.rules.population.reduce`).
         observe: sees every env step this rank plays for the ask (CEM-RL fills its memory).
     """
 
@@ -70,6 +79,7 @@ class Ask:
     behaviour: bool = True
     data: Any = None
     offset: Callable[[int], torch.Tensor] | None = None
+    offset_bound: float | None = None
     observe: Callable[["Step"], None] | None = None
 
 

@@ -1,0 +1,125 @@
+"""The population update split across ranks: exact sums with the same bits for any world size."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from unitrain.envs.rollout import shard
+from unitrain.rules.population.reduce import NOISE_BOUND, exact_sum, global_max, noise_sum
+from unitrain.rules.population.service import noise
+
+
+class Group:
+    """``world_size`` ranks in threads of this process, with an all-reduce over them."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size)
+        self.slots: list[Any] = [None] * world_size
+        self.calls = [0] * world_size
+
+    def run(self, fn) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        errors: list[BaseException] = []
+
+        def main(rank: int) -> None:
+            try:
+                out[rank] = fn(Ctx(self, rank))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=main, args=(r,)) for r in range(self.world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return out
+
+
+class Ctx:
+    device = torch.device("cpu")
+
+    def __init__(self, group: Group, rank: int) -> None:
+        self.group, self.rank, self.world_size = group, rank, group.world_size
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        g = self.group
+        g.slots[self.rank] = tensor.clone()
+        g.barrier.wait()
+        parts = list(g.slots)
+        g.barrier.wait()
+        if op == "sum":
+            total = parts[0].clone()
+            for p in parts[1:]:
+                total += p
+        else:
+            total = torch.stack(parts).amax(0)
+        tensor.copy_(total)
+        return tensor
+
+
+def _terms(count: int, numel: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    scales = torch.logspace(-6, 3, count, dtype=torch.float64)
+    return [torch.randn(numel, generator=gen, dtype=torch.float64) * s for s in scales]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 7])
+def test_exact_sum_has_the_same_bits_for_any_world_size(world_size: int):
+    terms = _terms(13, 257)
+    bound = sum(float(t.abs().max()) for t in terms)
+    one = Group(1).run(lambda ctx: exact_sum(ctx, range(13), lambda k: terms[k], bound, (257,)))[0]
+    many = Group(world_size).run(
+        lambda ctx: exact_sum(ctx, range(13), lambda k: terms[k], bound, (257,)))
+    for got in many:
+        assert torch.equal(got, one)
+    # As close to the float64 sum as float64 itself: 13 terms, each rounded once on either side.
+    reference = torch.stack(terms).sum(0)
+    assert (one - reference).abs().max().item() <= 13 * bound * 2.0 ** -52
+    # What the exact sum is for: the same partial sums added in float64 by rank do not agree.
+    naive = {w: sum(torch.stack([terms[k] for k in shard(13, r, w)]).sum(0) for r in range(w))
+             for w in (1, world_size)}
+    assert not torch.equal(naive[1], naive[world_size])
+
+
+def test_each_rank_builds_only_its_share_of_the_terms():
+    group = Group(4)
+    built: list[list[int]] = [[] for _ in range(4)]
+
+    def fn(ctx: Ctx) -> torch.Tensor:
+        def term(k: int) -> torch.Tensor:
+            built[ctx.rank].append(k)
+            return torch.full((3,), float(k))
+        return exact_sum(ctx, [5, 7, 9, 11, 13, 15, 17, 19, 21], term, 200.0, (3,))
+
+    out = group.run(fn)
+    assert built == [[5, 7, 9], [11, 13], [15, 17], [19, 21]]
+    assert all(torch.equal(o, torch.full((3,), 117.0, dtype=torch.float64)) for o in out)
+
+
+def test_noise_sum_matches_the_float64_sum_and_skips_zero_weights():
+    seeds, weights = [11, 12, 13, 14, 15], [0.25, 0.0, -0.5, 0.125, 0.0]
+    calls = Group(1).run(lambda ctx: noise_sum(ctx, seeds, weights, 1000))[0]
+    reference = sum(w * noise(s, 1000).to(torch.float64) for s, w in zip(seeds, weights))
+    assert (calls - reference).abs().max().item() < 1e-12
+    two = Group(2).run(lambda ctx: noise_sum(ctx, seeds, weights, 1000))
+    assert torch.equal(two[0], calls) and torch.equal(two[1], calls)
+    # The noise generator stays inside the bound the grid is built for.
+    assert noise(0, 1_000_000).abs().max().item() < NOISE_BOUND
+
+
+def test_a_term_beyond_the_bound_is_an_error():
+    with pytest.raises(RuntimeError, match="above the stated bound"):
+        Group(1).run(lambda ctx: exact_sum(ctx, [0, 1], lambda k: torch.full((2,), 3.0), 5.0,
+                                           (2,)))
+
+
+def test_global_max_is_the_largest_of_the_ranks():
+    assert Group(3).run(lambda ctx: global_max(ctx, float(ctx.rank) * 1.5)) == [3.0, 3.0, 3.0]
