@@ -5,19 +5,19 @@ OpenAI-ES (Salimans et al. 2017, "Evolution Strategies as a Scalable Alternative
 Reinforcement Learning"), the directions ARS keeps, CEM's and CMA-ES's recombination and
 variance, CBO's consensus — and with a large network and population it costs as much as the
 evaluation: P regenerated perturbations of n parameters. :func:`exact_sum` splits that sum: each
-rank computes only its share of the terms (the same contiguous share of the population it
-evaluates, :func:`~unitrain.envs.rollout.shard`), and one all-reduce of ``n`` integers combines
-the shares. Update time and memory per rank fall as ``1/W``; what crosses the network is one
-vector of ``n`` 64-bit integers per rank and generation (a ring all-reduce sends about twice
-that), whatever the population.
+rank computes only its contiguous share of the terms (:func:`~unitrain.envs.rollout.shard`), and one all-reduce of ``n`` float64 values
+combines the shares. Update time and memory per rank fall as ``1/W``; what crosses the network
+is one vector of ``n`` float64 values per rank and generation (a ring all-reduce sends about
+twice that), whatever the population.
 
 Floating-point addition is not associative, so partial sums combined in a rank-dependent order
 would make ``devices=1`` and ``devices=4`` drift apart. Each term is therefore rounded onto a
-fixed-point grid first — ``round(x · 2^s)`` as an int64, with the exponent ``s`` chosen from a
-bound on the whole sum that every rank knows in advance — and integers add exactly in any order.
-The result is the same on every rank and for every world size, bit for bit, and differs from the
-float64 sum by at most ``terms · 2^-s`` (about ``terms · 2^-61`` relative to the bound: far below
-a float32 parameter's resolution).
+fixed-point grid first, ``round(x · 2^s)``, with the exponent ``s`` chosen from a bound on the
+whole sum that every rank knows in advance so that the bound sits below ``2^52``: every rounded
+term and every partial sum is an integer that float64 holds exactly, and such additions are exact
+in any order. The result is the same on every rank and for every world size, bit for bit, and
+differs from the float64 sum by at most half a grid step per term (about ``2^-53`` of the bound
+each: float64's own resolution).
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ __all__ = ["NOISE_BOUND", "exact_sum", "global_max", "noise_sum"]
 # |ε| of torch's CPU normal generator: Box–Muller on uniforms of at most 53 bits gives
 # |ε| ≤ √(2·53·ln 2) ≈ 8.6; the bound leaves room and is checked on every term.
 NOISE_BOUND = 16.0
-# Terms are scaled so that the bound sits at 2^61, leaving two bits of headroom in an int64.
-_BITS = 61
+# Terms are scaled so that the bound sits below 2^52: every rounded term and every partial sum
+# is then an integer that float64 represents exactly, so float64 additions of them are exact.
+_BITS = 52
 
 
 def exact_sum(ctx: RuleContext, terms: Sequence[int], term: Callable[[int], torch.Tensor],
@@ -60,23 +61,23 @@ def exact_sum(ctx: RuleContext, terms: Sequence[int], term: Callable[[int], torc
     Returns:
         The sum, float64, on the CPU: the same bits on every rank, for any world size.
     """
-    acc = torch.zeros(tuple(shape), dtype=torch.int64)
+    acc = torch.zeros(tuple(shape), dtype=torch.float64)
     if not math.isfinite(bound) or bound < 0:
         raise ValueError(f"exact_sum: the bound must be a finite number >= 0, got {bound}")
     scale = math.ldexp(1.0, _BITS - math.frexp(bound)[1]) if bound > 0 else 1.0
-    reach = torch.zeros(1, dtype=torch.float64)  # Σₖ max|term(k)| over this rank's terms
+    reach = torch.zeros((), dtype=torch.float64)  # Σₖ max|term(k)| over this rank's terms
     for i in shard(len(terms), ctx.rank, ctx.world_size):
-        x = term(terms[i]).to(device="cpu", dtype=torch.float64)
+        x = term(terms[i]).to(device="cpu", dtype=torch.float64, copy=True)
         reach += x.abs().amax()
-        acc.add_(torch.round(x * scale).to(torch.int64))
+        acc.add_(x.mul_(scale).round_())
     if ctx.world_size > 1:
-        reach = ctx.all_reduce_(reach.to(ctx.device), "sum").cpu()
+        reach = ctx.all_reduce_(reach.reshape(1).to(ctx.device), "sum").cpu()[0]
     if reach.item() > bound * (1 + 1e-9):
         raise RuntimeError(f"exact_sum: the terms reach {reach.item():.6g}, above the stated "
                            f"bound {bound:.6g} of the whole sum")
     if ctx.world_size > 1:
         acc = ctx.all_reduce_(acc.to(ctx.device), "sum").cpu()
-    return acc.to(torch.float64) / scale
+    return acc / scale
 
 
 def noise_sum(ctx: RuleContext, seeds: Sequence[int], weights: Sequence[float], numel: int,
