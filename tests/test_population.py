@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import child_env
 from lightning.pytorch.loggers import Logger
 from policies import TinyPolicy
 from torch import nn
@@ -24,7 +25,6 @@ from unitrain.rules.population.ga import Genome, fresh_init, novelty
 from unitrain.rules.population.service import (ParamLayout, PopulationEvaluator, PopulationPolicy,
                                                centered_ranks, perturb_, shard)
 
-TESTS = Path(__file__).resolve().parent
 
 
 class Record(Logger):
@@ -382,7 +382,7 @@ def test_one_two_and_four_processes_evolve_identically(tmp_path: Path):
     (their updates split across ranks with exact sums, GA's rank-built individuals)."""
     script = tmp_path / "evolve.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    env = child_env()
     launches = {"1": [], "2": [], "4": ["es,ga"]}
     procs = {n: subprocess.Popen([sys.executable, str(script), n, *rules], cwd=tmp_path, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
