@@ -26,7 +26,6 @@ from unitrain.rules.population.service import (ParamLayout, PopulationEvaluator,
                                                centered_ranks, perturb_, shard)
 
 
-
 class Record(Logger):
     """A logger that keeps every metrics dict it is given."""
 
