@@ -348,6 +348,8 @@ RULES = {
                               elite_episodes=2, episodes=2, max_episode_steps=100, novelty=0.5,
                               novelty_k=3, archive_add=2),
     "es": lambda: ut.optim.ES(population=12, sigma=0.1, lr=0.05, max_episode_steps=100),
+    "es_table": lambda: ut.optim.ES(population=12, sigma=0.1, lr=0.05, max_episode_steps=100,
+                                    noise_source="table", noise_table_size=100_000),
     "ars": lambda: ut.optim.ARS(population=12, sigma=0.1, lr=0.05, top=4, max_episode_steps=100),
     "cem": lambda: ut.optim.CEM(population=11, sigma=0.1, elite_fraction=0.4,
                                 max_episode_steps=100),
@@ -377,8 +379,8 @@ if __name__ == "__main__":
 
 
 def test_one_two_and_four_processes_evolve_identically(tmp_path: Path):
-    """Every population rule ends with the same bits on 1 and 2 processes; ES and GA on 4 too
-    (their updates split across ranks with exact sums, GA's rank-built individuals)."""
+    """Every population rule ends with the same bits on 1 and 2 processes (ES also with its
+    perturbations read from the shared noise table); ES and GA on 4 too."""
     script = tmp_path / "evolve.py"
     script.write_text(SCRIPT)
     env = child_env()
@@ -389,7 +391,8 @@ def test_one_two_and_four_processes_evolve_identically(tmp_path: Path):
     for n, proc in procs.items():
         _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, f"devices={n}: {err[-3000:]}"
-    for rule in ("ga", "es", "ars", "cem", "csa_es", "cmaes", "cmaes_sep", "cbo"):
+    rules = ("ga", "es", "es_table", "ars", "cem", "csa_es", "cmaes", "cmaes_sep", "cbo")
+    for rule in rules:
         one = torch.load(tmp_path / f"{rule}-1-rank0.pt", weights_only=False)
         worlds = [2, 4] if rule in ("es", "ga") else [2]
         many = [torch.load(tmp_path / f"{rule}-{w}-rank{r}.pt", weights_only=False)
@@ -411,6 +414,10 @@ def test_one_two_and_four_processes_evolve_identically(tmp_path: Path):
             novel = [[row["novelty/mean"] for row in run["rows"] if "novelty/mean" in row]
                      for run in (one, *many)]
             assert all(n == novel[0] for n in novel) and len(novel[0]) == len(best[0])
+    # The noise table is used: the same run with perturbations regenerated from seeds differs.
+    es, table = (torch.load(tmp_path / f"{r}-1-rank0.pt", weights_only=False)["params"]
+                 for r in ("es", "es_table"))
+    assert any(not torch.equal(es[k], table[k]) for k in es)
 
 
 # ---------------------------------------------------------------------------------- resume

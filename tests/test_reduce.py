@@ -123,3 +123,42 @@ def test_a_term_beyond_the_bound_is_an_error():
 
 def test_global_max_is_the_largest_of_the_ranks():
     assert Group(3).run(lambda ctx: global_max(ctx, float(ctx.rank) * 1.5)) == [3.0, 3.0, 3.0]
+
+
+# ---------------------------------------------------------------------------------- noise table
+def test_noise_table_is_the_same_everywhere_and_serves_slices():
+    from unitrain.rules.population.service import NoiseTable, noise_source
+
+    table = NoiseTable(200_003)
+    again = NoiseTable(200_003)  # a second process of the machine maps the same file
+    assert table.path == again.path and torch.equal(table.data, again.data)
+    first = torch.randn(200_003, generator=torch.Generator().manual_seed(NoiseTable._SEED))
+    assert torch.equal(table.data, first)  # one chunk: exactly torch.randn of the table's seed
+    with noise_source(table):
+        got = noise(123_456_789, 1000, torch.float64)
+        got.add_(1.0)  # a caller's in-place change never reaches the table
+        assert torch.equal(noise(123_456_789, 1000, torch.float64) + 1.0, got)
+    offset = 123_456_789 % (200_003 - 1000 + 1)
+    assert torch.equal(got - 1.0, table.data[offset: offset + 1000].to(torch.float64))
+    # Outside the block, noise is regenerated from the seed again.
+    assert not torch.equal(noise(123_456_789, 1000, torch.float64), got - 1.0)
+
+
+def test_noise_source_auto_reads_a_table_for_large_networks_only():
+    import unitrain as ut
+    from unitrain.rules.population.service import TABLE_FROM, noise_table
+
+    es = ut.optim.ES(noise_table_size=300_000)
+    assert noise_table(es, TABLE_FROM - 1) is None
+    assert noise_table(es, TABLE_FROM).size == 300_000
+    assert noise_table(ut.optim.ES(noise_source="seeds"), 10 * TABLE_FROM) is None
+    assert noise_table(ut.optim.ES(noise_source="table", noise_table_size=5_000), 10).size == 5_000
+    assert noise_table(ut.optim.ES(noise_source="table", noise_table_size=5_000), 7_000).size == 7_000
+
+
+def test_bad_noise_source_names_the_key():
+    import unitrain as ut
+    from unitrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="noise_source.*one of auto, seeds, table"):
+        ut.optim.ES(noise_source="file")

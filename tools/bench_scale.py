@@ -8,7 +8,11 @@ side in the same processes:
 * ``replicated``: every rank regenerates all ``P/2`` perturbations and sums them in float64 (what
   every rank did before the update was split);
 * ``split``: :func:`unitrain.rules.population.reduce.noise_sum` — each rank regenerates its share,
-  rounds it onto the fixed-point grid and one int64 all-reduce combines the shares.
+  rounds it onto the fixed-point grid and one float64 all-reduce combines the shares;
+* ``split, table``: the same with the perturbations read from the machine's shared
+  :class:`~unitrain.rules.population.service.NoiseTable` instead of regenerated;
+
+and times the all-reduce of ``n`` float64 values alone.
 
 It prints wall and CPU seconds per rank (the slowest rank), the ratio to ``W = 1``, the bytes a
 rank sends per generation for the update (a ring all-reduce of ``n`` float64 values
@@ -54,7 +58,7 @@ def _worker(rank: int, world: int, port: int, population: int, numel: int, repea
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from unitrain.rules.population.reduce import noise_sum
-    from unitrain.rules.population.service import centered_ranks, noise
+    from unitrain.rules.population.service import NoiseTable, centered_ranks, noise, noise_source
     from unitrain.run.services import Collectives
 
     ctx = Collectives(rank, world)
@@ -70,10 +74,20 @@ def _worker(rank: int, world: int, port: int, population: int, numel: int, repea
             total.add_(noise(s, numel).to(torch.float64), alpha=w)
         return total
 
+    table = NoiseTable(max(1 << 26, numel))  # the first rank of the machine writes it
+
+    def from_table() -> torch.Tensor:
+        with noise_source(table):
+            return noise_sum(ctx, seeds, weights, numel)
+
+    def all_reduce() -> torch.Tensor:
+        return ctx.all_reduce_(torch.zeros(numel, dtype=torch.float64), "sum")
+
     timings: dict[str, tuple[float, float]] = {}
-    for _ in range(repeats):  # the two ways take turns; the fastest of each is kept
+    for _ in range(repeats):  # the ways take turns; the fastest of each is kept
         for name, fn in (("replicated", replicated),
-                         ("split", lambda: noise_sum(ctx, seeds, weights, numel))):
+                         ("split", lambda: noise_sum(ctx, seeds, weights, numel)),
+                         ("split, table", from_table), ("all-reduce", all_reduce)):
             dist.barrier()
             wall, cpu = time.perf_counter(), time.process_time()
             result = fn()
@@ -97,18 +111,23 @@ def part1(worlds: list[int], population: int, numel: int, repeats: int) -> None:
         for r in ranks:
             reference = r["split"] if reference is None else reference
             assert torch.equal(r["split"], reference), "split sums differ across ranks or W"
-        slowest = {k: tuple(max(r["timings"][k][i] for r in ranks) for i in (0, 1))
-                   for k in ("replicated", "split")}
+        ways = ("replicated", "split", "split, table", "all-reduce")
+        slowest = {k: tuple(max(r["timings"][k][i] for r in ranks) for i in (0, 1)) for k in ways}
         sent = 0 if world == 1 else 2 * (world - 1) / world * 8 * numel + 8
         rows.append((world, slowest, sent))
     base = rows[0][1]
-    print(f"{'W':>3} | {'replicated wall':>15} {'cpu':>7} | {'split wall':>10} {'cpu':>7} | "
-          f"{'split/W=1 wall':>14} {'cpu':>6} | {'update bytes sent/rank':>22}")
+    print("seconds per update on the slowest rank, wall / CPU; ratio to W = 1 (wall / CPU)\n")
+    print(f"{'W':>3} | {'replicated':>13} | {'split':>13} {'÷W=1':>11} | {'split, table':>13} "
+          f"{'÷W=1':>11} | {'all-reduce':>10} | {'sent/rank':>9}")
     for world, t, sent in rows:
-        print(f"{world:>3} | {t['replicated'][0]:>15.2f} {t['replicated'][1]:>7.2f} | "
-              f"{t['split'][0]:>10.2f} {t['split'][1]:>7.2f} | "
-              f"{t['split'][0] / base['split'][0]:>14.2f} {t['split'][1] / base['split'][1]:>6.2f}"
-              f" | {sent / 1e6:>19.1f} MB")
+        def pair(k: str) -> str:
+            return f"{t[k][0]:>6.2f}/{t[k][1]:<6.2f}"
+
+        def ratio(k: str) -> str:
+            return f"{t[k][0] / base[k][0]:>5.2f}/{t[k][1] / base[k][1]:<5.2f}"
+        print(f"{world:>3} | {pair('replicated')} | {pair('split')} {ratio('split')} | "
+              f"{pair('split, table')} {ratio('split, table')} | {t['all-reduce'][0]:>10.3f} | "
+              f"{sent / 1e6:>6.1f} MB")
     print("\nsplit sums: identical bits on every rank and for every W\n")
 
 

@@ -57,7 +57,7 @@ from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
 from unitrain.rules.gradient.offpolicy import CriticFields, OffPolicyLoop
 from unitrain.rules.gradient.td3 import td3_loss
 from unitrain.rules.population.cem import CEM, CEMFields
-from unitrain.rules.population.service import PopulationEvaluation
+from unitrain.rules.population.service import PopulationEvaluation, noise_source, noise_table
 from unitrain.rules.registry import register_rule
 
 if TYPE_CHECKING:
@@ -157,6 +157,7 @@ class CEMRL(CEMFields, CriticFields):
         self.cem.noise_stream = _NOISE
         self.pop = PopulationEvaluation(self.cem, module, ctx)
         self.layout = self.pop.layout
+        self.table = noise_table(self, self.layout.numel)
         self.cem.start(ctx, module, self.layout)
         self.metric_names = _DSAC_T_METRICS if self.critic == "dsac_t" else _METRICS
         self.loop = OffPolicyLoop(self, module, ctx, lambda obs: obs,  # type: ignore[arg-type]
@@ -184,6 +185,10 @@ class CEMRL(CEMFields, CriticFields):
         return [self.critic_opt, self.actor_opt] + ([self.alpha_opt] if self.alpha_opt else [])
 
     def step(self, ctx: "RuleContext") -> dict[str, float]:
+        with noise_source(self.table):
+            return self._generation(ctx)
+
+    def _generation(self, ctx: "RuleContext") -> dict[str, float]:
         gen, count = self.pop.generation, self.population
         mean = self.layout.flatten(self.module)
         ask = self.cem.ask(ctx, gen, mean)

@@ -40,7 +40,8 @@ import torch
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
                                                PopulationEvaluation, PopulationFields,
-                                               episode_seeds, generation_seeds, mirrored)
+                                               episode_seeds, generation_seeds, mirrored,
+                                               noise_source, noise_table)
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -175,13 +176,20 @@ class PopulationRule(UpdateRule):
         self.pop = PopulationEvaluation(self.strategy, module, ctx,
                                         self.strategy.characterisation())
         self.layout = self.pop.layout
-        self.strategy.start(ctx, module, self.layout)
+        # Perturbations come from the strategy's noise source while the rule runs.
+        self.table = noise_table(self.strategy, self.layout.numel)
+        with noise_source(self.table):
+            self.strategy.start(ctx, module, self.layout)
         self._optimizer = self.strategy.optimizer(module.policy_parameters())
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [] if self._optimizer is None else [self._optimizer]
 
     def step(self, ctx: "RuleContext") -> dict[str, float]:
+        with noise_source(self.table):
+            return self._generation(ctx)
+
+    def _generation(self, ctx: "RuleContext") -> dict[str, float]:
         generation = self.pop.generation
         theta = self.layout.flatten(self.module)
         ask: Ask | None = self.strategy.ask(ctx, generation, theta)
@@ -210,11 +218,13 @@ class PopulationRule(UpdateRule):
         return {**self.pop.finish_generation(ctx, first, local_frames, moved), **metrics}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.pop.state_dict(), **self.strategy.state_dict()}
+        with noise_source(self.table):
+            return {**self.pop.state_dict(), **self.strategy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pop.load_state_dict(state)
-        self.strategy.load_state_dict(state)
+        with noise_source(self.table):
+            self.strategy.load_state_dict(state)
 
 
 def as_rule(optimizer: Any) -> Any:
