@@ -71,13 +71,16 @@ def _terms(count: int, numel: int) -> list[torch.Tensor]:
     return [torch.randn(numel, generator=gen, dtype=torch.float64) * s for s in scales]
 
 
+@pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("world_size", [2, 3, 4, 7])
-def test_exact_sum_has_the_same_bits_for_any_world_size(world_size: int):
+def test_exact_sum_has_the_same_bits_for_any_world_size(world_size: int, block: int):
     terms = _terms(13, 257)
     bound = sum(float(t.abs().max()) for t in terms)
-    one = Group(1).run(lambda ctx: exact_sum(ctx, range(13), lambda k: terms[k], bound, (257,)))[0]
-    many = Group(world_size).run(
-        lambda ctx: exact_sum(ctx, range(13), lambda k: terms[k], bound, (257,)))
+    def add(k: int, out: torch.Tensor) -> None:
+        out.add_(terms[k])
+
+    one = Group(1).run(lambda ctx: exact_sum(ctx, range(13), add, bound, (257,), block))[0]
+    many = Group(world_size).run(lambda ctx: exact_sum(ctx, range(13), add, bound, (257,), block))
     for got in many:
         assert torch.equal(got, one)
     # As close to the float64 sum as float64 itself: 13 terms, each rounded once on either side.
@@ -94,14 +97,15 @@ def test_each_rank_builds_only_its_share_of_the_terms():
     built: list[list[int]] = [[] for _ in range(4)]
 
     def fn(ctx: Ctx) -> torch.Tensor:
-        def term(k: int) -> torch.Tensor:
+        def add(k: int, out: torch.Tensor) -> None:
             built[ctx.rank].append(k)
-            return torch.full((3,), float(k))
-        return exact_sum(ctx, [5, 7, 9, 11, 13, 15, 17, 19, 21], term, 200.0, (3,))
+            out.add_(float(k))
+        return exact_sum(ctx, [5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29], add, 300.0, (3,))
 
     out = group.run(fn)
-    assert built == [[5, 7, 9], [11, 13], [15, 17], [19, 21]]
-    assert all(torch.equal(o, torch.full((3,), 117.0, dtype=torch.float64)) for o in out)
+    # Blocks of four by position ([5..11], [13..19], [21..27], [29]), one rank each.
+    assert built == [[5, 7, 9, 11], [13, 15, 17, 19], [21, 23, 25, 27], [29]]
+    assert all(torch.equal(o, torch.full((3,), 221.0, dtype=torch.float64)) for o in out)
 
 
 def test_noise_sum_matches_the_float64_sum_and_skips_zero_weights():
@@ -117,8 +121,8 @@ def test_noise_sum_matches_the_float64_sum_and_skips_zero_weights():
 
 def test_a_term_beyond_the_bound_is_an_error():
     with pytest.raises(RuntimeError, match="above the stated bound"):
-        Group(1).run(lambda ctx: exact_sum(ctx, [0, 1], lambda k: torch.full((2,), 3.0), 5.0,
-                                           (2,)))
+        Group(1).run(lambda ctx: exact_sum(ctx, [0, 1], lambda k, out: out.add_(3.0), 5.0,
+                                           (2,), block=1))
 
 
 def test_global_max_is_the_largest_of_the_ranks():

@@ -106,8 +106,8 @@ class CBO(Strategy):
         w = weights.tolist()
         # Σᵢ wᵢ = 1: no term wᵢ·Xᵢ exceeds the largest |Xᵢ| of any rank.
         peak = global_max(ctx, float(particles.abs().max()) if len(share) else 0.0)
-        consensus = exact_sum(ctx, range(count), lambda i: w[i] * particles[i - share.start]
-                              .to(torch.float64), peak, (n,)).to(particles.dtype)
+        consensus = exact_sum(ctx, range(count), lambda i, out: out.add_(
+            particles[i - share.start], alpha=w[i]), peak, (n,), block=1).to(particles.dtype)
         seeds = generation_seeds(ctx, _NOISE, generation, count)
         xi = torch.stack([noise(seeds[i], n, particles.dtype) for i in share]) if len(share) \
             else particles

@@ -75,9 +75,10 @@ class CEMDistribution:
         raw = torch.tensor([math.log((k + 1) / i) for i in range(1, k + 1)], dtype=torch.float64)
         weights = (raw / raw.sum()).tolist()
 
-        def moments(i: int) -> torch.Tensor:
+        def moments(i: int, out: torch.Tensor) -> None:
             z = offset(order[i]).to(device="cpu", dtype=torch.float64)  # θ₍ᵢ₎ − μ
-            return torch.stack([weights[i] * z, weights[i] * z * z])
+            out[0].add_(z, alpha=weights[i])
+            out[1].addcmul_(z, z, value=weights[i])
 
         # Σᵢ wᵢ = 1, so no term of either row exceeds max(B, B²).
         first, second = exact_sum(ctx, range(k), moments, max(bound, bound * bound),

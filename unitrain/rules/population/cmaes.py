@@ -194,9 +194,10 @@ class CMAES(Strategy):
             return w @ Z, w @ Y, (Y * w[:, None]).T @ Y
         weights = w.tolist()
 
-        def moments(i: int) -> torch.Tensor:
+        def moments(i: int, out: torch.Tensor) -> None:
             z = noise(best[i], self.n, torch.float64)
-            return torch.stack([weights[i] * z, weights[i] * z * z])
+            out[0].add_(z, alpha=weights[i])
+            out[1].addcmul_(z, z, value=weights[i])
 
         # Σᵢ wᵢ = 1 and |z| < NOISE_BOUND: no term of either row exceeds NOISE_BOUND².
         z_w, zz_w = exact_sum(ctx, range(len(best)), moments, NOISE_BOUND ** 2, (2, self.n))

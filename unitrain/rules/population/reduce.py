@@ -11,13 +11,15 @@ is one vector of ``n`` float64 values per rank and generation (a ring all-reduce
 twice that), whatever the population.
 
 Floating-point addition is not associative, so partial sums combined in a rank-dependent order
-would make ``devices=1`` and ``devices=4`` drift apart. Each term is therefore rounded onto a
-fixed-point grid first, ``round(x · 2^s)``, with the exponent ``s`` chosen from a bound on the
+would make ``devices=1`` and ``devices=4`` drift apart. Sums are therefore rounded onto a
+fixed-point grid, ``round(x · 2^s)``, with the exponent ``s`` chosen from a bound on the
 whole sum that every rank knows in advance so that the bound sits below ``2^52``: every rounded
-term and every partial sum is an integer that float64 holds exactly, and such additions are exact
-in any order. The result is the same on every rank and for every world size, bit for bit, and
-differs from the float64 sum by at most half a grid step per term (about ``2^-53`` of the bound
-each: float64's own resolution).
+value and every partial sum is an integer that float64 holds exactly, and such additions are
+exact in any order. To keep the rounding off the hot path, the terms are cut into fixed blocks of
+:data:`BLOCK` (by position, never by rank): a block is summed in float64 by the one rank that owns
+it and rounded once, and ranks own whole blocks. The result is the same on every rank and for every
+world size, bit for bit, and differs from the float64 sum by at most half a grid step per block
+(about ``2^-53`` of the bound each: float64's own resolution).
 """
 
 from __future__ import annotations
@@ -37,39 +39,53 @@ if TYPE_CHECKING:
 __all__ = ["NOISE_BOUND", "exact_sum", "global_max", "noise_sum"]
 
 # |ε| of torch's CPU normal generator: Box–Muller on uniforms of at most 53 bits gives
-# |ε| ≤ √(2·53·ln 2) ≈ 8.6; the bound leaves room and is checked on every term.
+# |ε| ≤ √(2·53·ln 2) ≈ 8.6; the bound leaves room (and the sums are checked against it).
 NOISE_BOUND = 16.0
-# Terms are scaled so that the bound sits below 2^52: every rounded term and every partial sum
+# Terms are scaled so that the bound sits below 2^52: every rounded block and every partial sum
 # is then an integer that float64 represents exactly, so float64 additions of them are exact.
 _BITS = 52
+# Terms per block: a block is summed in float64 by one rank and rounded once. Blocks are fixed
+# by the terms' positions, never by the world size, and handed out to ranks whole.
+BLOCK = 4
 
 
-def exact_sum(ctx: RuleContext, terms: Sequence[int], term: Callable[[int], torch.Tensor],
-              bound: float, shape: Sequence[int] | torch.Size) -> torch.Tensor:
+def exact_sum(ctx: RuleContext, terms: Sequence[int], add: Callable[[int, torch.Tensor], object],
+              bound: float, shape: Sequence[int] | torch.Size, block: int = BLOCK
+              ) -> torch.Tensor:
     """``Σₖ term(k)`` over ``terms`` in float64, this rank computing its share only.
+
+    The terms are cut into blocks of ``block`` consecutive ones; this rank sums the blocks of its
+    :func:`~unitrain.envs.rollout.shard` of them, each in float64 in order, rounds each block sum
+    onto the grid, and one all-reduce adds every rank's integers.
 
     Args:
         ctx: the run's services (rank, world size, the all-reduce).
-        terms: the indices to sum over, the same list on every rank; this rank evaluates
-            ``term(terms[i])`` for ``i`` in its :func:`~unitrain.envs.rollout.shard`.
-        term: index → a tensor of ``shape`` (any float dtype, on the CPU or ``ctx.device``).
+        terms: the indices to sum over, the same list on every rank.
+        add: ``add(k, out)`` adds term ``k`` into ``out`` (float64, CPU, of ``shape``) in place,
+            e.g. ``out.add_(x, alpha=w)``: the term is never materialised on its own.
         bound: an upper bound of ``Σₖ max|term(k)|`` over *all* terms, identical on every rank
-            (it sets the grid); terms that reach beyond it are an error, never a silent
+            (it sets the grid); sums that reach beyond it are an error, never a silent
             overflow.
         shape: the shape of each term.
+        block: terms per block (``1``: this rank sums exactly its ``shard`` of ``terms``, e.g.
+            the individuals it holds).
 
     Returns:
         The sum, float64, on the CPU: the same bits on every rank, for any world size.
     """
-    acc = torch.zeros(tuple(shape), dtype=torch.float64)
     if not math.isfinite(bound) or bound < 0:
         raise ValueError(f"exact_sum: the bound must be a finite number >= 0, got {bound}")
     scale = math.ldexp(1.0, _BITS - math.frexp(bound)[1]) if bound > 0 else 1.0
-    reach = torch.zeros((), dtype=torch.float64)  # Σₖ max|term(k)| over this rank's terms
-    for i in shard(len(terms), ctx.rank, ctx.world_size):
-        x = term(terms[i]).to(device="cpu", dtype=torch.float64, copy=True)
-        reach += x.abs().amax()
-        acc.add_(x.mul_(scale).round_())
+    acc = torch.zeros(tuple(shape), dtype=torch.float64)
+    part = torch.empty_like(acc)
+    reach = torch.zeros((), dtype=torch.float64)  # Σ max|block sum| over this rank's blocks
+    for b in shard(math.ceil(len(terms) / block), ctx.rank, ctx.world_size):
+        part.zero_()
+        for k in terms[b * block: (b + 1) * block]:
+            add(k, part)
+        low, high = torch.aminmax(part)
+        reach += torch.maximum(-low, high)
+        acc.add_(part.mul_(scale).round_())
     if ctx.world_size > 1:
         reach = ctx.all_reduce_(reach.reshape(1).to(ctx.device), "sum").cpu()[0]
     if reach.item() > bound * (1 + 1e-9):
@@ -77,7 +93,7 @@ def exact_sum(ctx: RuleContext, terms: Sequence[int], term: Callable[[int], torc
                            f"bound {bound:.6g} of the whole sum")
     if ctx.world_size > 1:
         acc = ctx.all_reduce_(acc.to(ctx.device), "sum").cpu()
-    return acc / scale
+    return acc.div_(scale)
 
 
 def noise_sum(ctx: RuleContext, seeds: Sequence[int], weights: Sequence[float], numel: int,
@@ -86,8 +102,9 @@ def noise_sum(ctx: RuleContext, seeds: Sequence[int], weights: Sequence[float], 
     adds nothing, and its noise is regenerated by no rank."""
     live = [k for k, w in enumerate(weights) if w != 0.0]
     bound = NOISE_BOUND * sum(abs(float(weights[k])) for k in live)
-    return exact_sum(ctx, live, lambda k: noise(seeds[k], numel, dtype).to(torch.float64)
-                     * float(weights[k]), bound, (numel,))
+    return exact_sum(ctx, live, lambda k, out: out.add_(noise(seeds[k], numel, dtype),
+                                                         alpha=float(weights[k])),
+                     bound, (numel,))
 
 
 def global_max(ctx: RuleContext, local: float) -> float:
