@@ -16,9 +16,15 @@ import path ``"mypkg.envs:make_env"``) or an ``EnvBase`` instance. How it become
   deep-copied needs a factory.
 
 Autoreset is the same-step kind of the gymnasium backend: when slot ``i``'s episode ends, the
-slots that ended are reset at once with TorchRL's partial reset (a ``"_reset"`` mask), the step
-returns the next episode's first observation for them and, separately, the observation the
-episode ended in. Everything stays in torch on the env's device.
+slots that ended are reset at once with TorchRL's partial reset (a ``"_reset"`` mask, through
+``step_and_maybe_reset``), the step returns the next episode's first observation for them and,
+separately, the observation the episode ended in. Everything stays in torch on the env's device.
+
+Seeding: ``reset(seed)`` calls the env's ``set_seed(seed)`` and then resets it (a list of per-slot
+seeds gives its first; TorchRL seeds the copies of a ``SerialEnv`` in a chain from it): episodes
+are reproducible for a seed and a slot count, but an evaluation episode's seed is not the slot's
+own as on the gymnasium backend, so how many processes split an evaluation can change its
+episodes.
 """
 
 from __future__ import annotations
@@ -176,10 +182,6 @@ class TorchRLVector:
     Follows the backend protocol of :class:`~unitrain.envs.BatchedEnv` with torch tensors on
     :attr:`device`: ``reset(seed) -> obs``, ``step(action) -> (obs, reward, terminated,
     truncated, final_obs or None)``, same-step autoreset through a partial ``"_reset"`` reset.
-
-    Seeding: ``reset(seed)`` calls the env's ``set_seed`` with ``seed`` (a list of per-slot
-    seeds gives its first; TorchRL seeds the copies of a ``SerialEnv`` in a chain from it), so
-    episodes are reproducible for a seed and a slot count.
     """
 
     name = "torchrl"
@@ -196,14 +198,12 @@ class TorchRLVector:
         self.reward_key = self.env.reward_key
         self.one_hot = isinstance(self.env.action_spec, OneHot)
         self._batch = torch.Size([self.size])
-        done_spec = self.env.full_done_spec
-        self._reset_key = self.env.reset_keys[0]
-        self._reset_shape = tuple(done_spec["done"].shape)
         self._pad = None
         if self.size > num_envs:
             pad = self.env.action_spec.zero()[num_envs:]
             self._pad = pad.to(self.device)
         self._action: torch.Tensor | None = None
+        self._root: TensorDict | None = None  # the next step's input: observation, carried keys
 
     def _obs(self, td: TensorDict) -> torch.Tensor:
         obs = td.get(self.obs_key)[: self.num_envs]
@@ -212,34 +212,37 @@ class TorchRLVector:
     def reset(self, seed: int | list[int] | None) -> torch.Tensor:
         if seed is not None:
             self.env.set_seed(int(seed[0] if isinstance(seed, list) else seed))
-        return self._obs(self.env.reset())
+        self._root = self.env.reset()
+        return self._obs(self._root)
 
     def step(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                    torch.Tensor, torch.Tensor | None]:
         """``(obs, reward, terminated, truncated, final)``, as :class:`GymnasiumVector`'s step,
-        in torch on :attr:`device` (``final`` is ``None`` when no episode ended)."""
+        in torch on :attr:`device` (``final`` is ``None`` when no episode ended).
+
+        TorchRL's ``step_and_maybe_reset`` steps and resets the slots whose episode ended with
+        a partial reset (a ``"_reset"`` mask); it carries the env's own root entries (a
+        ``StepCounter``'s count, a recurrent state) from one step to the next.
+        """
         n = self.num_envs
         if self.one_hot:
             action = torch.nn.functional.one_hot(action.long(), self.action_space.n)
         if self._pad is not None:
             action = torch.cat([action.to(self._pad.dtype), self._pad])
-        td = TensorDict({self.action_key: action}, batch_size=self._batch, device=self.device)
-        nxt = self.env.step(td).get("next")
-        obs = self._obs(nxt)
+        root = self._root
+        assert root is not None, "step before reset"
+        root.set(self.action_key, action.to(self.device))
+        out, self._root = self.env.step_and_maybe_reset(root)
+        nxt = out.get("next")
+        last = self._obs(nxt)
         reward = nxt.get(self.reward_key)[:n].reshape(n)
         done = nxt.get("done")[:n].reshape(n)
         terminated = nxt.get("terminated", done)[:n].reshape(n)
         truncated = nxt.get("truncated", None)
         truncated = (done & ~terminated) if truncated is None else truncated[:n].reshape(n)
         if not bool(done.any()):
-            return obs, reward, terminated, truncated, None
-        mask = torch.zeros(self.size, dtype=torch.bool, device=self.device)
-        mask[:n] = done
-        first = self._obs(self.env.reset(TensorDict(
-            {self._reset_key: mask.reshape(self._reset_shape)}, batch_size=self._batch,
-            device=self.device)))
-        starts = torch.where(done.reshape(n, *[1] * (obs.ndim - 1)), first, obs)
-        return starts, reward, terminated, truncated, obs
+            return last, reward, terminated, truncated, None
+        return self._obs(self._root), reward, terminated, truncated, last
 
     def send(self, action: torch.Tensor) -> None:
         """Start a step (TorchRL envs step in this thread: at :meth:`recv`)."""
@@ -257,17 +260,17 @@ class TorchRLVector:
         env pickles its state and random stream), or ``None`` when it cannot be pickled: a
         resumed run then starts its episodes afresh."""
         try:
-            return pickle.dumps(self.env)
+            return pickle.dumps((self.env, self._root))
         except Exception:  # noqa: BLE001 - an env holding a handle or a device resource
             return None
 
     def load(self, state: bytes) -> None:
-        env = pickle.loads(state)
+        env, root = pickle.loads(state)
         if tuple(env.batch_size) != tuple(self.env.batch_size):
             raise ValueError(f"saved env has batch size {list(env.batch_size)}, this env "
                              f"{list(self.env.batch_size)}")
         self.env.close(raise_if_closed=False)
-        self.env = env
+        self.env, self._root = env, root
 
     def close(self) -> None:
         self.env.close(raise_if_closed=False)
