@@ -72,7 +72,7 @@ def test_unitrain_fit_imports_the_users_files_from_the_working_directory(tmp_pat
     env = dict(os.environ, PYTHONPATH=str(root))
     proc = subprocess.run([sys.executable, "-P", "-m", "unitrain", "fit", "recipe.yaml",
                            "run_dir=run"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["env"] == "userenvs:Reach-v0" and summary["frames"] == 128
@@ -101,11 +101,11 @@ def test_a_make_recipe_trains_and_evaluates_from_its_checkpoint(in_dir: Path, ca
 
 @pytest.mark.parametrize("env,target,expected", [
     ('{id: "nosuchenvs:Reach-v0"}', "mymodels.MyPolicy",
-     "env.id: cannot import env module 'nosuchenvs': no module named 'nosuchenvs' "
-     "(working directory {cwd}, PYTHONPATH="),
+     ("env.id: cannot import env module 'nosuchenvs': no module named 'nosuchenvs' "
+      "(working directory {cwd}, PYTHONPATH=")),
     ('{id: "userenvs:Reach-v0"}', "nosuchmodels.MyPolicy",
-     "module.target: cannot import module 'nosuchmodels': no module named 'nosuchmodels' "
-     "(working directory {cwd}, PYTHONPATH="),
+     ("module.target: cannot import module 'nosuchmodels': no module named 'nosuchmodels' "
+      "(working directory {cwd}, PYTHONPATH=")),
     ('{make: "cli_user_envs:make_nope"}', "mymodels.MyPolicy",
      "env.make: module 'cli_user_envs' ({cwd}/cli_user_envs.py) has no attribute 'make_nope'"),
     ('{make: "cli_user_envs:make_nothing"}', "mymodels.MyPolicy",

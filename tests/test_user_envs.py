@@ -84,7 +84,7 @@ def test_torchrl_env_autoresets_as_gymnasium_does():
                   [torch.tensor([a]) for a in actions])
     ref = gym.make("CartPole-v1")
     ref.reset(seed=5)
-    start, _ = ref.reset()
+    ref.reset()  # the first step's observations depend on this reset's
     ended = 0
     for a, (last, reward, done, first) in zip(actions, ours):
         obs, r, terminated, truncated, _ = ref.step(a)
@@ -170,3 +170,27 @@ def test_rollout_keeps_its_bookkeeping_on_the_env_device():
     assert returns == [float(n) for n in lengths]
     assert played.returns.device == env.device
 
+
+
+def test_a_backend_without_send_and_recv_steps_at_recv(monkeypatch):
+    # send/recv are optional in the backend protocol: a rollout still plays whole episodes.
+    from unitrain.envs import batched
+    from unitrain.envs.rollout import rollout
+    from unitrain.envs.torchrl_env import TorchRLVector
+
+    class StepOnly:
+        torch_native = True
+
+        def __init__(self, *args):
+            self.inner = TorchRLVector(*args)
+            self.device = self.inner.device
+            self.observation_space = self.inner.observation_space
+            self.action_space = self.inner.action_space
+            self.reset, self.step, self.close = (self.inner.reset, self.inner.step,
+                                                 self.inner.close)
+
+    monkeypatch.setitem(batched.BACKENDS, "torchrl", StepOnly)
+    env = make_env(EnvSpec(make=make_countdown, num_envs=2), seed=0)
+    assert not hasattr(env.backend, "send")
+    played = rollout(env, lambda obs, _: torch.ones(obs.shape[0], 1))
+    assert sorted(zip(played.slots.tolist(), played.lengths.tolist())) == [(0, 2), (1, 3)]

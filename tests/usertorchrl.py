@@ -35,7 +35,7 @@ class Countdown(EnvBase):
 
     def _reset(self, tensordict: TensorDictBase | None, **kwargs) -> TensorDictBase:
         mask = torch.ones(len(self.left), dtype=torch.bool)
-        if tensordict is not None and "_reset" in tensordict.keys():
+        if tensordict is not None and "_reset" in tensordict.keys():  # noqa: SIM118
             mask = tensordict["_reset"].reshape(-1)
         self.left[mask] = self.length[mask]
         self.resets += int(mask.sum())
