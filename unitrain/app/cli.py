@@ -9,8 +9,12 @@
     unitrain recipes                          list the shipped recipes
 
 User mistakes (a missing file, a bad key or value, an unknown env or rule, an unreadable
-checkpoint, a path that is a directory, an empty file or a binary one where text belongs) print
-one line on stderr and exit with code 2.
+checkpoint, a path that is a directory, an empty file or a binary one where text belongs, a
+module that cannot be imported) print one line on stderr and exit with code 2.
+
+Modules a recipe names (``module: {target: mymodels.MyPolicy}``, ``env: {id: mypkg:Env-v0}``,
+``env: {make: mypkg.envs:make_env}``) are imported from the working directory first, as
+``python -m`` does, then from ``PYTHONPATH`` and the installed packages.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    import os
+
+    # As `python -m` does: the user's modules next to their recipes import by name.
+    cwd = os.getcwd()
+    if sys.path[:1] not in ([cwd], [""]):
+        sys.path.insert(0, cwd)
     parser = argparse.ArgumentParser(prog="unitrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="train from a recipe")

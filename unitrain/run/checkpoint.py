@@ -103,7 +103,7 @@ def load_module(checkpoint: str | os.PathLike, module: "RLModule | None" = None)
     return module
 
 
-def policy_and_env(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None" = None,
+def policy_and_env(policy: "RLModule | str | os.PathLike", env: Any = None,
                    module: "RLModule | None" = None) -> tuple["RLModule", "EnvSpec", Any]:
     """The module to play, the env to play it in and its frozen observation normalisation
     (``None`` without one): what :func:`evaluate` and :func:`unitrain.run.video.record` share.
@@ -112,22 +112,30 @@ def policy_and_env(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec |
     """
     from unitrain.envs.info import env_info
     from unitrain.envs.obs_norm import ObsNorm
-    from unitrain.envs.spec import EnvSpec
+    from unitrain.envs.spec import EnvSpec, as_env_spec
     from unitrain.policy.module import RLModule
 
     norm_state = None
     if not isinstance(policy, RLModule):
         ckpt = read_checkpoint(policy)
         state = ckpt["unitrain"]
+        recorded = state.get("env")
         if env is None:
-            if state.get("env") is None:
+            if recorded is None:
                 raise UserError(f"{policy}: this run has no environment to evaluate in")
-            env = EnvSpec(**state["env"])
+            env = EnvSpec.from_record(recorded, str(policy))
+        elif (recorded is not None and not isinstance(env, (str, EnvSpec))
+              and (recorded.get("make") is not None or recorded.get("make_passed"))):
+            # The run's own TorchRL env passed again: its other settings (obs_norm, time
+            # limit, name) are the checkpoint's.
+            fields = {k: v for k, v in recorded.items() if k not in ("make", "make_passed")}
+            env = EnvSpec(**fields, make=env)
         norm_state = state.get("obs_norm")
         policy = load_module(policy, module)
     if env is None:
-        raise UserError("evaluate: give env= (a gymnasium id or unitrain.EnvSpec)")
-    spec = EnvSpec(id=env) if isinstance(env, str) else env
+        raise UserError("evaluate: give env= (a gymnasium id, a unitrain.EnvSpec or a TorchRL "
+                        "env or factory)")
+    spec = as_env_spec(env)
     info = env_info(spec)
     policy.bind_env(info)
     norm = None
@@ -139,14 +147,16 @@ def policy_and_env(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec |
 
 
 @torch.no_grad()
-def evaluate(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None" = None,
+def evaluate(policy: "RLModule | str | os.PathLike", env: Any = None,
              episodes: int = 10, seed: int = 0, module: "RLModule | None" = None,
              evaluation: int = 0) -> dict[str, float]:
     """Deterministic evaluation of a module, or of a checkpoint's policy, without a Trainer.
 
     Args:
         policy: an :class:`~unitrain.RLModule` or a checkpoint path.
-        env: a gymnasium id or :class:`~unitrain.EnvSpec` (default for a checkpoint: its run's).
+        env: a gymnasium id (``"module:id"`` too), an :class:`~unitrain.EnvSpec`, or a TorchRL
+            ``EnvBase`` or factory (default for a checkpoint: its run's; a run whose env was
+            passed as a live object needs it passed again).
         episodes: episodes to play (each from its own seed).
         seed: the seed the episodes' seeds derive from.
         module: with a checkpoint, the module to load its policy into (a class from a script).
