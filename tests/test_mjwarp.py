@@ -37,6 +37,7 @@ pytestmark = pytest.mark.slow
 TOLERANCE = {
     "HalfCheetah-v5": (1e-2, 1e-2),
     "Hopper-v5": (1e-4, 1e-4),
+    "Walker2d-v5": (1e-3, 1e-3),
 }
 WORLDS = 3
 
@@ -109,6 +110,11 @@ def test_half_cheetah_parity():
 def test_hopper_parity_and_termination():
     # a backward spin of the torso makes every hopper fall within 60 steps
     ended = run_parity("Hopper-v5", 60, kick={2: -2.0})
+    assert all(t is not None for t in ended), ended
+
+
+def test_walker2d_parity_and_termination():
+    ended = run_parity("Walker2d-v5", 80, kick={2: -2.0})
     assert all(t is not None for t in ended), ended
 
 

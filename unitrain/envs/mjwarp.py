@@ -81,6 +81,7 @@ class _Task:
 TASKS: dict[str, _Task] = {
     "HalfCheetah-v5": _Task("half_cheetah_v5:HalfCheetahEnv", "normal", 1, "qpos0"),
     "Hopper-v5": _Task("hopper_v5:HopperEnv", "uniform", 1, "qpos0", clip_qvel=True),
+    "Walker2d-v5": _Task("walker2d_v5:Walker2dEnv", "uniform", 1, "qpos0", clip_qvel=True),
 }
 
 #: Constructor arguments that only concern rendering: accepted and ignored.
@@ -346,6 +347,9 @@ class MJWarpVector:
             lo, hi = s["healthy_state_range"]
             ok = ((lo < state) & (state < hi)).all(1)
             return ok & _open(z, s["healthy_z_range"]) & _open(angle, s["healthy_angle_range"])
+        if env.startswith("walker2d"):
+            z, angle = qpos[:, 1], qpos[:, 2]
+            return _open(z, s["healthy_z_range"]) & _open(angle, s["healthy_angle_range"])
         return torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
 
     def _reward(self, action: torch.Tensor, velocity: torch.Tensor,
