@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import gymnasium.envs.mujoco
 import numpy as np
 import torch
 from gymnasium.spaces import Box
@@ -82,6 +83,7 @@ TASKS: dict[str, _Task] = {
     "HalfCheetah-v5": _Task("half_cheetah_v5:HalfCheetahEnv", "normal", 1, "qpos0"),
     "Hopper-v5": _Task("hopper_v5:HopperEnv", "uniform", 1, "qpos0", clip_qvel=True),
     "Walker2d-v5": _Task("walker2d_v5:Walker2dEnv", "uniform", 1, "qpos0", clip_qvel=True),
+    "Ant-v5": _Task("ant_v5:AntEnv", "normal", 2, "body_xpos", needs_forces=True),
 }
 
 #: Constructor arguments that only concern rendering: accepted and ignored.
@@ -350,6 +352,11 @@ class MJWarpVector:
         if env.startswith("walker2d"):
             z, angle = qpos[:, 1], qpos[:, 2]
             return _open(z, s["healthy_z_range"]) & _open(angle, s["healthy_angle_range"])
+        if env.startswith("ant"):
+            state = torch.cat([qpos, self.qvel], 1)
+            low, high = s["healthy_z_range"]
+            z = qpos[:, 2]
+            return torch.isfinite(state).all(1) & (float(low) <= z) & (z <= float(high))
         return torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
 
     def _reward(self, action: torch.Tensor, velocity: torch.Tensor,
@@ -359,6 +366,8 @@ class MJWarpVector:
         if "healthy_reward" in s:
             reward = reward + healthy.to(reward.dtype) * s["healthy_reward"]
         reward = reward - s["ctrl_cost_weight"] * action.square().sum(1)
+        if "contact_force_range" in s:  # Ant: the clipped forces' squares
+            reward = reward - s["contact_cost_weight"] * self._forces().square().sum((1, 2))
         return reward
 
     # -- the protocol --------------------------------------------------------------------------
