@@ -24,8 +24,11 @@ The tasks follow gymnasium 1.x's ``gymnasium/envs/mujoco`` sources:
 As in gymnasium, the positions a step reads after ``mj_step`` that are not ``qpos`` itself (Ant's
 torso ``xpos``, Humanoid's ``xipos``, ``cinert``, ``cvel``, ``qfrc_actuator``, ``cfrc_ext``) are
 those of the last substep's forward pass. MuJoCo Warp has no PGS solver: Humanoid's model (PGS in
-gymnasium's XML) runs with the Newton solver, so its contacts resolve slightly differently from
-gymnasium's; its parity test compares against gymnasium with the solver set to Newton as well.
+gymnasium's XML) runs with the Newton solver, which converges to the same contact forces there.
+With pyramidal friction cones (all five XML files), MuJoCo Warp orients a capsule-on-plane
+contact's tangent frame differently from MuJoCo, so a sliding Ant leg meets a rotated friction
+pyramid and its trajectory departs from gymnasium's after the first contacts (the dynamics are
+as valid, not identical; with elliptic cones the two agree).
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ TASKS: dict[str, _Task] = {
     "Hopper-v5": _Task("hopper_v5:HopperEnv", "uniform", 1, "qpos0", clip_qvel=True),
     "Walker2d-v5": _Task("walker2d_v5:Walker2dEnv", "uniform", 1, "qpos0", clip_qvel=True),
     "Ant-v5": _Task("ant_v5:AntEnv", "normal", 2, "body_xpos", needs_forces=True),
+    "Humanoid-v5": _Task("humanoid_v5:HumanoidEnv", "uniform", 2, "mass_center",
+                         needs_forces=True, needs_kinematics=True),
 }
 
 #: Constructor arguments that only concern rendering: accepted and ignored.
@@ -357,7 +362,8 @@ class MJWarpVector:
             low, high = s["healthy_z_range"]
             z = qpos[:, 2]
             return torch.isfinite(state).all(1) & (float(low) <= z) & (z <= float(high))
-        return torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        # Humanoid
+        return _open(qpos[:, 2], s["healthy_z_range"])
 
     def _reward(self, action: torch.Tensor, velocity: torch.Tensor,
                 healthy: torch.Tensor) -> torch.Tensor:
@@ -368,6 +374,10 @@ class MJWarpVector:
         reward = reward - s["ctrl_cost_weight"] * action.square().sum(1)
         if "contact_force_range" in s:  # Ant: the clipped forces' squares
             reward = reward - s["contact_cost_weight"] * self._forces().square().sum((1, 2))
+        if "contact_cost_range" in s:  # Humanoid: the forces' squares, the cost clipped
+            low, high = s["contact_cost_range"]
+            cost = s["contact_cost_weight"] * self.cfrc_ext.square().sum((1, 2))
+            reward = reward - cost.clamp(float(low), float(high))
         return reward
 
     # -- the protocol --------------------------------------------------------------------------
