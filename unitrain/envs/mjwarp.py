@@ -64,7 +64,7 @@ def _warp() -> Any:
 
     if wp.config.kernel_cache_dir is None:  # set before Warp initialises (once, here)
         wp.config.kernel_cache_dir = str(kernel_cache_dir())
-        wp.config.quiet = True
+        wp.config.log_level = max(wp.config.log_level, wp.LOG_WARNING)  # no line per module
     wp.init()
     return wp
 
@@ -287,6 +287,12 @@ class MJWarpVector:
             wp.capture_launch(self._graph)
         current.wait_stream(self._stream)
 
+    def simulate(self, action: torch.Tensor) -> None:
+        """The physics alone: set the controls and run one frame skip (no observation, reward
+        or reset; for benchmarks)."""
+        self.ctrl.copy_(torch.as_tensor(action, device=self.device, dtype=torch.float32))
+        self._simulate()
+
     def _refresh_kinematics(self) -> None:
         """What ``mj_forward`` gives a reset observation: positions, inertias, velocities."""
         mjw = self._mjw
@@ -362,8 +368,9 @@ class MJWarpVector:
             low, high = s["healthy_z_range"]
             z = qpos[:, 2]
             return torch.isfinite(state).all(1) & (float(low) <= z) & (z <= float(high))
-        # Humanoid
-        return _open(qpos[:, 2], s["healthy_z_range"])
+        if env.startswith("humanoid"):
+            return _open(qpos[:, 2], s["healthy_z_range"])
+        return torch.ones(self.num_envs, dtype=torch.bool, device=self.device)  # HalfCheetah
 
     def _reward(self, action: torch.Tensor, velocity: torch.Tensor,
                 healthy: torch.Tensor) -> torch.Tensor:
