@@ -123,8 +123,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="EnvPool's threads")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch's CPU threads (the policy; EnvPool's threads have the cores)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads)
     rows = []
     print(f"{args.env}: mjwarp on {args.device}, EnvPool on the CPU with {args.threads} threads "
           f"(env steps/s, median of {args.rounds} x {args.steps} vector steps)")
