@@ -33,6 +33,7 @@ as valid, not identical; with elliptic cones the two agree).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -206,9 +207,10 @@ class MJWarpVector:
                               mujoco.mj_name2id(mjm, mujoco.mjtObj.mjOBJ_BODY, body))
 
         self._graph: Any = None
-        self._stream: Any = None
+        self._stream: Any = None  # on CUDA: a torch stream of our own, and Warp's view of it
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
+            self._wp_stream = wp.stream_from_torch(self._stream)
         self.elapsed = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
         self.fresh = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
         self._before = torch.zeros(num_envs, dtype=torch.float32, device=self.device)
@@ -279,7 +281,7 @@ class MJWarpVector:
         # stream of its own ordered after (and before) the torch work of the current stream.
         current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
-        with wp.ScopedDevice(self._wp_device), wp.ScopedStream(wp.stream_from_torch(self._stream)):
+        with wp.ScopedDevice(self._wp_device), wp.ScopedStream(self._wp_stream):
             if self._graph is None:
                 with wp.ScopedCapture() as capture:
                     self._frames()
@@ -299,9 +301,8 @@ class MJWarpVector:
         with self._wp.ScopedDevice(self._wp_device):
             if self._stream is not None:
                 self._stream.wait_stream(torch.cuda.current_stream(self.device))
-                scope: Any = self._wp.ScopedStream(self._wp.stream_from_torch(self._stream))
+                scope: Any = self._wp.ScopedStream(self._wp_stream)
             else:
-                import contextlib
                 scope = contextlib.nullcontext()
             with scope:
                 mjw.kinematics(self.m, self.d)
