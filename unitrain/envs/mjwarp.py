@@ -61,7 +61,12 @@ def kernel_cache_dir() -> Path:
 
 def _warp() -> Any:
     """Import and initialise Warp with the project's kernel cache and quiet module loads."""
-    import warp as wp
+    try:
+        import mujoco_warp  # noqa: F401
+        import warp as wp
+    except ImportError as e:
+        raise ConfigError("backend", f"the mjwarp backend needs MuJoCo Warp ({e}); "
+                                     "pip install 'unitrain[mjwarp]'") from None
 
     if wp.config.kernel_cache_dir is None:  # set before Warp initialises (once, here)
         wp.config.kernel_cache_dir = str(kernel_cache_dir())
