@@ -240,3 +240,14 @@ def test_return_distribution_matches_gymnasium(env_id):
     mine, theirs = returns_of_linear_policy(env_id, 24, 100)
     assert mine.std() > 0 and theirs.std() > 0
     assert ks_2samp(mine, theirs).pvalue > 0.01, (mine.mean(), theirs.mean())
+
+
+def test_the_backend_is_chosen_by_name_and_checks_its_ids():
+    from unitrain.envs.mjwarp import TASKS
+    from unitrain.envs.spec import MJWARP_IDS, EnvSpec, resolve_backend
+    from unitrain.errors import ConfigError
+
+    assert tuple(TASKS) == MJWARP_IDS
+    assert resolve_backend(EnvSpec("Hopper-v5", backend="mjwarp")) == "mjwarp"
+    with pytest.raises(ConfigError, match="mjwarp runs HalfCheetah-v5.*not Pendulum-v1"):
+        EnvSpec("Pendulum-v1", backend="mjwarp")

@@ -36,6 +36,7 @@ from torchrl.envs import EnvBase
 from unitrain.envs.envpool import EnvPoolVector
 from unitrain.envs.gymnasium import GymnasiumVector
 from unitrain.envs.info import info_from_spaces
+from unitrain.envs.mjwarp import MJWarpVector
 from unitrain.envs.obs_norm import ObsNorm
 from unitrain.envs.spec import EnvSpec, resolve_backend
 from unitrain.envs.torchrl_env import TorchRLVector
@@ -119,7 +120,8 @@ class _Split:
 
 # Backends by name (EnvSpec.backend, after resolve_backend).
 BACKENDS: dict[str, Callable[[EnvSpec, int, int | None, int], Any]] = {
-    "gymnasium": GymnasiumVector, "envpool": EnvPoolVector, "torchrl": TorchRLVector}
+    "gymnasium": GymnasiumVector, "envpool": EnvPoolVector, "torchrl": TorchRLVector,
+    "mjwarp": MJWarpVector}
 
 
 def _copy(x: Any) -> Any:

@@ -40,7 +40,9 @@ class EnvSpec(Validated):
         kwargs: extra keyword arguments for ``gymnasium.make`` (such an env runs on gymnasium),
             or for the ``make`` factory.
         backend: who simulates the envs: ``"gymnasium"`` (Python envs in this process),
-            ``"envpool"`` (EnvPool's C++ envs on their own threads, for the ids it provides) or
+            ``"envpool"`` (EnvPool's C++ envs on their own threads, for the ids it provides),
+            ``"mjwarp"`` (MuJoCo Warp: the five v5 locomotion tasks of :data:`MJWARP_IDS`
+            simulated in batched worlds on the CPU or a GPU, :mod:`unitrain.envs.mjwarp`) or
             ``"auto"``: EnvPool for the MuJoCo and Atari ids it provides when it is installed,
             gymnasium otherwise (see :func:`resolve_backend`). A spec with ``make`` runs on
             the ``"torchrl"`` backend (:mod:`unitrain.envs.torchrl_env`) whatever this says.
@@ -81,8 +83,8 @@ class EnvSpec(Validated):
         check(self.backend != "torchrl", "backend", "auto, gymnasium or envpool for a gymnasium "
               "id (torchrl runs a make: factory or env)", self.backend)
         validate_env_id(self.id)
-        if self.backend == "envpool":
-            resolve_backend(self)  # says now if EnvPool cannot run this id
+        if self.backend in ("envpool", "mjwarp"):
+            resolve_backend(self)  # says now if that backend cannot run this id
 
     @classmethod
     def from_env(cls, env: Any, **fields: Any) -> EnvSpec:
@@ -208,7 +210,9 @@ def validate_env_id(env_id: str) -> None:
     raise ConfigError("id", f"unknown gymnasium env {env_id!r}; {hint}")
 
 
-BACKEND_CHOICES = ("auto", "gymnasium", "envpool", "torchrl")
+BACKEND_CHOICES = ("auto", "gymnasium", "envpool", "torchrl", "mjwarp")
+# The ids the MuJoCo Warp backend simulates (unitrain.envs.mjwarp.TASKS).
+MJWARP_IDS = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5")
 _warned_missing_envpool = False
 
 
@@ -235,8 +239,8 @@ def is_mujoco(env_id: str) -> bool:
 
 
 def resolve_backend(spec: "EnvSpec") -> str:
-    """The backend that runs ``spec``: ``"gymnasium"``, ``"envpool"``, or ``"torchrl"`` for a
-    spec with ``make`` (a TorchRL env of the user's).
+    """The backend that runs ``spec``: ``"gymnasium"``, ``"envpool"``, ``"mjwarp"`` (MuJoCo Warp,
+    asked for by name), or ``"torchrl"`` for a spec with ``make`` (a TorchRL env of the user's).
 
     ``"auto"`` picks EnvPool for MuJoCo and Atari ids when EnvPool provides them (their physics
     and emulation are where the time goes, and EnvPool runs them in C++ on its own threads) and
@@ -252,6 +256,11 @@ def resolve_backend(spec: "EnvSpec") -> str:
         return "torchrl"
     if spec.backend == "gymnasium":
         return "gymnasium"
+    if spec.backend == "mjwarp":
+        if spec.id not in MJWARP_IDS:
+            raise ConfigError("backend", f"mjwarp runs {', '.join(MJWARP_IDS)}, not {spec.id}; "
+                                         "use backend: gymnasium, envpool or auto")
+        return "mjwarp"
     native = envpool_id(spec.id) if not spec.kwargs else None
     if spec.backend == "envpool":
         if envpool_ids() is None:
