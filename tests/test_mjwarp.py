@@ -20,6 +20,7 @@ The first run compiles Warp's kernels for each model (minutes on the CPU) into t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import gymnasium as gym
@@ -251,3 +252,28 @@ def test_the_backend_is_chosen_by_name_and_checks_its_ids():
     assert resolve_backend(EnvSpec("Hopper-v5", backend="mjwarp")) == "mjwarp"
     with pytest.raises(ConfigError, match="mjwarp runs HalfCheetah-v5.*not Pendulum-v1"):
         EnvSpec("Pendulum-v1", backend="mjwarp")
+
+
+def test_a_policy_trained_on_mjwarp_plays_alike_on_gymnasium(tmp_path):
+    """ES trains a linear HalfCheetah policy on the mjwarp backend through the Trainer (the
+    population evaluation and the deterministic evaluations on MuJoCo Warp worlds); its checkpoint
+    then plays on the gymnasium backend (``unitrain evaluate CKPT env.backend=gymnasium``) to a
+    mean return within three standard errors of the mjwarp one (24 episodes each)."""
+    import unitrain as ut
+    from unitrain.run.checkpoint import evaluate_checkpoint
+
+    spec = EnvSpec("HalfCheetah-v5", backend="mjwarp", max_episode_steps=100)
+    trainer = ut.Trainer(env=spec, optimizer=ut.optim.ES(population=16, sigma=0.05, lr=0.05),
+                         max_frames=6_400, eval_every_frames=3_200, eval_episodes=4, seed=2,
+                         num_threads=1, run_dir=tmp_path / "run", logger=False,
+                         enable_progress_bar=False)
+    trainer.fit(ut.MLPPolicy(17, 6, hidden=[]))
+    ckpt = trainer.summary["checkpoint"]
+    n = 24
+    runs = {b: evaluate_checkpoint(ckpt, episodes=n, seed=1, env_overrides={"backend": b})
+            for b in ("mjwarp", "gymnasium")}
+    m, g = (runs[b]["eval/return_mean"] for b in ("mjwarp", "gymnasium"))
+    # Three standard errors of the difference of the two means (Welch).
+    se = math.sqrt(sum(runs[b]["eval/return_std"] ** 2 / n for b in runs))
+    assert abs(m - g) <= 3 * se, runs
+    assert trainer.summary["frames"] >= 6_400

@@ -3,7 +3,7 @@
 ::
 
     unitrain fit RECIPE [key=value ...]       train; ends with a summary and summary.json
-    unitrain evaluate CHECKPOINT [--episodes N]
+    unitrain evaluate CHECKPOINT [env.KEY=VALUE ...] [--episodes N]
     unitrain compare RECIPE [RECIPE ...] [--seeds N] [--frames F] [--jobs J] [--out DIR]
                      [--threshold T] [--python MODULE:CLASS] [key=value ...]
     unitrain recipes                          list the shipped recipes
@@ -44,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.devices=2")
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint's deterministic policy")
     ev.add_argument("checkpoint")
+    ev.add_argument("overrides", nargs="*", metavar="env.KEY=VALUE",
+                    help="change the run's env, e.g. env.backend=gymnasium")
     ev.add_argument("--episodes", type=int, default=10)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--video", default=None, metavar="PATH",
@@ -76,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "fit":
             return _fit(args.recipe, args.overrides)
         if args.command == "evaluate":
-            return _evaluate(args.checkpoint, args.episodes, args.seed, args.video,
+            return _evaluate(args.checkpoint, args.episodes, args.seed, args.overrides, args.video,
                              args.video_episodes)
         if args.command == "compare":
             return _compare(args)
@@ -186,18 +188,27 @@ def _resolve_resume(resume: str | None, run_dir: str | None, recipe: Any) -> tup
     return run_dir, str(path)
 
 
-def _evaluate(checkpoint: str, episodes: int, seed: int, video: str | None = None,
-              video_episodes: int = 1) -> int:
+def _evaluate(checkpoint: str, episodes: int, seed: int, overrides: list[str],
+              video: str | None = None, video_episodes: int = 1) -> int:
+    import yaml
+
     from unitrain.errors import UserError
     from unitrain.run.checkpoint import evaluate_checkpoint
 
     if episodes < 1:
         raise UserError(f"--episodes {episodes}: expected an integer >= 1")
+    env: dict[str, object] = {}
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key.startswith("env.") or "." in key[4:] or not key[4:]:
+            raise UserError(f"{item}: evaluate takes env overrides, env.KEY=VALUE (e.g. "
+                            "env.backend=gymnasium)")
+        env[key[4:]] = yaml.safe_load(value) if value else value
     if video is not None:
         from unitrain.run.video import check_video_path, record
 
         check_video_path(video)  # before the evaluation: a bad path costs no episodes
-    result = evaluate_checkpoint(checkpoint, episodes=episodes, seed=seed)
+    result = evaluate_checkpoint(checkpoint, episodes=episodes, seed=seed, env_overrides=env)
     if video is not None:
         filmed = record(checkpoint, video, episodes=video_episodes, seed=seed)
         result["video"] = {k: filmed[k] for k in ("path", "frames", "fps", "returns", "lengths")}

@@ -9,6 +9,7 @@ Trainer; ``unitrain evaluate CKPT`` calls it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -189,11 +190,36 @@ def evaluate(policy: "RLModule | str | os.PathLike", env: Any = None,
             e.close()
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, episodes: int = 10,
-                        seed: int = 0) -> dict[str, Any]:
-    """:func:`evaluate` of a checkpoint in its run's env, with the checkpoint's frame count."""
+def evaluate_checkpoint(checkpoint: str | os.PathLike, episodes: int = 10, seed: int = 0,
+                        env_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`evaluate` of a checkpoint in its run's env, with the checkpoint's frame count.
+
+    Args:
+        checkpoint: the checkpoint file.
+        episodes: episodes to play.
+        seed: the seed the episodes' seeds derive from.
+        env_overrides: :class:`~unitrain.EnvSpec` fields to change in the run's env, e.g.
+            ``{"backend": "gymnasium"}`` to play a policy trained on ``mjwarp`` in gymnasium.
+
+    Raises:
+        ConfigError: an override names no env setting, or a value it does not take.
+    """
+    from unitrain.envs.spec import EnvSpec
+
     ckpt = read_checkpoint(checkpoint)
-    result = evaluate(checkpoint, episodes=episodes, seed=seed)
-    return {"checkpoint": str(checkpoint), "env": ckpt["unitrain"]["env"]["id"]
-            if ckpt["unitrain"].get("env") else None, "frames": ckpt["unitrain"]["frames"],
+    recorded = ckpt["unitrain"].get("env")
+    env = None
+    if env_overrides:
+        if recorded is None:
+            raise UserError(f"{checkpoint}: this run has no environment to override")
+        known = {f.name for f in dataclasses.fields(EnvSpec)}
+        for key in env_overrides:
+            if key not in known:
+                raise ConfigError(f"env.{key}", "not an env setting; one of "
+                                  + ", ".join(sorted(known)))
+        env = EnvSpec.from_record({**recorded, **env_overrides}, str(checkpoint))
+    result = evaluate(checkpoint, env=env, episodes=episodes, seed=seed)
+    return {"checkpoint": str(checkpoint), "env": recorded["id"] if recorded else None,
+            **({"env_overrides": dict(env_overrides)} if env_overrides else {}),
+            "frames": ckpt["unitrain"]["frames"],
             **{f"eval/{k}": v for k, v in result.items()}}
