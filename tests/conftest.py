@@ -13,7 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The environment of a fresh process: it imports the test helpers here and the unitrain
     this process imported (not another installed copy)."""
     import unitrain
@@ -25,14 +25,14 @@ def _child_env() -> dict[str, str]:
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m unitrain ARGS`` in a fresh process."""
-    env = _child_env()
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "unitrain", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 def run_script(path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a Python script in a fresh process (its directory is the working directory)."""
-    env = _child_env()
+    env = child_env()
     return subprocess.run([sys.executable, str(path), *args], cwd=path.parent, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -265,6 +265,17 @@ def test_fit_then_evaluate(capsys, small_recipe, tmp_path):
     assert again["eval/return_mean"] == result["eval/return_mean"]
     ckpt = torch.load(summary["checkpoint"], weights_only=False)
     assert ckpt["unitrain"]["frames"] == summary["frames"]
+    # The run's env with settings changed: a time limit of 5 steps cuts every episode there.
+    assert main(["evaluate", summary["checkpoint"], "env.max_episode_steps=5",
+                 "env.backend=gymnasium", "--episodes", "3"]) == 0
+    cut = json.loads(capsys.readouterr().out)
+    assert cut["eval/length_mean"] == 5.0 and cut["eval/return_max"] <= 5.0
+    assert cut["env_overrides"] == {"max_episode_steps": 5, "backend": "gymnasium"}
+    for bad, says in (("trainer.devices=2", "trainer.devices=2: evaluate takes env overrides"),
+                      ("env.colour=red", "env.colour: not an env setting; one of"),
+                      ("env.max_episode_steps=0", "max_episode_steps")):
+        err = _fail(capsys, "evaluate", summary["checkpoint"], bad)
+        assert says in err, err
 
 
 @pytest.mark.parametrize("field", ["clip", "entropy_coef", "value_coef", "epochs",

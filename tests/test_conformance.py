@@ -187,3 +187,42 @@ def test_rule_conformance(name: str, tmp_path: Path):
     expected = ["keys", "contract", "determinism", "resume"] if spec else \
         ["keys", "determinism", "resume"]
     assert list(report.checks) == expected + (["learning"] if gain is not None else [])
+
+
+# ---------------------------------------------------------------- a user's own envs
+
+# A user's gymnasium env through its module:id (tests/userenvs.py), continuous actions.
+USER_ENV = ut.EnvSpec("userenvs:Reach-v0", num_envs=4)
+# A user's TorchRL env through its factory's import path (tests/usertorchrl.py): one unbatched
+# GymEnv per slot, stepped by the torch-native backend.
+TORCHRL_ENV = ut.EnvSpec(make="usertorchrl:make_pendulum", num_envs=4)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, task in TASKS.items() if task[0] is not None))
+def test_every_rule_trains_on_a_user_env(name: str, tmp_path: Path):
+    # One iteration of every env rule on the user's env, and its contract: the rule's own
+    # deterministic action is module.act's.
+    _, kwargs, _, _ = TASKS[name]
+    if "fit" in kwargs:  # elite imitation fits continuous actions as real targets
+        kwargs = dict(kwargs, fit=dict(kwargs["fit"], output="squared_error"))
+    module = TinyPolicy(2, 1, **MODULE_ARGS.get(_base(name), {}))
+    trainer = ut.Trainer(USER_ENV, registered_rules()[_base(name)](**kwargs), max_frames=1,
+                         eval_episodes=2, run_dir=tmp_path, enable_progress_bar=False)
+    trainer.fit(module)
+    assert trainer.summary["frames"] > 0 and trainer.summary["env"] == "userenvs:Reach-v0"
+    obs = torch.rand(5, 2) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(RULE_ACTIONS[_base(name)](trainer.rule, module, obs),
+                                   module.act(obs))
+
+
+@pytest.mark.parametrize("name,frames", [("ppo", 512), ("es", 1200)])
+def test_rules_pass_the_quick_checks_on_a_torchrl_env(name: str, frames: int, tmp_path: Path):
+    # A gradient and a population rule on a TorchRL env: the quick checks, resume included
+    # (the env's running episodes are pickled into the checkpoint).
+    kwargs = dict(TASKS[name][1], **({"frames_per_batch": 128, "epochs": 2} if name == "ppo"
+                                     else {"population": 4, "max_episode_steps": 50}))
+    report = check_rule(registered_rules()[name](**kwargs), TORCHRL_ENV, frames=frames,
+                        module=TinyPolicy, rule_action=RULE_ACTIONS[name], run_dir=tmp_path,
+                        eval_episodes=2)
+    assert list(report.checks) == ["keys", "contract", "determinism", "resume"]

@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import child_env
 from lightning.pytorch.loggers import Logger
 from policies import TinyPolicy
 from torch import nn
@@ -23,8 +24,6 @@ from unitrain.errors import ConfigError, UserError
 from unitrain.rules.population.ga import Genome, fresh_init, novelty
 from unitrain.rules.population.service import (ParamLayout, PopulationEvaluator, PopulationPolicy,
                                                centered_ranks, perturb_, shard)
-
-TESTS = Path(__file__).resolve().parent
 
 
 class Record(Logger):
@@ -349,6 +348,8 @@ RULES = {
                               elite_episodes=2, episodes=2, max_episode_steps=100, novelty=0.5,
                               novelty_k=3, archive_add=2),
     "es": lambda: ut.optim.ES(population=12, sigma=0.1, lr=0.05, max_episode_steps=100),
+    "es_table": lambda: ut.optim.ES(population=12, sigma=0.1, lr=0.05, max_episode_steps=100,
+                                    noise_source="table", noise_table_size=100_000),
     "ars": lambda: ut.optim.ARS(population=12, sigma=0.1, lr=0.05, top=4, max_episode_steps=100),
     "cem": lambda: ut.optim.CEM(population=11, sigma=0.1, elite_fraction=0.4,
                                 max_episode_steps=100),
@@ -362,8 +363,10 @@ RULES = {
 
 if __name__ == "__main__":
     devices = int(sys.argv[1])
-    # Two runs in one launch: the processes and their process group serve both fits.
-    for name, make in RULES.items():
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(RULES)
+    # Several runs in one launch: the processes and their process group serve every fit.
+    for name in names:
+        make = RULES[name]
         record = Record()
         trainer = ut.Trainer(env=ut.EnvSpec("CartPole-v1"), optimizer=make(), devices=devices,
                              strategy="ddp" if devices > 1 else "auto", max_frames=2500,
@@ -375,36 +378,46 @@ if __name__ == "__main__":
 '''
 
 
-def test_one_and_two_processes_evolve_identically(tmp_path: Path):
+def test_one_two_and_four_processes_evolve_identically(tmp_path: Path):
+    """Every population rule ends with the same bits on 1 and 2 processes (ES also with its
+    perturbations read from the shared noise table); ES and GA on 4 too."""
     script = tmp_path / "evolve.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(TESTS))
-    procs = {n: subprocess.Popen([sys.executable, str(script), n], cwd=tmp_path, env=env,
+    env = child_env()
+    launches = {"1": [], "2": [], "4": ["es,ga"]}
+    procs = {n: subprocess.Popen([sys.executable, str(script), n, *rules], cwd=tmp_path, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for n in ("1", "2")}
+             for n, rules in launches.items()}
     for n, proc in procs.items():
-        _, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, f"devices={n}: {err[-3000:]}"
-    for rule in ("ga", "es", "ars", "cem", "csa_es", "cmaes", "cmaes_sep", "cbo"):
+    rules = ("ga", "es", "es_table", "ars", "cem", "csa_es", "cmaes", "cmaes_sep", "cbo")
+    for rule in rules:
         one = torch.load(tmp_path / f"{rule}-1-rank0.pt", weights_only=False)
-        two = [torch.load(tmp_path / f"{rule}-2-rank{r}.pt", weights_only=False) for r in (0, 1)]
-        assert one["world_size"] == 1 and two[0]["world_size"] == 2
+        worlds = [2, 4] if rule in ("es", "ga") else [2]
+        many = [torch.load(tmp_path / f"{rule}-{w}-rank{r}.pt", weights_only=False)
+                for w in worlds for r in range(w)]
+        assert one["world_size"] == 1 and [m["world_size"] for m in many][:2] == [2, 2]
         best = [[row["fitness/return_max"] for row in run["rows"] if "fitness/return_max" in row]
-                for run in (one, *two)]
-        assert len(best[0]) >= 3 and best[0] == best[1] == best[2], (rule, best)
-        assert one["frames"] == two[0]["frames"] == two[1]["frames"]
+                for run in (one, *many)]
+        assert len(best[0]) >= 3 and all(b == best[0] for b in best), (rule, best)
+        assert all(m["frames"] == one["frames"] for m in many)
         # Evaluation episodes are seeded by their index, not by the process that plays them
         # (3 episodes: 2 on rank 0 and 1 on rank 1), so the reported returns agree too.
         evals = [[row["eval/return_mean"] for row in run["rows"] if "eval/return_mean" in row]
-                 for run in (one, *two)]
-        assert len(evals[0]) >= 3 and evals[0] == evals[1] == evals[2], (rule, evals)
+                 for run in (one, *many)]
+        assert len(evals[0]) >= 3 and all(e == evals[0] for e in evals), (rule, evals)
         for key, value in one["params"].items():
-            assert torch.equal(value, two[0]["params"][key]), (rule, key)
-            assert torch.equal(value, two[1]["params"][key]), (rule, key)
+            for m in many:
+                assert torch.equal(value, m["params"][key]), (rule, m["world_size"], key)
         if rule == "ga":
             novel = [[row["novelty/mean"] for row in run["rows"] if "novelty/mean" in row]
-                     for run in (one, two[0])]
-            assert novel[0] == novel[1] and len(novel[0]) == len(best[0])
+                     for run in (one, *many)]
+            assert all(n == novel[0] for n in novel) and len(novel[0]) == len(best[0])
+    # The noise table is used: the same run with perturbations regenerated from seeds differs.
+    es, table = (torch.load(tmp_path / f"{r}-1-rank0.pt", weights_only=False)["params"]
+                 for r in ("es", "es_table"))
+    assert any(not torch.equal(es[k], table[k]) for k in es)
 
 
 # ---------------------------------------------------------------------------------- resume

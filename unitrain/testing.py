@@ -52,7 +52,7 @@ import torch
 
 from unitrain.envs.data import DataSpec, load_data
 from unitrain.envs.info import env_info
-from unitrain.envs.spec import EnvSpec
+from unitrain.envs.spec import EnvSpec, as_env_spec
 from unitrain.policy.models import MLPPolicy
 from unitrain.policy.module import RLModule
 from unitrain.rules.base import UpdateRule
@@ -530,7 +530,7 @@ def _ranks_main(path: str) -> None:
 
 # ---------------------------------------------------------------------------- check_rule
 
-def check_rule(rule: UpdateRule | Callable[[], UpdateRule], env: str | EnvSpec | None = None, *,
+def check_rule(rule: UpdateRule | Callable[[], UpdateRule], env: Any = None, *,
                frames: int | None = None, module: Callable[[int, int], RLModule] | None = None,
                data: str | tuple[Any, Any] | None = None, epochs: int | None = None,
                seed: int = 1, min_gain: float | None = None,
@@ -546,7 +546,8 @@ def check_rule(rule: UpdateRule | Callable[[], UpdateRule], env: str | EnvSpec |
     Args:
         rule: an unused rule instance (each run trains a copy), or a zero-argument callable
             returning a fresh rule (the class, ``functools.partial(MyRule, lr=0.1)``, a lambda).
-        env: a gymnasium id or :class:`~unitrain.EnvSpec`; ``None`` for a rule that trains on
+        env: a gymnasium id (``"module:id"`` too), an :class:`~unitrain.EnvSpec`, or a TorchRL
+            ``EnvBase`` or factory; ``None`` for a rule that trains on
             ``(input, target)`` batches (``supervised_only``), with ``data``.
         frames: the env-frame budget of an env run (several of the rule's steps: the check
             interrupts a run half-way).
@@ -577,7 +578,7 @@ def check_rule(rule: UpdateRule | Callable[[], UpdateRule], env: str | EnvSpec |
         RuleCheckError: an ``AssertionError`` naming the check that failed (``error.check``).
         ValueError: the budget is too small to interrupt a run half-way.
     """
-    spec = EnvSpec(id=env) if isinstance(env, str) else env
+    spec = as_env_spec(env)
     loaders: tuple[Any, Any] | None = None
     if spec is None:
         if data is None or epochs is None or epochs < 2:

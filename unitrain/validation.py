@@ -26,6 +26,7 @@ import functools
 import importlib
 import math
 import numbers
+import os
 import re
 import types
 import typing
@@ -33,7 +34,8 @@ from typing import Any, ClassVar
 
 from unitrain.errors import ConfigError, check
 
-__all__ = ["Validated", "bounded", "describe", "import_object", "one_of"]
+__all__ = ["Validated", "bounded", "describe", "import_module", "import_object", "one_of",
+           "where_imports_look"]
 
 
 class Validated:
@@ -291,14 +293,54 @@ def describe(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 
-def import_object(path: str, key: str = "module.target") -> Any:
-    """Import ``package.module.Name`` (or ``package.module:Name``)."""
-    modname, _, attr = path.replace(":", ".").rpartition(".")
+def where_imports_look() -> str:
+    """Where Python looks for a user's modules, for messages: the working directory and
+    ``PYTHONPATH``."""
+    return (f"working directory {os.getcwd()}, "
+            f"PYTHONPATH={os.environ.get('PYTHONPATH') or '(unset)'}")
+
+
+def import_module(name: str, key: str, what: str = "module") -> types.ModuleType:
+    """Import module ``name`` for the setting ``key``; a failure is a one-line
+    :class:`ConfigError` naming the module, the working directory and ``PYTHONPATH``.
+
+    An error raised while the module itself runs (a bug in the user's file) is named too, with
+    the module's own exception, so the user sees which file to fix.
+    """
     try:
-        obj = importlib.import_module(modname) if modname else None
-        for part in attr.split("."):
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and name != e.name and not name.startswith(e.name + "."):
+            raise ConfigError(key, f"importing {what} {name!r} failed: {type(e).__name__}: "
+                                   f"{e}") from None
+        raise ConfigError(key, f"cannot import {what} {name!r}: no module named {e.name!r} "
+                               f"({where_imports_look()})") from None
+    except Exception as e:  # noqa: BLE001 - the module's own code failed, whatever it raised
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(key, f"importing {what} {name!r} failed: {type(e).__name__}"
+                               f"{': ' + first if first else ''}") from None
+
+
+def import_object(path: str, key: str = "module.target") -> Any:
+    """Import ``package.module.Name`` (or ``package.module:Name``).
+
+    Raises:
+        ConfigError: one line naming the module that cannot be imported (with the working
+            directory and ``PYTHONPATH``) or the attribute it lacks.
+    """
+    if ":" in path:
+        modname, _, attr = path.partition(":")
+    else:
+        modname, _, attr = path.rpartition(".")
+    if not modname or not attr:
+        raise ConfigError(key, f"got {path!r}; expected a class path such as "
+                               "unitrain.MLPPolicy or mypackage.models:Policy")
+    module = import_module(modname, key)
+    obj: Any = module
+    for part in attr.split("."):
+        try:
             obj = getattr(obj, part)
-        return obj
-    except (ImportError, AttributeError, TypeError):
-        raise ConfigError(key, f"cannot import {path!r}; expected a class path such as "
-                               "unitrain.MLPPolicy or mypackage.models.Policy") from None
+        except AttributeError:
+            raise ConfigError(key, f"module {modname!r} ({getattr(module, '__file__', '?')}) "
+                                   f"has no attribute {attr!r}") from None
+    return obj

@@ -3,14 +3,18 @@
 ::
 
     unitrain fit RECIPE [key=value ...]       train; ends with a summary and summary.json
-    unitrain evaluate CHECKPOINT [--episodes N]
+    unitrain evaluate CHECKPOINT [env.KEY=VALUE ...] [--episodes N]
     unitrain compare RECIPE [RECIPE ...] [--seeds N] [--frames F] [--jobs J] [--out DIR]
                      [--threshold T] [--python MODULE:CLASS] [key=value ...]
     unitrain recipes                          list the shipped recipes
 
 User mistakes (a missing file, a bad key or value, an unknown env or rule, an unreadable
-checkpoint, a path that is a directory, an empty file or a binary one where text belongs) print
-one line on stderr and exit with code 2.
+checkpoint, a path that is a directory, an empty file or a binary one where text belongs, a
+module that cannot be imported) print one line on stderr and exit with code 2.
+
+Modules a recipe names (``module: {target: mymodels.MyPolicy}``, ``env: {id: mypkg:Env-v0}``,
+``env: {make: mypkg.envs:make_env}``) are imported from the working directory first, as
+``python -m`` does, then from ``PYTHONPATH`` and the installed packages.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    import os
+
+    # As `python -m` does: the user's modules next to their recipes import by name.
+    cwd = os.getcwd()
+    if sys.path[:1] not in ([cwd], [""]):
+        sys.path.insert(0, cwd)
     parser = argparse.ArgumentParser(prog="unitrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="train from a recipe")
@@ -34,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.devices=2")
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint's deterministic policy")
     ev.add_argument("checkpoint")
+    ev.add_argument("overrides", nargs="*", metavar="env.KEY=VALUE",
+                    help="change the run's env, e.g. env.backend=gymnasium")
     ev.add_argument("--episodes", type=int, default=10)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--video", default=None, metavar="PATH",
@@ -66,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "fit":
             return _fit(args.recipe, args.overrides)
         if args.command == "evaluate":
-            return _evaluate(args.checkpoint, args.episodes, args.seed, args.video,
+            return _evaluate(args.checkpoint, args.episodes, args.seed, args.overrides, args.video,
                              args.video_episodes)
         if args.command == "compare":
             return _compare(args)
@@ -176,18 +188,27 @@ def _resolve_resume(resume: str | None, run_dir: str | None, recipe: Any) -> tup
     return run_dir, str(path)
 
 
-def _evaluate(checkpoint: str, episodes: int, seed: int, video: str | None = None,
-              video_episodes: int = 1) -> int:
+def _evaluate(checkpoint: str, episodes: int, seed: int, overrides: list[str],
+              video: str | None = None, video_episodes: int = 1) -> int:
+    import yaml
+
     from unitrain.errors import UserError
     from unitrain.run.checkpoint import evaluate_checkpoint
 
     if episodes < 1:
         raise UserError(f"--episodes {episodes}: expected an integer >= 1")
+    env: dict[str, object] = {}
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key.startswith("env.") or "." in key[4:] or not key[4:]:
+            raise UserError(f"{item}: evaluate takes env overrides, env.KEY=VALUE (e.g. "
+                            "env.backend=gymnasium)")
+        env[key[4:]] = yaml.safe_load(value) if value else value
     if video is not None:
         from unitrain.run.video import check_video_path, record
 
         check_video_path(video)  # before the evaluation: a bad path costs no episodes
-    result = evaluate_checkpoint(checkpoint, episodes=episodes, seed=seed)
+    result = evaluate_checkpoint(checkpoint, episodes=episodes, seed=seed, env_overrides=env)
     if video is not None:
         filmed = record(checkpoint, video, episodes=video_episodes, seed=seed)
         result["video"] = {k: filmed[k] for k in ("path", "frames", "fps", "returns", "lengths")}

@@ -7,6 +7,8 @@ A recipe has these top-level keys::
     resume: null                 # a checkpoint path, or "last"
     init: null                   # start from the policy of any run's checkpoint (any rule)
     env: {id: CartPole-v1, num_envs: 8, ...}          # unitrain.envs.EnvSpec
+                                 # or {id: "mypkg.envs:Reach-v0"} (imports mypkg.envs first)
+                                 # or {make: "mypkg.envs:make_env", <factory kwargs>...}
     module: {target: unitrain.MLPPolicy, hidden: [64, 64]}   # class path + constructor args
     optimizer: {name: ppo, lr: 1.0e-3, ...}           # a registered update rule and its fields
     trainer: {max_frames: 100000, devices: 1, ...}    # TrainerConfig
@@ -163,7 +165,7 @@ def _build(src: str, merged: DictConfig) -> Recipe:
         raise ConfigError("data", "missing; a recipe with env: null needs a data: block, "
                                   "e.g. {name: digits}")
     else:
-        env = _typed(EnvSpec, merged.get("env"), "env")
+        env = _typed(EnvSpec, _factory_kwargs(merged.get("env")), "env")
     trainer = _typed(TrainerConfig, merged.get("trainer"), "trainer")
     opt_node = merged.get("optimizer")
     if opt_node is None or ("name" not in opt_node and "target" not in opt_node):
@@ -193,6 +195,23 @@ def _build(src: str, merged: DictConfig) -> Recipe:
                   None if resume is None else str(resume), env, module, rule, trainer,
                   OmegaConf.to_container(merged, resolve=True), data,
                   None if init is None else str(init))
+
+
+def _factory_kwargs(node: Any) -> Any:
+    """An ``env:`` block with ``make:``: keys that are not :class:`EnvSpec` fields are the
+    factory's keyword arguments (``{make: mypkg.envs:make_env, size: 3}``), gathered into
+    ``kwargs``."""
+    if not isinstance(node, DictConfig) or node.get("make") is None:
+        return node
+    fields = {f.name for f in dataclasses.fields(EnvSpec)}
+    extra = {k: v for k, v in node.items() if k not in fields}
+    if not extra:
+        return node
+    kwargs = dict(node.get("kwargs") or {})
+    kwargs.update(extra)
+    out = {k: v for k, v in node.items() if k in fields}
+    out["kwargs"] = kwargs
+    return OmegaConf.create(out)
 
 
 def _rule_class(target: str) -> type:

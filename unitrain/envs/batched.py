@@ -12,6 +12,10 @@ observation of an episode is returned as the ``next`` observation (for correct b
 and ``step_and_maybe_reset`` (what a collector calls) builds the next step's input directly
 instead of going through TorchRL's generic ``step_mdp``/partial-reset machinery.
 
+A backend may instead be *torch-native* (a user's TorchRL env, :mod:`.torchrl_env`; MuJoCo Warp):
+it steps on a torch device and hands back torch tensors there, and :class:`BatchedEnv` then keeps
+its bookkeeping in torch on that device too (see "The backend protocol" in :class:`BatchedEnv`).
+
 Atari ids get the usual preprocessing (Mnih et al. 2015; Machado et al. 2018) on either backend:
 no-op starts, frame skip 4 with max-pooling, 84×84 grayscale, 4 stacked frames, sticky actions
 (p = 0.25) and the minimal action set."""
@@ -32,8 +36,10 @@ from torchrl.envs import EnvBase
 from unitrain.envs.envpool import EnvPoolVector
 from unitrain.envs.gymnasium import GymnasiumVector
 from unitrain.envs.info import info_from_spaces
+from unitrain.envs.mjwarp import MJWarpVector
 from unitrain.envs.obs_norm import ObsNorm
 from unitrain.envs.spec import EnvSpec, resolve_backend
+from unitrain.envs.torchrl_env import TorchRLVector
 from unitrain.errors import check
 
 __all__ = ["BatchedEnv", "make_env", "halves", "BACKENDS"]
@@ -44,15 +50,25 @@ class _Running:
 
     Kept off the env itself: every attribute assignment on an ``EnvBase`` (an ``nn.Module``),
     including ``self.x += ...`` on an array, goes through two ``__setattr__`` overrides, and a
-    step makes several.
+    step makes several. Numpy arrays over a numpy backend, torch tensors on the backend's device
+    over a torch-native one.
     """
 
-    __slots__ = ("obs", "ep_return", "ep_length")
+    __slots__ = ("obs", "ep_return", "ep_length", "ended", "action")
 
-    def __init__(self, num_envs: int) -> None:
+    def __init__(self, num_envs: int, device: torch.device | None = None) -> None:
         self.obs: torch.Tensor | None = None  # what the next step starts from
-        self.ep_return = np.zeros(num_envs)
-        self.ep_length = np.zeros(num_envs, dtype=np.int64)
+        if device is None:
+            self.ep_return: Any = np.zeros(num_envs)
+            self.ep_length: Any = np.zeros(num_envs, dtype=np.int64)
+        else:
+            self.ep_return = torch.zeros(num_envs, dtype=torch.float64, device=device)
+            self.ep_length = torch.zeros(num_envs, dtype=torch.int64, device=device)
+        # Torch-native backends: (slots, done, returns, lengths) of steps where an episode
+        # ended, turned into ``finished`` entries only when they are read (no device sync per
+        # step).
+        self.ended: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.action: torch.Tensor | None = None  # sent to a backend without send/recv
 
 
 class _Split:
@@ -104,19 +120,51 @@ class _Split:
 
 # Backends by name (EnvSpec.backend, after resolve_backend).
 BACKENDS: dict[str, Callable[[EnvSpec, int, int | None, int], Any]] = {
-    "gymnasium": GymnasiumVector, "envpool": EnvPoolVector}
+    "gymnasium": GymnasiumVector, "envpool": EnvPoolVector, "torchrl": TorchRLVector,
+    "mjwarp": MJWarpVector}
+
+
+def _copy(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x.copy()
 
 
 class BatchedEnv(EnvBase):
     """``num_envs`` copies of an env, stepped together, as a batched TorchRL env.
 
-    The copies come from a backend (:data:`BACKENDS`): gymnasium's envs in this process, or
-    EnvPool's C++ pool with its own threads. Either way the env autoresets in the same step, so
+    The copies come from a backend (:data:`BACKENDS`): gymnasium's envs in this process,
+    EnvPool's C++ pool with its own threads, or a torch-native backend (a user's TorchRL env).
+    Either way the env autoresets in the same step, so
     when episode ``i`` ends,
     ``("next", "observation")[i]`` is the episode's final observation (for bootstrapping) and the
     first observation of the next episode is what the env delivers as ``"observation"`` on the
     following step: directly from :meth:`step_and_maybe_reset` (the collector's path), or from
     the partial reset that :meth:`~torchrl.envs.EnvBase.maybe_reset` issues after :meth:`step`.
+
+    **The backend protocol.** A backend is built as ``backend(spec, num_envs, seed,
+    num_threads)`` (registered in :data:`BACKENDS` under the name :func:`resolve_backend`
+    gives) and has:
+
+    - ``observation_space``, ``action_space``: one slot's gymnasium spaces (a ``Box``
+      observation; ``Discrete`` or 1-D ``Box`` actions), read by :func:`info_from_spaces`;
+    - ``reset(seed) -> obs``: ``[n, *obs_shape]``; ``seed`` is ``None`` (keep the envs' own
+      streams), an int (slot ``i`` gets ``seed + i``) or a list of per-slot seeds;
+    - ``step(action) -> (obs, reward, terminated, truncated, final)``, with same-step autoreset:
+      ``obs[i]`` is the next episode's first observation where slot ``i``'s episode ended
+      (``terminated | truncated``), and ``final`` holds the observations the step ended in for
+      every slot (``final[i]`` the ended episode's last one), or is ``None`` when no episode
+      ended; ``reward``, ``terminated``, ``truncated`` are ``[n]``;
+    - optionally ``send(action)`` / ``recv() -> step's result`` (start a step, finish it: a
+      rollout runs one slot group's policy while another's envs step); without them a step
+      runs at ``recv_part``;
+    - ``state() -> bytes | None`` (``None``: the episodes cannot be saved) and ``load(state)``;
+    - ``close()``.
+
+    A numpy backend returns numpy arrays (observations in the space's dtype, ``bool`` flags) and
+    steps on the CPU. A **torch-native** backend sets ``torch_native = True`` and ``device`` (a
+    ``torch.device``), takes actions as tensors and returns tensors on ``device``
+    (observations ``float32`` or ``uint8``, rewards floating, flags ``bool``); the env is then
+    on ``device`` and its episode bookkeeping (returns, lengths, :attr:`episodes_done`) stays in
+    torch there, with no host copy per step (``finished`` is assembled when it is read).
 
     Args:
         spec: what to run (``spec.backend`` chooses the backend, see :func:`resolve_backend`).
@@ -135,7 +183,8 @@ class BatchedEnv(EnvBase):
     Attributes:
         finished: ``(return, length)`` of the episodes completed since the last
             :meth:`pop_finished`, in completion order.
-        episodes_done: number of completed episodes per env slot, ``[num_envs]`` int64.
+        episodes_done: number of completed episodes per env slot, ``[num_envs]`` int64 (a numpy
+            array, or a tensor on the device of a torch-native backend).
     """
 
     _batch_locked = True
@@ -149,31 +198,38 @@ class BatchedEnv(EnvBase):
                  render_mode: str | None = None) -> None:
         n = spec.num_envs if num_envs is None else num_envs
         check(isinstance(n, int) and n >= 1, "num_envs", "an integer >= 1", n)
-        super().__init__(batch_size=torch.Size([n]), device=torch.device("cpu"))
-        self.spec_ = spec
-        self.num_envs = n
-        self.backend_name = "gymnasium" if render_mode else resolve_backend(spec)
-        make = BACKENDS[self.backend_name]
-        if render_mode:
+        backend_name = resolve_backend(spec)
+        if render_mode and backend_name != "torchrl":
+            backend_name = "gymnasium"
+        make = BACKENDS[backend_name]
+        if render_mode and backend_name == "gymnasium":
             make = functools.partial(GymnasiumVector, render_mode=render_mode)
         sizes = [int(k) for k in parts or () if k > 0]
-        if self.backend_name == "envpool" and len(sizes) > 1:
+        if backend_name == "envpool" and len(sizes) > 1:
             check(sum(sizes) == n, "parts", f"sizes summing to num_envs={n}", list(parts or ()))
-            self.backend = _Split(lambda k, s: make(spec, k, s, num_threads), sizes, seed)
-            self.parts = self.backend.slices
+            backend: Any = _Split(lambda k, s: make(spec, k, s, num_threads), sizes, seed)
+            slot_parts = backend.slices
         else:
-            self.backend = make(spec, n, seed, num_threads)
-            self.parts = [slice(0, n)]
+            backend = make(spec, n, seed, num_threads)
+            slot_parts = [slice(0, n)]
+        native = bool(getattr(backend, "torch_native", False))
+        device = torch.device(backend.device) if native else torch.device("cpu")
+        super().__init__(batch_size=torch.Size([n]), device=device)
+        self.spec_ = spec
+        self.num_envs = n
+        self.backend_name, self.backend, self.parts = backend_name, backend, slot_parts
+        self.torch_native = native
         self.info = info_from_spaces(spec.id, self.backend.observation_space,
                                       self.backend.action_space)
         self._obs_dtype = np.uint8 if self.info.image else np.float32
         self.obs_norm, self.update_norm = obs_norm, update_norm
         self._seed: int | None = seed
-        self._run = _Running(n)
+        self._run = _Running(n, device if native else None)
         self._restored = False
         self._continue = False
-        self.finished: list[tuple[float, int]] = []
-        self.episodes_done = np.zeros(n, dtype=np.int64)
+        self._finished: list[tuple[float, int]] = []
+        self.episodes_done: Any = (torch.zeros(n, dtype=torch.int64, device=device) if native
+                                   else np.zeros(n, dtype=np.int64))
         self._make_specs()
 
     def _make_specs(self) -> None:
@@ -198,6 +254,25 @@ class BatchedEnv(EnvBase):
             done=Categorical(2, shape=(n, 1), dtype=torch.bool),
             terminated=Categorical(2, shape=(n, 1), dtype=torch.bool),
             truncated=Categorical(2, shape=(n, 1), dtype=torch.bool), shape=(n,))
+        if self.torch_native and self._low is not None:
+            self._low_t = torch.as_tensor(self._low, device=self.device)
+            self._high_t = torch.as_tensor(self._high, device=self.device)
+
+    @property
+    def finished(self) -> list[tuple[float, int]]:
+        """``(return, length)`` of the episodes completed since the last :meth:`pop_finished`,
+        in completion order."""
+        if self._run.ended:
+            self._collect_ended()
+        return self._finished
+
+    def _collect_ended(self) -> None:
+        """Turn a torch-native backend's recorded episode ends into ``finished`` entries (one
+        host copy for all steps since the last read)."""
+        for _, done, ret, length in self._run.ended:
+            idx = done.nonzero().squeeze(-1)
+            self._finished.extend(zip(ret[idx].tolist(), length[idx].tolist()))
+        self._run.ended.clear()
 
     def _as_array(self, obs: np.ndarray) -> np.ndarray:
         """Observations in the spec's dtype (a float64 → float32 copy, or ``obs`` itself)."""
@@ -220,7 +295,18 @@ class BatchedEnv(EnvBase):
 
     def _not_done(self) -> dict[str, torch.Tensor]:
         n = self.num_envs
+        if self.torch_native:
+            return {key: torch.zeros((n, 1), dtype=torch.bool, device=self.device)
+                    for key in self._DONE_KEYS}
         return {key: torch.from_numpy(np.zeros((n, 1), dtype=bool)) for key in self._DONE_KEYS}
+
+    def _normed(self, obs: torch.Tensor, update: bool) -> torch.Tensor:
+        """A torch-native backend's observations, through ``obs_norm`` if there is one."""
+        if self.obs_norm is None:
+            return obs
+        if update and self.update_norm:
+            self.obs_norm.update(obs)
+        return self.obs_norm(obs).to(torch.float32)
 
     def _set_seed(self, seed: int | None) -> None:
         self._seed = seed
@@ -236,12 +322,18 @@ class BatchedEnv(EnvBase):
             self._seed = None
             run.ep_return[:] = 0.0
             run.ep_length[:] = 0
-            run.obs = self._to_tensor(self._as_array(obs), update=True)
+            run.obs = (self._normed(obs, update=True) if self.torch_native else
+                       self._to_tensor(self._as_array(obs), update=True))
         # With same-step autoreset, envs that finished were already reset in _step and their
         # first observation is waiting in run.obs.
         return self._td({"observation": run.obs, **self._not_done()})
 
-    def _action_array(self, action: torch.Tensor) -> np.ndarray:
+    def _action_array(self, action: torch.Tensor) -> Any:
+        if self.torch_native:
+            action = action.detach().to(self.device)
+            if self._low is not None:
+                action = torch.minimum(torch.maximum(action, self._low_t), self._high_t)
+            return action
         action = action.numpy(force=True)  # detach, to CPU, numpy: one call
         if self._low is not None:
             # np.clip's Python-level dispatch costs more than the two ufuncs on small arrays.
@@ -256,7 +348,10 @@ class BatchedEnv(EnvBase):
     def send_part(self, part: int, action: torch.Tensor) -> None:
         """Start a step of slot group ``part`` (``self.parts[part]``) and return at once."""
         backend = self.backend.parts[part] if isinstance(self.backend, _Split) else self.backend
-        backend.send(self._action_array(action))
+        if hasattr(backend, "send"):
+            backend.send(self._action_array(action))
+        else:  # a backend without send/recv steps at recv_part
+            self._run.action = action
 
     def recv_part(self, part: int) -> tuple[TensorDictBase, torch.Tensor]:
         """Finish the step :meth:`send_part` started: the group's ``next`` entries (as
@@ -265,13 +360,21 @@ class BatchedEnv(EnvBase):
         # The whole-env observation is not kept up to date part by part: a later reset or
         # step of the whole env starts afresh.
         self._run.obs = None
-        return self._finish(self.parts[part], *backend.recv())
+        if hasattr(backend, "recv"):
+            out = backend.recv()
+        else:
+            action, self._run.action = self._run.action, None
+            assert action is not None, "recv_part without send_part"
+            out = backend.step(self._action_array(action))
+        return self._finish(self.parts[part], *out)
 
     def _finish(self, sl: slice, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray,
                 truncated: np.ndarray, final: np.ndarray | None
                 ) -> tuple[TensorDictBase, torch.Tensor]:
         """Book a step of slots ``sl``: the ``next`` entries and the observations the slots'
         next step starts from (the next episode's first one where an episode ended)."""
+        if self.torch_native:
+            return self._finish_native(sl, obs, reward, terminated, truncated, final)
         run = self._run
         done = terminated | truncated
         ep_return, ep_length = run.ep_return[sl], run.ep_length[sl]  # views
@@ -284,7 +387,7 @@ class BatchedEnv(EnvBase):
             last_obs = first_obs.copy()
             for i in np.flatnonzero(done):
                 last_obs[i] = final[i]
-                self.finished.append((float(ep_return[i]), int(ep_length[i])))
+                self._finished.append((float(ep_return[i]), int(ep_length[i])))
             self.episodes_done[sl] += done
             ep_return[done] = 0.0
             ep_length[done] = 0
@@ -297,6 +400,34 @@ class BatchedEnv(EnvBase):
             "done": torch.from_numpy(done[:, None]),
             "terminated": torch.from_numpy(terminated[:, None]),
             "truncated": torch.from_numpy(truncated[:, None]),
+        }, len(reward)), start
+
+    def _finish_native(self, sl: slice, obs: torch.Tensor, reward: torch.Tensor,
+                       terminated: torch.Tensor, truncated: torch.Tensor,
+                       final: torch.Tensor | None) -> tuple[TensorDictBase, torch.Tensor]:
+        """:meth:`_finish` for a torch-native backend: the same entries, in torch on the env's
+        device, without a host copy (episode ends are recorded as tensors)."""
+        run = self._run
+        done = terminated | truncated
+        ep_return, ep_length = run.ep_return[sl], run.ep_length[sl]  # views
+        ep_return += reward
+        ep_length += 1
+        if final is None:
+            next_obs = start = self._normed(obs, update=True)
+        else:
+            ended = done.reshape(-1, *[1] * (obs.ndim - 1))
+            next_obs = self._normed(torch.where(ended, final.to(obs.dtype), obs), update=True)
+            start = self._normed(obs, update=False)
+            run.ended.append((sl, done.clone(), ep_return.clone(), ep_length.clone()))
+            self.episodes_done[sl] += done
+            ep_return.masked_fill_(done, 0.0)
+            ep_length.masked_fill_(done, 0)
+        return self._td({
+            "observation": next_obs,
+            "reward": reward.to(torch.float32).unsqueeze(-1),
+            "done": done.unsqueeze(-1),
+            "terminated": terminated.unsqueeze(-1),
+            "truncated": truncated.unsqueeze(-1),
         }, len(reward)), start
 
     def _step_and_maybe_reset(
@@ -331,8 +462,8 @@ class BatchedEnv(EnvBase):
         run = self._run
         return {"envs": envs, "seed": self._seed,
                 "obs": None if run.obs is None else run.obs.clone(),
-                "ep_return": run.ep_return.copy(), "ep_length": run.ep_length.copy(),
-                "episodes_done": self.episodes_done.copy(), "finished": list(self.finished)}
+                "ep_return": _copy(run.ep_return), "ep_length": _copy(run.ep_length),
+                "episodes_done": _copy(self.episodes_done), "finished": list(self.finished)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved: the sub-envs (their episodes and random
@@ -343,7 +474,8 @@ class BatchedEnv(EnvBase):
         run = self._run
         run.obs, run.ep_return, run.ep_length = state["obs"], state["ep_return"], state["ep_length"]
         self.episodes_done = state["episodes_done"]
-        self.finished = list(state["finished"])
+        run.ended.clear()
+        self._finished = list(state["finished"])
         self._restored = run.obs is not None
 
     def continue_episodes(self) -> None:
@@ -354,7 +486,7 @@ class BatchedEnv(EnvBase):
 
     def pop_finished(self) -> list[tuple[float, int]]:
         """Return and clear the (return, length) pairs of episodes completed since the last call."""
-        out, self.finished = self.finished, []
+        out, self._finished = self.finished, []
         return out
 
     def close(self, *, raise_if_closed: bool = True) -> None:

@@ -39,7 +39,12 @@ class EnvInfo:
 
 
 def env_info(spec: EnvSpec) -> EnvInfo:
-    """Read observation and action shapes for ``spec`` from one env instance."""
+    """Read observation and action shapes for ``spec`` from one env instance (a TorchRL env's
+    from its specs)."""
+    if spec.make is not None:
+        from unitrain.envs.torchrl_env import env_spaces
+
+        return info_from_spaces(spec.id, *env_spaces(spec))
     env = make_single(spec)
     try:
         return info_from_spaces(spec.id, env.observation_space, env.action_space)

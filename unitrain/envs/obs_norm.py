@@ -53,8 +53,9 @@ class ObsNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.count <= 1:
             return x
-        std = (self.m2 / self.count).sqrt().to(x.dtype) + self.eps
-        return ((x - self.mean.to(x.dtype)) / std).clamp(-self.clip, self.clip)
+        # The statistics live on the CPU; an env on another device gets them there.
+        std = (self.m2 / self.count).sqrt().to(x.device, x.dtype) + self.eps
+        return ((x - self.mean.to(x.device, x.dtype)) / std).clamp(-self.clip, self.clip)
 
 
 def _chan_merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,

@@ -94,7 +94,8 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Ten
     Args:
         env: the batched env (``n = env.num_envs`` slots).
         policy: ``(observation [k, *obs_shape], slots) -> action [k, ...]`` for the slots
-            ``slots`` (a ``slice`` of ``range(n)``, ``k`` long), on the env's device.
+            ``slots`` (a ``slice`` of ``range(n)``, ``k`` long), on the env's device (where
+            the bookkeeping and the returned tensors are too).
         quota: episodes per slot.
         seeds: one seed per slot for the reset (static: slot ``i`` starts from ``seeds[i]``);
             ``None`` keeps the env's own seeding.
@@ -107,17 +108,18 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Ten
     Returns:
         The episodes, in the order they ended.
     """
-    n = env.num_envs
+    n, device = env.num_envs, env.device
     remaining = torch.ones(n, dtype=torch.int64) if quota is None else torch.as_tensor(
         list(quota), dtype=torch.int64)
+    remaining = remaining.to(device)
     if max_steps is not None and bool((remaining > 1).any()):
         raise ValueError("rollout: max_steps needs one episode per slot")
     if seeds is not None:
         # A list seeds each slot: gymnasium reseeds its envs, EnvPool makes a pool with them.
         env.set_seed(list(seeds), static_seed=True)  # type: ignore[arg-type]
     first = env.reset()["observation"]
-    ret = torch.zeros(n, dtype=torch.float64)
-    length = torch.zeros(n, dtype=torch.int64)
+    ret = torch.zeros(n, dtype=torch.float64, device=device)
+    length = torch.zeros(n, dtype=torch.int64, device=device)
     active = remaining > 0
     groups = [_Group(j, sl, first[sl]) for j, sl in enumerate(env.parts)]
     returns: list[torch.Tensor] = []
@@ -172,7 +174,7 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Ten
                 *(torch.cat([getattr(r, f) for r in records])
                   for f in ("active", "ended", "length"))))
     if not slots:
-        empty = torch.zeros(0, dtype=torch.int64)
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
         return Rollout(empty.double(), empty, empty, rounds * n)
     return Rollout(torch.cat(returns), torch.cat(lengths), torch.cat(slots), rounds * n)
 
@@ -241,10 +243,10 @@ def evaluate_policy(act: Callable[[torch.Tensor], torch.Tensor],
     for a in range(0, len(mine), MAX_EVAL_ENVS):
         wave = mine[a: a + MAX_EVAL_ENVS]
         env = make_env(len(wave))
-        played = rollout(env, lambda obs, _: act(obs.to(device)).cpu(),
+        played = rollout(env, lambda obs, _, on=env.device: act(obs.to(device)).to(on),
                          seeds=[eval_seed(seed, evaluation, k) for k in wave])
         r, n = played.by_slot()
-        rets[a: a + len(wave)], lens[a: a + len(wave)] = r, n.double()
+        rets[a: a + len(wave)], lens[a: a + len(wave)] = r.cpu(), n.cpu().double()
     if world_size > 1:
         assert all_gather is not None, "evaluate_policy: several processes need all_gather"
         # Every process contributes the same number of rows (NaN-padded) to one gather.

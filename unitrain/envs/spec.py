@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
+import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -12,36 +15,53 @@ import gymnasium as gym
 import numpy as np
 
 from unitrain.envs.atari import register_ale
-from unitrain.errors import ConfigError, check
-from unitrain.validation import Validated
+from unitrain.errors import ConfigError, UserError, check
+from unitrain.validation import Validated, import_module, import_object
+
+# The id of a spec that names none.
+DEFAULT_ID = "CartPole-v1"
 
 
 @dataclass
 class EnvSpec(Validated):
-    """What to collect from.
+    """What to collect from: a gymnasium id, or a TorchRL env of the user's.
 
     Args:
         id: a registered gymnasium id, e.g. ``"CartPole-v1"``, ``"HalfCheetah-v5"``,
-            ``"ALE/Pong-v5"``.
+            ``"ALE/Pong-v5"``, or gymnasium's ``"module:id"`` form (``"mypkg.envs:Reach-v0"``
+            imports ``mypkg.envs``, which registers ``Reach-v0``). With ``make``, only the env's
+            name (run directories, logs; default: the factory's or the env class's name).
         num_envs: copies run vectorised in one process (per rank).
         obs_norm: normalise observations with running mean/std (clipped to ±5), statistics
             merged across ranks and saved in checkpoints.
-        max_episode_steps: override the env's time limit (``None`` keeps the registered one).
+        max_episode_steps: override the env's time limit (``None`` keeps the registered one;
+            with ``make``, a TorchRL ``StepCounter`` truncates episodes at this length).
         frame_stack: frames stacked for Atari ids (ignored otherwise).
-        kwargs: extra keyword arguments for ``gymnasium.make`` (such an env runs on gymnasium).
+        kwargs: extra keyword arguments for ``gymnasium.make`` (such an env runs on gymnasium),
+            or for the ``make`` factory.
         backend: who simulates the envs: ``"gymnasium"`` (Python envs in this process),
-            ``"envpool"`` (EnvPool's C++ envs on their own threads, for the ids it provides) or
+            ``"envpool"`` (EnvPool's C++ envs on their own threads, for the ids it provides),
+            ``"mjwarp"`` (MuJoCo Warp: the five v5 locomotion tasks of :data:`MJWARP_IDS`
+            simulated in batched worlds on the CPU or a GPU, :mod:`unitrain.envs.mjwarp`) or
             ``"auto"``: EnvPool for the MuJoCo and Atari ids it provides when it is installed,
-            gymnasium otherwise (see :func:`resolve_backend`).
+            gymnasium otherwise (see :func:`resolve_backend`). A spec with ``make`` runs on
+            the ``"torchrl"`` backend (:mod:`unitrain.envs.torchrl_env`) whatever this says.
+        make: a TorchRL env of the user's instead of a gymnasium id: a factory returning a
+            :class:`~torchrl.envs.EnvBase` (a callable, or its import path
+            ``"mypkg.envs:make_env"``) or an ``EnvBase`` instance. A factory is called with
+            ``kwargs``, plus ``num_envs=<slots>`` when it takes a ``num_envs`` argument (then
+            it returns an env of batch size ``[slots]``); an env without a batch size is copied
+            into a ``SerialEnv`` of ``num_envs`` slots. See :mod:`unitrain.envs.torchrl_env`.
     """
 
-    id: str = "CartPole-v1"
+    id: str = DEFAULT_ID
     num_envs: int = 8
     obs_norm: bool = False
     max_episode_steps: int | None = None
     frame_stack: int = 4
     kwargs: dict[str, Any] = field(default_factory=dict)
     backend: str = "auto"
+    make: Any = None
 
     block: ClassVar[str] = "env"
 
@@ -53,27 +73,146 @@ class EnvSpec(Validated):
         check(self.frame_stack >= 1, "frame_stack", "an integer >= 1", self.frame_stack)
         check(self.backend in BACKEND_CHOICES, "backend", "one of " + ", ".join(BACKEND_CHOICES),
               self.backend)
+        if self.make is not None:
+            check(self.backend in ("auto", "torchrl"), "backend",
+                  "auto or torchrl with make (a TorchRL env runs as itself)", self.backend)
+            self.make = resolve_make(self.make)
+            if self.id == DEFAULT_ID:
+                self.id = make_name(self.make)
+            return
+        check(self.backend != "torchrl", "backend", "auto, gymnasium or envpool for a gymnasium "
+              "id (torchrl runs a make: factory or env)", self.backend)
         validate_env_id(self.id)
-        if self.backend == "envpool":
-            resolve_backend(self)  # says now if EnvPool cannot run this id
+        if self.backend in ("envpool", "mjwarp"):
+            resolve_backend(self)  # says now if that backend cannot run this id
+
+    @classmethod
+    def from_env(cls, env: Any, **fields: Any) -> EnvSpec:
+        """The spec of a TorchRL env instance (or factory): ``make=env``, and ``num_envs``
+        the env's batch size (1 for an env without one) unless ``fields`` say otherwise.
+
+        Args:
+            env: a :class:`~torchrl.envs.EnvBase` instance, a factory returning one, or the
+                factory's import path.
+            fields: further :class:`EnvSpec` fields (``obs_norm``, ``max_episode_steps``, ...).
+        """
+        if "num_envs" not in fields and _is_env_base(env):
+            fields["num_envs"] = max(1, math.prod(env.batch_size))
+        return cls(make=env, **fields)
 
     @property
     def is_atari(self) -> bool:
-        return self.id.startswith("ALE/")
+        return self.make is None and self.id.startswith("ALE/")
+
+    @property
+    def make_path(self) -> str | None:
+        """The import path of ``make`` (``None`` without ``make``, or for a live object that
+        has none: an instance, a lambda, a ``functools.partial``)."""
+        if self.make is None:
+            return None
+        if isinstance(self.make, str):
+            return self.make
+        return import_path(self.make)
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint records of this spec: its fields, with ``make`` as its import path.
+
+        A spec whose ``make`` is a live object without an import path records ``make: None``
+        and ``make_passed: True``: such a run's env must be passed again to resume or evaluate
+        it (``env=`` of the Trainer, :func:`unitrain.evaluate`).
+        """
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["kwargs"] = dict(self.kwargs)
+        if self.make is not None:
+            path = self.make_path
+            out["make"] = path
+            out["make_passed"] = path is None
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], where: str = "checkpoint") -> EnvSpec:
+        """The spec a checkpoint recorded (see :meth:`record`).
+
+        Raises:
+            UserError: the run's env was a live object that must be passed again.
+        """
+        record = dict(record)
+        if record.pop("make_passed", False):
+            raise UserError(f"{where}: this run's env was a TorchRL env passed as an object "
+                            f"({record.get('id')}), which a checkpoint cannot hold; pass it "
+                            "again: unitrain.evaluate(checkpoint, env=...) or "
+                            "Trainer(env=...)")
+        return cls(**record)
+
+
+def _is_env_base(obj: Any) -> bool:
+    from torchrl.envs import EnvBase
+
+    return isinstance(obj, EnvBase)
+
+
+def resolve_make(make: Any) -> Any:
+    """``make`` checked: an import path is imported (one-line error naming the module, the
+    working directory and ``PYTHONPATH``); the result must be an ``EnvBase`` or a callable."""
+    obj = import_object(make, "make") if isinstance(make, str) else make
+    if not (_is_env_base(obj) or callable(obj)):
+        raise ConfigError("make", f"got {make!r}; expected a torchrl.envs.EnvBase, a callable "
+                                  "returning one, or its import path (mypkg.envs:make_env)")
+    return make if isinstance(make, str) else obj
+
+
+def import_path(obj: Any) -> str | None:
+    """``module:qualname`` of a function or class that importing that path gives back, else
+    ``None`` (instances, lambdas, closures, partials, objects defined in ``__main__``)."""
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or "<" in qualname:
+        return None
+    target: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+    return f"{module}:{qualname}" if target is obj else None
+
+
+def make_name(make: Any) -> str:
+    """A name for a spec's ``make`` (its import path's last part, or the class's name)."""
+    if isinstance(make, str):
+        return make.replace(":", ".").rpartition(".")[2]
+    name = getattr(make, "__name__", None) or getattr(getattr(make, "func", None), "__name__",
+                                                       None)
+    if name == "<lambda>":
+        return "torchrl-env"
+    return name or type(make).__name__
 
 
 def validate_env_id(env_id: str) -> None:
-    """Raise a :class:`ConfigError` naming close matches if ``env_id`` is not registered."""
+    """Raise a :class:`ConfigError` naming close matches if ``env_id`` is not registered.
+
+    ``"module:id"`` (gymnasium's form) imports ``module`` first, which registers ``id``; a
+    module that cannot be imported is one line naming it, the working directory and
+    ``PYTHONPATH``.
+    """
     if env_id.startswith("ALE/"):
         register_ale()
     if env_id in gym.registry:
         return
+    name = env_id
+    if ":" in env_id:
+        module, _, name = env_id.partition(":")
+        check(bool(module) and bool(name), "id", "a gymnasium id or module:id", env_id)
+        import_module(module, "id", what="env module")
+        if name in gym.registry:
+            return
+        close = difflib.get_close_matches(name, list(gym.registry), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "it should call gymnasium.register"
+        raise ConfigError("id", f"module {module!r} registers no gymnasium env {name!r}; {hint}")
     close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "see gymnasium.registry for valid ids"
     raise ConfigError("id", f"unknown gymnasium env {env_id!r}; {hint}")
 
 
-BACKEND_CHOICES = ("auto", "gymnasium", "envpool")
+BACKEND_CHOICES = ("auto", "gymnasium", "envpool", "torchrl", "mjwarp")
+# The ids the MuJoCo Warp backend simulates (unitrain.envs.mjwarp.TASKS).
+MJWARP_IDS = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5")
 _warned_missing_envpool = False
 
 
@@ -100,7 +239,8 @@ def is_mujoco(env_id: str) -> bool:
 
 
 def resolve_backend(spec: "EnvSpec") -> str:
-    """The backend that runs ``spec``: ``"gymnasium"`` or ``"envpool"``.
+    """The backend that runs ``spec``: ``"gymnasium"``, ``"envpool"``, ``"mjwarp"`` (MuJoCo Warp,
+    asked for by name), or ``"torchrl"`` for a spec with ``make`` (a TorchRL env of the user's).
 
     ``"auto"`` picks EnvPool for MuJoCo and Atari ids when EnvPool provides them (their physics
     and emulation are where the time goes, and EnvPool runs them in C++ on its own threads) and
@@ -112,8 +252,15 @@ def resolve_backend(spec: "EnvSpec") -> str:
         ConfigError: ``"envpool"`` asked for an id EnvPool cannot run here.
     """
     global _warned_missing_envpool
+    if spec.make is not None or spec.backend == "torchrl":
+        return "torchrl"
     if spec.backend == "gymnasium":
         return "gymnasium"
+    if spec.backend == "mjwarp":
+        if spec.id not in MJWARP_IDS:
+            raise ConfigError("backend", f"mjwarp runs {', '.join(MJWARP_IDS)}, not {spec.id}; "
+                                         "use backend: gymnasium, envpool or auto")
+        return "mjwarp"
     native = envpool_id(spec.id) if not spec.kwargs else None
     if spec.backend == "envpool":
         if envpool_ids() is None:
@@ -135,3 +282,26 @@ def resolve_backend(spec: "EnvSpec") -> str:
 def derive_seed(*entropy: int) -> int:
     """A 31-bit seed derived from integers (run seed, rank, stream, ...), collision-resistant."""
     return int(np.random.SeedSequence([abs(int(e)) for e in entropy]).generate_state(1)[0] >> 1)
+
+
+def as_env_spec(env: Any, num_envs: int | None = None) -> EnvSpec | None:
+    """The :class:`EnvSpec` of what a user passed as ``env=``: a spec as it is, a gymnasium id
+    (``"CartPole-v1"``, ``"mypkg.envs:Reach-v0"``), a TorchRL ``EnvBase`` instance or a
+    factory returning one (:meth:`EnvSpec.from_env`); ``None`` stays ``None``.
+
+    Args:
+        env: what was passed.
+        num_envs: slots per process for an id or a factory (default: the spec's default; an
+            instance's own batch size).
+
+    Raises:
+        ConfigError: ``env`` is none of these.
+    """
+    if env is None or isinstance(env, EnvSpec):
+        return env
+    if isinstance(env, str):
+        return EnvSpec(id=env, num_envs=num_envs or EnvSpec.num_envs)
+    if _is_env_base(env) or callable(env):
+        return EnvSpec.from_env(env, **({} if num_envs is None else {"num_envs": num_envs}))
+    raise ConfigError("env", f"got {env!r}; expected a gymnasium id, a unitrain.EnvSpec, a "
+                             "torchrl.envs.EnvBase or a callable returning one")

@@ -16,7 +16,6 @@ The services themselves (:class:`~unitrain.run.services.RunServices`) know nothi
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import math
 import time
@@ -282,7 +281,7 @@ class RunAdapter:
         self._flush_loggers()
         return {
             **s.state_dict(), "rule": self.rule.state_dict(), "rule_config": self.rule.config(),
-            "env": None if s.env_spec is None else dataclasses.asdict(s.env_spec),
+            "env": None if s.env_spec is None else s.env_spec.record(),
             "module_class": f"{type(module).__module__}:{type(module).__qualname__}",
             "module_hparams": dict(module.hparams), "action_std": module.action_std,
             "next_eval": self.next_eval, "eval_every_frames": self.eval_every_frames,

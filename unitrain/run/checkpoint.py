@@ -9,6 +9,7 @@ Trainer; ``unitrain evaluate CKPT`` calls it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -103,7 +104,7 @@ def load_module(checkpoint: str | os.PathLike, module: "RLModule | None" = None)
     return module
 
 
-def policy_and_env(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None" = None,
+def policy_and_env(policy: "RLModule | str | os.PathLike", env: Any = None,
                    module: "RLModule | None" = None) -> tuple["RLModule", "EnvSpec", Any]:
     """The module to play, the env to play it in and its frozen observation normalisation
     (``None`` without one): what :func:`evaluate` and :func:`unitrain.run.video.record` share.
@@ -112,22 +113,30 @@ def policy_and_env(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec |
     """
     from unitrain.envs.info import env_info
     from unitrain.envs.obs_norm import ObsNorm
-    from unitrain.envs.spec import EnvSpec
+    from unitrain.envs.spec import EnvSpec, as_env_spec
     from unitrain.policy.module import RLModule
 
     norm_state = None
     if not isinstance(policy, RLModule):
         ckpt = read_checkpoint(policy)
         state = ckpt["unitrain"]
+        recorded = state.get("env")
         if env is None:
-            if state.get("env") is None:
+            if recorded is None:
                 raise UserError(f"{policy}: this run has no environment to evaluate in")
-            env = EnvSpec(**state["env"])
+            env = EnvSpec.from_record(recorded, str(policy))
+        elif (recorded is not None and not isinstance(env, (str, EnvSpec))
+              and (recorded.get("make") is not None or recorded.get("make_passed"))):
+            # The run's own TorchRL env passed again: its other settings (obs_norm, time
+            # limit, name) are the checkpoint's.
+            fields = {k: v for k, v in recorded.items() if k not in ("make", "make_passed")}
+            env = EnvSpec(**fields, make=env)
         norm_state = state.get("obs_norm")
         policy = load_module(policy, module)
     if env is None:
-        raise UserError("evaluate: give env= (a gymnasium id or unitrain.EnvSpec)")
-    spec = EnvSpec(id=env) if isinstance(env, str) else env
+        raise UserError("evaluate: give env= (a gymnasium id, a unitrain.EnvSpec or a TorchRL "
+                        "env or factory)")
+    spec = as_env_spec(env)
     info = env_info(spec)
     policy.bind_env(info)
     norm = None
@@ -139,14 +148,16 @@ def policy_and_env(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec |
 
 
 @torch.no_grad()
-def evaluate(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None" = None,
+def evaluate(policy: "RLModule | str | os.PathLike", env: Any = None,
              episodes: int = 10, seed: int = 0, module: "RLModule | None" = None,
              evaluation: int = 0) -> dict[str, float]:
     """Deterministic evaluation of a module, or of a checkpoint's policy, without a Trainer.
 
     Args:
         policy: an :class:`~unitrain.RLModule` or a checkpoint path.
-        env: a gymnasium id or :class:`~unitrain.EnvSpec` (default for a checkpoint: its run's).
+        env: a gymnasium id (``"module:id"`` too), an :class:`~unitrain.EnvSpec`, or a TorchRL
+            ``EnvBase`` or factory (default for a checkpoint: its run's; a run whose env was
+            passed as a live object needs it passed again).
         episodes: episodes to play (each from its own seed).
         seed: the seed the episodes' seeds derive from.
         module: with a checkpoint, the module to load its policy into (a class from a script).
@@ -179,11 +190,36 @@ def evaluate(policy: "RLModule | str | os.PathLike", env: "str | EnvSpec | None"
             e.close()
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, episodes: int = 10,
-                        seed: int = 0) -> dict[str, Any]:
-    """:func:`evaluate` of a checkpoint in its run's env, with the checkpoint's frame count."""
+def evaluate_checkpoint(checkpoint: str | os.PathLike, episodes: int = 10, seed: int = 0,
+                        env_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`evaluate` of a checkpoint in its run's env, with the checkpoint's frame count.
+
+    Args:
+        checkpoint: the checkpoint file.
+        episodes: episodes to play.
+        seed: the seed the episodes' seeds derive from.
+        env_overrides: :class:`~unitrain.EnvSpec` fields to change in the run's env, e.g.
+            ``{"backend": "gymnasium"}`` to play a policy trained on ``mjwarp`` in gymnasium.
+
+    Raises:
+        ConfigError: an override names no env setting, or a value it does not take.
+    """
+    from unitrain.envs.spec import EnvSpec
+
     ckpt = read_checkpoint(checkpoint)
-    result = evaluate(checkpoint, episodes=episodes, seed=seed)
-    return {"checkpoint": str(checkpoint), "env": ckpt["unitrain"]["env"]["id"]
-            if ckpt["unitrain"].get("env") else None, "frames": ckpt["unitrain"]["frames"],
+    recorded = ckpt["unitrain"].get("env")
+    env = None
+    if env_overrides:
+        if recorded is None:
+            raise UserError(f"{checkpoint}: this run has no environment to override")
+        known = {f.name for f in dataclasses.fields(EnvSpec)}
+        for key in env_overrides:
+            if key not in known:
+                raise ConfigError(f"env.{key}", "not an env setting; one of "
+                                  + ", ".join(sorted(known)))
+        env = EnvSpec.from_record({**recorded, **env_overrides}, str(checkpoint))
+    result = evaluate(checkpoint, env=env, episodes=episodes, seed=seed)
+    return {"checkpoint": str(checkpoint), "env": recorded["id"] if recorded else None,
+            **({"env_overrides": dict(env_overrides)} if env_overrides else {}),
+            "frames": ckpt["unitrain"]["frames"],
             **{f"eval/{k}": v for k, v in result.items()}}

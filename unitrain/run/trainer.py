@@ -47,7 +47,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from unitrain.envs.info import env_info
-from unitrain.envs.spec import EnvSpec
+from unitrain.envs.spec import EnvSpec, as_env_spec
 from unitrain.errors import ConfigError, UserError, check
 from unitrain.policy.module import RLModule
 from unitrain.rules.base import UpdateRule
@@ -209,13 +209,15 @@ class Trainer(L.Trainer):
     """Train an :class:`~unitrain.RLModule` with an update rule.
 
     Args:
-        env: a gymnasium id or an :class:`~unitrain.envs.EnvSpec` (``None`` for supervised runs
-            that pass a dataloader to :meth:`fit`).
+        env: a gymnasium id (``"module:id"`` imports ``module`` first), an
+            :class:`~unitrain.envs.EnvSpec`, or a TorchRL ``EnvBase`` instance or a factory
+            returning one (:meth:`EnvSpec.from_env`); ``None`` for supervised runs that pass a
+            dataloader to :meth:`fit`.
         optimizer: the update rule, e.g. ``unitrain.optim.PPO()``.
         max_frames: env-frame budget summed over processes (``None``: no budget). The run stops
             after the iteration that reaches it; ``summary["frames_over_budget"]`` says by how
             many frames that iteration went past it.
-        num_envs: shortcut for ``EnvSpec.num_envs`` when ``env`` is an id.
+        num_envs: shortcut for ``EnvSpec.num_envs`` when ``env`` is an id or a TorchRL env.
         eval_every_frames: env frames between deterministic evaluations (and checkpoints);
             ``None``: a tenth of ``max_frames`` (100,000 without a budget).
         eval_episodes: episodes per evaluation, split across processes.
@@ -233,7 +235,7 @@ class Trainer(L.Trainer):
             ``strategy="ddp"`` selects unitrain's DDP launch.
     """
 
-    def __init__(self, env: str | EnvSpec | None = None, optimizer: UpdateRule | Strategy | None = None, *,
+    def __init__(self, env: Any = None, optimizer: UpdateRule | Strategy | None = None, *,
                  max_frames: int | None = None, num_envs: int | None = None,
                  eval_every_frames: int | None = None, eval_episodes: int = 10,
                  early_stop: EarlyStop | dict | None = None, seed: int = 0,
@@ -249,10 +251,7 @@ class Trainer(L.Trainer):
         if "eval_every" in kwargs:
             raise UserError("Trainer: eval_every (rule iterations) is now eval_every_frames "
                             "(env frames between evaluations)")
-        if isinstance(env, str):
-            env = EnvSpec(id=env, num_envs=num_envs or EnvSpec.num_envs)
-        if not (env is None or isinstance(env, EnvSpec)):
-            raise ConfigError("env", f"got {env!r}; expected a gymnasium id or a unitrain.EnvSpec")
+        env = as_env_spec(env, num_envs)
         check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed",
               "an integer >= 0", seed)
         # The same checks as a recipe's trainer: block, with the same keys in the messages.
@@ -439,7 +438,8 @@ class Trainer(L.Trainer):
         hp["module/class"] = type(model).__qualname__
         hp.update({f"optimizer/{k}": v for k, v in self.rule.config().items()})
         if self.env_spec is not None:
-            hp.update({f"env/{k}": v for k, v in vars(self.env_spec).items() if k != "kwargs"})
+            hp.update({f"env/{k}": v for k, v in self.env_spec.record().items()
+                       if k not in ("kwargs", "make_passed")})
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.log_hyperparams(

@@ -59,6 +59,9 @@ def prepare_rendering(spec: "EnvSpec") -> None:
     """
     from unitrain.envs.spec import is_mujoco
 
+    if spec.make is not None:
+        raise UserError(f"env {spec.id}: videos are filmed from gymnasium envs' rgb_array "
+                        "rendering; a TorchRL env (env.make) cannot be filmed yet")
     if not os.environ.get("DISPLAY"):
         # pygame (classic control) draws off-screen without asking for a window system.
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")

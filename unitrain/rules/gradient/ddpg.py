@@ -96,7 +96,7 @@ class DDPG(OffPolicyFields):
         self.updater, self.critic_opt, self.actor_opt = critic_steps(
             self, self.loss, self.loss.value_network_params, module.policy_parameters())
         self._ou: Tensor | None = None
-        self._episodes_seen: np.ndarray | None = None
+        self._episodes_seen: np.ndarray | Tensor | None = None
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.critic_opt, self.actor_opt]
@@ -116,9 +116,10 @@ class DDPG(OffPolicyFields):
         if self._ou is None or self._ou.shape != eps.shape:
             self._ou = torch.zeros_like(eps)
         elif self._episodes_seen is not None:
-            restarted = torch.from_numpy(done != self._episodes_seen).to(eps.device)
+            restarted = torch.as_tensor(done != self._episodes_seen).to(eps.device)
             self._ou[restarted] = 0.0
-        self._episodes_seen = done.copy()
+        # A numpy array, or a tensor on the device of a torch-native env.
+        self._episodes_seen = done.clone() if isinstance(done, Tensor) else done.copy()
         self._ou = (1.0 - self.ou_theta) * self._ou + self.noise_std * eps
         return self._ou
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from unitrain.errors import check
-from unitrain.rules.population.service import (Evaluation, noise_sum)
+from unitrain.rules.population.reduce import noise_sum
+from unitrain.rules.population.service import Evaluation
 from unitrain.rules.population.strategy import Ask, Strategy, Told, mirrored_ask
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded
@@ -76,6 +77,6 @@ class ARS(Strategy):
         reward_std = torch.cat([plus[kept], minus[kept]]).std(unbiased=False).item()
         weights = torch.zeros(directions, dtype=torch.float64)
         weights[kept] = (plus - minus)[kept] / (b * reward_std) if reward_std > 0 else 0.0
-        step = noise_sum(seeds, weights.tolist(), theta.numel(), theta.dtype, theta.device) * self.lr
-        return Told(theta=(theta.to(torch.float64) + step).to(theta.dtype),
+        step = noise_sum(ctx, seeds, weights.tolist(), theta.numel(), theta.dtype) * self.lr
+        return Told(theta=(theta.to(torch.float64) + step.to(theta.device)).to(theta.dtype),
                     metrics={"optim/lr": self.lr, "optim/reward_std": reward_std})

@@ -11,8 +11,11 @@ every particle and moves them towards the weighted consensus
 
 The module holds the consensus ``v``, so ``module.act`` (and every evaluation) is the consensus
 policy. Particles start at the module's initial parameters plus ``N(0, init_std²)``. The
-particles are the rule's state (checkpointed); noise is regenerated from seeds drawn identically
-on every rank, so ``devices=1`` and ``devices=N`` move them alike.
+particles are the rule's state, split across processes: each rank holds, evaluates and moves its
+shard of them (memory and update ``O(P·n / W)`` per rank), the consensus is one exact sum across
+ranks (:func:`~unitrain.rules.population.reduce.exact_sum`), and checkpoints gather them whole.
+Noise is regenerated from per-particle seeds drawn identically on every rank, so ``devices=1``
+and ``devices=N`` move them alike, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from unitrain.envs.rollout import shard
+from unitrain.rules.population.reduce import exact_sum, global_max
 from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
-                                               episode_seeds, generation_seeds, noise)
+                                               episode_seeds, gather_shards, generation_seeds,
+                                               noise)
 from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded
@@ -65,20 +71,23 @@ class CBO(Strategy):
     def start(self, ctx: "RuleContext", module: "RLModule", layout: ParamLayout) -> None:
         start = layout.flatten(module).cpu()
         seeds = generation_seeds(ctx, _INIT, 0, self.population)
-        self._particles = torch.stack([start + self.init_std * noise(s, layout.numel, layout.dtype)
-                                       for s in seeds])
+        # This rank holds the particles it evaluates: its shard of the population.
+        self._ctx, self._share = ctx, shard(self.population, ctx.rank, ctx.world_size)
+        self._particles = torch.stack([start + self.init_std * noise(seeds[i], layout.numel,
+                                                                     layout.dtype)
+                                       for i in self._share])
 
     def ask(self, ctx: "RuleContext", generation: int, theta: torch.Tensor) -> Ask:
-        particles, device = self._particles, theta.device
+        particles, device, first = self._particles, theta.device, self._share.start
 
         def candidates(idx: Sequence[int]) -> torch.Tensor:
-            return particles[list(idx)].to(device)
+            return particles[[i - first for i in idx]].to(device)
 
         shared = episode_seeds(ctx.seed, STREAM_EPISODES, generation)
         return Ask(self.population, candidates, lambda j, e: shared(0, e))
 
     def tell(self, ctx: "RuleContext", generation: int, ask: Ask, evaluation: Evaluation) -> Told:
-        particles = self._particles
+        particles, share = self._particles, self._share
         count, n = ask.count, particles.shape[1]
         fitness = evaluation.fitness.to(torch.float64)
         finite = torch.isfinite(fitness)
@@ -87,17 +96,27 @@ class CBO(Strategy):
         if not bool(finite.any()):
             logits = torch.zeros_like(fitness)  # nothing to prefer: the plain mean
         weights = torch.softmax(logits, 0)
-        consensus = (weights @ particles.to(torch.float64)).to(particles.dtype)
+        w = weights.tolist()
+        # Σᵢ wᵢ = 1: no term wᵢ·Xᵢ exceeds the largest |Xᵢ| of any rank.
+        peak = global_max(ctx, float(particles.abs().max()) if len(share) else 0.0)
+        consensus = exact_sum(ctx, range(count), lambda i, out: out.add_(
+            particles[i - share.start], alpha=w[i]), peak, (n,), block=1).to(particles.dtype)
         seeds = generation_seeds(ctx, _NOISE, generation, count)
-        xi = torch.stack([noise(s, n, particles.dtype) for s in seeds])
+        xi = torch.stack([noise(seeds[i], n, particles.dtype) for i in share]) if len(share) \
+            else particles
         gap = particles - consensus
         self._particles = (particles - self.drift * self.dt * gap
                            + self.sigma * math.sqrt(self.dt) * gap * xi)
-        return Told(theta=consensus, metrics={"optim/spread": gap.norm(dim=1).mean().item(),
+        spread = gather_shards(ctx, gap.norm(dim=1, keepdim=True), count)
+        return Told(theta=consensus, metrics={"optim/spread": spread.mean().item(),
                                               "optim/weight_max": weights.max().item()})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"particles": self._particles.clone()}
+        # Every rank takes part in a checkpoint: the particles are gathered whole, so a run
+        # resumes on any number of processes.
+        rows = gather_shards(self._ctx, self._particles, self.population)
+        return {"particles": rows.to(self._particles.dtype)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._particles = state["particles"].clone()
+        particles = state["particles"]
+        self._particles = particles[self._share.start: self._share.stop].clone()

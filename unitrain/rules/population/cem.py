@@ -11,8 +11,10 @@ refits to the ``K`` best (``K = ⌊elite_fraction · population⌋``) with weigh
 
 (the variance about the previous mean, as in CEM-RL's code). The added noise ``ε`` starts at
 ``noise_init`` and decays towards ``noise_end``, keeping the search from collapsing early.
-Noise is regenerated from seeds drawn identically on every rank, so ``devices=1`` and
-``devices=N`` make the same updates.
+Noise is regenerated from seeds drawn identically on every rank; each rank rebuilds only its share
+of the elites for the refit, combined exactly across ranks
+(:func:`~unitrain.rules.population.reduce.exact_sum`), so ``devices=1`` and ``devices=N`` make the
+same updates bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from unitrain.rules.population.reduce import NOISE_BOUND, exact_sum
 from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
                                                PopulationFields, episode_seeds, generation_seeds,
                                                noise)
@@ -59,18 +62,29 @@ class CEMDistribution:
         """``√Σ`` in ``like``'s dtype and device."""
         return self.var.sqrt().to(like.dtype).to(like.device)
 
-    def refit(self, mean: torch.Tensor, fitness: torch.Tensor,
-              offset: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-        """The new mean from the ``K`` best candidates (``offset(j) = θⱼ − μ``); refits ``Σ`` and
-        decays ``ε``. Returns the new mean (``mean``'s dtype) and the elites' indices, best first.
+    def refit(self, ctx: "RuleContext", mean: torch.Tensor, fitness: torch.Tensor,
+              offset: Callable[[int], torch.Tensor], bound: float
+              ) -> tuple[torch.Tensor, list[int]]:
+        """The new mean from the ``K`` best candidates (``offset(j) = θⱼ − μ``, at most ``bound``
+        in absolute value); refits ``Σ`` and decays ``ε``. Each rank builds the offsets of its
+        share of the elites only (:func:`~unitrain.rules.population.reduce.exact_sum`). Returns
+        the new mean (``mean``'s dtype) and the elites' indices, best first.
         """
         rule, k = self.rule, self.rule.elites
         order = torch.argsort(fitness, descending=True, stable=True)[:k].tolist()
         raw = torch.tensor([math.log((k + 1) / i) for i in range(1, k + 1)], dtype=torch.float64)
-        weights = raw / raw.sum()
-        z = torch.stack([offset(j).to(torch.float64) for j in order])  # θ₍ᵢ₎ − μ
-        new_mean = (mean.to(torch.float64) + weights @ z).to(mean.dtype)
-        self.var = (weights @ (z * z)).cpu() + self.extra
+        weights = (raw / raw.sum()).tolist()
+
+        def moments(i: int, out: torch.Tensor) -> None:
+            z = offset(order[i]).to(device="cpu", dtype=torch.float64)  # θ₍ᵢ₎ − μ
+            out[0].add_(z, alpha=weights[i])
+            out[1].addcmul_(z, z, value=weights[i])
+
+        # Σᵢ wᵢ = 1, so no term of either row exceeds max(B, B²).
+        first, second = exact_sum(ctx, range(k), moments, max(bound, bound * bound),
+                                  (2, mean.numel()))
+        new_mean = (mean.to(torch.float64) + first.to(mean.device)).to(mean.dtype)
+        self.var = second + self.extra
         self.extra = rule.noise_decay * self.extra + (1 - rule.noise_decay) * rule.noise_end
         return new_mean, order
 
@@ -141,11 +155,12 @@ class CEM(CEMFields, Strategy):
 
         shared = episode_seeds(ctx.seed, STREAM_EPISODES, generation)
         return Ask(self.population, candidates, lambda j, e: shared(0, e), data=theta,
-                   offset=offset)
+                   offset=offset, offset_bound=NOISE_BOUND * float(std.abs().max()))
 
     def tell(self, ctx: "RuleContext", generation: int, ask: Ask, evaluation: Evaluation) -> Told:
-        assert ask.offset is not None
-        new_mean, order = self.dist.refit(ask.data, evaluation.fitness, ask.offset)
+        assert ask.offset is not None and ask.offset_bound is not None
+        new_mean, order = self.dist.refit(ctx, ask.data, evaluation.fitness, ask.offset,
+                                          ask.offset_bound)
         return Told(theta=new_mean, metrics={
             **self.dist.metrics(), "fitness/elite_mean": evaluation.fitness[order].mean().item()})
 

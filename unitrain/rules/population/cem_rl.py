@@ -57,7 +57,7 @@ from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
 from unitrain.rules.gradient.offpolicy import CriticFields, OffPolicyLoop, critic_steps
 from unitrain.rules.gradient.td3 import td3_loss
 from unitrain.rules.population.cem import CEM, CEMFields
-from unitrain.rules.population.service import PopulationEvaluation
+from unitrain.rules.population.service import PopulationEvaluation, noise_source, noise_table
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded, one_of
 
@@ -146,6 +146,7 @@ class CEMRL(CEMFields, CriticFields):
         self.cem.noise_stream = _NOISE
         self.pop = PopulationEvaluation(self.cem, module, ctx)
         self.layout = self.pop.layout
+        self.table = noise_table(self, self.layout.numel)
         self.cem.start(ctx, module, self.layout)
         self.metric_names = _DSAC_T_METRICS if self.critic == "dsac_t" else _METRICS
         self.loop = OffPolicyLoop(self, module, ctx, lambda obs: obs,  # type: ignore[arg-type]
@@ -171,6 +172,10 @@ class CEMRL(CEMFields, CriticFields):
         return [self.critic_opt, self.actor_opt] + ([self.alpha_opt] if self.alpha_opt else [])
 
     def step(self, ctx: "RuleContext") -> dict[str, float]:
+        with noise_source(self.table):
+            return self._generation(ctx)
+
+    def _generation(self, ctx: "RuleContext") -> dict[str, float]:
         gen, count = self.pop.generation, self.population
         mean = self.layout.flatten(self.module)
         ask = self.cem.ask(ctx, gen, mean)
@@ -183,7 +188,9 @@ class CEMRL(CEMFields, CriticFields):
         self.layout.assign(self.module, mean)
 
         played = dataclasses.replace(ask, params=lambda idx: actors[list(idx)],
-                                     offset=lambda j: actors[j] - mean, observe=self._remember)
+                                     offset=lambda j: actors[j] - mean,
+                                     offset_bound=float((actors - mean).abs().max()),
+                                     observe=self._remember)
         ev = self.pop.evaluate(ctx, count, played.params, played.seeds, observe=played.observe)
         self.frames_seen += ev.frames
         self.last_frames = ev.frames

@@ -25,8 +25,12 @@ sep-CMA-ES, which keeps the diagonal of ``C`` only (``B = I``, O(n) everything) 
 ``c_μ`` multiplied by ``(n + 2)/3``.
 
 Every rank holds the same ``C`` and computes the same candidates: the linear algebra runs in
-float64 on one thread, one candidate at a time, so ``devices=1`` and ``devices=N`` make the same
-updates bit for bit.
+float64 on one thread, one candidate at a time. sep-CMA-ES splits its recombination across ranks
+(each regenerates only its share of the selected ``zᵢ``, summed exactly,
+:func:`~unitrain.rules.population.reduce.exact_sum`), so its update costs ``O(μ·n / W)`` per rank;
+full CMA-ES, limited to ``full_max`` parameters, stays whole on every rank (its ``O(n²)``
+covariance update is not a sum over candidates that would pay to split at that size). Either way
+``devices=1`` and ``devices=N`` make the same updates bit for bit.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from unitrain.errors import ConfigError, check
+from unitrain.rules.population.reduce import NOISE_BOUND, exact_sum
 from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
                                                episode_seeds, generation_seeds, noise)
 from unitrain.rules.population.strategy import Ask, Strategy, Told
@@ -168,17 +173,37 @@ class CMAES(Strategy):
         seeds = ask.data
         order = torch.argsort(evaluation.fitness, descending=True, stable=True)[:len(self.weights)]
         with _one_thread():
-            self._update([seeds[j] for j in order.tolist()], generation)
+            self._update(*self._recombine(ctx, [seeds[j] for j in order.tolist()]), generation)
         return Told(theta=self._mean, metrics={
             "optim/sigma": self._sigma, "optim/axis_ratio": (self._D.max() / self._D.min()).item(),
             "optim/path_ratio": self._ps.norm().item() / self.chi,
             "optim/population": float(self.lam)})
 
-    def _update(self, best: list[int], gen: int) -> None:
-        zs, ys = zip(*(self._y(s) for s in best), strict=True)
-        Z, Y = torch.stack(zs), torch.stack(ys)  # [μ, n], best first
+    def _recombine(self, ctx: "RuleContext", best: list[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``⟨z⟩``, ``⟨y⟩`` and the rank-μ term ``Σ wᵢ y₍ᵢ₎y₍ᵢ₎ᵀ`` (its diagonal for sep-CMA-ES) of
+        the ``μ`` best candidates, best first. The diagonal variant's sums are split across ranks
+        (each rank regenerates its share of the ``zᵢ``,
+        :func:`~unitrain.rules.population.reduce.exact_sum`); the full one, at most ``full_max``
+        parameters, is computed whole on every rank."""
         w = self.weights
-        z_w, y_w = w @ Z, w @ Y
+        if self.full:
+            zs, ys = zip(*(self._y(s) for s in best), strict=True)
+            Z, Y = torch.stack(zs), torch.stack(ys)  # [μ, n]
+            return w @ Z, w @ Y, (Y * w[:, None]).T @ Y
+        weights = w.tolist()
+
+        def moments(i: int, out: torch.Tensor) -> None:
+            z = noise(best[i], self.n, torch.float64)
+            out[0].add_(z, alpha=weights[i])
+            out[1].addcmul_(z, z, value=weights[i])
+
+        # Σᵢ wᵢ = 1 and |z| < NOISE_BOUND: no term of either row exceeds NOISE_BOUND².
+        z_w, zz_w = exact_sum(ctx, range(len(best)), moments, NOISE_BOUND ** 2, (2, self.n))
+        return z_w, self._D * z_w, self._D ** 2 * zz_w  # y = D ⊙ z
+
+    def _update(self, z_w: torch.Tensor, y_w: torch.Tensor, rank_mu: torch.Tensor,
+                gen: int) -> None:
         self._mean = self._mean + self._sigma * y_w
 
         cs, cc, c1, cmu, me = self.c_sigma, self.c_c, self.c1, self.cmu, self.mu_eff
@@ -192,11 +217,10 @@ class CMAES(Strategy):
         delta = 0.0 if h_sigma else cc * (2 - cc)
         keep = 1 + c1 * delta - c1 - cmu
         if self.full:
-            rank_mu = (Y * w[:, None]).T @ Y
             self._C = keep * self._C + c1 * torch.outer(self._pc, self._pc) + cmu * rank_mu
             self._C = (self._C + self._C.T) / 2
         else:
-            self._C = keep * self._C + c1 * self._pc ** 2 + cmu * (w @ (Y * Y))
+            self._C = keep * self._C + c1 * self._pc ** 2 + cmu * rank_mu
         self._sigma *= math.exp((cs / self.d_sigma) * (ps_norm / self.chi - 1))
 
         if not self.full:

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from unitrain.rules.population.reduce import noise_sum
 from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
-                                               episode_seeds, generation_seeds, noise, noise_sum)
+                                               episode_seeds, generation_seeds, noise)
 from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
 
@@ -81,7 +82,7 @@ class CSAES(Strategy):
         weights = [0.0] * count
         for j in best:
             weights[j] = 1.0 / mu
-        direction = noise_sum(seeds, weights, n, mean.dtype, torch.device("cpu"))
+        direction = noise_sum(ctx, seeds, weights, n, mean.dtype)
         new_mean = (mean.to(torch.float64) + sigma * direction.to(mean.device)).to(mean.dtype)
         c = self.c
         self._path = (1 - c) * self._path + math.sqrt(c * (2 - c) * mu) * direction

@@ -15,9 +15,10 @@ normalisation (``EnvSpec(obs_norm=True)``) every candidate of a generation sees 
 and the generation's observations are folded in afterwards (merged across processes by the
 Trainer).
 
-With several processes each rank evaluates a contiguous share of the candidates; only returns
-cross process boundaries, and every rank regenerates all the noise and makes the same update, so
-``devices=1`` and ``devices=N`` follow the same trajectory.
+With several processes each rank evaluates a contiguous share of the candidates and regenerates
+only that share's noise for the gradient; returns and one vector of ``n`` integers cross process
+boundaries (:func:`~unitrain.rules.population.reduce.noise_sum`), and every rank makes the same
+update, so ``devices=1`` and ``devices=N`` follow the same trajectory bit for bit.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from unitrain.errors import check
-from unitrain.rules.population.service import (Evaluation, centered_ranks,
-                                               noise_sum)
+from unitrain.rules.population.reduce import noise_sum
+from unitrain.rules.population.service import Evaluation, centered_ranks
 from unitrain.rules.population.strategy import Ask, Strategy, Told, mirrored_ask
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded, one_of
@@ -82,7 +83,7 @@ class ES(Strategy):
         seeds, theta = ask.data
         shaped = centered_ranks(evaluation.fitness)
         weights = (shaped[0::2] - shaped[1::2]).tolist()
-        grad = noise_sum(seeds, weights, theta.numel(), theta.dtype, theta.device) / ask.count
-        descent = -grad + self.weight_decay * theta.to(torch.float64)
+        grad = noise_sum(ctx, seeds, weights, theta.numel(), theta.dtype) / ask.count
+        descent = -grad.to(theta.device) + self.weight_decay * theta.to(torch.float64)
         return Told(grad=descent, metrics={"optim/lr": self._optimizer.param_groups[0]["lr"],
                                            "optim/grad_norm": grad.norm().item()})

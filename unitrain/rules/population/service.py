@@ -8,7 +8,8 @@ pieces they share; a rule composes them (GA-only pieces, the genomes and novelty
 - :class:`ParamLayout`: the module's policy parameters (``RLModule.policy_parameters()``; the
   ``aux`` networks are left out) as one flat vector, so a population is a ``[P, n]`` matrix and a
   perturbation is one vector addition; :func:`noise` regenerates a perturbation from its seed
-  (one ``torch.Generator`` per seed, no shared noise table).
+  (one ``torch.Generator`` per seed), or reads it from a :class:`NoiseTable` shared by the
+  processes of a machine (``noise_source``).
 - :class:`PopulationEvaluator`: runs the episodes of many individuals at once in one batched
   TorchRL env through :func:`unitrain.envs.rollout.rollout`, with the module applied once per step to
   all of them through ``torch.func.vmap(functional_call)`` over the stacked parameters
@@ -30,9 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,9 +55,9 @@ if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
     from unitrain.rules.base import RuleContext
 
-__all__ = ["ParamLayout", "noise", "perturb_", "PopulationPolicy", "PopulationEvaluator",
-           "Episodes", "Evaluation", "PopulationFields", "PopulationEvaluation", "centered_ranks",
-           "shard", "gather_shards", "episode_seeds"]
+__all__ = ["ParamLayout", "noise", "NoiseTable", "noise_source", "noise_table", "perturb_",
+           "PopulationPolicy", "PopulationEvaluator", "Episodes", "Evaluation", "PopulationFields",
+           "PopulationEvaluation", "centered_ranks", "shard", "gather_shards", "episode_seeds"]
 
 # Seed stream of population episodes (the first entry of derive_seed after the run seed), distinct
 # from the run's other streams so that no two uses of the run seed collide.
@@ -130,13 +135,82 @@ class ParamLayout:
             params[name].grad = value.detach().clone().to(params[name].device)
 
 
+class NoiseTable:
+    """A read-only table of standard normals shared by every process of a machine: perturbation
+    ``seed`` of ``n`` parameters is the slice at offset ``seed mod (size − n + 1)`` (Salimans et
+    al. 2017's shared noise table).
+
+    The table is a file of float32 values in shared memory (``/dev/shm``, or the temporary
+    directory where that is missing or too small), written once from ``torch.randn`` with a fixed
+    seed — so its content depends on ``size`` only and every machine builds the same table —
+    and mapped copy-on-write by each process, which shares the pages: one copy per machine.
+    Reading a slice is a memory copy, far cheaper than regenerating ``n`` normals from a seed.
+
+    Args:
+        size: float32 values in the table (4 bytes each).
+    """
+
+    _SEED = 0x5EED
+    _CHUNK = 1 << 24
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+        self.path = self._file(self.size)
+        self.data = torch.from_file(str(self.path), shared=False, size=self.size,
+                                    dtype=torch.float32)
+
+    @classmethod
+    def _file(cls, size: int) -> Path:
+        shm = Path("/dev/shm")
+        room = shm.is_dir() and shutil.disk_usage(shm).free > 2 * 4 * size
+        folder = shm if room else Path(tempfile.gettempdir())
+        path = folder / f"unitrain-noise-{size}.f32"
+        if path.exists() and path.stat().st_size == 4 * size:
+            return path
+        # Concurrent writers (the ranks of a machine) write identical files; the last rename wins.
+        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+        gen = torch.Generator().manual_seed(cls._SEED)
+        with open(tmp, "wb") as f:
+            for start in range(0, size, cls._CHUNK):
+                chunk = torch.randn(min(cls._CHUNK, size - start), generator=gen)
+                f.write(chunk.numpy().tobytes())
+        os.replace(tmp, path)
+        return path
+
+    def slice(self, seed: int, numel: int) -> torch.Tensor:
+        """The ``numel`` normals of perturbation ``seed`` (a view into the table)."""
+        if numel > self.size:
+            raise UserError(f"the noise table holds {self.size:,} values, fewer than the "
+                            f"{numel:,} parameters; raise optimizer.noise_table_size")
+        offset = int(seed) % (self.size - numel + 1)
+        return self.data[offset: offset + numel]
+
+
+# The table noise() reads while a population rule that uses one runs (see noise_source).
+_TABLE: NoiseTable | None = None
+
+
+@contextlib.contextmanager
+def noise_source(table: NoiseTable | None) -> Iterator[None]:
+    """Make :func:`noise` read ``table`` (``None``: regenerate from seeds) inside the block."""
+    global _TABLE
+    previous, _TABLE = _TABLE, table
+    try:
+        yield
+    finally:
+        _TABLE = previous
+
+
 def noise(seed: int, numel: int, dtype: torch.dtype = torch.float32,
           device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normal noise ``[numel]`` regenerated from ``seed``.
+    """Standard normal noise ``[numel]`` for ``seed`` (a new tensor).
 
-    Drawn on the CPU from a generator of its own, so every process and device gets the same
-    values for the same seed.
+    Regenerated on the CPU from a generator of its own, so every process and device gets the same
+    values for the same seed; or, inside :func:`noise_source`, read from a shared
+    :class:`NoiseTable`.
     """
+    if _TABLE is not None:
+        return _TABLE.slice(seed, numel).to(dtype=dtype, device=device, copy=True)
     gen = torch.Generator().manual_seed(int(seed))
     return torch.randn(numel, generator=gen, dtype=dtype).to(device)
 
@@ -161,17 +235,6 @@ def mirrored(theta: torch.Tensor, seeds: Sequence[int],
                             for j in idx])
 
     return candidates
-
-
-def noise_sum(seeds: Sequence[int], weights: Sequence[float], numel: int, dtype: torch.dtype,
-              device: torch.device) -> torch.Tensor:
-    """``Σₖ wₖ·ε(seedₖ)`` in float64, accumulated in a fixed order so every rank computes the same
-    bits; a zero weight adds nothing and its noise is not regenerated."""
-    total = torch.zeros(numel, dtype=torch.float64, device=device)
-    for seed, w in zip(seeds, weights, strict=True):
-        if w != 0.0:
-            total.add_(noise(seed, numel, dtype, device).to(torch.float64), alpha=w)
-    return total
 
 
 # ---------------------------------------------------------------------------------- the policy
@@ -466,6 +529,16 @@ def episode_seeds(run_seed: int, stream: int, generation: int) -> Callable[[int,
 
 
 # ---------------------------------------------------------------------------------- the service
+NOISE_SOURCES = ("auto", "seeds", "table")
+TABLE_FROM = 100_000  # parameters from which noise_source "auto" reads a table
+
+
+def noise_table(fields: "PopulationFields", numel: int) -> NoiseTable | None:
+    """The table a strategy's perturbations come from, or ``None`` (regenerated from seeds)."""
+    use = fields.noise_source == "table" or (fields.noise_source == "auto" and numel >= TABLE_FROM)
+    return NoiseTable(max(fields.noise_table_size, numel)) if use else None
+
+
 @dataclass
 class Evaluation:
     """A population's evaluation gathered from every rank.
@@ -498,6 +571,12 @@ class PopulationFields(RuleFields):
         max_episode_steps: cap on each evaluated episode's steps (``None``: the env's limit).
         max_envs: most env copies stepped together per process (``None``: a process's whole
             share of the population at once); bounds memory for large populations and images.
+        noise_source: where perturbations come from: ``"seeds"`` (regenerated from each seed),
+            ``"table"`` (read from a :class:`NoiseTable` shared by the machine's processes) or
+            ``"auto"``: the table from :data:`TABLE_FROM` parameters up, where regenerating the
+            noise would cost more than the evaluation (measured in ``tools/bench_scale.py``).
+        noise_table_size: float32 values in the table (4 bytes each; at least the parameter
+            count, and best many times it: perturbations are overlapping slices).
     """
 
     population: int = 64
@@ -505,9 +584,15 @@ class PopulationFields(RuleFields):
     episodes: int = 1
     max_episode_steps: int | None = None
     max_envs: int | None = None
+    noise_source: str = "auto"
+    noise_table_size: int = 1 << 26
 
     def validate(self) -> None:
         self.validate_population()
+        check(self.noise_source in NOISE_SOURCES, "noise_source",
+              "one of " + ", ".join(NOISE_SOURCES), self.noise_source)
+        check(isinstance(self.noise_table_size, int) and self.noise_table_size >= 1,
+              "noise_table_size", "an integer >= 1", self.noise_table_size)
         check(self.sigma > 0, "sigma", "a number > 0", self.sigma)
         check(self.episodes >= 1, "episodes", "an integer >= 1", self.episodes)
         check(self.max_episode_steps is None or self.max_episode_steps >= 1, "max_episode_steps",

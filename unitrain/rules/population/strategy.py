@@ -11,6 +11,13 @@ as in evosax's and EvoTorch's functional interfaces:
   direction for the strategy's ``torch.optim`` optimizer (``grad``), its metrics, and
   optionally another :class:`Ask` in the same generation (the GA re-evaluates its elites).
 
+Every rank's ``tell`` sees the whole population's fitness (``P`` floats, gathered by the
+service) but does the heavy part of the update — the sum over candidates of their perturbations
+or parameters — on its own share only: :func:`~unitrain.rules.population.reduce.exact_sum` (and
+:func:`~unitrain.rules.population.reduce.noise_sum` on top of it) builds this rank's terms and
+combines the shares exactly, in integers, so every rank gets the same bits whatever the number of
+processes. A strategy whose update is small may compute it whole on every rank instead.
+
 :class:`PopulationRule` is the service that runs a strategy under the Trainer: it owns the
 population evaluation (:class:`~unitrain.rules.population.service.PopulationEvaluation`: the
 vmapped evaluator, each rank evaluating a contiguous share of every ask with only fitness crossing
@@ -33,7 +40,8 @@ import torch
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
                                                PopulationEvaluation, PopulationFields,
-                                               episode_seeds, generation_seeds, mirrored)
+                                               episode_seeds, generation_seeds, mirrored,
+                                               noise_source, noise_table)
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -60,6 +68,8 @@ class Ask:
         data: whatever the strategy wants back in :meth:`Strategy.tell` (seeds, the centre).
         offset: ``j -> θⱼ − θ`` for a strategy that samples around a centre ``θ``: what its
             ``tell`` refits from, so a composition (CEM-RL) may replace candidates.
+        offset_bound: an upper bound of ``|offset(j)|`` over every ``j`` and parameter (the
+            grid of the exact cross-rank sum, :mod:`unitrain.rules.population.reduce`).
         observe: sees every env step this rank plays for the ask (CEM-RL fills its memory).
     """
 
@@ -70,6 +80,7 @@ class Ask:
     behaviour: bool = True
     data: Any = None
     offset: Callable[[int], torch.Tensor] | None = None
+    offset_bound: float | None = None
     observe: Callable[["Step"], None] | None = None
 
 
@@ -165,13 +176,20 @@ class PopulationRule(UpdateRule):
         self.pop = PopulationEvaluation(self.strategy, module, ctx,
                                         self.strategy.characterisation())
         self.layout = self.pop.layout
-        self.strategy.start(ctx, module, self.layout)
+        # Perturbations come from the strategy's noise source while the rule runs.
+        self.table = noise_table(self.strategy, self.layout.numel)
+        with noise_source(self.table):
+            self.strategy.start(ctx, module, self.layout)
         self._optimizer = self.strategy.optimizer(module.policy_parameters())
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [] if self._optimizer is None else [self._optimizer]
 
     def step(self, ctx: "RuleContext") -> dict[str, float]:
+        with noise_source(self.table):
+            return self._generation(ctx)
+
+    def _generation(self, ctx: "RuleContext") -> dict[str, float]:
         generation = self.pop.generation
         theta = self.layout.flatten(self.module)
         ask: Ask | None = self.strategy.ask(ctx, generation, theta)
@@ -200,11 +218,13 @@ class PopulationRule(UpdateRule):
         return {**self.pop.finish_generation(ctx, first, local_frames, moved), **metrics}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.pop.state_dict(), **self.strategy.state_dict()}
+        with noise_source(self.table):
+            return {**self.pop.state_dict(), **self.strategy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pop.load_state_dict(state)
-        self.strategy.load_state_dict(state)
+        with noise_source(self.table):
+            self.strategy.load_state_dict(state)
 
 
 def as_rule(optimizer: Any) -> Any:
