@@ -8,6 +8,7 @@ GPU machine (``pytest -m cuda tests/test_cuda.py``).
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,9 @@ def test_seeded_ppo_runs_on_cuda_are_bit_identical(tmp_path: Path):
     script.write_text(DETERMINISM)
     out = tmp_path / "params.pt"
     env = dict(child_env(), CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    # Packages installed beside the image's own (tools/device_check.sh's /tmp/site) stay visible.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env["PYTHONPATH"],
+                                                      os.environ.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(script), str(out)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
