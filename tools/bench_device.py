@@ -4,10 +4,11 @@ Rows (each: what, GPU figure, CPU figure, GPU/CPU ratio):
 
 - Deep GA population evaluation on ``ALE/Pong-v5`` (gymnasium + ale-py emulators on the CPU) with
   the Nature CNN (1.7 M parameters per individual), agent steps/s, at P = 64 and P = 1,024: the
-  whole evaluation (resets, emulator steps, the vmapped forward pass of every individual), short
-  episodes; and the network alone (one batched forward of P individuals on one frame each).
-- PPO (CartPole, 2x256 MLP) and SAC (Pendulum, 2x256 actor and critics) gradient updates/s inside
-  the training loop, the same settings in both columns.
+  whole evaluation (seeded resets, emulator steps, the vmapped forward pass of every individual),
+  short episodes, at most 128 emulators at a time (P = 1,024 plays in waves of 128, alike: one is
+  timed); and the network alone (one batched forward of P individuals on one frame each).
+- PPO (CartPole, 2x256 MLP) and SAC (Pendulum, 2x256 actor and critics) gradient updates/s, timed
+  around the updates (collection not counted), the same settings in both columns.
 - ``torch.compile``: skipped; mjwarp: the hook below runs ``tools/bench_mjwarp.py`` when that file
   exists and ``import warp`` works, else the row says why it was skipped.
 
@@ -102,7 +103,9 @@ class PongPopulation:
         pool = torch.randn(4, theta.numel(), generator=torch.Generator().manual_seed(1)).to(device)
 
         def params(idx) -> torch.Tensor:  # GA's children: the parent plus one mutation each
-            return theta + 0.002 * pool[torch.as_tensor(list(idx), device=device) % 4]
+            # One [len(idx), numel] allocation (6.9 GB at P = 1,024): built in place.
+            out = pool[torch.as_tensor(list(idx), device=device) % 4]
+            return out.mul_(0.002).add_(theta)
         return params
 
     def evaluate(self, population: int, device: torch.device) -> float:
@@ -145,25 +148,25 @@ class PongPopulation:
 
 
 def bench_ga(args, devices: list[torch.device], emit: Callable[[str], None]) -> None:
-    log(f"Pong: making up to {args.max_envs} emulators")
     pong = PongPopulation(args.ga_steps, args.max_envs)
+    for p in args.population:
+        log(f"Pong network forward P={p}")
+        gpu, cpu = both(devices, lambda d: pong.forward(p, d, args.forward_reps))
+        emit(row(f"Deep GA Nature CNN forward alone, P={p} (vmapped, "
+                 f"{pong.numel / 1e6:.2f} M params each): agent steps/s", gpu, cpu))
     for p in args.population:
         # A population larger than max_envs plays in waves of max_envs individuals, one after
         # another and alike: one wave is timed.
         wave = min(p, args.max_envs)
         steps = args.ga_steps if p <= args.max_envs else args.ga_steps_large
         pong.evaluator.max_episode_steps = steps
+        log(f"Pong GA evaluation P={p}: making {wave} emulators")
         pong.evaluator._env(wave, 1)  # the emulators are made before the clock starts
         log(f"Pong GA evaluation P={p}: {wave} emulators, {steps} steps")
         gpu, cpu = both(devices, lambda d: pong.evaluate(wave, d))
         waves = "" if wave == p else f", waves of {wave} (one timed)"
-        emit(row(f"Deep GA Pong evaluation, P={p}{waves}, {steps}-step episodes, emulators on "
-                 "the CPU: agent steps/s", gpu, cpu))
-    for p in args.population:
-        log(f"Pong network forward P={p}")
-        gpu, cpu = both(devices, lambda d: pong.forward(p, d, args.forward_reps))
-        emit(row(f"Deep GA Nature CNN forward alone, P={p} (vmapped, "
-                 f"{pong.numel / 1e6:.2f} M params each): agent steps/s", gpu, cpu))
+        emit(row(f"Deep GA Pong evaluation, P={p}{waves}, {steps}-step episodes (seeded resets "
+                 "included), emulators on the CPU: agent steps/s", gpu, cpu))
 
 
 # ------------------------------------------------------------------------------ PPO and SAC
@@ -280,7 +283,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="auto: GPU and CPU columns where CUDA is present; cpu: CPU only")
     parser.add_argument("--rows", type=Path, help="append the table rows to this file")
     parser.add_argument("--skip", nargs="*", default=[], choices=["ga", "gradient", "mjwarp"])
+    parser.add_argument("--population", type=int, nargs="+",
+                        help="population sizes of the Deep GA rows (default 64 1024; quick: 4 16)")
     args = parser.parse_args(argv)
+    population = args.population
     if args.quick:
         args.population, args.max_envs = [4, 16], 8
         args.ga_steps, args.ga_steps_large, args.forward_reps = 5, 3, 2
@@ -292,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         args.ppo_batch, args.ppo_minibatch, args.ppo_epochs, args.ppo_frames = 2048, 256, 4, 4096
         args.sac_updates = 512
 
+    args.population = population or args.population
     has_cuda = args.device == "auto" and torch.cuda.is_available()
     devices = ([torch.device("cuda")] if has_cuda else []) + [torch.device("cpu")]
     threads = os.cpu_count() or 1
@@ -311,10 +318,11 @@ def main(argv: list[str] | None = None) -> None:
     emit(f"| bench{' (quick sizes)' if args.quick else ''}: devices | {gpu_name} "
          f"| {threads} CPU threads | - |")
     start = time.perf_counter()
-    if "ga" not in args.skip:
-        bench_ga(args, devices, emit)
+    # The quick rows first: a run stopped at its time limit keeps them.
     if "gradient" not in args.skip:
         bench_gradient(args, devices, threads, emit)
+    if "ga" not in args.skip:
+        bench_ga(args, devices, emit)
     emit("| torch.compile rows | skipped | - | - |")
     if "mjwarp" not in args.skip:
         for line in bench_mjwarp(has_cuda):
