@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         args.population, args.max_envs = [64, 1024], 128
         args.ga_steps, args.ga_steps_large, args.forward_reps = 30, 8, 3
         args.ppo_batch, args.ppo_minibatch, args.ppo_epochs, args.ppo_frames = 2048, 256, 4, 4096
-        args.sac_updates = 512
+        args.sac_updates = 256
 
     args.population = population or args.population
     has_cuda = args.device == "auto" and torch.cuda.is_available()

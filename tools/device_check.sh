@@ -9,7 +9,7 @@
 #   bash tools/device_check.sh --quick    # tiny benchmark sizes
 #
 # Environment: PYTHON (default python3), UNITRAIN_DEVICE_CHECK_NO_INSTALL=1 (use what is
-# importable already: no wheel install), TESTS_TIMEOUT / BENCH_TIMEOUT (seconds; 150 / 170).
+# importable already: no wheel install), TESTS_TIMEOUT / BENCH_TIMEOUT (seconds; 120 / 150).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -84,10 +84,10 @@ except Exception as e:
 EOF
 
 # 3. The CUDA tests (skipped, and so reported, where CUDA is absent).
-timeout "${TESTS_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py \
+timeout -k 10 "${TESTS_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py \
     --junitxml="$WORK/junit.xml" > "$LOGS/pytest.log" 2>&1
 rc=$?
-[ "$rc" -eq 124 ] && add "tests/test_cuda.py" "stopped at ${TESTS_TIMEOUT:-150} s (pytest.log)"
+{ [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && add "tests/test_cuda.py" "stopped at ${TESTS_TIMEOUT:-120} s (pytest.log)"
 "$PY" - "$WORK/junit.xml" "$ROWS" "$rc" <<'EOF'
 import os, sys
 import xml.etree.ElementTree as ET
@@ -108,11 +108,11 @@ for case in ET.parse(path).getroot().iter("testcase"):
 EOF
 
 # 4. GPU against CPU (rows appended as they are measured, so a stop part way keeps them).
-timeout "${BENCH_TIMEOUT:-170}" "$PY" tools/bench_device.py $QUICK --rows "$ROWS" \
+timeout -k 10 "${BENCH_TIMEOUT:-150}" "$PY" tools/bench_device.py $QUICK --rows "$ROWS" \
     > "$LOGS/bench.log" 2>&1
 rc=$?
-if [ "$rc" -eq 124 ]; then
-    add "bench_device.py" "stopped at ${BENCH_TIMEOUT:-170} s: rows above are those it finished"
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    add "bench_device.py" "stopped at ${BENCH_TIMEOUT:-150} s: rows above are those it finished"
 elif [ "$rc" -ne 0 ]; then
     add "bench_device.py" "FAILED (exit $rc): $(grep -v '^\[' "$LOGS/bench.log" | tail -1 | tr '|' '/')"
 fi
