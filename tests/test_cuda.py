@@ -1,8 +1,9 @@
 """Training on a CUDA device: the envs step on the CPU, the networks and their updates run on the GPU.
 
-Every test here is marked ``cuda`` and skipped where ``torch.cuda.is_available()`` is false (CI's
-machines), so the suite reports them as skipped there. ``tools/device_check.sh`` runs them on a
-GPU machine (``pytest -m cuda tests/test_cuda.py``).
+The GPU tests are marked ``cuda`` and skipped where ``torch.cuda.is_available()`` is false (CI's
+machines), so the suite reports them as skipped there; ``tools/device_check.sh`` runs them on a
+GPU machine (``pytest -m cuda tests/test_cuda.py``). The last test runs on the CPU: it takes the
+collector's device-casting path that a GPU run takes.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from policies import TinyPolicy
 # The device the tests train on (a CPU dry run of this file may set "cpu" and "cpu").
 ACCELERATOR, DEVICE_TYPE = "gpu", "cuda"
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+
+
+def needs_cuda(test):
+    """Marked ``cuda`` and skipped without a CUDA device."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(),
+                                               reason="needs a CUDA device")(test))
 
 
 class Devices(L.Callback):
@@ -60,6 +63,7 @@ def _finite(module: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
+@needs_cuda
 def test_ppo_updates_on_the_gpu(tmp_path: Path):
     devices = Devices()
     trainer = _gpu_trainer(tmp_path, ut.EnvSpec("CartPole-v1", num_envs=8),
@@ -74,6 +78,7 @@ def test_ppo_updates_on_the_gpu(tmp_path: Path):
     assert _finite(module)
 
 
+@needs_cuda
 def test_sac_updates_on_the_gpu(tmp_path: Path):
     devices = Devices()
     # 256 warm-up frames, then one update per frame: about 300 updates.
@@ -90,6 +95,7 @@ def test_sac_updates_on_the_gpu(tmp_path: Path):
     assert _finite(module)
 
 
+@needs_cuda
 def test_ga_evaluates_a_pong_population_with_the_nature_cnn_on_the_gpu(tmp_path: Path):
     """One short generation of Deep GA: the Atari emulators (gymnasium + ale-py) on the CPU, the
     population's Nature-CNN forward passes batched on the GPU."""
@@ -129,6 +135,7 @@ torch.save(params, sys.argv[1])
 """
 
 
+@needs_cuda
 def test_seeded_ppo_runs_on_cuda_are_bit_identical(tmp_path: Path):
     """Two PPO runs with the same seed on one CUDA device end with bit-identical parameters.
 
@@ -153,3 +160,32 @@ def test_seeded_ppo_runs_on_cuda_are_bit_identical(tmp_path: Path):
     assert torch.isfinite(a).all()
     assert torch.equal(a, b), f"max |a - b| = {(a - b).abs().max().item():.3g}"
 
+
+
+
+@pytest.mark.parametrize("rule", [
+    lambda: ut.optim.PPO(frames_per_batch=32, minibatch_size=16, epochs=1),
+    lambda: ut.optim.SAC(batch_size=16, buffer_size=200, warmup_frames=32, frames_per_batch=8,
+                         utd_ratio=0.25, critic_hidden=(16, 16)),
+], ids=["ppo", "sac"])
+def test_collection_with_the_policy_on_another_device_than_the_envs(rule, tmp_path: Path,
+                                                                     monkeypatch):
+    """A GPU run collects with the policy on the module's device and the envs on the CPU, the
+    path of TorchRL's collector that casts between the two devices (and that failed for a policy
+    declaring its output spec, the off-policy explorer's). Taken on the CPU by a training device
+    that compares unequal to the envs' ``cpu``: ``cpu:0``. The off-policy loop keeps the
+    training device for its replay batches (Lightning shows it to the rules' setup)."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    marked = torch.device("cpu", 0)
+    monkeypatch.setattr(SingleDeviceStrategy, "root_device", property(lambda self: marked))
+    rule = rule()
+    env = ut.EnvSpec("CartPole-v1" if rule.name == "ppo" else "Pendulum-v1", num_envs=2)
+    trainer = ut.Trainer(env=env, optimizer=rule, max_frames=64, accelerator="cpu", devices=1,
+                         eval_every_frames=10_000, eval_episodes=1, seed=0, num_threads=1,
+                         run_dir=tmp_path, logger=False, enable_progress_bar=False)
+    module = TinyPolicy(4, 2) if rule.name == "ppo" else TinyPolicy(3, 1)
+    trainer.fit(module)
+    assert trainer.summary["frames"] >= 64
+    if rule.name == "sac":
+        assert rule.loop.replay.device == marked
