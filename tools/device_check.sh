@@ -71,7 +71,8 @@ for ext in ["tensordict._C", "torchrl._torchrl"]:
         importlib.import_module(ext)
         add(f"compiled {ext}", f"loads against torch {torch.__version__}")
     except Exception as e:
-        add(f"compiled {ext}", f"does NOT load: {type(e).__name__}: {e}"[:200])
+        unused = " (unitrain does not use it)" if ext == "torchrl._torchrl" else ""
+        add(f"compiled {ext}", f"does NOT load{unused}: {type(e).__name__}: {e}"[:220])
 try:
     import gymnasium as gym, ale_py
     gym.register_envs(ale_py)
