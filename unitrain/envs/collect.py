@@ -35,7 +35,7 @@ def make_collector(env: EnvBase, policy: Callable[[TensorDictBase], TensorDictBa
     # A device-less carrier would be copied onto the env's device at every step; naming the
     # env's device when the caller names none keeps policy, env and storage on one device.
     device = env.device if device is None else torch.device(device)
-    return Collector(
+    collector = Collector(
         env,
         policy,
         frames_per_batch=frames_per_batch,
@@ -49,3 +49,9 @@ def make_collector(env: EnvBase, policy: Callable[[TensorDictBase], TensorDictBa
         # InitTracker for any policy, wrapping the env in a TransformedEnv off the fast path.
         auto_register_policy_transforms=False,
     )
+    # TorchRL 0.14 keeps the output keys of a policy that declares its spec as a set, and with
+    # the policy on another device than the env (a GPU module, CPU envs) each step then fails in
+    # ``update(..., keys_to_update=<set>)``, which takes a list.
+    if isinstance(getattr(collector, "_policy_output_keys", None), set):
+        collector._policy_output_keys = list(collector._policy_output_keys)
+    return collector

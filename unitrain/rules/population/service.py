@@ -445,10 +445,12 @@ class PopulationEvaluator:
                             for k, v in stacked.items()} for sl in env.parts}
 
         def policy(obs: torch.Tensor, group: slice) -> torch.Tensor:
+            # The envs (and their observations) stay on the CPU; the network runs where the
+            # parameters are (the module's device), and the actions come back to the envs.
             x = obs if norm is None else norm(obs).to(torch.float32)
             action = self.policy.apply(parts[group.start],
-                                       x.reshape(-1, episodes, *obs.shape[1:]))
-            return action.reshape(obs.shape[0], *action.shape[2:])
+                                       x.reshape(-1, episodes, *obs.shape[1:]).to(params.device))
+            return action.reshape(obs.shape[0], *action.shape[2:]).to(obs.device)
 
         seen: list[torch.Tensor] = []
         summary: list[torch.Tensor | None] = [None]
@@ -486,8 +488,9 @@ class PopulationEvaluator:
         hook = getattr(self.policy.module, "behaviour", None)
         if not callable(hook):
             return summary
-        out = hook(summary.reshape(-1, *obs_shape).to(torch.float32))
-        return torch.as_tensor(out).reshape(summary.shape[0], -1).to(torch.float64)
+        device = next((p.device for p in self.policy.module.parameters()), torch.device("cpu"))
+        out = hook(summary.reshape(-1, *obs_shape).to(device, torch.float32))
+        return torch.as_tensor(out).reshape(summary.shape[0], -1).to("cpu", torch.float64)
 
 
 # ---------------------------------------------------------------------------------- selection
