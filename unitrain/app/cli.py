@@ -131,8 +131,6 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
         print(f"unitrain: the run in {trainer.run_dir} is finished ({s['frames']:,} frames, "
               f"budget {s['max_frames']:,}); nothing to do (raise trainer.max_frames to go on)")
         return 0
-    if trainer.global_rank == 0 and trainer.summary is not None:
-        _print_summary(trainer.summary)
     return 0
 
 
@@ -229,23 +227,6 @@ def _recipes() -> int:
         print(f"{name:<{width}}  {note}")
     print(f"\n(in {SHIPPED}; run one with `unitrain fit <env>/<rule>`, copy one to change it)")
     return 0
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    ret = summary.get("eval/return_mean")
-    if ret is None and "test/accuracy" in summary:
-        print(f"\nunitrain: {summary['optimizer']}: test accuracy {summary['test/accuracy']:.4f} "
-              f"after {summary['iterations']} iterations, {summary['wall_s']:.1f} s")
-    else:
-        ret_s = "n/a" if ret is None else f"{ret:.1f} ± {summary.get('eval/return_std') or 0:.1f}"
-        over = summary.get("frames_over_budget") or 0
-        over_s = f" ({over} past the budget: the last iteration's)" if over else ""
-        print(f"\nunitrain: {summary['optimizer']} on {summary['env']}: eval return {ret_s} "
-              f"over {int(summary.get('eval/episodes') or 0)} episodes, {summary['frames']} "
-              f"frames{over_s}, {summary['wall_s']:.1f} s")
-    print(f"unitrain: checkpoint {summary['checkpoint']}")
-    print(f"unitrain: summary {Path(summary['run_dir']) / 'summary.json'}; "
-          f"tensorboard --logdir {summary['run_dir']}")
 
 
 if __name__ == "__main__":
