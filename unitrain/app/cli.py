@@ -6,6 +6,7 @@
     unitrain evaluate CHECKPOINT [env.KEY=VALUE ...] [--episodes N]
     unitrain compare RECIPE [RECIPE ...] [--seeds N] [--frames F] [--jobs J] [--out DIR]
                      [--threshold T] [--python MODULE:CLASS] [key=value ...]
+    unitrain export CHECKPOINT --format {onnx,pt2} --out FILE
     unitrain recipes                          list the shipped recipes
 
 User mistakes (a missing file, a bad key or value, an unknown env or rule, an unreadable
@@ -64,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="report frames and seconds to reach this evaluation return")
     cmp.add_argument("--python", default=None, metavar="MODULE:CLASS",
                      help="train this module class in every recipe instead of its module block")
+    exp = sub.add_parser("export", help="write a checkpoint's policy as a standalone file")
+    exp.add_argument("checkpoint")
+    exp.add_argument("--format", choices=("onnx", "pt2"), default=None,
+                     help="default: from --out's suffix")
+    exp.add_argument("--out", required=True, metavar="FILE", help="the file to write")
     sub.add_parser("recipes", help="list the shipped recipes")
     # compare takes key=value overrides after its options too
     args, extra = parser.parse_known_args(argv)
@@ -82,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.video_episodes)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "export":
+            return _export(args.checkpoint, args.format, args.out)
         return _recipes()
     except UserError as e:
         print(f"unitrain: error: {e}", file=sys.stderr)
@@ -211,6 +219,17 @@ def _evaluate(checkpoint: str, episodes: int, seed: int, overrides: list[str],
         filmed = record(checkpoint, video, episodes=video_episodes, seed=seed)
         result["video"] = {k: filmed[k] for k in ("path", "frames", "fps", "returns", "lengths")}
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _export(checkpoint: str, format: str | None, out: str) -> int:
+    from unitrain.run.export import export
+
+    path = export(checkpoint, out, format)
+    loader = ("torch.export.load(path).module()(observation)"
+              if (format or path.suffix.lstrip(".")) == "pt2" else
+              "onnxruntime.InferenceSession(path).run(None, {'observation': observation})")
+    print(f"unitrain: policy {path}; actions = {loader}")
     return 0
 
 
