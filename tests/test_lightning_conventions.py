@@ -116,7 +116,8 @@ def test_old_checkpoints_callback_states_get_the_new_keys():
     from unitrain.policy.ckpt_file import load_checkpoint_file
     from unitrain.run.trainer import upgrade_callback_states
 
-    states = upgrade_callback_states(load_checkpoint_file(FIXTURES / "cartpole_es.ckpt"))["callbacks"]
+    checkpoint = load_checkpoint_file(FIXTURES / "cartpole_es.ckpt")
+    states = upgrade_callback_states(checkpoint)["callbacks"]
     assert {"unitrain.last", "unitrain.best"} <= set(states)
     assert states["unitrain.best"]["monitor"] == "eval/return_mean"
     assert not any(key.startswith("ModelCheckpoint") for key in states)

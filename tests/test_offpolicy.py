@@ -23,6 +23,7 @@ from unitrain.app.config import load_recipe
 from unitrain.envs.replay import Replay
 from unitrain.errors import ConfigError, TrainingDiverged, UserError
 from unitrain.optim import DDPG, DSACT, SAC, TD3
+from unitrain.policy.ckpt_file import load_checkpoint_file
 
 PENDULUM = ut.EnvSpec("Pendulum-v1", num_envs=2)
 # Tiny settings: 64 warm-up frames, then 8 frames and 4 gradient updates per iteration.
@@ -292,7 +293,6 @@ import sys
 import torch
 import lightning as L
 import unitrain as ut
-from unitrain.policy.ckpt_file import load_checkpoint_file
 from dump import Dump
 from policies import TinyPolicy
 

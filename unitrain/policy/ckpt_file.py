@@ -70,7 +70,8 @@ def decode(value: Any) -> Any:
         tag = value.get(_TAG)
         if tag == "ndarray":
             data = value["data"].numpy().tobytes()
-            array = np.frombuffer(data, dtype=np.dtype(value["dtype"])).reshape(value["shape"]).copy()
+            array = np.frombuffer(data, dtype=np.dtype(value["dtype"])).reshape(value["shape"])
+            array = array.copy()
             return array[()] if value["scalar"] else array
         if tag == "bytes":
             return value["data"].numpy().tobytes()

@@ -241,7 +241,8 @@ class RLModule(L.LightningModule):
                 cls = import_object(run["module_class"], "module_class")
             except ConfigError:
                 raise UserError(f"{checkpoint_path}: module class {run['module_class']} is not "
-                                "importable here; call load_from_checkpoint on that class") from None
+                                "importable here; call load_from_checkpoint on that "
+                                "class") from None
         module = cls(**{**(run.get("module_hparams") or {}), **kwargs})
         recorded = run.get("env_info")
         if recorded is not None:

@@ -61,8 +61,8 @@ from unitrain.run.safety import AtomicCheckpointIO, atomic_write, slurm_restarte
 from unitrain.run.services import RunServices
 from unitrain.validation import Validated
 
-__all__ = ["Trainer", "RuleDDPStrategy", "EarlyStop", "TrainerConfig", "RunCheckpoint", "print_summary",
-           "upgrade_callback_states"]
+__all__ = ["Trainer", "RuleDDPStrategy", "EarlyStop", "TrainerConfig", "RunCheckpoint",
+           "print_summary", "upgrade_callback_states"]
 
 _RUN_DIR_ENV = "UNITRAIN_RUN_DIR"
 
