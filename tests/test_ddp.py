@@ -9,11 +9,11 @@ import torch
 from conftest import SMALL_RECIPE, run_cli, run_ranks
 
 from unitrain.envs import EnvSpec, derive_seed, make_env
+from unitrain.policy.ckpt_file import load_checkpoint_file
 
 SCRIPT = '''
 import sys
 import unitrain as ut
-from unitrain.policy.ckpt_file import load_checkpoint_file
 from dump import Dump
 from policies import TinyPolicy
 
