@@ -11,6 +11,7 @@ from conftest import REPO, SMALL_RECIPE, run_cli
 
 from unitrain.app.cli import main
 from unitrain.app.config import SHIPPED
+from unitrain.policy.ckpt_file import load_checkpoint_file
 
 
 def _fail(capsys, *argv: str) -> str:
@@ -263,7 +264,7 @@ def test_fit_then_evaluate(capsys, small_recipe, tmp_path):
     assert main(["evaluate", summary["checkpoint"], "--episodes", "4", "--seed", "0"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["eval/return_mean"] == result["eval/return_mean"]
-    ckpt = torch.load(summary["checkpoint"], weights_only=False)
+    ckpt = load_checkpoint_file(summary["checkpoint"])
     assert ckpt["unitrain"]["frames"] == summary["frames"]
     # The run's env with settings changed: a time limit of 5 steps cuts every episode there.
     assert main(["evaluate", summary["checkpoint"], "env.max_episode_steps=5",

@@ -9,6 +9,7 @@ import torch
 from conftest import SMALL_RECIPE, run_cli, run_ranks
 
 from unitrain.envs import EnvSpec, derive_seed, make_env
+from unitrain.policy.ckpt_file import load_checkpoint_file
 
 SCRIPT = '''
 import sys
@@ -30,7 +31,7 @@ def test_two_processes_identical_parameters_distinct_seeds(tmp_path: Path):
     r0, r1 = run_ranks(tmp_path, SCRIPT, "2")
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["frames"] == r1["frames"] >= 2048
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    last = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert last["unitrain"]["frames"] == r0["frames"]
     for key, value in r0["params"].items():
         assert torch.equal(value, r1["params"][key]), key

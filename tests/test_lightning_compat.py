@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import unitrain as ut
 from unitrain.run.trainer import run_logger
+from unitrain.policy.ckpt_file import load_checkpoint_file
 
 HIDDEN = 7  # the module's one constructor argument that is not filled in from the env
 
@@ -47,7 +48,7 @@ def test_each_rule_iteration_is_one_global_step(tiny_run):
     trainer, _ = tiny_run
     assert trainer.summary["iterations"] == 2
     assert trainer.global_step == 2
-    ckpt = torch.load(trainer.summary["checkpoint"], weights_only=False, map_location="cpu")
+    ckpt = load_checkpoint_file(trainer.summary["checkpoint"])
     assert ckpt["global_step"] == 2
 
 

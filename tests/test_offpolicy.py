@@ -23,6 +23,7 @@ from unitrain.app.config import load_recipe
 from unitrain.envs.replay import Replay
 from unitrain.errors import ConfigError, TrainingDiverged, UserError
 from unitrain.optim import DDPG, DSACT, SAC, TD3
+from unitrain.policy.ckpt_file import load_checkpoint_file
 
 PENDULUM = ut.EnvSpec("Pendulum-v1", num_envs=2)
 # Tiny settings: 64 warm-up frames, then 8 frames and 4 gradient updates per iteration.
@@ -49,7 +50,7 @@ def test_interrupted_dsac_t_run_resumes_exactly(tmp_path: Path):
     first = _trainer(run, _dsac_t(save_buffer=True), 280)
     module = TinyPolicy(3, 1)
     first.fit(module)
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
     state = ckpt["unitrain"]
     assert state["frames"] == 280 and state["iteration"] == 28
     rule_state = state["rule"]
@@ -74,7 +75,7 @@ def test_interrupted_dsac_t_run_resumes_exactly(tmp_path: Path):
     # counters, the replay memory and every RNG come back exactly as saved.
     assert_same(capture.state, checkpoint_state(ckpt))
     assert second.summary["frames"] == 312
-    final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    final = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
     assert final["unitrain"]["rule"]["updates"] == 108 + 16
     assert final["unitrain"]["rule"]["replay"]["size"] == 312
 
@@ -82,7 +83,7 @@ def test_interrupted_dsac_t_run_resumes_exactly(tmp_path: Path):
 def test_resume_without_saved_buffer_refills_before_updating(tmp_path: Path):
     run = tmp_path / "run"
     _trainer(run, _dsac_t(), 120).fit(TinyPolicy(3, 1))
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
     assert ckpt["unitrain"]["rule"]["replay"] is None
     updates = ckpt["unitrain"]["rule"]["updates"]
     second = _trainer(run, _dsac_t(), 208)
@@ -222,7 +223,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
         trainer.fit(module)
     # In-memory parameters were not stepped with the bad gradients.
     assert all(torch.isfinite(p).all() for p in module.policy_parameters())
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
     # Evaluations (and checkpoints) every 32 frames: the last one after iteration 9, 128 frames
     # (64 warm-up frames in the first iteration, then 8 per iteration).
     assert ckpt["unitrain"]["iteration"] == 9 and ckpt["unitrain"]["frames"] == 128

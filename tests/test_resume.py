@@ -13,6 +13,7 @@ from policies import TinyPolicy
 from rulecheck import CaptureStart, assert_same, checkpoint_state, scalar_steps
 
 import unitrain as ut
+from unitrain.policy.ckpt_file import load_checkpoint_file
 
 
 def _trainer(run_dir: Path, budget: int, callbacks=()) -> ut.Trainer:
@@ -26,7 +27,7 @@ def test_resume_restores_exact_state(tmp_path: Path):
     run = tmp_path / "run"
     first = _trainer(run, 1024)
     first.fit(TinyPolicy(4, 2))
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
     assert ckpt["unitrain"]["frames"] == 1024 and ckpt["unitrain"]["iteration"] == 8
     assert ckpt["optimizer_states"][0]["state"], "the optimizer has moments to restore"
 
@@ -36,7 +37,7 @@ def test_resume_restores_exact_state(tmp_path: Path):
     assert_same(capture.state, checkpoint_state(ckpt))
     assert second.summary["frames"] == 2048
     assert second.global_step == 16  # iterations continue from the checkpoint's count
-    final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    final = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
     assert final["unitrain"]["frames"] == 2048 and final["unitrain"]["iteration"] == 16
     assert json.loads((run / "summary.json").read_text())["frames"] == 2048
 

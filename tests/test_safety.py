@@ -17,6 +17,7 @@ from rulecheck import scalar_steps
 
 from unitrain.errors import UserError
 from unitrain.run.safety import FAULT_ENV, atomic_write
+from unitrain.policy.ckpt_file import load_checkpoint_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from fault_injection import final_state, fit, killed_run, same  # noqa: E402
@@ -39,7 +40,7 @@ def reference(tmp_path_factory) -> dict[str, dict]:
 
 
 def _ckpt_frames(run: Path) -> int:
-    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["unitrain"]["frames"]
+    return load_checkpoint_file(run / "checkpoints" / "last.ckpt")["unitrain"]["frames"]
 
 
 def test_atomic_write_keeps_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
@@ -75,7 +76,7 @@ def test_a_second_ctrl_c_exits_at_once_and_keeps_the_checkpoint(tmp_path):
                        signals=(signal.SIGINT, signal.SIGINT))
     assert code == 130, err[-2000:]
     assert "exiting now" in err
-    torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)  # complete
+    load_checkpoint_file(run / "checkpoints" / "last.ckpt")  # complete
 
 
 def test_two_processes_stop_together_on_a_signal_to_one(tmp_path, reference):
@@ -122,7 +123,7 @@ def test_gradient_rules_resume_after_sigkill_to_the_budget(tmp_path, recipe, ove
     run = tmp_path / "run"
     made, _ = killed_run(recipe, run, overrides, 1, random.Random(3))
     assert made == 1
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
     budget = int(overrides[0].split("=")[1])
     assert ckpt["unitrain"]["frames"] >= budget
     assert len(ckpt["unitrain"]["rng"]) == 1

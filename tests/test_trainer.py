@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import unitrain as ut
 from unitrain.app.cli import main
+from unitrain.policy.ckpt_file import load_checkpoint_file
 
 
 @pytest.fixture(autouse=True)
@@ -52,8 +53,8 @@ trainer: {max_frames: 2048, eval_every_frames: 512, eval_episodes: 4}
     # Same class, same seed, same settings: the two paths are one code path.
     assert cli["eval/return_mean"] == api.summary["eval/return_mean"]
     assert cli["frames"] == api.summary["frames"] == 2048
-    a = torch.load(api.summary["checkpoint"], weights_only=False)
-    b = torch.load(cli["checkpoint"], weights_only=False)
+    a = load_checkpoint_file(api.summary["checkpoint"])
+    b = load_checkpoint_file(cli["checkpoint"])
     assert a["unitrain"]["module_class"] == b["unitrain"]["module_class"] == "policies:TinyPolicy"
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
@@ -92,7 +93,7 @@ def test_seeded_runs_reproduce_and_seeds_matter(tmp_path: Path):
     a = _api_run(tmp_path / "a", max_frames=1024)
     b = _api_run(tmp_path / "b", max_frames=1024)
     c = _api_run(tmp_path / "c", max_frames=1024, seed=4)
-    sa, sb, sc = (torch.load(t.summary["checkpoint"], weights_only=False)["state_dict"]
+    sa, sb, sc = (load_checkpoint_file(t.summary["checkpoint"])["state_dict"]
                   for t in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
@@ -106,7 +107,7 @@ def test_continuous_actions_train(tmp_path: Path):
     trainer.fit(module)
     assert trainer.summary["frames"] == 2048
     # Sampled actions are the squashed Gaussian's: inside the bounds, never clipped by the env.
-    ckpt = torch.load(trainer.summary["checkpoint"], weights_only=False)
+    ckpt = load_checkpoint_file(trainer.summary["checkpoint"])
     assert ckpt["unitrain"]["frames"] == 2048
     # The Gaussian's log std is part of the run's state, outside the policy parameters.
     names = [n for n, _ in module.named_policy_parameters()]

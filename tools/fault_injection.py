@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from unitrain.policy.ckpt_file import load_checkpoint_file
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -96,8 +98,7 @@ def _wait_for_group(pgid: int, timeout: float = 60.0) -> None:
 
 def final_state(run_dir: Path) -> dict:
     """What must match: parameters, optimizer states, the rule's state and the counters."""
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
-                      weights_only=False)
+    ckpt = load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")
     u = ckpt["unitrain"]
     return {"state_dict": ckpt["state_dict"], "optimizer_states": ckpt.get("optimizer_states"),
             "rule": u["rule"], "frames": u["frames"], "iteration": u["iteration"],

@@ -22,10 +22,11 @@ from unitrain.envs import EnvSpec
 from unitrain.errors import ConfigError, UserError
 from unitrain.policy import MLPPolicy, RLModule
 from unitrain.run.checkpoint import evaluate
+from unitrain.run.export import export
 from unitrain.run.trainer import EarlyStop, Trainer
 
 aliases.install()
 
 __all__ = ["Trainer", "RLModule", "MLPPolicy", "EnvSpec", "EarlyStop", "optim", "evaluate",
-           "compare", "UserError", "ConfigError"]
+           "export", "compare", "UserError", "ConfigError"]
 __version__ = "0.2.0"

@@ -53,6 +53,7 @@ import torch
 from unitrain.envs.data import DataSpec, load_data
 from unitrain.envs.info import env_info
 from unitrain.envs.spec import EnvSpec, as_env_spec
+from unitrain.policy.ckpt_file import load_checkpoint_file
 from unitrain.policy.models import MLPPolicy
 from unitrain.policy.module import RLModule
 from unitrain.rules.base import UpdateRule
@@ -350,7 +351,7 @@ def _check_contract(case: _Case, run: Trainer, module: RLModule,
                     rule_action: Callable[[Any, RLModule, torch.Tensor], torch.Tensor] | None
                     ) -> None:
     last = Path(run.summary["checkpoint"])
-    state = torch.load(last, map_location="cpu", weights_only=False)["unitrain"]
+    state = load_checkpoint_file(last)["unitrain"]
     reported = run.summary["eval/return_mean"]
     if state.get("eval_frames") != state["frames"] or state.get("last_eval") is None:
         raise case.fail("contract", f"{last} holds no evaluation of its final parameters")
@@ -415,8 +416,7 @@ def _check_resume(case: _Case, root: Path, reference: Trainer, module: RLModule,
                              f"passed {case.frames // 2} frames also spent the budget, so no "
                              "run can be interrupted half-way; give a budget of several of "
                              "the rule's steps")
-    ckpt = torch.load(where / "checkpoints" / "last.ckpt", map_location="cpu",
-                      weights_only=False)
+    ckpt = load_checkpoint_file(where / "checkpoints" / "last.ckpt")
     expected = checkpoint_state(ckpt)
     assert snapshot.state is not None
     why = ("a rule draws its randomness from ctx.generator, ctx.shared_generator or the "

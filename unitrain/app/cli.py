@@ -6,6 +6,7 @@
     unitrain evaluate CHECKPOINT [env.KEY=VALUE ...] [--episodes N]
     unitrain compare RECIPE [RECIPE ...] [--seeds N] [--frames F] [--jobs J] [--out DIR]
                      [--threshold T] [--python MODULE:CLASS] [key=value ...]
+    unitrain export CHECKPOINT --format {onnx,pt2} --out FILE
     unitrain recipes                          list the shipped recipes
 
 User mistakes (a missing file, a bad key or value, an unknown env or rule, an unreadable
@@ -64,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="report frames and seconds to reach this evaluation return")
     cmp.add_argument("--python", default=None, metavar="MODULE:CLASS",
                      help="train this module class in every recipe instead of its module block")
+    exp = sub.add_parser("export", help="write a checkpoint's policy as a standalone file")
+    exp.add_argument("checkpoint")
+    exp.add_argument("--format", choices=("onnx", "pt2"), default=None,
+                     help="default: from --out's suffix")
+    exp.add_argument("--out", required=True, metavar="FILE", help="the file to write")
     sub.add_parser("recipes", help="list the shipped recipes")
     # compare takes key=value overrides after its options too
     args, extra = parser.parse_known_args(argv)
@@ -82,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.video_episodes)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "export":
+            return _export(args.checkpoint, args.format, args.out)
         return _recipes()
     except UserError as e:
         print(f"unitrain: error: {e}", file=sys.stderr)
@@ -131,8 +139,6 @@ def _fit(recipe_path: str, overrides: list[str]) -> int:
         print(f"unitrain: the run in {trainer.run_dir} is finished ({s['frames']:,} frames, "
               f"budget {s['max_frames']:,}); nothing to do (raise trainer.max_frames to go on)")
         return 0
-    if trainer.global_rank == 0 and trainer.summary is not None:
-        _print_summary(trainer.summary)
     return 0
 
 
@@ -216,6 +222,17 @@ def _evaluate(checkpoint: str, episodes: int, seed: int, overrides: list[str],
     return 0
 
 
+def _export(checkpoint: str, format: str | None, out: str) -> int:
+    from unitrain.run.export import export
+
+    path = export(checkpoint, out, format)
+    loader = ("torch.export.load(path).module()(observation)"
+              if (format or path.suffix.lstrip(".")) == "pt2" else
+              "onnxruntime.InferenceSession(path).run(None, {'observation': observation})")
+    print(f"unitrain: policy {path}; actions = {loader}")
+    return 0
+
+
 def _recipes() -> int:
     from unitrain.app.config import SHIPPED
 
@@ -229,23 +246,6 @@ def _recipes() -> int:
         print(f"{name:<{width}}  {note}")
     print(f"\n(in {SHIPPED}; run one with `unitrain fit <env>/<rule>`, copy one to change it)")
     return 0
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    ret = summary.get("eval/return_mean")
-    if ret is None and "test/accuracy" in summary:
-        print(f"\nunitrain: {summary['optimizer']}: test accuracy {summary['test/accuracy']:.4f} "
-              f"after {summary['iterations']} iterations, {summary['wall_s']:.1f} s")
-    else:
-        ret_s = "n/a" if ret is None else f"{ret:.1f} ± {summary.get('eval/return_std') or 0:.1f}"
-        over = summary.get("frames_over_budget") or 0
-        over_s = f" ({over} past the budget: the last iteration's)" if over else ""
-        print(f"\nunitrain: {summary['optimizer']} on {summary['env']}: eval return {ret_s} "
-              f"over {int(summary.get('eval/episodes') or 0)} episodes, {summary['frames']} "
-              f"frames{over_s}, {summary['wall_s']:.1f} s")
-    print(f"unitrain: checkpoint {summary['checkpoint']}")
-    print(f"unitrain: summary {Path(summary['run_dir']) / 'summary.json'}; "
-          f"tensorboard --logdir {summary['run_dir']}")
 
 
 if __name__ == "__main__":

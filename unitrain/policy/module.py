@@ -21,7 +21,6 @@ out, so population rules evolve only the policy.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -32,6 +31,7 @@ from torch import nn
 
 from unitrain.errors import ConfigError, UserError
 from unitrain.policy.action import ACTION_STD, ActionHead, LogStd
+from unitrain.policy.ckpt_file import load_checkpoint_file
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -72,6 +72,8 @@ class RLModule(L.LightningModule):
     """
 
     action_std: str = "param"
+    # The run's frozen observation statistics, set by load_from_checkpoint.
+    obs_norm: Any = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -167,9 +169,7 @@ class RLModule(L.LightningModule):
         """
         path = Path(checkpoint)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = load_checkpoint_file(path)
             state = ckpt["state_dict"]
         except Exception as e:  # a missing, truncated or foreign file
             raise UserError(f"init={checkpoint}: not a readable unitrain checkpoint "
@@ -196,6 +196,81 @@ class RLModule(L.LightningModule):
             self.load_state_dict(own, strict=False)
         except RuntimeError as e:
             raise UserError(f"init={checkpoint}: {str(e).splitlines()[-1].strip()}") from None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike, map_location: Any = None,
+                             hparams_file: Any = None, strict: bool | None = None,
+                             **kwargs: Any) -> "RLModule":
+        """The trained module of a unitrain checkpoint, ready to act.
+
+        The module is rebuilt from its recorded constructor arguments (``kwargs`` override
+        them), its policy parameters (and ``aux.log_std``) are loaded strictly, its action space
+        is bound (:attr:`actions`, :meth:`act`), and :attr:`obs_norm` holds the run's frozen
+        observation statistics (``None`` without ``env.obs_norm``): the deterministic action
+        for a raw observation ``obs`` is ``module.act(module.obs_norm(obs))`` then. The rule's
+        networks (critics, value functions) stay out; the module is returned in eval mode. Called
+        on ``RLModule`` itself, the checkpoint's recorded class is imported.
+
+        Args:
+            checkpoint_path: a unitrain checkpoint (either format).
+            map_location: device for the parameters (default: CPU).
+            hparams_file: not supported (the checkpoint records the arguments).
+            strict: ``False`` ignores policy parameters that do not fit (default: strict).
+            **kwargs: constructor arguments overriding the recorded ones.
+
+        Raises:
+            UserError: the file is not a unitrain checkpoint, or its class or parameters do not
+                fit.
+        """
+        from unitrain.envs.info import EnvInfo, env_info
+        from unitrain.envs.obs_norm import ObsNorm
+        from unitrain.envs.spec import EnvSpec
+        from unitrain.validation import import_object
+
+        if hparams_file is not None:
+            raise UserError("load_from_checkpoint: hparams_file is not supported; unitrain "
+                            "checkpoints record the module's arguments")
+        try:
+            ckpt = load_checkpoint_file(checkpoint_path, map_location=map_location or "cpu")
+            run, weights = ckpt["unitrain"], ckpt["state_dict"]
+        except Exception as e:
+            raise UserError(f"{checkpoint_path}: not a readable unitrain checkpoint "
+                            f"({type(e).__name__})") from None
+        if cls is RLModule:
+            try:
+                cls = import_object(run["module_class"], "module_class")
+            except ConfigError:
+                raise UserError(f"{checkpoint_path}: module class {run['module_class']} is not "
+                                "importable here; call load_from_checkpoint on that "
+                                "class") from None
+        module = cls(**{**(run.get("module_hparams") or {}), **kwargs})
+        recorded = run.get("env_info")
+        if recorded is not None:
+            info = EnvInfo(**{**recorded, "obs_shape": tuple(recorded["obs_shape"])})
+        elif run.get("env") is not None:  # a checkpoint before 0.2.0: read the env's spaces
+            info = env_info(EnvSpec.from_record(run["env"], str(checkpoint_path)))
+        else:
+            info = None
+        if info is not None:
+            module.bind_env(info)
+        own = {k: v for k, v in weights.items()
+               if not k.startswith("aux.") or k.startswith("aux.log_std.")}
+        if any(k.startswith("aux.log_std.") for k in own):
+            module.log_std_param()
+        try:
+            module.load_state_dict(own, strict=strict is not False)
+        except RuntimeError as e:
+            raise UserError(f"{checkpoint_path}: its parameters do not fit "
+                            f"{cls.__name__}: {str(e).splitlines()[-1].strip()}") from None
+        norm = None
+        if run.get("obs_norm") is not None and info is not None:
+            norm = ObsNorm(info.obs_shape)
+            norm.load_state_dict(run["obs_norm"])
+        # Not a submodule: the statistics belong to the run's env, not to the parameters.
+        module.__dict__["obs_norm"] = norm
+        if map_location is not None:
+            module.to(map_location)
+        return module.eval()
 
     def _other_std(self, theirs: dict[str, torch.Tensor], act_dim: int) -> dict[str, torch.Tensor]:
         """A checkpoint's parameters for this module when the two read the std differently.

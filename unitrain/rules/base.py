@@ -148,6 +148,13 @@ class UpdateRule(RuleFields):
                                      "supervised run: set env: null and a data: block (in "
                                      "Python, env=None and train_dataloaders)")
 
+    def budget_warning(self, max_frames: int, processes: int) -> str | None:
+        """A line saying why ``max_frames`` (summed over ``processes``) leaves this rule
+        (almost) no updates, naming the field to change, or ``None`` when it does not (or the
+        rule cannot tell). The Trainer prints it before the run starts."""
+        del max_frames, processes
+        return None
+
     def setup(self, module: "RLModule", ctx: RuleContext) -> None:
         """Build what the rule needs for ``module`` (called once per process)."""
 

@@ -16,6 +16,8 @@ The services themselves (:class:`~unitrain.run.services.RunServices`) know nothi
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as _dt
 import math
 import time
@@ -284,6 +286,7 @@ class RunAdapter:
             "env": None if s.env_spec is None else s.env_spec.record(),
             "module_class": f"{type(module).__module__}:{type(module).__qualname__}",
             "module_hparams": dict(module.hparams), "action_std": module.action_std,
+            "env_info": None if module.env_info is None else dataclasses.asdict(module.env_info),
             "next_eval": self.next_eval, "eval_every_frames": self.eval_every_frames,
             "next_video": self.next_video,
             "last_eval": self.last_eval, "eval_frames": self._eval_frames,

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from unitrain.errors import ConfigError, UserError, check_file
+from unitrain.policy.ckpt_file import load_checkpoint_file
 
 if TYPE_CHECKING:
     from unitrain.envs.spec import EnvSpec
@@ -42,7 +42,8 @@ def _is_text(path: Path) -> bool:
 
 
 def read_checkpoint(path: str | os.PathLike, what: str | None = None) -> dict[str, Any]:
-    """Load a unitrain checkpoint (a full pickle: only load checkpoints you trust).
+    """Load a unitrain checkpoint (format 2 safely; a 0.1.0 one is a full pickle, see
+    :func:`~unitrain.policy.ckpt_file.load_checkpoint_file`).
 
     Args:
         path: the ``.ckpt`` file.
@@ -59,9 +60,7 @@ def read_checkpoint(path: str | os.PathLike, what: str | None = None) -> dict[st
     path = check_file(path, what, "checkpoint file", _CHECKPOINT,
                       inside=("*.ckpt", "checkpoints/*.ckpt"))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint_file(path)
     except OSError as e:
         raise UserError(f"{what}: cannot read it ({e.strerror or type(e).__name__}); "
                         f"{_CHECKPOINT}") from None

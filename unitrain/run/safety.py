@@ -41,6 +41,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from unitrain.errors import UserError
+from unitrain.policy.ckpt_file import FORMAT, FORMAT_KEY, encode, load_checkpoint_file
 
 __all__ = ["AtomicCheckpointIO", "RunStopped", "StopSignals", "atomic_write", "exit_code",
            "slurm_requeue", "slurm_requeue_signal", "slurm_restarted"]
@@ -156,15 +157,33 @@ def slurm_restarted() -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint I/O with :func:`atomic_write` (serialised in memory first)."""
+    """Lightning's checkpoint I/O with :func:`atomic_write` (serialised in memory first), in the
+    safe format of :mod:`unitrain.policy.ckpt_file` (``torch.load(weights_only=True)`` reads it).
+
+    Args:
+        upgrade: applied to every checkpoint read (older checkpoints' contents made current).
+    """
+
+    def __init__(self, upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self.upgrade = upgrade
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
+        torch.save({**encode(checkpoint), FORMAT_KEY: FORMAT}, buffer)
         atomic_write(path, buffer.getvalue(), what="checkpoint")
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Read a checkpoint of either format (``weights_only`` is decided by the format)."""
+        del weights_only  # format 2 is always read safely; format 1 needs a full unpickling
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        checkpoint = load_checkpoint_file(path, map_location=map_location or "cpu")
+        return self.upgrade(checkpoint) if self.upgrade is not None else checkpoint
 
 
 class StopSignals:

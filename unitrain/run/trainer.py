@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from unitrain.envs.info import env_info
 from unitrain.envs.spec import EnvSpec, as_env_spec
 from unitrain.errors import ConfigError, UserError, check
+from unitrain.policy.ckpt_file import load_checkpoint_file
 from unitrain.policy.module import RLModule
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.population.strategy import Strategy, as_rule
@@ -59,7 +61,8 @@ from unitrain.run.safety import AtomicCheckpointIO, atomic_write, slurm_restarte
 from unitrain.run.services import RunServices
 from unitrain.validation import Validated
 
-__all__ = ["Trainer", "RuleDDPStrategy", "EarlyStop", "TrainerConfig"]
+__all__ = ["Trainer", "RuleDDPStrategy", "EarlyStop", "TrainerConfig", "RunCheckpoint",
+           "print_summary", "upgrade_callback_states"]
 
 _RUN_DIR_ENV = "UNITRAIN_RUN_DIR"
 
@@ -229,10 +232,16 @@ class Trainer(L.Trainer):
         num_threads: torch intra-op threads per process (default 1).
         run_dir: where logs, checkpoints and ``summary.json`` go (default ``runs/<env>-<rule>/<time>``).
         logger: as for ``lightning.Trainer``; ``True`` (default): TensorBoard in ``run_dir``,
-            whose curves a resumed run continues without repeating steps. A logger passed here
-            is used as given.
-        devices, strategy, accelerator, callbacks, **kwargs: as for ``lightning.Trainer``;
-            ``strategy="ddp"`` selects unitrain's DDP launch.
+            whose curves a resumed run continues without repeating steps. Loggers passed here
+            are used as given, with that TensorBoard logger added unless one of them is a
+            ``TensorBoardLogger`` or ``tensorboard=False``.
+        tensorboard: add the run's TensorBoard logger to loggers passed as ``logger=``.
+        callbacks: as for ``lightning.Trainer``; a ``ModelCheckpoint`` given here writes its
+            files besides unitrain's own ``last.ckpt`` and ``best.ckpt``, which resuming
+            (``ckpt_path="last"``) and ``summary["checkpoint"]`` read.
+        devices, strategy, accelerator, **kwargs: as for ``lightning.Trainer``;
+            ``strategy="ddp"`` selects unitrain's DDP launch. With ``enable_progress_bar=False``
+            :meth:`fit` prints no summary lines either.
     """
 
     def __init__(self, env: Any = None, optimizer: UpdateRule | Strategy | None = None, *,
@@ -242,7 +251,7 @@ class Trainer(L.Trainer):
                  num_threads: int | None = None, video_every_frames: int | None = None,
                  run_dir: str | os.PathLike | None = None, devices: Any = 1, strategy: Any = "auto",
                  accelerator: str = "auto", callbacks: list | None = None, logger: Any = True,
-                 **kwargs: Any) -> None:
+                 tensorboard: bool = True, **kwargs: Any) -> None:
         optimizer = as_rule(optimizer)  # a population strategy runs under the population service
         if not isinstance(optimizer, UpdateRule):
             raise UserError("Trainer: optimizer= must be an update rule or a population strategy, "
@@ -263,6 +272,8 @@ class Trainer(L.Trainer):
         self.env_info = env_info(env) if env is not None else None
         if env is not None:
             optimizer.check_env(env, self.env_info)
+            if max_frames is not None:
+                _warn_budget(optimizer.budget_warning(max_frames, _processes(devices, kwargs)))
         elif not optimizer.supervised_only:
             supervised = [n for n, r in registered_rules().items() if r.supervised_only]
             raise ConfigError("env", f"{optimizer.name} needs an env (a gymnasium id or a "
@@ -288,16 +299,13 @@ class Trainer(L.Trainer):
         quiet_console()
 
         callbacks = list(callbacks or [])
-        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            ckpt_dir = self.run_dir / "checkpoints"
-            # Two callbacks: Lightning's save_last only fires when the monitored checkpoint is
-            # rewritten, and a resumable run needs the latest state after every evaluation.
-            callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None,
-                                             save_top_k=1, enable_version_counter=False))
-            if env is not None:
-                callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best",
-                                                 monitor="eval/return_mean", mode="max",
-                                                 save_top_k=1, enable_version_counter=False))
+        # unitrain's own checkpoints, beside any the caller adds: resume and summary["checkpoint"]
+        # read last.ckpt whatever other ModelCheckpoints write.
+        ckpt_dir = self.run_dir / "checkpoints"
+        self._run_checkpoints = [RunCheckpoint("last", ckpt_dir)]
+        if env is not None:
+            self._run_checkpoints.append(RunCheckpoint("best", ckpt_dir))
+        callbacks += self._run_checkpoints
         if early_stop is not None:
             callbacks.append(EarlyStopping(monitor="eval/return_mean", mode="max",
                                            patience=early_stop.patience,
@@ -312,6 +320,12 @@ class Trainer(L.Trainer):
         self._own_logger: TensorBoardLogger | None = None
         if logger is True:
             logger = self._own_logger = run_logger(self.run_dir)
+        elif tensorboard and logger not in (False, None):
+            loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger]
+            if not any(isinstance(lg, TensorBoardLogger) for lg in loggers):
+                self._own_logger = run_logger(self.run_dir)
+                logger = [*loggers, self._own_logger]
+        self.summary_lines = bool(kwargs.get("enable_progress_bar", True))
         if strategy == "ddp" or (strategy == "auto" and _many(devices)):
             strategy = RuleDDPStrategy()
         if accelerator == "auto" and not torch.cuda.is_available():
@@ -327,7 +341,7 @@ class Trainer(L.Trainer):
         # checkpoint I/O.
         plugins = list(kwargs.pop("plugins", None) or [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(AtomicCheckpointIO())
+            plugins.append(AtomicCheckpointIO(upgrade=upgrade_callback_states))
         kwargs["plugins"] = plugins
         super().__init__(devices=devices, strategy=strategy, accelerator=accelerator,
                          callbacks=callbacks, logger=logger, default_root_dir=str(self.run_dir),
@@ -357,6 +371,9 @@ class Trainer(L.Trainer):
         if ckpt_path is None and init is None and slurm_restarted() and last.is_file():
             ckpt_path = "last"  # a requeued SLURM job goes on where it was stopped
         if ckpt_path == "last":
+            if not last.is_file():
+                raise UserError(f"Trainer.fit: ckpt_path='last': no checkpoint at {last}; leave "
+                                "ckpt_path out to start a new run, or give a .ckpt path")
             ckpt_path = str(last)
         resumed = None if ckpt_path is None else _run_state(ckpt_path)
         if resumed is not None and self._finished(resumed):
@@ -382,14 +399,13 @@ class Trainer(L.Trainer):
                 self._continue_logs(resumed)
             # Training randomness starts from the seed however the module was built.
             L.seed_everything(self.seed, workers=True, verbose=False)
-            # unitrain checkpoints hold RNG states (numpy, python) besides tensors: load them in
-            # full (resume only from checkpoints you trust, as with any pickle).
-            kwargs.setdefault("weights_only", False)
             super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
         except BaseException:
             self._clean_failed_start()
             raise
         self.summary = self._summarize(run, time.perf_counter() - start)
+        if self.summary_lines and self.global_rank == 0:
+            print_summary(self.summary)
 
     def _finished(self, state: dict[str, Any]) -> bool:
         """Whether ``state`` (a checkpoint's) is the end of a run that finished within this
@@ -449,9 +465,8 @@ class Trainer(L.Trainer):
                 logger.log_hyperparams(hp)
 
     def _summarize(self, run: RunAdapter, wall_s: float) -> dict[str, Any]:
-        ckpts = [c for c in self.callbacks if isinstance(c, ModelCheckpoint)]
-        last = next((c.best_model_path for c in ckpts if c.monitor is None and c.best_model_path), None)
-        best = next((c.best_model_path for c in ckpts if c.monitor and c.best_model_path), None)
+        paths = {c.role: c.best_model_path or None for c in self._run_checkpoints}
+        last, best = paths.get("last"), paths.get("best")
         final = run.final_eval or {}
         s = run.services
         segments = run.segments(wall_s)
@@ -482,10 +497,63 @@ class Trainer(L.Trainer):
         return summary
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """One of unitrain's own checkpoints in ``checkpoints/``: ``last`` (after every evaluation)
+    or ``best`` (highest ``eval/return_mean``).
+
+    Two callbacks, because Lightning's ``save_last`` only fires when the monitored checkpoint is
+    rewritten, and a resumable run needs the latest state after every evaluation. Their state
+    keys are their own, so a caller's ``ModelCheckpoint`` of any settings runs beside them.
+    """
+
+    def __init__(self, role: str, dirpath: Path) -> None:
+        self.role = role
+        settings: dict[str, Any] = dict(dirpath=dirpath, filename=role, save_top_k=1,
+                                        enable_version_counter=False)
+        if role == "best":
+            settings.update(monitor="eval/return_mean", mode="max")
+        super().__init__(**settings)
+        # The key a plain ModelCheckpoint of these settings had (checkpoints before 0.2.0).
+        self.legacy_key = ModelCheckpoint(**settings).state_key
+
+    @property
+    def state_key(self) -> str:
+        return f"unitrain.{self.role}"
+
+
+def upgrade_callback_states(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Give the states of unitrain's checkpoint callbacks in a checkpoint written before 0.2.0
+    (keyed as plain ``ModelCheckpoint``\ s) the keys of :class:`RunCheckpoint`."""
+    states = checkpoint.get("callbacks")
+    if isinstance(states, dict):
+        for role in ("last", "best"):
+            cb = RunCheckpoint(role, Path("."))
+            if cb.state_key not in states and cb.legacy_key in states:
+                states[cb.state_key] = states.pop(cb.legacy_key)
+    return checkpoint
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The lines that end a run on the console: its result, checkpoint and outputs."""
+    ret = summary.get("eval/return_mean")
+    if ret is None and "test/accuracy" in summary:
+        print(f"\nunitrain: {summary['optimizer']}: test accuracy {summary['test/accuracy']:.4f} "
+              f"after {summary['iterations']} iterations, {summary['wall_s']:.1f} s")
+    else:
+        ret_s = "n/a" if ret is None else f"{ret:.1f} ± {summary.get('eval/return_std') or 0:.1f}"
+        over = summary.get("frames_over_budget") or 0
+        over_s = f" ({over} past the budget: the last iteration's)" if over else ""
+        print(f"\nunitrain: {summary['optimizer']} on {summary['env']}: eval return {ret_s} "
+              f"over {int(summary.get('eval/episodes') or 0)} episodes, {summary['frames']} "
+              f"frames{over_s}, {summary['wall_s']:.1f} s")
+    print(f"unitrain: checkpoint {summary['checkpoint']}")
+    print(f"unitrain: summary {Path(summary['run_dir']) / 'summary.json'}; "
+          f"tensorboard --logdir {summary['run_dir']}")
+
+
 def _run_state(ckpt_path: str) -> dict[str, Any]:
     """The ``unitrain`` state of a checkpoint (memory-mapped: its tensors are not read)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    return ckpt.get("unitrain", {})
+    return load_checkpoint_file(ckpt_path, mmap=True).get("unitrain", {})
 
 
 def _init_from(module: RLModule, services: RunServices, checkpoint: str) -> None:
@@ -493,7 +561,7 @@ def _init_from(module: RLModule, services: RunServices, checkpoint: str) -> None
     module.load_policy(checkpoint)
     norm = services.obs_norm
     if norm is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("unitrain", {})
+        state = load_checkpoint_file(checkpoint).get("unitrain", {})
         if state.get("obs_norm") is not None:
             norm.load_state_dict(state["obs_norm"])
 
@@ -518,6 +586,19 @@ def run_logger(run_dir: Path, purge_step: int | None = None) -> TensorBoardLogge
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     atomic_write(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode(),
                  what="summary")
+
+
+@rank_zero_only
+def _warn_budget(line: str | None) -> None:
+    if line:
+        print(f"unitrain: warning: {line}", file=sys.stderr, flush=True)
+
+
+def _processes(devices: Any, kwargs: dict[str, Any]) -> int:
+    """Processes a run will have, as far as the arguments tell (1 when they do not)."""
+    per_node = devices if isinstance(devices, int) and devices > 0 else (
+        len(devices) if isinstance(devices, (list, tuple)) else 1)
+    return per_node * int(kwargs.get("num_nodes", 1) or 1)
 
 
 def _many(devices: Any) -> bool:

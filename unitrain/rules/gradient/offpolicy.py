@@ -222,6 +222,10 @@ class CriticFields(UpdateRule):
             raise ConfigError("env.id", f"{info.id} has unbounded actions; {self.name} squashes "
                                         "actions into the env's bounds, which must be finite")
 
+# Fewer gradient updates than this in a whole run is worth a warning: the critics of the
+# off-policy rules barely start to fit in a few hundred updates.
+FEW_UPDATES = 1_000
+
 
 @dataclass
 class OffPolicyFields(CriticFields):
@@ -240,6 +244,24 @@ class OffPolicyFields(CriticFields):
         if self.frames_per_batch is not None:
             check(self.frames_per_batch % env.num_envs == 0, "optimizer.frames_per_batch",
                   f"a multiple of env.num_envs={env.num_envs}", self.frames_per_batch)
+
+    def budget_warning(self, max_frames: int, processes: int) -> str | None:
+        # As OffPolicyLoop schedules them: no update before a process holds
+        # max(warmup_frames, batch_size) transitions, then utd_ratio updates per frame.
+        per_process = max_frames // max(1, processes)
+        ready = max(self.warmup_frames, self.batch_size)
+        if per_process <= ready:
+            field = "warmup_frames" if self.warmup_frames >= self.batch_size else "batch_size"
+            return (f"{self.name} makes no update in {max_frames:,} frames: each process "
+                    f"collects {ready:,} frames before its first one (optimizer.{field}); "
+                    f"lower optimizer.{field} or raise trainer.max_frames")
+        updates = math.floor(self.utd_ratio * (per_process - ready))
+        if updates < FEW_UPDATES:
+            return (f"{self.name} makes about {updates:,} updates in {max_frames:,} frames "
+                    f"({ready:,} warm-up frames, then optimizer.utd_ratio={self.utd_ratio:g} "
+                    f"per frame), fewer than {FEW_UPDATES:,}; raise optimizer.utd_ratio or "
+                    "trainer.max_frames, or lower optimizer.warmup_frames")
+        return None
 
 
 class OffPolicyLoop:
