@@ -126,6 +126,11 @@ def test_old_module_paths_still_import_with_a_deprecation_line():
             "assert MLPPolicy is models.MLPPolicy and PPO is unitrain.optim.PPO\n"
             "assert ProjectionGraph is graph.ProjectionGraph\n"
             "assert sys.modules['unitrain.run.trainer'].__spec__.name == 'unitrain.run.trainer'\n"
+            "import unitrain.app.compare as new_compare\n"
+            "from unitrain.compare import compare as old_compare\n"
+            "assert old_compare is new_compare.compare\n"
+            "assert sys.modules['unitrain.compare'] is new_compare\n"
+            "assert unitrain.compare is new_compare.compare  # the function stays the function\n"
             "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -94,7 +94,24 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__loader__ = module.__spec__.loader
 
 
+class _Package(ModuleType):
+    """The ``unitrain`` package's module type: importing an old path whose last name is also a
+    public function of the package (``unitrain.compare``) must not replace that function with
+    the module, which the import system would otherwise do once the old path is loaded."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        current = self.__dict__.get(name)
+        if (isinstance(value, ModuleType) and current is not None
+                and not isinstance(current, ModuleType)
+                and f"{self.__name__}.{name}" in MOVED):
+            return
+        super().__setattr__(name, value)
+
+
 def install() -> None:
     """Make the old paths importable (once per process; :mod:`unitrain` calls it)."""
     if not any(isinstance(f, _Alias) for f in sys.meta_path):
         sys.meta_path.insert(0, _Alias())
+    package = sys.modules[__name__.rpartition(".")[0]]
+    if type(package) is ModuleType:
+        package.__class__ = _Package
