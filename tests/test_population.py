@@ -459,3 +459,15 @@ def test_resume_continues_exactly(make, tmp_path: Path):
             assert torch.equal(a[key], b[key]), key
         else:
             assert a[key] == b[key], key
+
+
+def test_ga_defaults_fit_a_small_population():
+    """The paper's T = 20 and 10 elite candidates are for P = 1,000: with fewer individuals the
+    defaults shrink (T at most half the population) instead of refusing the population."""
+    small = ut.optim.GA(population=16)
+    assert (small.parents, small.candidates) == (8, 10)
+    assert (ut.optim.GA(population=6).parents, ut.optim.GA(population=6).candidates) == (3, 6)
+    assert (ut.optim.GA().parents, ut.optim.GA().candidates) == (20, 10)
+    assert ut.optim.GA(population=16, truncation=12).parents == 12
+    with pytest.raises(ConfigError, match="truncation"):
+        ut.optim.GA(population=16, truncation=20)

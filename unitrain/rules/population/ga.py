@@ -202,9 +202,10 @@ class GA(Strategy):
     Args:
         population: individuals per generation (P).
         sigma: mutation standard deviation σ.
-        truncation: parents per generation (T, the top by selection score).
+        truncation: parents per generation (T, the top by selection score); ``None``: the
+            paper's 20, at most half the population.
         elite_candidates: fittest individuals re-evaluated for the elite, besides the previous
-            elite.
+            elite; ``None``: the paper's 10, at most the population.
         elite_episodes: extra episodes per elite candidate (0: pick the elite by fitness alone).
         episodes, max_episode_steps, max_envs: as for every strategy
             (:class:`~unitrain.rules.population.service.PopulationFields`).
@@ -222,14 +223,24 @@ class GA(Strategy):
 
     population: int = 1000
     sigma: float = 0.002
-    truncation: int = bounded(20, "[1, population]")
-    elite_candidates: int = bounded(10, "[1, population]")
+    truncation: int | None = bounded(None, "[1, population]", null=True)
+    elite_candidates: int | None = bounded(None, "[1, population]", null=True)
     elite_episodes: int = bounded(30, "[0, inf]")
     init: str = one_of("fresh", "fresh", "module")
     novelty: float = bounded(0.0, "[0, 1]")
     novelty_k: int = bounded(10, "[1, inf]")
     archive_add: int = bounded(5, "[0, inf]")
     behaviour: str = one_of("final", "final", "mean")
+
+    @property
+    def parents(self) -> int:
+        """T: ``truncation``, or the paper's 20 capped at half the population."""
+        return self.truncation or min(20, max(1, self.population // 2))
+
+    @property
+    def candidates(self) -> int:
+        """Elite candidates: ``elite_candidates``, or the paper's 10 capped at the population."""
+        return self.elite_candidates or min(10, self.population)
 
     # ------------------------------------------------------------------ construction
     def characterisation(self) -> str | None:
@@ -316,7 +327,7 @@ class GA(Strategy):
         ``elite_candidates`` fittest; ties go to the first."""
         order = torch.argsort(fitness, descending=True, stable=True).tolist()
         previous = [0] if generation > 0 else []
-        return previous + [i for i in order[: self.elite_candidates] if i not in previous]
+        return previous + [i for i in order[: self.candidates] if i not in previous]
 
     def _breed(self, ctx: "RuleContext", generation: int, elite: int, elite_return: float,
                metrics: dict[str, float]) -> Told:
@@ -324,11 +335,11 @@ class GA(Strategy):
         (the top ``truncation`` by selection score)."""
         count = self.population
         order = torch.argsort(self._score, descending=True, stable=True)
-        parents = order[: self.truncation].tolist()
+        parents = order[: self.parents].tolist()
         keep = parents + [elite]
         cache = self._materialise(keep)
         gen_rng = ctx.shared_generator(_BREED, generation)
-        picks = torch.randint(0, self.truncation, (count - 1,), generator=gen_rng).tolist()
+        picks = torch.randint(0, self.parents, (count - 1,), generator=gen_rng).tolist()
         seeds = torch.randint(0, _SEED_HIGH, (count - 1,), generator=gen_rng).tolist()
         kept = [self._genomes[i] for i in keep]
         children = [kept[p].mutate(s, self.sigma) for p, s in zip(picks, seeds, strict=True)]
