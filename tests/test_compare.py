@@ -182,6 +182,11 @@ def test_seconds_panel_is_log_scale_and_every_panel_is_drawn():
         low, high = seconds_ax.get_xlim()
         assert low > 0 and low <= 1.5 and high >= 900
         assert len(seconds_ax.get_lines()) == 2 and len(profile_ax.get_lines()) == 2
+        # Points evenly spaced on the log axis: constant ratio between neighbours (cmaes: 1.5 s,
+        # its first time above 0, to 3 s).
+        xs = seconds_ax.get_lines()[0].get_xdata()
+        assert xs[0] == 1.5 and xs[-1] == pytest.approx(3.0)
+        assert np.allclose(xs[1:] / xs[:-1], xs[1] / xs[0])
         assert profile_ax.get_xlabel().startswith("final evaluation return")
     finally:
         plt.close(fig)

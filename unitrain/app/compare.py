@@ -472,6 +472,8 @@ def figure(results: dict[str, Any]) -> Any:
             grid = _grid(curves)
             if grid is None:
                 continue
+            if axis == "seconds" and grid.size > 1:  # evenly spaced on the log axis
+                grid = np.geomspace(grid[0], grid[-1], grid.size)
             mean, low, high = _band(curves, grid)
             ax.plot(grid, mean, label=f"{recipe} ({len(curves)} seeds)", **style)
             ax.fill_between(grid, low, high, color=style["color"], alpha=0.15)
