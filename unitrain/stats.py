@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["iqm", "bootstrap_ci", "auc", "first_reaching"]
+__all__ = ["auc", "bootstrap_ci", "first_reaching", "iqm", "performance_profile",
+           "probability_of_improvement", "probability_of_improvement_ci"]
 
 
 def iqm(values: Sequence[float] | np.ndarray) -> float:
@@ -77,3 +78,61 @@ def first_reaching(curve: Sequence[tuple[float, float]], threshold: float) -> fl
     """The first ``x`` (frames or seconds) of a ``(x, return)`` curve whose return is
     ``>= threshold``, or ``None``."""
     return next((x for x, y in sorted(curve) if y >= threshold), None)
+
+
+def probability_of_improvement(x: Sequence[float] | np.ndarray,
+                               y: Sequence[float] | np.ndarray) -> float:
+    """``P(X > Y)``: the probability that a run of X scores above a run of Y, ties counting half.
+
+    Agarwal et al. 2021 (section 4.3; rliable's ``probability_of_improvement``): the Mann–Whitney
+    U statistic of X against Y divided by ``n·m``, averaged over tasks (here one task):
+    ``(#{x_i > y_j} + 0.5·#{x_i = y_j}) / (n·m)`` over all pairs of runs.
+    """
+    a = np.asarray(x, dtype=np.float64).ravel()
+    b = np.asarray(y, dtype=np.float64).ravel()
+    if a.size == 0 or b.size == 0:
+        raise ValueError("probability of improvement of no values")
+    greater = (a[:, None] > b[None, :]).sum()
+    ties = (a[:, None] == b[None, :]).sum()
+    return float((greater + 0.5 * ties) / (a.size * b.size))
+
+
+def probability_of_improvement_ci(x: Sequence[float] | np.ndarray,
+                                  y: Sequence[float] | np.ndarray, reps: int = 2000,
+                                  level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Stratified percentile bootstrap interval of :func:`probability_of_improvement`: each
+    resample draws X's runs and Y's runs separately, with replacement, keeping their sizes."""
+    a = np.asarray(x, dtype=np.float64).ravel()
+    b = np.asarray(y, dtype=np.float64).ravel()
+    if a.size == 0 or b.size == 0:
+        raise ValueError("bootstrap of no values")
+    rng = np.random.default_rng(seed)
+    ia = rng.integers(0, a.size, size=(reps, a.size))
+    ib = rng.integers(0, b.size, size=(reps, b.size))
+    stats = np.array([probability_of_improvement(a[i], b[j]) for i, j in zip(ia, ib)])
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(stats, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def performance_profile(values: Sequence[float] | np.ndarray, taus: Sequence[float] | np.ndarray,
+                        reps: int = 2000, level: float = 0.95,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run-score performance profile (Agarwal et al. 2021, section 4.2; rliable's
+    ``create_performance_profile``): for each ``τ`` the fraction of runs whose score is ``> τ``,
+    with a percentile bootstrap band over runs.
+
+    Returns:
+        ``(profile, low, high)``, arrays of ``len(taus)``.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    t = np.asarray(taus, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("performance profile of no values")
+    profile = (x[:, None] > t[None, :]).mean(0)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(reps, x.size))
+    boot = (x[idx][:, :, None] > t[None, None, :]).mean(1)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(boot, [alpha, 1.0 - alpha], axis=0)
+    return profile, low, high

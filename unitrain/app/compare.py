@@ -30,7 +30,15 @@ from typing import Any
 import numpy as np
 
 from unitrain.errors import UserError, check_output_path
-from unitrain.stats import auc, bootstrap_ci, first_reaching, iqm
+from unitrain.stats import (
+    auc,
+    bootstrap_ci,
+    first_reaching,
+    iqm,
+    performance_profile,
+    probability_of_improvement,
+    probability_of_improvement_ci,
+)
 
 __all__ = ["compare", "Run", "summarise"]
 
@@ -175,7 +183,7 @@ def compare(recipes: Sequence[str], seeds: int | Sequence[int] = 3, frames: int 
         {"recipes": list(recipes), "seeds": seed_list, "frames": frames, "overrides": list(overrides),
          "module": target, "threshold": threshold}, indent=2))
     _execute(runs, frames, jobs, progress)
-    results = summarise(runs, {r: slugs[r] for r in recipes}, threshold)
+    results = summarise(runs, {r: slugs[r] for r in recipes}, threshold, frames)
     write_results(results, out)
     return results
 
@@ -265,11 +273,14 @@ def _curves(run_dir: Path) -> tuple[list[tuple[float, float]], list[tuple[float,
     return frames_curve, sorted(seconds_curve)
 
 
-def summarise(runs: list[Run], slugs: dict[str, str],
-              threshold: float | None = None) -> dict[str, Any]:
+def summarise(runs: list[Run], slugs: dict[str, str], threshold: float | None = None,
+              budget: int | None = None) -> dict[str, Any]:
     """Per recipe: final returns per seed, their mean, IQM with a 95 % bootstrap interval, the
-    normalised area under the return-vs-frames curve, frames and seconds to ``threshold``."""
-    results: dict[str, Any] = {"threshold": threshold, "recipes": {}}
+    normalised area under the return-vs-frames curve, frames and seconds to ``threshold``, the
+    mean frames used (``frames_used``; a population rule ends its last generation, so it may
+    exceed ``budget``). Across recipes (:func:`compare_recipes`): the probability of improvement
+    of each pair and the performance profiles of the final returns."""
+    results: dict[str, Any] = {"threshold": threshold, "budget": budget, "recipes": {}}
     for recipe, slug in slugs.items():
         mine = [r for r in runs if r.slug == slug]
         entry: dict[str, Any] = {"slug": slug, "seeds": [r.seed for r in mine], "final": {},
@@ -297,9 +308,42 @@ def summarise(runs: list[Run], slugs: dict[str, str],
         if finals:
             low, high = bootstrap_ci(finals)
             entry.update({"mean": float(np.mean(finals)), "iqm": iqm(finals),
-                          "iqm_ci95": [low, high], "auc_iqm": iqm(list(entry["auc"].values()))})
+                          "iqm_ci95": [low, high], "auc_iqm": iqm(list(entry["auc"].values())),
+                          "frames_used": float(np.mean(list(entry["frames"].values())))})
         results["recipes"][recipe] = entry
+    results.update(compare_recipes({r: list(e["final"].values())
+                                    for r, e in results["recipes"].items()}))
     return results
+
+
+def compare_recipes(finals: dict[str, list[float]], points: int = 51) -> dict[str, Any]:
+    """Across recipes, from final returns (Agarwal et al. 2021, rliable's estimators):
+
+    ``probability_of_improvement``: for each pair ``"X > Y"`` (X before Y in the given order),
+    ``{"x", "y", "p", "ci"}``: ``P(X > Y)`` with a stratified 95 % bootstrap interval
+    (``P(Y > X) = 1 − P(X > Y)``). ``profiles``: ``{"taus", "recipes": {recipe: {"profile",
+    "low", "high"}}}``, the fraction of runs with final return ``> τ`` on ``points`` values of
+    ``τ`` from the lowest to the highest final return, with a 95 % bootstrap band.
+    """
+    done = {r: v for r, v in finals.items() if v}
+    names = list(done)
+    pairs: dict[str, Any] = {}
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            low, high = probability_of_improvement_ci(done[x], done[y])
+            pairs[f"{x} > {y}"] = {"x": x, "y": y,
+                                   "p": probability_of_improvement(done[x], done[y]),
+                                   "ci": [low, high]}
+    profiles: dict[str, Any] = {"taus": [], "recipes": {}}
+    if done:
+        every = np.concatenate([np.asarray(v, dtype=np.float64) for v in done.values()])
+        taus = np.linspace(every.min(), every.max(), points)
+        profiles["taus"] = taus.tolist()
+        for r, v in done.items():
+            profile, low, high = performance_profile(v, taus)
+            profiles["recipes"][r] = {"profile": profile.tolist(), "low": low.tolist(),
+                                      "high": high.tolist()}
+    return {"probability_of_improvement": pairs, "profiles": profiles}
 
 
 def _median_reached(values: dict[str, float | None]) -> str:
@@ -310,10 +354,11 @@ def _median_reached(values: dict[str, float | None]) -> str:
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """``results.md``: one row per recipe."""
+    """``results.md``: one row per recipe, then ``P(X > Y)`` for each pair of recipes."""
     threshold = results.get("threshold")
-    head = ["recipe", "runs", "final return, mean", "IQM [95% CI]", "AUC (IQM)", "frames",
-            "wall s (mean)"]
+    budget = results.get("budget")
+    head = ["recipe", "runs", "final return, mean", "IQM [95% CI]", "AUC (IQM)",
+            "frames used (mean)", "wall s (mean)"]
     if threshold is not None:
         head += [f"frames to {threshold:g} (median, reached)",
                  f"seconds to {threshold:g} (median, reached)"]
@@ -328,7 +373,7 @@ def results_table(results: dict[str, Any]) -> str:
             walls = [w for w in e["wall_s"].values() if w is not None]
             row = [recipe, runs, f"{e['mean']:.1f}",
                    f"{e['iqm']:.1f} [{e['iqm_ci95'][0]:.1f}, {e['iqm_ci95'][1]:.1f}]",
-                   f"{e['auc_iqm']:.1f}", f"{int(np.median(list(e['frames'].values()))):,}",
+                   f"{e['auc_iqm']:.1f}", _frames_used(e, budget),
                    f"{np.mean(walls):.0f}" if walls else "—"]
             if threshold is not None:
                 row += [_median_reached(e["frames_to_threshold"]),
@@ -337,7 +382,26 @@ def results_table(results: dict[str, Any]) -> str:
                 row[1] += " (failed: " + "; ".join(
                     f"seed {k}: {v}" for k, v in sorted(e["failed"].items())) + ")"
         lines.append("| " + " | ".join(row) + " |")
+    pairs = results.get("probability_of_improvement") or {}
+    if pairs:
+        note = ("Probability of improvement P(X > Y) of the final returns (a run of X scores "
+                "above a run of Y, ties half; 0.5: no difference), 95% stratified bootstrap CI:")
+        lines += ["", note, "", "| X | Y | P(X > Y) [95% CI] |", "|---|---|---|"]
+        for pair in pairs.values():
+            lines.append(f"| {pair['x']} | {pair['y']} | {pair['p']:.2f} "
+                         f"[{pair['ci'][0]:.2f}, {pair['ci'][1]:.2f}] |")
     return "\n".join(lines) + "\n"
+
+
+def _frames_used(entry: dict[str, Any], budget: int | None) -> str:
+    """Mean frames used; beside the budget where a run went past it (a population rule finishes
+    the generation in which it reaches the budget)."""
+    frames = list(entry["frames"].values())
+    used = entry.get("frames_used", float(np.mean(frames)))
+    text = f"{used:,.0f}"
+    if budget is not None and max(frames) > budget:
+        text += f" (budget {budget:,}: population rules finish their generation)"
+    return text
 
 
 def _band(curves: list[list[tuple[float, float]]], grid: np.ndarray,
@@ -369,21 +433,10 @@ def write_results(results: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
     from torch.utils.tensorboard import SummaryWriter
 
-    recipes = results["recipes"]
-    rows = math.ceil(len(recipes) / 4)  # legend rows under the panels
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5 + 0.2 * rows))
-    palette = plt.get_cmap("tab10")
-    for i, (recipe, e) in enumerate(recipes.items()):
-        # Ten colours, then the same colours dashed, dash-dotted, dotted.
-        style = {"color": palette(i % 10), "linestyle": ("-", "--", "-.", ":")[(i // 10) % 4]}
-        for ax, axis in zip(axes, ("frames", "seconds")):
-            curves = [c[axis] for c in e["curves"].values() if c[axis]]
-            grid = _grid(curves)
-            if grid is None:
-                continue
-            mean, low, high = _band(curves, grid)
-            ax.plot(grid, mean, label=f"{recipe} ({len(curves)} seeds)", **style)
-            ax.fill_between(grid, low, high, color=style["color"], alpha=0.15)
+    fig = figure(results)
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    for e in results["recipes"].values():
         curves = [c["frames"] for c in e["curves"].values() if c["frames"]]
         grid = _grid(curves)
         if grid is not None:
@@ -393,10 +446,51 @@ def write_results(results: dict[str, Any], out: Path) -> None:
                 for x, m, col in zip(grid, mean, ys.T):
                     writer.add_scalar("compare/return_mean", float(m), int(x))
                     writer.add_scalar("compare/return_iqm", iqm(col), int(x))
-    for ax, xlabel in zip(axes, ("environment frames", "wall-clock seconds")):
+
+
+def figure(results: dict[str, Any]) -> Any:
+    """``curves.png``'s figure: return against frames, against wall-clock seconds (log scale, so
+    a rule hundreds of times faster than another still shows), and the performance profiles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = results["recipes"]
+    profiles = (results.get("profiles") or {}).get("recipes") or {}
+    taus = (results.get("profiles") or {}).get("taus") or []
+    rows = math.ceil(len(recipes) / 4)  # legend rows under the panels
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5 + 0.2 * rows))
+    palette = plt.get_cmap("tab10")
+    for i, (recipe, e) in enumerate(recipes.items()):
+        # Ten colours, then the same colours dashed, dash-dotted, dotted.
+        style = {"color": palette(i % 10), "linestyle": ("-", "--", "-.", ":")[(i // 10) % 4]}
+        for ax, axis in zip(axes, ("frames", "seconds")):
+            curves = [c[axis] for c in e["curves"].values() if c[axis]]
+            if axis == "seconds":  # a log axis has no 0
+                curves = [p for p in ([pt for pt in c if pt[0] > 0] for c in curves) if p]
+            grid = _grid(curves)
+            if grid is None:
+                continue
+            if axis == "seconds" and grid.size > 1:  # evenly spaced on the log axis
+                grid = np.geomspace(grid[0], grid[-1], grid.size)
+            mean, low, high = _band(curves, grid)
+            ax.plot(grid, mean, label=f"{recipe} ({len(curves)} seeds)", **style)
+            ax.fill_between(grid, low, high, color=style["color"], alpha=0.15)
+        if recipe in profiles and taus:
+            prof = profiles[recipe]
+            axes[2].step(taus, prof["profile"], where="post", **style)
+            axes[2].fill_between(taus, prof["low"], prof["high"], step="post",
+                                 color=style["color"], alpha=0.15)
+    axes[1].set_xscale("log")
+    for ax, xlabel in zip(axes, ("environment frames", "wall-clock seconds (log scale)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("evaluation return (mean over seeds)")
         ax.grid(alpha=0.3)
+    axes[2].set_xlabel("final evaluation return τ")
+    axes[2].set_ylabel("fraction of runs with return > τ")
+    axes[2].set_ylim(-0.02, 1.02)
+    axes[2].grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     bottom = 0.0
     if handles:
@@ -405,5 +499,4 @@ def write_results(results: dict[str, Any], out: Path) -> None:
         bottom = (0.1 + 0.2 * math.ceil(len(handles) / 4)) / fig.get_figheight()
     fig.suptitle("unitrain compare: mean with 95% bootstrap band over seeds")
     fig.tight_layout(rect=(0, bottom, 1, 1))
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
+    return fig
