@@ -269,7 +269,8 @@ def test_bad_hyperparameters_name_the_key(make, key: str):
 
 def test_bad_recipe_value_is_one_line(tmp_path: Path):
     recipe = tmp_path / "ga.yaml"
-    recipe.write_text("env: {id: CartPole-v1}\noptimizer: {name: ga, population: 8}\n")
+    recipe.write_text("env: {id: CartPole-v1}\n"
+                      "optimizer: {name: ga, population: 8, truncation: 20}\n")
     with pytest.raises(UserError, match=r"optimizer\.truncation: got 20; expected an integer "
                                         r"in \[1, population=8\]"):
         load_recipe(recipe)
