@@ -12,15 +12,8 @@ import pytest
 from unitrain.app.cli import main
 from unitrain.app.compare import compare, figure, results_table, write_results
 from unitrain.errors import UserError
-from unitrain.stats import (
-    auc,
-    bootstrap_ci,
-    first_reaching,
-    iqm,
-    performance_profile,
-    probability_of_improvement,
-    probability_of_improvement_ci,
-)
+from unitrain.stats import (auc, bootstrap_ci, first_reaching, iqm, performance_profile,
+                            probability_of_improvement, probability_of_improvement_ci)
 
 
 # ---------------------------------------------------------------------------------- statistics

@@ -30,15 +30,8 @@ from typing import Any
 import numpy as np
 
 from unitrain.errors import UserError, check_output_path
-from unitrain.stats import (
-    auc,
-    bootstrap_ci,
-    first_reaching,
-    iqm,
-    performance_profile,
-    probability_of_improvement,
-    probability_of_improvement_ci,
-)
+from unitrain.stats import (auc, bootstrap_ci, first_reaching, iqm, performance_profile,
+                            probability_of_improvement, probability_of_improvement_ci)
 
 __all__ = ["compare", "Run", "summarise"]
 

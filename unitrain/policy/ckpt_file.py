@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "FORMAT_KEY", "encode", "decode", "load_checkpoint_file"]
+__all__ = ["FORMAT", "FORMAT_KEY", "encode", "decode", "load_checkpoint_file", "recorded_class"]
 
 FORMAT = 2
 FORMAT_KEY = "unitrain_format"
@@ -104,3 +104,20 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu",
     if isinstance(ckpt, dict) and ckpt.get(FORMAT_KEY, 1) >= 2:
         return decode(ckpt)
     return ckpt
+
+
+def recorded_class(run: dict[str, Any], where: str, hint: str) -> type:
+    """The module class a checkpoint's ``unitrain`` state records (``module_class``), imported.
+
+    Raises:
+        UserError: it is not importable here; the message names it and ends with ``hint`` (what
+            the caller can do instead).
+    """
+    from unitrain.errors import ConfigError, UserError
+    from unitrain.validation import import_object
+
+    try:
+        return import_object(run["module_class"], "module_class")
+    except ConfigError:
+        raise UserError(f"{where}: module class {run['module_class']} is not importable here; "
+                        f"{hint}") from None

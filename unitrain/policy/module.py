@@ -31,7 +31,7 @@ from torch import nn
 
 from unitrain.errors import ConfigError, UserError
 from unitrain.policy.action import ACTION_STD, ActionHead, LogStd
-from unitrain.policy.ckpt_file import load_checkpoint_file
+from unitrain.policy.ckpt_file import load_checkpoint_file, recorded_class
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -225,8 +225,6 @@ class RLModule(L.LightningModule):
         from unitrain.envs.info import EnvInfo, env_info
         from unitrain.envs.obs_norm import ObsNorm
         from unitrain.envs.spec import EnvSpec
-        from unitrain.validation import import_object
-
         if hparams_file is not None:
             raise UserError("load_from_checkpoint: hparams_file is not supported; unitrain "
                             "checkpoints record the module's arguments")
@@ -237,12 +235,8 @@ class RLModule(L.LightningModule):
             raise UserError(f"{checkpoint_path}: not a readable unitrain checkpoint "
                             f"({type(e).__name__})") from None
         if cls is RLModule:
-            try:
-                cls = import_object(run["module_class"], "module_class")
-            except ConfigError:
-                raise UserError(f"{checkpoint_path}: module class {run['module_class']} is not "
-                                "importable here; call load_from_checkpoint on that "
-                                "class") from None
+            cls = recorded_class(run, str(checkpoint_path),
+                                 "call load_from_checkpoint on that class")
         module = cls(**{**(run.get("module_hparams") or {}), **kwargs})
         recorded = run.get("env_info")
         if recorded is not None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from unitrain.errors import ConfigError, UserError, check_file
-from unitrain.policy.ckpt_file import load_checkpoint_file
+from unitrain.policy.ckpt_file import load_checkpoint_file, recorded_class
 
 if TYPE_CHECKING:
     from unitrain.envs.spec import EnvSpec
@@ -87,17 +87,11 @@ def load_module(checkpoint: str | os.PathLike, module: "RLModule | None" = None)
     Raises:
         UserError: the class cannot be imported (pass ``module=``) or the parameters do not fit.
     """
-    from unitrain.validation import import_object
-
     ckpt = read_checkpoint(checkpoint)
     state = ckpt["unitrain"]
     if module is None:
-        try:
-            cls = import_object(state["module_class"], "module_class")
-        except ConfigError:
-            raise UserError(f"{checkpoint}: module class {state['module_class']} is not importable "
-                            "here; from Python pass an instance: "
-                            "unitrain.evaluate(checkpoint, module=MyModule(...))") from None
+        cls = recorded_class(state, str(checkpoint), "from Python pass an instance: "
+                             "unitrain.evaluate(checkpoint, module=MyModule(...))")
         module = cls(**state["module_hparams"])
     module.load_policy(checkpoint)
     return module
