@@ -121,3 +121,13 @@ def test_old_checkpoints_callback_states_get_the_new_keys():
     assert {"unitrain.last", "unitrain.best"} <= set(states)
     assert states["unitrain.best"]["monitor"] == "eval/return_mean"
     assert not any(key.startswith("ModelCheckpoint") for key in states)
+
+
+def test_a_recorded_class_that_does_not_import_is_one_line():
+    from unitrain.errors import UserError
+    from unitrain.policy.ckpt_file import recorded_class
+
+    with pytest.raises(UserError, match=r"^run/last\.ckpt: module class nope\.mod:Gone is not "
+                                        r"importable here; pass an instance$"):
+        recorded_class({"module_class": "nope.mod:Gone"}, "run/last.ckpt", "pass an instance")
+    assert recorded_class({"module_class": "unitrain:MLPPolicy"}, "x", "y") is ut.MLPPolicy
