@@ -87,12 +87,13 @@ def exact_sum(ctx: RuleContext, terms: Sequence[int], add: Callable[[int, torch.
         reach += torch.maximum(-low, high)
         acc.add_(part.mul_(scale).round_())
     if ctx.world_size > 1:
-        reach = ctx.all_reduce_(reach.reshape(1).to(ctx.device), "sum").cpu()[0]
+        # One collective carries the integers and, behind them, the reach for the check.
+        both = ctx.all_reduce_(torch.cat([acc.reshape(-1), reach.reshape(1)]).to(ctx.device),
+                               "sum").cpu()
+        acc, reach = both[:-1].reshape(acc.shape), both[-1]
     if reach.item() > bound * (1 + 1e-9):
         raise RuntimeError(f"exact_sum: the terms reach {reach.item():.6g}, above the stated "
                            f"bound {bound:.6g} of the whole sum")
-    if ctx.world_size > 1:
-        acc = ctx.all_reduce_(acc.to(ctx.device), "sum").cpu()
     return acc.div_(scale)
 
 
