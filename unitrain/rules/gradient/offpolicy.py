@@ -264,6 +264,13 @@ class OffPolicyFields(CriticFields):
         return None
 
 
+def _mean(values: list[Tensor | float]) -> float:
+    """The mean of per-update metrics (tensors on one device, or numbers), as a float."""
+    device = next((v.device for v in values if isinstance(v, Tensor)), None)
+    return float(torch.stack([torch.as_tensor(v, device=device).detach().reshape(())
+                              .to(torch.float64) for v in values]).mean())
+
+
 class OffPolicyLoop:
     """Replay, warm-up, collection and the update-to-data schedule of an off-policy rule.
 
@@ -333,23 +340,29 @@ class OffPolicyLoop:
         if ready:
             self.trained_frames += frames
         due = math.floor(rule.utd_ratio * self.trained_frames + 1e-9) - self.updates
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        # Metrics stay tensors until the iteration's updates are done: one reduction per key
+        # instead of a host synchronisation per update.
+        values: dict[str, list[Tensor | float]] = {}
         start = time.perf_counter()
         for _ in range(due):
-            for key, value in update(self.replay.sample(), ctx).items():
-                value = float(value.detach()) if isinstance(value, Tensor) else float(value)
-                sums[key] = sums.get(key, 0.0) + value
-                counts[key] = counts.get(key, 0) + 1
-            self.updates += 1
+            for key, value in self.update_once(update, ctx).items():
+                values.setdefault(key, []).append(value)
         elapsed = time.perf_counter() - start
         nan = float("nan")
-        metrics = {key: sums[key] / counts[key] if key in counts else nan
+        metrics = {key: _mean(values[key]) if key in values else nan
                    for key in self.metric_names}
         metrics.update({"optim/updates": float(due), "train/updates_total": float(self.updates),
                         "train/buffer_size": float(len(self.replay)),
                         "perf/updates_per_s": due / elapsed if due else nan,
                         "frames": float(frames)})
+        return metrics
+
+    def update_once(self, update: Callable[[TensorDictBase, "RuleContext"],
+                                           dict[str, Tensor | float]],
+                    ctx: "RuleContext") -> dict[str, Tensor | float]:
+        """One gradient update on a freshly sampled batch, counted; returns its metrics."""
+        metrics = update(self.replay.sample(), ctx)
+        self.updates += 1
         return metrics
 
     def _collect(self) -> int:
