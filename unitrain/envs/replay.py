@@ -64,7 +64,11 @@ class Replay:
         Returns:
             A TensorDict of shape ``[batch_size]`` on :attr:`device`.
         """
-        batch = self.buffer.sample()
+        # The draw of the buffer's own RandomSampler (one randint from the same generator),
+        # read from the storage's TensorDict directly: the same batch without the replay
+        # buffer's per-call locks, sampler and storage dispatch.
+        index = torch.randint(0, len(self.buffer), (self.batch_size,), generator=self.generator)
+        batch = self.buffer.storage._storage[index]
         return batch if self.device.type == "cpu" else batch.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict[str, Any]:

@@ -32,12 +32,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
 from torchrl.objectives import DDPGLoss, ValueEstimators
 
-from unitrain.rules.gradient.offpolicy import (OffPolicyFields, OffPolicyLoop, critic_steps,
-                                               make_critics)
+from unitrain.rules.gradient.offpolicy import (LeanModule, OffPolicyFields, OffPolicyLoop,
+                                               critic_steps, make_critics)
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded, one_of
 
@@ -84,8 +83,8 @@ class DDPG(OffPolicyFields):
 
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
         self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)
-        actor = TensorDictModule(TanhActor(module), in_keys=["observation"], out_keys=["action"])
-        critic = TensorDictModule(make_critics(module, 1, 1, self.critic_hidden, nn.ReLU)[0],
+        actor = LeanModule(TanhActor(module), in_keys=["observation"], out_keys=["action"])
+        critic = LeanModule(make_critics(module, 1, 1, self.critic_hidden, nn.ReLU)[0],
                                   in_keys=["observation", "action"],
                                   out_keys=["state_action_value"])
         loss = DDPGLoss(actor, critic, delay_actor=True, delay_value=True,

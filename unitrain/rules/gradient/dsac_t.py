@@ -41,8 +41,8 @@ from tensordict import TensorDictBase
 from torch import Tensor, nn
 
 from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
-from unitrain.rules.gradient.offpolicy import (OffPolicyFields, OffPolicyLoop, critic_steps,
-                                               make_critics)
+from unitrain.rules.gradient.offpolicy import (OffPolicyFields, OffPolicyLoop, adam,
+                                               critic_steps, make_critics)
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded, one_of
 
@@ -144,7 +144,7 @@ class DSACT(OffPolicyFields):
         self.actor = self.loss.actor_network
         self.updater, self.critic_opt, self.actor_opt = critic_steps(
             self, self.loss, self.loss.qvalue_network_params, actor_params)
-        self.alpha_opt = torch.optim.Adam([self.loss.log_alpha], lr=self.lr_alpha)
+        self.alpha_opt = adam([self.loss.log_alpha], self.lr_alpha)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.critic_opt, self.actor_opt, self.alpha_opt]

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModuleBase
+from tensordict.nn import TensorDictModule, TensorDictModuleBase
 from torch import Tensor, nn
 from torchrl.data import Composite
 from torchrl.modules import MLP
@@ -66,8 +66,35 @@ if TYPE_CHECKING:
     from unitrain.policy.module import RLModule
     from unitrain.rules.base import RuleContext
 
-__all__ = ["CriticFields", "OffPolicyFields", "OffPolicyLoop", "Critic", "critic_steps",
-           "make_critics"]
+__all__ = ["CriticFields", "OffPolicyFields", "OffPolicyLoop", "Critic", "LeanModule",
+           "PolyakUpdate", "adam", "critic_steps", "make_critics"]
+
+
+class LeanModule(TensorDictModule):
+    """A ``TensorDictModule`` that writes its module's tensors into the input TensorDict as
+    they are.
+
+    The losses call their networks several times per gradient update; the generic path
+    converts every output with ``TensorDict.from_any`` (type probes, among them an import
+    lookup) and goes through keyword dispatch. Called with a TensorDict alone, this one reads
+    ``in_keys``, calls the module and sets ``out_keys``; any other call takes the generic
+    path. Parameters and state-dict keys are those of a ``TensorDictModule``.
+    """
+
+    def forward(self, tensordict: TensorDictBase | None = None, *args: Any,
+                **kwargs: Any) -> TensorDictBase:
+        if args or kwargs or self._kwargs is not None or not isinstance(tensordict,
+                                                                        TensorDictBase):
+            return super().forward(tensordict, *args, **kwargs)
+        outputs = self.module(*(tensordict.get(key) for key in self.in_keys))
+        if not isinstance(outputs, tuple):
+            outputs = (outputs,)
+        if len(outputs) != len(self.out_keys) or not all(isinstance(t, Tensor) for t in outputs):
+            raise RuntimeError(f"{type(self.module).__name__} returned {len(outputs)} "
+                               f"outputs for out_keys {self.out_keys}")
+        for key, value in zip(self.out_keys, outputs):
+            tensordict.set(key, value)
+        return tensordict
 
 
 class Critic(nn.Module):
@@ -122,6 +149,39 @@ def make_critics(module: "RLModule", count: int, outputs: int, hidden: tuple[int
             for _ in range(count)]
 
 
+class PolyakUpdate(SoftUpdate):
+    """TorchRL's ``SoftUpdate`` moving every target tensor in one ``torch._foreach_lerp_``.
+
+    The same update, ``target <- target + (1 - eps) (source - target)`` with ``eps = 1 - tau``,
+    on the same (source, target) pairs ``SoftUpdate`` finds at construction, without walking
+    the loss's parameter TensorDicts on every step.
+    """
+
+    def step(self) -> None:
+        pairs = self.__dict__.get("_pairs")
+        if pairs is None:
+            if not self.initialized:
+                raise RuntimeError(f"{type(self).__name__} must be initialized (init_()) first")
+            sources, targets = [], []
+            for key, source in self._sources.items(True, True):
+                key = key if isinstance(key, tuple) else (key,)
+                sources.append(source)
+                targets.append(self._targets.get(("target_" + key[0], *key[1:])))
+            if any(t.requires_grad for t in targets):
+                raise RuntimeError("the target parameter is part of a graph.")
+            pairs = self.__dict__["_pairs"] = (sources, targets)
+        with torch.no_grad():
+            torch._foreach_lerp_(pairs[1], pairs[0], 1 - self.eps)
+
+
+def adam(params: Any, lr: float) -> torch.optim.Adam:
+    """Adam with its fused implementation (one kernel for all parameters) where the
+    parameters' device has one, else the multi-tensor one."""
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused, foreach=None if fused else True)
+
+
 def critic_steps(rule: "CriticFields", loss: nn.Module, critic_params: Any,
                  actor_params: Any) -> tuple[SoftUpdate, torch.optim.Adam, torch.optim.Adam]:
     """What every rule with target critics steps: the Polyak update of ``loss``'s target
@@ -137,9 +197,9 @@ def critic_steps(rule: "CriticFields", loss: nn.Module, critic_params: Any,
     Returns:
         ``(updater, critic optimizer, actor optimizer)``.
     """
-    return (SoftUpdate(loss, tau=rule.tau),
-            torch.optim.Adam(list(critic_params.values(True, True)), lr=rule.lr_critic),
-            torch.optim.Adam(actor_params, lr=rule.lr_actor))
+    return (PolyakUpdate(loss, tau=rule.tau),
+            adam(critic_params.values(True, True), rule.lr_critic),
+            adam(actor_params, rule.lr_actor))
 
 
 class _Explorer(TensorDictModuleBase):

@@ -34,13 +34,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
 from torchrl.modules import ProbabilisticActor, TanhNormal
 from torchrl.objectives import SACLoss, ValueEstimators
 
-from unitrain.rules.gradient.offpolicy import (OffPolicyFields, OffPolicyLoop, critic_steps,
-                                               make_critics)
+from unitrain.rules.gradient.offpolicy import (LeanModule, OffPolicyFields, OffPolicyLoop,
+                                               adam, critic_steps, make_critics)
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded
 
@@ -100,9 +99,9 @@ class SAC(OffPolicyFields):
         self.actor = _LocScale(module, log_std, self.log_std_bounds)
         # Actions in [-1, 1] (TanhNormal's default bounds): what the critics and the replay see.
         actor = ProbabilisticActor(
-            TensorDictModule(self.actor, in_keys=["observation"], out_keys=["loc", "scale"]),
+            LeanModule(self.actor, in_keys=["observation"], out_keys=["loc", "scale"]),
             in_keys=["loc", "scale"], distribution_class=TanhNormal, return_log_prob=True)
-        critics = [TensorDictModule(c, in_keys=["observation", "action"],
+        critics = [LeanModule(c, in_keys=["observation", "action"],
                                     out_keys=["state_action_value"])
                    for c in make_critics(module, 2, 1, self.critic_hidden, nn.ReLU)]
         target = (-float(module.actions.act_dim) if self.target_entropy is None
@@ -116,7 +115,7 @@ class SAC(OffPolicyFields):
         self.loss: SACLoss = module.add_aux(self.name, loss)
         self.updater, self.critic_opt, self.actor_opt = critic_steps(
             self, self.loss, self.loss.qvalue_network_params, actor_params)
-        self.alpha_opt = torch.optim.Adam([self.loss.log_alpha], lr=self.lr_alpha)
+        self.alpha_opt = adam([self.loss.log_alpha], self.lr_alpha)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.critic_opt, self.actor_opt, self.alpha_opt]

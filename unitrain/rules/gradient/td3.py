@@ -28,13 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModule
 from torch import Tensor, nn
 from torchrl.objectives import TD3Loss, ValueEstimators
 
 from unitrain.rules.gradient.ddpg import TanhActor
-from unitrain.rules.gradient.offpolicy import (OffPolicyFields, OffPolicyLoop, critic_steps,
-                                               make_critics)
+from unitrain.rules.gradient.offpolicy import (LeanModule, OffPolicyFields, OffPolicyLoop,
+                                               critic_steps, make_critics)
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded
 
@@ -50,8 +49,8 @@ _METRICS = ("loss/critic", "loss/actor", "train/q_mean", "train/target_q_mean")
 def td3_loss(rule: Any, module: "RLModule", ctx: "RuleContext") -> TD3Loss:
     """TorchRL's ``TD3Loss`` over the module's ``tanh`` actor and two critics, with ``rule``'s
     ``critic_hidden``, ``policy_noise``, ``noise_clip`` and ``gamma`` (shared with CEM-RL)."""
-    actor = TensorDictModule(TanhActor(module), in_keys=["observation"], out_keys=["action"])
-    critics = [TensorDictModule(c, in_keys=["observation", "action"],
+    actor = LeanModule(TanhActor(module), in_keys=["observation"], out_keys=["action"])
+    critics = [LeanModule(c, in_keys=["observation", "action"],
                                 out_keys=["state_action_value"])
                for c in make_critics(module, 2, 1, rule.critic_hidden, nn.ReLU)]
     loss = TD3Loss(actor, critics, bounds=(-1.0, 1.0), num_qvalue_nets=2,
