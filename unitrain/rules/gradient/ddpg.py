@@ -94,6 +94,8 @@ class DDPG(OffPolicyFields):
         self.actor = self.loss.actor_network.module
         self.updater, self.critic_opt, self.actor_opt = critic_steps(
             self, self.loss, self.loss.value_network_params, module.policy_parameters())
+        self._critic_loss = self.loop.compiled(self.loss.loss_value)
+        self._actor_loss = self.loop.compiled(self.loss.loss_actor)
         self._ou: Tensor | None = None
         self._episodes_seen: np.ndarray | Tensor | None = None
 
@@ -123,9 +125,9 @@ class DDPG(OffPolicyFields):
         return self._ou
 
     def _update(self, batch: TensorDictBase, ctx: "RuleContext") -> dict[str, Tensor | float]:
-        critic_loss, info = self.loss.loss_value(batch)
+        critic_loss, info = self._critic_loss(batch)
         self.loop.descend(critic_loss, [self.critic_opt], ctx)
-        actor_loss, _ = self.loss.loss_actor(batch)
+        actor_loss, _ = self._actor_loss(batch)
         self.loop.descend(actor_loss, [self.actor_opt], ctx)
         self.updater.step()
         return {"loss/critic": critic_loss.detach(), "loss/actor": actor_loss.detach(),

@@ -145,6 +145,8 @@ class DSACT(OffPolicyFields):
         self.updater, self.critic_opt, self.actor_opt = critic_steps(
             self, self.loss, self.loss.qvalue_network_params, actor_params)
         self.alpha_opt = adam([self.loss.log_alpha], self.lr_alpha)
+        self._critic_loss = self.loop.compiled(self.loss.critic_loss)
+        self._actor_loss = self.loop.compiled(self.loss.actor_loss)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.critic_opt, self.actor_opt, self.alpha_opt]
@@ -159,14 +161,14 @@ class DSACT(OffPolicyFields):
 
     def _update(self, batch: TensorDictBase, ctx: "RuleContext") -> dict[str, Tensor | float]:
         delayed = self.loop.updates % self.delay == 0
-        critic_loss, info = self.loss.critic_loss(batch)
+        critic_loss, info = self._critic_loss(batch)
         metrics: dict[str, Tensor | float] = {
             "loss/critic": critic_loss.detach(), "train/q_mean": info["pred_value"].mean(),
             "train/sigma_mean": info["pred_std"].mean(), "train/omega": info["omega"].mean(),
             "train/target_q_mean": info["target_value"].mean()}
         total, optimizers = critic_loss, [self.critic_opt]
         if delayed:
-            actor_loss, actor_info = self.loss.actor_loss(batch)
+            actor_loss, actor_info = self._actor_loss(batch)
             alpha_loss = self.loss.alpha_loss(actor_info["log_prob"])
             total = total + actor_loss + alpha_loss
             optimizers += [self.actor_opt, self.alpha_opt]

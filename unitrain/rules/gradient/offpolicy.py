@@ -295,9 +295,14 @@ class OffPolicyFields(CriticFields):
     Args:
         frames_per_batch: transitions collected per iteration per process, a multiple of
             ``env.num_envs`` (``None``: one step of every env).
+        compile: compile the rule's loss computations (forward and backward) with
+            ``torch.compile``: faster updates once compiled, at the price of a compilation of
+            tens of seconds on the first updates of every process (worth it for long runs;
+            see ``docs/offpolicy_speed.md``).
     """
 
     frames_per_batch: int | None = bounded(None, "[1, inf]", null=True)
+    compile: bool = False
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         super().check_env(env, info)
@@ -416,6 +421,14 @@ class OffPolicyLoop:
                         "perf/updates_per_s": due / elapsed if due else nan,
                         "frames": float(frames)})
         return metrics
+
+    def compiled(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` (a loss computation) through ``torch.compile`` if the rule's ``compile`` is
+        set, else ``fn`` itself. Random draws inside keep eager semantics (the same
+        generator), so a compiled run resumes and replicates across processes exactly."""
+        if not getattr(self.rule, "compile", False):
+            return fn
+        return torch.compile(fn, dynamic=False, options={"fallback_random": True})
 
     def update_once(self, update: Callable[[TensorDictBase, "RuleContext"],
                                            dict[str, Tensor | float]],

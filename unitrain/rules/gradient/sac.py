@@ -116,6 +116,8 @@ class SAC(OffPolicyFields):
         self.updater, self.critic_opt, self.actor_opt = critic_steps(
             self, self.loss, self.loss.qvalue_network_params, actor_params)
         self.alpha_opt = adam([self.loss.log_alpha], self.lr_alpha)
+        self._critic_loss = self.loop.compiled(self.loss.qvalue_v2_loss)
+        self._actor_loss = self.loop.compiled(self.loss.actor_loss)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.critic_opt, self.actor_opt, self.alpha_opt]
@@ -129,11 +131,11 @@ class SAC(OffPolicyFields):
 
     def _update(self, batch: TensorDictBase, ctx: "RuleContext") -> dict[str, Tensor | float]:
         delayed = self.loop.updates % self.delay == 0
-        critic_loss, _ = self.loss.qvalue_v2_loss(batch)
+        critic_loss, _ = self._critic_loss(batch)
         total, optimizers = critic_loss, [self.critic_opt]
         metrics: dict[str, Tensor | float] = {"loss/critic": critic_loss.detach()}
         if delayed:
-            actor_loss, actor_info = self.loss.actor_loss(batch)
+            actor_loss, actor_info = self._actor_loss(batch)
             alpha_loss = self.loss.alpha_loss(actor_info["log_prob"]).mean()
             total = total + actor_loss + alpha_loss
             optimizers += [self.actor_opt, self.alpha_opt]

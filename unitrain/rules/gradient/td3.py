@@ -87,6 +87,8 @@ class TD3(OffPolicyFields):
         self.actor = self.loss.actor_network.module
         self.updater, self.critic_opt, self.actor_opt = critic_steps(
             self, self.loss, self.loss.qvalue_network_params, module.policy_parameters())
+        self._critic_loss = self.loop.compiled(self.loss.value_loss)
+        self._actor_loss = self.loop.compiled(self.loss.actor_loss)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.critic_opt, self.actor_opt]
@@ -99,13 +101,13 @@ class TD3(OffPolicyFields):
         return (action + self.noise_std * self.loop.draw(tuple(action.shape))).clamp(-1.0, 1.0)
 
     def _update(self, batch: TensorDictBase, ctx: "RuleContext") -> dict[str, Tensor | float]:
-        critic_loss, info = self.loss.value_loss(batch)
+        critic_loss, info = self._critic_loss(batch)
         self.loop.descend(critic_loss, [self.critic_opt], ctx)
         metrics: dict[str, Tensor | float] = {
             "loss/critic": critic_loss.detach(), "train/q_mean": info["pred_value"].mean(),
             "train/target_q_mean": info["target_value"].mean()}
         if self.loop.updates % self.delay == self.delay - 1:
-            actor_loss, _ = self.loss.actor_loss(batch)
+            actor_loss, _ = self._actor_loss(batch)
             self.loop.descend(actor_loss, [self.actor_opt], ctx)
             self.updater.step()
             metrics["loss/actor"] = actor_loss.detach()
