@@ -11,7 +11,8 @@ DDPG: every update). Two measures, one thread each:
   (4 envs, batch 256): for unitrain, the rule's own update (replay sampling, loss, optimizer
   steps, target update, per-update metrics) called after a short Trainer run has filled its
   memory; for the plain loop, its update on a memory of the same size. Both alternate in one
-  process, ``--chunk`` updates at a time, so a drift in machine load hits both alike.
+  process, ``--chunk`` updates at a time, so a drift in machine load hits both alike; the rate
+  given is the median over chunks.
 - **whole process** (``--whole``): wall time of ``unitrain fit pendulum/<rule>`` with the
   widths, batch and frame budget overridden, against this script's plain loop run as a process
   (``--plain RULE``: the same env, collection of 64 frames per iteration with the same warm-up,
@@ -242,11 +243,11 @@ def plain_run(rule: str, width: int, frames: int, seed: int = 0) -> float:
 
 
 # ------------------------------------------------------------------------------ unitrain
-def unitrain_rule(rule: str, width: int, buffer: int):
+def unitrain_rule(rule: str, width: int, buffer: int, compile: bool = False):
     import unitrain as ut
     common = dict(lr_actor=LR, lr_critic=LR, batch_size=BATCH, buffer_size=buffer,
                   warmup_frames=WARMUP, frames_per_batch=FRAMES_PER_BATCH, utd_ratio=1.0,
-                  critic_hidden=(width, width), gamma=GAMMA[rule])
+                  critic_hidden=(width, width), gamma=GAMMA[rule], compile=compile)
     if rule == "sac":
         return ut.optim.SAC(lr_alpha=LR, **common)
     if rule == "dsac_t":
@@ -254,7 +255,8 @@ def unitrain_rule(rule: str, width: int, buffer: int):
     return ut.optim.TD3(**common) if rule == "td3" else ut.optim.DDPG(**common)
 
 
-def steady(rule: str, width: int, updates: int, chunk: int) -> tuple[float, float]:
+def steady(rule: str, width: int, updates: int, chunk: int,
+           compile: bool = False) -> tuple[float, float]:
     """Steady-state updates/s of the plain loop and of unitrain's rule, interleaved."""
     import lightning as L
     import unitrain as ut
@@ -278,21 +280,22 @@ def steady(rule: str, width: int, updates: int, chunk: int) -> tuple[float, floa
                 for _ in range(chunk):
                     plain.update(*memory.sample())
 
-            times = {"plain": 0.0, "unitrain": 0.0}
-            ours(), theirs()  # warm up both
+            rates: dict[str, list[float]] = {"plain": [], "unitrain": []}
+            ours(), theirs()  # warm up both (and compile, with --compile)
             for _ in range(max(1, updates // chunk)):
                 for name, fn in (("plain", theirs), ("unitrain", ours)):
                     t = time.perf_counter()
                     fn()
-                    times[name] += time.perf_counter() - t
-            n = max(1, updates // chunk) * chunk
-            result.update({k: n / v for k, v in times.items()})
+                    rates[name].append(chunk / (time.perf_counter() - t))
+            # The median chunk: robust to bursts of load from other processes.
+            result.update({k: statistics.median(v) for k, v in rates.items()})
 
     frames = WARMUP + FRAMES_PER_BATCH
     with tempfile.TemporaryDirectory() as tmp:
         trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=NUM_ENVS,
                                             backend="gymnasium"),
-                             optimizer=unitrain_rule(rule, width, frames), max_frames=frames,
+                             optimizer=unitrain_rule(rule, width, frames, compile),
+                             max_frames=frames,
                              eval_every_frames=10 * frames, eval_episodes=1, seed=0,
                              num_threads=1, run_dir=Path(tmp), callbacks=[Measure()],
                              enable_progress_bar=False)
@@ -302,7 +305,8 @@ def steady(rule: str, width: int, updates: int, chunk: int) -> tuple[float, floa
     return result["plain"], result["unitrain"]
 
 
-def whole(rule: str, width: int, frames: int, tmp: Path) -> tuple[float, float]:
+def whole(rule: str, width: int, frames: int, tmp: Path,
+          compile: bool = False) -> tuple[float, float]:
     """Wall seconds of a plain process and of ``unitrain fit pendulum/<rule>``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     plain_cmd = [sys.executable, __file__, "--plain", rule, "--widths", str(width),
@@ -312,7 +316,8 @@ def whole(rule: str, width: int, frames: int, tmp: Path) -> tuple[float, float]:
                 f"module.hidden={hidden}", f"optimizer.critic_hidden={hidden}",
                 f"optimizer.buffer_size={frames}", f"trainer.max_frames={frames}",
                 "trainer.num_threads=1", f"trainer.run_dir={tmp / rule / str(width)}",
-                f"trainer.eval_every_frames={10 * frames}", "trainer.eval_episodes=1"]
+                f"trainer.eval_every_frames={10 * frames}", "trainer.eval_episodes=1",
+                f"optimizer.compile={str(compile).lower()}"]
     walls = []
     for cmd in (plain_cmd, ours_cmd):
         t = time.perf_counter()
@@ -327,10 +332,13 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--widths", nargs="+", type=int, default=[64, 256])
     parser.add_argument("--updates", type=int, default=600, help="per side, steady state")
-    parser.add_argument("--chunk", type=int, default=50)
+    parser.add_argument("--chunk", type=int, default=25)
     parser.add_argument("--whole", action="store_true", help="whole processes instead")
     parser.add_argument("--frames", type=int, default=5000, help="frames of a whole run")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--compile", action="store_true",
+                        help="unitrain's rules with compile=true (compilation not timed in the "
+                             "steady state; timed in whole processes)")
     parser.add_argument("--plain", choices=RULES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -343,8 +351,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rule in args.rules:
             for width in args.widths:
-                got = [whole(rule, width, args.frames, Path(tmp)) if args.whole
-                       else steady(rule, width, args.updates, args.chunk)
+                got = [whole(rule, width, args.frames, Path(tmp), args.compile) if args.whole
+                       else steady(rule, width, args.updates, args.chunk, args.compile)
                        for _ in range(args.repeats)]
                 plain, ours = (statistics.median(g[i] for g in got) for i in (0, 1))
                 rows.append((rule, width, plain, ours))
@@ -352,6 +360,7 @@ def main() -> None:
     unit = "wall s" if args.whole else "updates/s"
     what = (f"whole processes, {args.frames} frames" if args.whole
             else f"steady state, {args.updates} updates each")
+    what += ", unitrain compiled" if args.compile else ""
     print(f"\n{'rule':<8} {'width':>5} {'plain':>9} {'unitrain':>9} {'ratio':>6}   ({unit}; "
           f"{what}; Pendulum-v1, {NUM_ENVS} envs, batch {BATCH}, one thread)")
     for rule, width, plain, ours in rows:
