@@ -247,7 +247,8 @@ def unitrain_rule(rule: str, width: int, buffer: int, compile: bool = False):
     import unitrain as ut
     common = dict(lr_actor=LR, lr_critic=LR, batch_size=BATCH, buffer_size=buffer,
                   warmup_frames=WARMUP, frames_per_batch=FRAMES_PER_BATCH, utd_ratio=1.0,
-                  critic_hidden=(width, width), gamma=GAMMA[rule], compile=compile)
+                  critic_hidden=(width, width), gamma=GAMMA[rule],
+                  **({"compile": True} if compile else {}))
     if rule == "sac":
         return ut.optim.SAC(lr_alpha=LR, **common)
     if rule == "dsac_t":
@@ -259,6 +260,7 @@ def steady(rule: str, width: int, updates: int, chunk: int,
            compile: bool = False) -> tuple[float, float]:
     """Steady-state updates/s of the plain loop and of unitrain's rule, interleaved."""
     import lightning as L
+
     import unitrain as ut
     result: dict[str, float] = {}
 
@@ -274,7 +276,9 @@ def steady(rule: str, width: int, updates: int, chunk: int,
 
             def ours() -> None:
                 for _ in range(chunk):
-                    loop.update_once(rule_obj._update, ctx)
+                    # One update as OffPolicyLoop.step makes it (works on older versions too).
+                    rule_obj._update(loop.replay.sample(), ctx)
+                    loop.updates += 1
 
             def theirs() -> None:
                 for _ in range(chunk):
