@@ -320,8 +320,9 @@ def whole(rule: str, width: int, frames: int, tmp: Path,
                 f"module.hidden={hidden}", f"optimizer.critic_hidden={hidden}",
                 f"optimizer.buffer_size={frames}", f"trainer.max_frames={frames}",
                 "trainer.num_threads=1", f"trainer.run_dir={tmp / rule / str(width)}",
-                f"trainer.eval_every_frames={10 * frames}", "trainer.eval_episodes=1",
-                f"optimizer.compile={str(compile).lower()}"]
+                f"trainer.eval_every_frames={10 * frames}", "trainer.eval_episodes=1"]
+    if compile:
+        ours_cmd.append("optimizer.compile=true")
     walls = []
     for cmd in (plain_cmd, ours_cmd):
         t = time.perf_counter()
