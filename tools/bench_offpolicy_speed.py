@@ -294,6 +294,10 @@ def steady(rule: str, width: int, updates: int, chunk: int,
             # The median chunk: robust to bursts of load from other processes.
             result.update({k: statistics.median(v) for k, v in rates.items()})
 
+    if compile:
+        # Every rule's losses go through TorchRL's one loss wrapper, whose compiled versions
+        # share torch's per-function recompile limit: start each measure afresh.
+        torch._dynamo.reset()
     frames = WARMUP + FRAMES_PER_BATCH
     with tempfile.TemporaryDirectory() as tmp:
         trainer = ut.Trainer(env=ut.EnvSpec("Pendulum-v1", num_envs=NUM_ENVS,

@@ -425,7 +425,11 @@ class OffPolicyLoop:
     def compiled(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` (a loss computation) through ``torch.compile`` if the rule's ``compile`` is
         set, else ``fn`` itself. Random draws inside keep eager semantics (the same
-        generator), so a compiled run resumes and replicates across processes exactly."""
+        generator), so a compiled run resumes and replicates across processes exactly.
+
+        TorchRL wraps every loss method in one function, whose compiled versions count against
+        torch's recompile limit per function (8 by default): a process that sets up many
+        compiled rules (more than four) runs the later ones eagerly."""
         if not getattr(self.rule, "compile", False):
             return fn
         return torch.compile(fn, dynamic=False, options={"fallback_random": True})
