@@ -323,7 +323,7 @@ def whole(rule: str, width: int, frames: int, tmp: Path,
     ours_cmd = [sys.executable, "-m", "unitrain", "fit", f"pendulum/{rule}",
                 f"module.hidden={hidden}", f"optimizer.critic_hidden={hidden}",
                 f"optimizer.buffer_size={frames}", f"trainer.max_frames={frames}",
-                "trainer.num_threads=1", f"trainer.run_dir={tmp / rule / str(width)}",
+                "trainer.num_threads=1", f"run_dir={tmp / rule / str(width)}",
                 f"trainer.eval_every_frames={10 * frames}", "trainer.eval_episodes=1"]
     if compile:
         ours_cmd.append("optimizer.compile=true")
