@@ -85,8 +85,8 @@ class DDPG(OffPolicyFields):
         self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)
         actor = LeanModule(TanhActor(module), in_keys=["observation"], out_keys=["action"])
         critic = LeanModule(make_critics(module, 1, 1, self.critic_hidden, nn.ReLU)[0],
-                                  in_keys=["observation", "action"],
-                                  out_keys=["state_action_value"])
+                            in_keys=["observation", "action"],
+                            out_keys=["state_action_value"])
         loss = DDPGLoss(actor, critic, delay_actor=True, delay_value=True,
                         loss_function="l2").to(ctx.device)
         loss.make_value_estimator(ValueEstimators.TD0, gamma=self.gamma)

@@ -102,7 +102,7 @@ class SAC(OffPolicyFields):
             LeanModule(self.actor, in_keys=["observation"], out_keys=["loc", "scale"]),
             in_keys=["loc", "scale"], distribution_class=TanhNormal, return_log_prob=True)
         critics = [LeanModule(c, in_keys=["observation", "action"],
-                                    out_keys=["state_action_value"])
+                              out_keys=["state_action_value"])
                    for c in make_critics(module, 2, 1, self.critic_hidden, nn.ReLU)]
         target = (-float(module.actions.act_dim) if self.target_entropy is None
                   else self.target_entropy)

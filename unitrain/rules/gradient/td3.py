@@ -51,7 +51,7 @@ def td3_loss(rule: Any, module: "RLModule", ctx: "RuleContext") -> TD3Loss:
     ``critic_hidden``, ``policy_noise``, ``noise_clip`` and ``gamma`` (shared with CEM-RL)."""
     actor = LeanModule(TanhActor(module), in_keys=["observation"], out_keys=["action"])
     critics = [LeanModule(c, in_keys=["observation", "action"],
-                                out_keys=["state_action_value"])
+                          out_keys=["state_action_value"])
                for c in make_critics(module, 2, 1, rule.critic_hidden, nn.ReLU)]
     loss = TD3Loss(actor, critics, bounds=(-1.0, 1.0), num_qvalue_nets=2,
                    policy_noise=rule.policy_noise, noise_clip=rule.noise_clip,
