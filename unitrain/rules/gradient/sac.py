@@ -114,15 +114,8 @@ class SAC(OffPolicyFields):
         # checkpoint (which holds it) loads into a fresh module.
         _ = loss.target_entropy
         self.loss: SACLoss = module.add_aux(self.name, loss)
-        self.updater, self.critic_opt, self.actor_opt = critic_steps(
-            self, self.loss, self.loss.qvalue_network_params, actor_params)
-        self.alpha_opt = torch.optim.Adam([self.loss.log_alpha], lr=self.lr_alpha)
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.critic_opt, self.actor_opt, self.alpha_opt]
-
-    def step(self, ctx: "RuleContext") -> dict[str, float]:
-        return self.loop.step(ctx, self._update)
+        self.updater, self.critic_opt, self.actor_opt, self.alpha_opt = critic_steps(
+            self, self.loss, self.loss.qvalue_network_params, actor_params, self.loss.log_alpha)
 
     def _explore(self, observation: Tensor) -> Tensor:
         loc, scale = self.actor(observation)

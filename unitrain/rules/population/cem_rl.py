@@ -161,15 +161,11 @@ class CEMRL(CEMFields, CriticFields):
                               f"got {self.critic!r}, but the module already holds a "
                               f"{type(self.loss).__name__} critic under aux.{self.name} (from an "
                               "earlier run): use the same critic or a fresh module")
-        self.updater, self.critic_opt, self.actor_opt = critic_steps(
-            self, self.loss, self.loss.qvalue_network_params, actor_params)
-        self.alpha_opt = (torch.optim.Adam([self.loss.log_alpha], lr=self.lr_alpha)
-                          if isinstance(self.loss, DSACTLoss) else None)
+        self.updater, self.critic_opt, self.actor_opt, self.alpha_opt = critic_steps(
+            self, self.loss, self.loss.qvalue_network_params, actor_params,
+            self.loss.log_alpha if isinstance(self.loss, DSACTLoss) else None)
         self.frames_seen = 0  # frames of every generation so far, all processes
         self.last_frames = 0  # frames of the previous generation, all processes
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.critic_opt, self.actor_opt] + ([self.alpha_opt] if self.alpha_opt else [])
 
     def step(self, ctx: "RuleContext") -> dict[str, float]:
         with noise_source(self.table):
