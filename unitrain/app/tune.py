@@ -48,7 +48,7 @@ from typing import Any
 from unitrain.app.compare import Run, ended, eval_curves, finished, launch, recipe_slug
 from unitrain.errors import UserError, check_output_path
 
-__all__ = ["tune", "TuneResult", "Param", "parse_space", "SPACES"]
+__all__ = ["tune", "TuneResult", "Param", "parse_space", "recipe_space", "RecipeSpace", "SPACES"]
 
 # The shipped search spaces, one file per rule, each a ``tune:`` block.
 SPACES = Path(__file__).resolve().parent.parent / "recipes" / "tune"
@@ -195,7 +195,7 @@ def _override(key: str, value: Any) -> str:
 
 
 @dataclass
-class _Space:
+class RecipeSpace:
     """One recipe of a study: where it is, its search space and its settings."""
 
     label: str            # the recipe as given (the value of the ``recipe`` parameter)
@@ -207,7 +207,7 @@ class _Space:
     source: str | None    # where the space was read
 
 
-def _space(label: str, extra: list[str]) -> _Space:
+def recipe_space(label: str, extra: list[str]) -> RecipeSpace:
     """Read and check one recipe and its search space: every value of the space must fit the
     recipe (both ends of each range, every choice), so a mistake is reported before any trial."""
     from omegaconf import OmegaConf
@@ -237,7 +237,7 @@ def _space(label: str, extra: list[str]) -> _Space:
                 raise UserError(f"{source}: tune.{p.key}: {value!r} does not fit {label}: "
                                 f"{reason}") from None
     grid = recipe.trainer.eval_every_frames or default_eval_every(recipe.trainer.max_frames)
-    return _Space(label, path, recipe_slug(label), recipe.seed, grid, params, source)
+    return RecipeSpace(label, path, recipe_slug(label), recipe.seed, grid, params, source)
 
 
 # ------------------------------------------------------------------------------- the study
@@ -312,7 +312,7 @@ def tune(recipes: Sequence[str], trials: int = 20, frames: int = 100_000, jobs: 
     if len(set(recipes)) != len(recipes):
         raise UserError("tune: a recipe is given twice")
     extra = [*overrides, f"trainer.max_frames={frames}"]
-    spaces = {label: _space(label, extra) for label in recipes}
+    spaces = {label: recipe_space(label, extra) for label in recipes}
     if len({s.slug for s in spaces.values()}) != len(spaces):
         raise UserError("tune: two recipes have the same name; copy one to a file of its own name")
     out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +337,7 @@ def tune(recipes: Sequence[str], trials: int = 20, frames: int = 100_000, jobs: 
     return write_results(study, spaces, out, frames)
 
 
-def _open_study(optuna: Any, out: Path, spaces: dict[str, _Space], settings: dict[str, Any],
+def _open_study(optuna: Any, out: Path, spaces: dict[str, RecipeSpace], settings: dict[str, Any],
                 pruner: str | Any, seed: int) -> tuple[Any, Any]:
     url = f"sqlite:///{(out / 'study.db').resolve()}"
     storage = optuna.storages.RDBStorage(url)
@@ -361,7 +361,7 @@ def _open_study(optuna: Any, out: Path, spaces: dict[str, _Space], settings: dic
     return study, storage
 
 
-def _pruner(optuna: Any, pruner: str | Any, spaces: dict[str, _Space], frames: int) -> Any:
+def _pruner(optuna: Any, pruner: str | Any, spaces: dict[str, RecipeSpace], frames: int) -> Any:
     if not isinstance(pruner, str):
         return pruner
     if pruner == "none":
@@ -418,7 +418,7 @@ class _Objective:
     """One trial: choose a recipe and its values, train it in its own process, report its
     evaluation curve as it grows, stop it when pruned."""
 
-    def __init__(self, optuna: Any, spaces: dict[str, _Space], out: Path, extra: list[str],
+    def __init__(self, optuna: Any, spaces: dict[str, RecipeSpace], out: Path, extra: list[str],
                  frames: int, progress: bool) -> None:
         self.optuna, self.spaces, self.out = optuna, spaces, out
         self.extra, self.frames, self.progress = extra, frames, progress
@@ -514,7 +514,7 @@ def _short(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------- results
-def write_results(study: Any, spaces: dict[str, _Space], out: Path, frames: int) -> TuneResult:
+def write_results(study: Any, spaces: dict[str, RecipeSpace], out: Path, frames: int) -> TuneResult:
     """Write ``results.md``, ``results.csv``, ``best.yaml`` and the plots of ``study``."""
     optuna = _optuna()
     state = optuna.trial.TrialState
@@ -542,7 +542,7 @@ def _values(trial: Any) -> dict[str, Any]:
     return values
 
 
-def write_best(trial: Any, space: _Space, out: Path, frames: int,
+def write_best(trial: Any, space: RecipeSpace, out: Path, frames: int,
                overrides: Sequence[str] = ()) -> Path:
     """``OUT/best.yaml``: the trial's recipe with its values, the study's ``overrides`` and the
     budget merged in, and without its ``tune:`` block; checked by the recipe loader."""
@@ -620,7 +620,7 @@ def _table(rows: list[dict[str, Any]], best: Any, best_path: Path | None, frames
     return "\n".join(lines) + "\n"
 
 
-def _plots(optuna: Any, study: Any, spaces: dict[str, _Space], out: Path) -> None:
+def _plots(optuna: Any, study: Any, spaces: dict[str, RecipeSpace], out: Path) -> None:
     """Optuna's history, intermediate values and parameter importances (overall, and per
     recipe over the trials of that recipe); a plot that cannot be drawn yet (too few completed
     trials) is skipped."""
@@ -632,9 +632,10 @@ def _plots(optuna: Any, study: Any, spaces: dict[str, _Space], out: Path) -> Non
 
     state = optuna.trial.TrialState
     complete = study.get_trials(deepcopy=False, states=(state.COMPLETE,))
-    plots: list[tuple[str, Any]] = [("history.png", lambda: vis.plot_optimization_history(study)),
-                                    ("intermediate.png",
+    plots: list[tuple[str, Any]] = [("intermediate.png",
                                      lambda: vis.plot_intermediate_values(study))]
+    if complete:
+        plots.append(("history.png", lambda: vis.plot_optimization_history(study)))
     if len({t.params["recipe"] for t in complete}) > 1 and len(complete) > 2:
         plots.append(("importance.png", lambda: vis.plot_param_importances(study,
                                                                            params=["recipe"])))
@@ -646,7 +647,9 @@ def _plots(optuna: Any, study: Any, spaces: dict[str, _Space], out: Path) -> Non
                           lambda names=names: vis.plot_param_importances(study, params=names)))
     for name, draw in plots:
         try:
-            ax = draw()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = draw()
         except (ValueError, RuntimeError, ZeroDivisionError):
             continue
         fig = ax.figure
