@@ -277,8 +277,6 @@ def _recipes() -> int:
 
     rows = []
     for path in sorted(SHIPPED.glob("*/*.yaml")):
-        if path.parent.name == "tune":  # the search spaces of `unitrain tune`
-            continue
         comments = [line.lstrip("# ").strip() for line in path.read_text().splitlines()[:2]
                     if line.startswith("#")]
         rows.append((f"{path.parent.name}/{path.stem}", comments[1] if len(comments) > 1 else ""))
@@ -286,7 +284,7 @@ def _recipes() -> int:
     for name, note in rows:
         print(f"{name:<{width}}  {note}")
     print(f"\n(in {SHIPPED}; run one with `unitrain fit <env>/<rule>`, copy one to change it; "
-          f"the search spaces of `unitrain tune` are in {SHIPPED / 'tune'})")
+          f"the search spaces of `unitrain tune` are in {SHIPPED.parent / 'spaces'})")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 The rule is a categorical hyperparameter: each recipe given is one choice, and the fields of each
 recipe are searched conditionally on it, over the space of its ``tune:`` block (in the recipe
-itself, else the shipped space of its rule, ``recipes/tune/<rule>.yaml``)::
+itself, else the shipped space of its rule, ``unitrain/spaces/<rule>.yaml``)::
 
     tune:
       optimizer.lr: {low: 1.0e-4, high: 1.0e-2, log: true}   # a float, log-uniform
@@ -51,7 +51,7 @@ from unitrain.errors import UserError, check_output_path
 __all__ = ["tune", "TuneResult", "Param", "parse_space", "recipe_space", "RecipeSpace", "SPACES"]
 
 # The shipped search spaces, one file per rule, each a ``tune:`` block.
-SPACES = Path(__file__).resolve().parent.parent / "recipes" / "tune"
+SPACES = Path(__file__).resolve().parent.parent / "spaces"
 
 _ENTRY_KEYS = ("low", "high", "log", "step", "choices")
 # Keys a trial does not choose: the budget is --frames, and each trial has its own run.
@@ -67,7 +67,8 @@ def _optuna() -> Any:
     try:
         import optuna
     except ImportError:
-        raise UserError("tune: needs Optuna; install it with pip install 'unitrain[tune]'") from None
+        raise UserError("tune: needs Optuna; install it with "
+                        "pip install 'unitrain[tune]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
@@ -191,7 +192,10 @@ def _range(where: str, key: str, entry: dict[str, Any]) -> Param:
 
 
 def _override(key: str, value: Any) -> str:
-    return f"{key}={'null' if value is None else json.dumps(value) if isinstance(value, (bool, str)) else repr(value)}"
+    """``key=value`` as the recipe loader reads it back (null, true/false, quoted text)."""
+    if value is None:
+        return f"{key}=null"
+    return f"{key}={json.dumps(value) if isinstance(value, (bool, str)) else repr(value)}"
 
 
 @dataclass
@@ -494,7 +498,7 @@ class _Objective:
         frames_curve, _ = eval_curves(run.run_dir)
         step = None
         for frames, value in frames_curve:
-            step = int(round(frames / grid)) * grid
+            step = round(frames / grid) * grid
             if step not in reported and math.isfinite(value):
                 trial.report(value, step)
                 reported.add(step)
@@ -521,7 +525,7 @@ def write_results(study: Any, spaces: dict[str, RecipeSpace], out: Path, frames:
     rows = _rows(study)
     (out / "results.csv").write_text(_csv(rows))
     complete = study.get_trials(deepcopy=False, states=(state.COMPLETE,))
-    best = max(complete, key=lambda t: t.value) if complete else None
+    best = max(complete, key=_rank) if complete else None
     best_path = None
     if best is not None:
         overrides = study.user_attrs.get("settings", {}).get("overrides", [])
@@ -531,6 +535,13 @@ def write_results(study: Any, spaces: dict[str, RecipeSpace], out: Path, frames:
     return TuneResult(study, None if best is None else float(best.value), best_path,
                       None if best is None else best.number,
                       {} if best is None else _values(best), out)
+
+
+def _rank(trial: Any) -> tuple[float, float]:
+    """The best trial has the highest final return; of equal ones (a return at the env's cap),
+    the one with the higher mean evaluation curve, which got there sooner."""
+    curve = list(trial.intermediate_values.values())
+    return trial.value, sum(curve) / len(curve) if curve else -math.inf
 
 
 def _values(trial: Any) -> dict[str, Any]:
@@ -575,13 +586,16 @@ def _rows(study: Any) -> list[dict[str, Any]]:
         steps = sorted(t.intermediate_values)
         rows.append({"trial": t.number, "state": t.state.name.lower(), "recipe": label,
                      "params": " ".join(f"{k}={_short(v)}" for k, v in values.items()),
-                     "value": t.value, "frames": t.user_attrs.get("frames",
-                                                                  steps[-1] if steps else None),
+                     "value": t.value if t.state.name == "COMPLETE" else None,
+                     "frames": t.user_attrs.get("frames", steps[-1] if steps else None),
                      "note": _note(t), "run_dir": t.user_attrs.get("run_dir", "")})
     return rows
 
 
 def _note(t: Any) -> str:
+    if t.state.name == "PRUNED" and t.intermediate_values:
+        step = max(t.intermediate_values)
+        return f"pruned at {step:,} frames, return {t.intermediate_values[step]:.1f}"
     if "retry_of" in t.user_attrs:
         return f"retry of trial {t.user_attrs['retry_of']}"
     if t.user_attrs.get("interrupted"):
@@ -604,15 +618,17 @@ def _table(rows: list[dict[str, Any]], best: Any, best_path: Path | None, frames
         values = _values(best)
         label = values.pop("recipe")
         shown = ", ".join(f"{k}={_short(v)}" for k, v in values.items()) or "its own values"
-        lines += [f"Best: trial {best.number}, {label} with {shown}: final evaluation return "
-                  f"{best.value:.2f} at {frames:,} frames (`unitrain fit {best_path}`).", ""]
+        lines += [(f"Best: trial {best.number}, {label} with {shown}: final evaluation return "
+                   f"{best.value:.2f} at {frames:,} frames (`unitrain fit {best_path}`)."), ""]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     lines += ["Trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".", ""]
     lines += ["| trial | recipe | values | state | final return | frames | note |",
               "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["value"] is None, -(r["value"] or 0), r["trial"])):
+    order = {"complete": 0, "pruned": 1}
+    for r in sorted(rows, key=lambda r: (order.get(r["state"], 2), -(r["value"] or 0),
+                                         r["trial"])):
         value = "" if r["value"] is None else f"{r['value']:.2f}"
         done = "" if r["frames"] is None else f"{r['frames']:,}"
         lines.append(f"| {r['trial']} | {r['recipe']} | {r['params']} | {r['state']} | {value} "
