@@ -26,7 +26,8 @@ threads of one study, each driving one training process).
 
 Outputs: ``OUT/best.yaml`` (the best trial's recipe with its values and the budget merged in,
 runnable by ``unitrain fit``), ``OUT/results.md`` and ``OUT/results.csv`` (one row per trial),
-``OUT/history.png``, ``OUT/intermediate.png`` and ``OUT/importance*.png`` (Optuna's plots).
+``OUT/history.png``, ``OUT/intermediate.png`` and ``OUT/importance-<recipe>.png`` (Optuna's
+plots).
 """
 
 from __future__ import annotations
@@ -494,11 +495,13 @@ class _Objective:
 
     def _report(self, trial: Any, run: Run, grid: int, reported: set[int]) -> int | None:
         """Report the evaluations not in ``reported`` yet; returns the last step (frames,
-        rounded to the evaluation grid)."""
+        rounded to the evaluation grid, at most the budget)."""
         frames_curve, _ = eval_curves(run.run_dir)
         step = None
         for frames, value in frames_curve:
-            step = round(frames / grid) * grid
+            # The last generation of a population rule may end past the budget: its value is
+            # the one at the budget.
+            step = min(round(frames / grid) * grid, self.frames)
             if step not in reported and math.isfinite(value):
                 trial.report(value, step)
                 reported.add(step)
@@ -637,8 +640,9 @@ def _table(rows: list[dict[str, Any]], best: Any, best_path: Path | None, frames
 
 
 def _plots(optuna: Any, study: Any, spaces: dict[str, RecipeSpace], out: Path) -> None:
-    """Optuna's history, intermediate values and parameter importances (overall, and per
-    recipe over the trials of that recipe); a plot that cannot be drawn yet (too few completed
+    """Optuna's history, intermediate values and the importances of each recipe's fields over
+    the trials of that recipe (the importance of the recipe itself, the only parameter common
+    to every trial, would always be 1); a plot that cannot be drawn yet (too few completed
     trials) is skipped."""
     import matplotlib
 
@@ -652,9 +656,6 @@ def _plots(optuna: Any, study: Any, spaces: dict[str, RecipeSpace], out: Path) -
                                      lambda: vis.plot_intermediate_values(study))]
     if complete:
         plots.append(("history.png", lambda: vis.plot_optimization_history(study)))
-    if len({t.params["recipe"] for t in complete}) > 1 and len(complete) > 2:
-        plots.append(("importance.png", lambda: vis.plot_param_importances(study,
-                                                                           params=["recipe"])))
     for label, space in spaces.items():
         mine = [t for t in complete if t.params.get("recipe") == label]
         names = [f"{label}:{p.key}" for p in space.params]
