@@ -517,6 +517,8 @@ class _Objective:
 
 
 def _short(value: Any) -> str:
+    if value is None:
+        return "null"
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
@@ -590,6 +592,7 @@ def _rows(study: Any) -> list[dict[str, Any]]:
         rows.append({"trial": t.number, "state": t.state.name.lower(), "recipe": label,
                      "params": " ".join(f"{k}={_short(v)}" for k, v in values.items()),
                      "value": t.value if t.state.name == "COMPLETE" else None,
+                     "rank": _rank(t) if t.state.name == "COMPLETE" else (0.0, 0.0),
                      "frames": t.user_attrs.get("frames", steps[-1] if steps else None),
                      "note": _note(t), "run_dir": t.user_attrs.get("run_dir", "")})
     return rows
@@ -609,7 +612,7 @@ def _note(t: Any) -> str:
 def _csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     names = ["trial", "state", "recipe", "params", "value", "frames", "note", "run_dir"]
-    writer = csv.DictWriter(buf, fieldnames=names)
+    writer = csv.DictWriter(buf, fieldnames=names, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -627,15 +630,18 @@ def _table(rows: list[dict[str, Any]], best: Any, best_path: Path | None, frames
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     lines += ["Trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".", ""]
-    lines += ["| trial | recipe | values | state | final return | frames | note |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["Final return: the last evaluation; curve mean: the mean of the evaluations, which "
+              "orders equal final returns (the higher got there sooner).", "",
+              "| trial | recipe | values | state | final return | curve mean | frames | note |",
+              "|---|---|---|---|---|---|---|---|"]
     order = {"complete": 0, "pruned": 1}
-    for r in sorted(rows, key=lambda r: (order.get(r["state"], 2), -(r["value"] or 0),
-                                         r["trial"])):
+    for r in sorted(rows, key=lambda r: (order.get(r["state"], 2), -r["rank"][0],
+                                         -r["rank"][1], r["trial"])):
         value = "" if r["value"] is None else f"{r['value']:.2f}"
+        curve = "" if r["value"] is None else f"{r['rank'][1]:.1f}"
         done = "" if r["frames"] is None else f"{r['frames']:,}"
         lines.append(f"| {r['trial']} | {r['recipe']} | {r['params']} | {r['state']} | {value} "
-                     f"| {done} | {r['note']} |")
+                     f"| {curve} | {done} | {r['note']} |")
     return "\n".join(lines) + "\n"
 
 
