@@ -70,7 +70,7 @@ def _optuna() -> Any:
     except ImportError:
         raise UserError("tune: needs Optuna; install it with "
                         "pip install 'unitrain[tune]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line tells of each trial
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 
