@@ -288,7 +288,7 @@ def tune(recipes: Sequence[str], trials: int = 20, frames: int = 100_000, jobs: 
         frames: the frame budget of every trial (``trainer.max_frames``).
         jobs: trials at a time (each one training process).
         out: the output directory (``study.db``, runs, results, ``best.yaml``).
-        pruner: ``"median"`` (Optuna's median rule, from the fifth trial on, after a quarter of
+        pruner: ``"median"`` (Optuna's median rule, from the sixth trial on, after a quarter of
             the budget), ``"hyperband"``, ``"none"``, or an ``optuna.pruners`` object.
         seed: the sampler's seed (TPE); each run's seed is its recipe's.
         overrides: ``key=value`` overrides for every recipe.
