@@ -169,24 +169,7 @@ def test_best_recipe_holds_the_best_values_and_loads(study_dir):
         assert t.intermediate_values and all(s % 256 == 0 for s in t.intermediate_values)
 
 
-def test_a_rerun_resumes_the_study_through_the_cli(study_dir, capsys):
-    out, recipe, _ = study_dir
-    before = len(_states(out))
-    code = main(["tune", recipe, "cartpole/es", "--trials", str(before + 1), "--frames",
-                 str(FRAMES), "--out", str(out), "--pruner", "none", *TINY])
-    assert code == 0
-    trials = _states(out)
-    assert len(trials) == before + 1 and all(t.state.name == "COMPLETE" for t in trials)
-    printed = capsys.readouterr().out
-    assert f"Trials: {before + 1} complete." in printed and "unitrain fit" in printed
-    # The same study with another budget, or other recipes, is refused.
-    with pytest.raises(UserError, match="ran with --frames 512"):
-        tune([recipe, "cartpole/es"], trials=1, frames=FRAMES * 2, out=out, overrides=TINY)
-    with pytest.raises(UserError, match="holds the study"):
-        tune(["cartpole/es"], trials=1, frames=FRAMES, out=out, overrides=TINY)
-
-
-def test_a_trial_left_running_by_a_kill_is_retried_from_its_checkpoint(study_dir):
+def test_a_rerun_resumes_the_study_and_retries_a_trial_a_kill_left_running(study_dir, capsys):
     out, recipe, _ = study_dir
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}")
     first = study.get_trials()[0]
@@ -200,9 +183,12 @@ def test_a_trial_left_running_by_a_kill_is_retried_from_its_checkpoint(study_dir
     shutil.copytree(old, run_dir)
     (run_dir / "summary.json").unlink()
     finished = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
-    tune([recipe, "cartpole/es"], trials=finished + 1, frames=FRAMES, out=out, pruner="none",
-         overrides=TINY, progress=False)
+    code = main(["tune", recipe, "cartpole/es", "--trials", str(finished + 1), "--frames",
+                 str(FRAMES), "--out", str(out), "--pruner", "none", *TINY])
+    assert code == 0
     trials = _states(out)
+    # One trial more: the killed one's retry, with its values, resuming its run.
+    assert len(trials) == killed.number + 2
     assert trials[killed.number].state.name == "FAIL"
     assert trials[killed.number].user_attrs["interrupted"] is True
     retry = trials[-1]
@@ -211,8 +197,14 @@ def test_a_trial_left_running_by_a_kill_is_retried_from_its_checkpoint(study_dir
     assert retry.user_attrs["run_dir"] == str(run_dir)
     log = (out / "logs" / f"{run_dir.name}.log").read_text()
     assert "resume=last" in log.splitlines()[0]
-    table = (out / "results.md").read_text()
-    assert f"retry of trial {killed.number}" in table and "1 fail" in table
+    printed = capsys.readouterr().out
+    assert f"Trials: {finished + 1} complete, 1 fail." in printed and "unitrain fit" in printed
+    assert f"retry of trial {killed.number}" in (out / "results.md").read_text()
+    # The same study with another budget, or other recipes, is refused.
+    with pytest.raises(UserError, match="ran with --frames 512"):
+        tune([recipe, "cartpole/es"], trials=1, frames=FRAMES * 2, out=out, overrides=TINY)
+    with pytest.raises(UserError, match="holds the study"):
+        tune(["cartpole/es"], trials=1, frames=FRAMES, out=out, overrides=TINY)
 
 
 def test_a_pruned_trial_stops_its_run(tmp_path: Path):
