@@ -16,7 +16,7 @@ import unitrain as ut
 from unitrain.errors import ConfigError
 from unitrain.functions import FunctionEnv, rosenbrock, sphere
 from unitrain.policy.models import ParameterVector
-from unitrain.rules.population.cmaes import default_population
+from unitrain.rules.population.service import default_population
 
 
 def ellipsoid(x: np.ndarray) -> float:

@@ -286,3 +286,43 @@ def test_vector_step_matches_gymnasium_sync_vector_env() -> None:
         else:
             assert "final_obs" not in got[4]
     assert ended > 0
+
+
+def test_atari_ram_observations_are_the_scaled_memory() -> None:
+    """``obs_type: ram``: the 128 RAM bytes after each agent step, divided by 255, on the
+    gymnasium backend (``auto`` picks it), with the image path's frame skip and no-op starts."""
+    from unitrain.envs.gymnasium import make_single
+    from unitrain.envs.spec import resolve_backend
+
+    spec = EnvSpec("ALE/Pong-v5", num_envs=2, obs_type="ram")
+    assert resolve_backend(spec) == "gymnasium"
+    info = env_info(spec)
+    assert info.obs_shape == (128,) and not info.image and info.discrete and info.act_dim == 6
+    single = make_single(spec)
+    obs, _ = single.reset(seed=5)
+    ale = single.unwrapped.ale
+    for action in [0, 2, 3, 2, 1] * 4:
+        assert obs.dtype == np.float32 and obs.shape == (128,)
+        assert np.array_equal(obs * 255.0, ale.getRAM().astype(np.float32))
+        before = ale.getEpisodeFrameNumber()
+        obs, *_ = single.step(action)
+        assert ale.getEpisodeFrameNumber() - before == 4  # frame skip 4
+    again = make_single(spec)
+    assert np.array_equal(again.reset(seed=5)[0], single.reset(seed=5)[0])
+    env = make_env(spec, seed=3)
+    try:
+        check_env_specs(env, seed=0)
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("fields, key, says", [
+    (dict(id="CartPole-v1", obs_type="ram"), "env.obs_type", "not an Atari id"),
+    (dict(id="ALE/Pong-v5", obs_type="ram", backend="envpool"), "env.backend",
+     "EnvPool's Atari envs do not expose the RAM"),
+    (dict(id="ALE/Pong-v5", obs_type="rgb"), "env.obs_type", "one of image, ram"),
+])
+def test_bad_obs_type_is_one_line(fields: dict, key: str, says: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        EnvSpec(**fields)
+    assert str(e.value).startswith(key) and says in str(e.value)

@@ -83,6 +83,18 @@ def test_pendulum_recipes_run_past_their_warmup(recipe: str, tmp_path: Path):
     assert all(math.isfinite(e.value) for e in acc.Scalars("loss/critic"))
 
 
+def test_a_ram_recipe_runs_its_generations(tmp_path: Path):
+    """An Atari RAM recipe runs as shipped (a linear policy over 128 scaled bytes), short."""
+    summary = _run_recipe("pong/csa_es_ram.yaml", tmp_path, "trainer.max_frames=2000",
+                          "optimizer.max_episode_steps=40", "trainer.eval_episodes=1")
+    assert Path(summary["checkpoint"]).is_file() and summary["frames"] >= 2000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("optim/sigma")][0] != 0.1  # σ adapted
+
+
 # The projection recipe is past 0.93 after its first epoch (of 3); Adam needs all 30 of its.
 @pytest.mark.parametrize("recipe, epochs", [("digits/projection.yaml", 1), ("digits/adam.yaml", 30)])
 def test_digits_recipes_reach_093_test_accuracy(recipe: str, epochs: int, tmp_path: Path):

@@ -8,7 +8,7 @@ gymnasium environments.
 The package is layered; each layer imports only the layers below it (checked in CI by
 import-linter, see ``.importlinter``):
 
-- :mod:`unitrain.app`: recipes, the command line, ``unitrain compare``;
+- :mod:`unitrain.app`: recipes, the command line, ``unitrain compare``, ``unitrain tune``;
 - :mod:`unitrain.run`: the Trainer, its Lightning adapter, services, checkpoints, callbacks;
 - :mod:`unitrain.rules`: the update-rule interface, the registry and every rule;
 - :mod:`unitrain.policy`: :class:`RLModule`, the action contract, ready-made models;
@@ -18,6 +18,7 @@ import-linter, see ``.importlinter``):
 
 from unitrain import aliases, functions, optim  # noqa: F401  (public namespaces)
 from unitrain.app.compare import compare
+from unitrain.app.tune import tune
 from unitrain.envs import EnvSpec
 from unitrain.errors import ConfigError, UserError
 from unitrain.policy import MLPPolicy, RLModule
@@ -28,5 +29,5 @@ from unitrain.run.trainer import EarlyStop, Trainer
 aliases.install()
 
 __all__ = ["Trainer", "RLModule", "MLPPolicy", "EnvSpec", "EarlyStop", "optim", "evaluate",
-           "export", "compare", "UserError", "ConfigError"]
+           "export", "compare", "tune", "UserError", "ConfigError"]
 __version__ = "0.2.0"

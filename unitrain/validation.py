@@ -281,7 +281,7 @@ def describe(hint: Any) -> str:
     if origin in (tuple, list):
         if origin is tuple and args and args[-1] is not Ellipsis:
             return f"a list of {len(args)} values ({', '.join(describe(a) for a in args)})"
-        item = describe(args[0]) if args else "values"
+        item = describe(args[0]) if args and args[0] is not Any else "values"
         plural = {"an integer": "integers", "a number": "numbers", "a string": "strings"}
         return f"a list of {plural.get(item, item)}"
     if origin is dict or hint is dict:

@@ -6,6 +6,8 @@
     unitrain evaluate CHECKPOINT [env.KEY=VALUE ...] [--episodes N]
     unitrain compare RECIPE [RECIPE ...] [--seeds N] [--frames F] [--jobs J] [--out DIR]
                      [--threshold T] [--python MODULE:CLASS] [key=value ...]
+    unitrain tune RECIPE [RECIPE ...] --frames F [--trials N] [--jobs J] [--out DIR]
+                  [--pruner {median,hyperband,none}] [--seed S] [key=value ...]
     unitrain export CHECKPOINT --format {onnx,pt2} --out FILE
     unitrain recipes                          list the shipped recipes
 
@@ -65,15 +67,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="report frames and seconds to reach this evaluation return")
     cmp.add_argument("--python", default=None, metavar="MODULE:CLASS",
                      help="train this module class in every recipe instead of its module block")
+    tn = sub.add_parser("tune", help="search rules and their settings (Optuna) at equal budgets")
+    tn.add_argument("items", nargs="+", metavar="RECIPE|key=value",
+                    help="recipes to choose between (each with its tune: search space), then "
+                         "key=value overrides for all of them")
+    tn.add_argument("--frames", type=int, required=True, help="the frame budget of every trial")
+    tn.add_argument("--trials", type=int, default=20,
+                    help="finished trials the study should hold (default 20; a rerun resumes)")
+    tn.add_argument("--jobs", type=int, default=1, help="trials at a time (default 1)")
+    tn.add_argument("--out", default="tune", help="output directory (default: tune)")
+    tn.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median",
+                    help="stops trials whose evaluation curve falls behind (default median)")
+    tn.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
     exp = sub.add_parser("export", help="write a checkpoint's policy as a standalone file")
     exp.add_argument("checkpoint")
     exp.add_argument("--format", choices=("onnx", "pt2"), default=None,
                      help="default: from --out's suffix")
     exp.add_argument("--out", required=True, metavar="FILE", help="the file to write")
     sub.add_parser("recipes", help="list the shipped recipes")
-    # compare takes key=value overrides after its options too
+    # compare and tune take key=value overrides after their options too
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "compare" or not all("=" in a for a in extra)):
+    if extra and (args.command not in ("compare", "tune") or not all("=" in a for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.items += extra
@@ -88,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.video_episodes)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "tune":
+            return _tune(args)
         if args.command == "export":
             return _export(args.checkpoint, args.format, args.out)
         return _recipes()
@@ -162,6 +178,29 @@ def _compare(args: argparse.Namespace) -> int:
           f"tensorboard --logdir {out / 'tensorboard'}")
     failed = sum(len(e["failed"]) for e in results["recipes"].values())
     return 1 if failed else 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from unitrain.app.tune import tune
+
+    recipes = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
+    try:
+        result = tune(recipes, trials=args.trials, frames=args.frames, jobs=args.jobs,
+                      out=args.out, pruner=args.pruner, seed=args.seed, overrides=overrides)
+    except KeyboardInterrupt:
+        print("\nunitrain tune: interrupted; run the same command again to resume the study",
+              file=sys.stderr)
+        return 130
+    out = Path(args.out)
+    print((out / "results.md").read_text(), end="")
+    print(f"unitrain: study {out / 'study.db'}; results {out / 'results.md'}, "
+          f"{out / 'results.csv'}; plots {out}/*.png; tensorboard --logdir {out / 'runs'}")
+    if result.best_recipe is None:
+        print("unitrain: no trial completed", file=sys.stderr)
+        return 1
+    print(f"unitrain: best {result.best_value:.2f}: unitrain fit {result.best_recipe}")
+    return 0
 
 
 def _resolve_resume(resume: str | None, run_dir: str | None, recipe: Any) -> tuple[str | None, str | None]:
@@ -244,7 +283,8 @@ def _recipes() -> int:
     width = max((len(name) for name, _ in rows), default=0)
     for name, note in rows:
         print(f"{name:<{width}}  {note}")
-    print(f"\n(in {SHIPPED}; run one with `unitrain fit <env>/<rule>`, copy one to change it)")
+    print(f"\n(in {SHIPPED}; run one with `unitrain fit <env>/<rule>`, copy one to change it; "
+          f"the search spaces of `unitrain tune` are in {SHIPPED.parent / 'spaces'})")
     return 0
 
 

@@ -33,7 +33,8 @@ from unitrain.errors import UserError, check_output_path
 from unitrain.stats import (auc, bootstrap_ci, first_reaching, iqm, performance_profile,
                             probability_of_improvement, probability_of_improvement_ci)
 
-__all__ = ["compare", "Run", "summarise"]
+__all__ = ["compare", "Run", "summarise", "launch", "ended", "finished", "eval_curves", "cores",
+           "recipe_slug"]
 
 
 @dataclass
@@ -60,13 +61,15 @@ def cores() -> int:
     return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
-def _slug(recipe: str) -> str:
+def recipe_slug(recipe: str) -> str:
+    """A name for ``recipe`` fit for a directory: ``cartpole/ppo`` -> ``cartpole-ppo``."""
     stem = recipe[:-5] if recipe.endswith(".yaml") else recipe
     stem = stem.split("recipes/", 1)[-1]
     return "".join(c if c.isalnum() or c in "_." else "-" for c in stem).strip("-")
 
 
-def _finished(run: Run, frames: int | None) -> bool:
+def finished(run: Run, frames: int | None) -> bool:
+    """Whether ``run`` ended at the budget ``frames`` (``None``: its recipe's own)."""
     path = run.run_dir / "summary.json"
     if not path.is_file():
         return False
@@ -160,7 +163,7 @@ def compare(recipes: Sequence[str], seeds: int | Sequence[int] = 3, frames: int 
     slugs: dict[str, str] = {}
     for recipe in recipes:
         path = find_recipe(recipe)
-        slug = _slug(recipe)
+        slug = recipe_slug(recipe)
         if slug in slugs.values():
             raise UserError(f"compare: recipe {recipe} is given twice")
         if target is not None:
@@ -182,7 +185,7 @@ def compare(recipes: Sequence[str], seeds: int | Sequence[int] = 3, frames: int 
 
 
 def _execute(runs: list[Run], frames: int | None, jobs: int, progress: bool) -> None:
-    todo = [r for r in runs if not _finished(r, frames)]
+    todo = [r for r in runs if not finished(r, frames)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -190,21 +193,12 @@ def _execute(runs: list[Run], frames: int | None, jobs: int, progress: bool) -> 
         bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="compare", unit="run",
                    file=sys.stderr, dynamic_ncols=True)
     running: dict[subprocess.Popen, tuple[Run, Any]] = {}
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     shown = ""
     try:
         while todo or running:
             while todo and len(running) < jobs:
                 run = todo.pop(0)
-                cmd = [sys.executable, "-m", "unitrain", "fit", run.recipe, f"seed={run.seed}",
-                       f"run_dir={run.run_dir}", "trainer.num_threads=1", *run.extra]
-                if (run.run_dir / "checkpoints" / "last.ckpt").is_file():
-                    cmd.append("resume=last")
-                run.log.parent.mkdir(parents=True, exist_ok=True)
-                log = run.log.open("w")
-                log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-                log.flush()
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                proc, log = launch(run)
                 running[proc] = (run, log)
             names = ", ".join(r.name for r, _ in running.values())
             if bar is not None and names != shown:
@@ -213,11 +207,7 @@ def _execute(runs: list[Run], frames: int | None, jobs: int, progress: bool) -> 
             time.sleep(0.2)
             for proc in [p for p in running if p.poll() is not None]:
                 run, log = running.pop(proc)
-                log.close()
-                if proc.returncode != 0:
-                    lines = [ln for ln in run.log.read_text().splitlines() if ln.strip()]
-                    errors = [ln for ln in lines if ln.startswith("unitrain: error:")]
-                    run.error = (errors or lines or [f"exit code {proc.returncode}"])[-1]
+                ended(run, proc, log)
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -228,7 +218,32 @@ def _execute(runs: list[Run], frames: int | None, jobs: int, progress: bool) -> 
             bar.close()
 
 
-def _curves(run_dir: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+def launch(run: Run) -> tuple[subprocess.Popen, Any]:
+    """Start ``unitrain fit`` for ``run`` (resuming from its ``last.ckpt`` where one exists),
+    its output going to ``run.log``; returns the process and the open log."""
+    cmd = [sys.executable, "-m", "unitrain", "fit", run.recipe, f"seed={run.seed}",
+           f"run_dir={run.run_dir}", "trainer.num_threads=1", *run.extra]
+    if (run.run_dir / "checkpoints" / "last.ckpt").is_file():
+        cmd.append("resume=last")
+    run.log.parent.mkdir(parents=True, exist_ok=True)
+    log = run.log.open("w")
+    log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+    log.flush()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
+
+
+def ended(run: Run, proc: subprocess.Popen, log: Any) -> None:
+    """Close the log of a run whose process has exited; ``run.error`` is the error line of a
+    run that failed (the last ``unitrain: error:`` line, else its last line)."""
+    log.close()
+    if proc.returncode != 0:
+        lines = [ln for ln in run.log.read_text().splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("unitrain: error:")]
+        run.error = (errors or lines or [f"exit code {proc.returncode}"])[-1]
+
+
+def eval_curves(run_dir: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     """``(frames, return)`` and ``(seconds, return)`` of a run's evaluations.
 
     Seconds are training time: within each launch of the run (``summary.json`` ``segments``),
@@ -288,7 +303,7 @@ def summarise(runs: list[Run], slugs: dict[str, str], threshold: float | None = 
                 entry["failed"][key] = run.error or "no summary.json (the run did not finish)"
                 continue
             summary = json.loads(summary_path.read_text())
-            frames_curve, seconds_curve = _curves(run.run_dir)
+            frames_curve, seconds_curve = eval_curves(run.run_dir)
             entry["final"][key] = summary["eval/return_mean"]
             entry["frames"][key] = summary["frames"]
             entry["wall_s"][key] = summary.get("wall_s")

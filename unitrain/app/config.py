@@ -12,6 +12,8 @@ A recipe has these top-level keys::
     module: {target: unitrain.MLPPolicy, hidden: [64, 64]}   # class path + constructor args
     optimizer: {name: ppo, lr: 1.0e-3, ...}           # a registered update rule and its fields
     trainer: {max_frames: 100000, devices: 1, ...}    # TrainerConfig
+    tune: {optimizer.lr: {low: 1.0e-4, high: 1.0e-2, log: true}, ...}
+                                 # the search space of `unitrain tune` (unused by `fit`)
 
 A supervised run sets ``env: null`` and a ``data:`` block (:class:`unitrain.envs.data.DataSpec`, e.g.
 ``{name: digits, batch_size: 64}``) and bounds training by ``trainer.max_epochs``.
@@ -52,7 +54,7 @@ __all__ = ["Recipe", "TrainerConfig", "load_recipe", "read_recipe", "build_modul
            "find_recipe", "SHIPPED"]
 
 _TOP_LEVEL = ("seed", "run_dir", "resume", "init", "env", "data", "module", "optimizer",
-              "trainer")
+              "trainer", "tune")
 
 
 @dataclass

@@ -57,9 +57,10 @@ def make_single(spec: EnvSpec, render_mode: str | None = None) -> gym.Env:
         # emulator, so the base env's own observation can be the cheapest one.
         kwargs = {"repeat_action_probability": 0.25, "obs_type": "grayscale", **kwargs,
                   "frameskip": 1}
+        ram = spec.obs_type == "ram"
         env = AtariFrames(gym_make(spec.id, **kwargs), noop_max=30, frame_skip=4,
-                           screen_size=84)
-        return gym.wrappers.FrameStackObservation(env, spec.frame_stack)
+                           screen_size=84, ram=ram)
+        return env if ram else gym.wrappers.FrameStackObservation(env, spec.frame_stack)
     return gym_make(spec.id, **kwargs)
 
 

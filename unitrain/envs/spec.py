@@ -36,7 +36,12 @@ class EnvSpec(Validated):
             merged across ranks and saved in checkpoints.
         max_episode_steps: override the env's time limit (``None`` keeps the registered one;
             with ``make``, a TorchRL ``StepCounter`` truncates episodes at this length).
-        frame_stack: frames stacked for Atari ids (ignored otherwise).
+        frame_stack: frames stacked for Atari screens (ignored otherwise).
+        obs_type: what an Atari id observes: ``"image"`` (84×84 grayscale screens, the last
+            ``frame_stack`` of them) or ``"ram"`` (the console's 128 bytes of memory after each
+            agent step, scaled to [0, 1] floats: ``byte / 255``; no frame stack). Frame skip,
+            sticky actions and no-op starts are the same for both. The RAM runs on the
+            gymnasium backend (EnvPool's Atari does not expose it; ``"auto"`` picks gymnasium).
         kwargs: extra keyword arguments for ``gymnasium.make`` (such an env runs on gymnasium),
             or for the ``make`` factory.
         backend: who simulates the envs: ``"gymnasium"`` (Python envs in this process),
@@ -59,6 +64,7 @@ class EnvSpec(Validated):
     obs_norm: bool = False
     max_episode_steps: int | None = None
     frame_stack: int = 4
+    obs_type: str = "image"
     kwargs: dict[str, Any] = field(default_factory=dict)
     backend: str = "auto"
     make: Any = None
@@ -71,6 +77,11 @@ class EnvSpec(Validated):
         check(self.max_episode_steps is None or self.max_episode_steps >= 1,
               "max_episode_steps", "an integer >= 1 or null", self.max_episode_steps)
         check(self.frame_stack >= 1, "frame_stack", "an integer >= 1", self.frame_stack)
+        check(self.obs_type in OBS_TYPES, "obs_type", "one of " + ", ".join(OBS_TYPES),
+              self.obs_type)
+        if self.obs_type == "ram" and not self.is_atari:
+            raise ConfigError("obs_type", f"ram is the Atari console's memory; {self.id} is not "
+                                          "an Atari id (ALE/...): use obs_type: image")
         check(self.backend in BACKEND_CHOICES, "backend", "one of " + ", ".join(BACKEND_CHOICES),
               self.backend)
         if self.make is not None:
@@ -211,6 +222,8 @@ def validate_env_id(env_id: str) -> None:
 
 
 BACKEND_CHOICES = ("auto", "gymnasium", "envpool", "torchrl", "mjwarp")
+# What an Atari id observes (EnvSpec.obs_type).
+OBS_TYPES = ("image", "ram")
 # The ids the MuJoCo Warp backend simulates (unitrain.envs.mjwarp.TASKS).
 MJWARP_IDS = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5")
 _warned_missing_envpool = False
@@ -261,7 +274,10 @@ def resolve_backend(spec: "EnvSpec") -> str:
             raise ConfigError("backend", f"mjwarp runs {', '.join(MJWARP_IDS)}, not {spec.id}; "
                                          "use backend: gymnasium, envpool or auto")
         return "mjwarp"
-    native = envpool_id(spec.id) if not spec.kwargs else None
+    native = envpool_id(spec.id) if not spec.kwargs and spec.obs_type == "image" else None
+    if spec.backend == "envpool" and spec.obs_type == "ram":
+        raise ConfigError("backend", "EnvPool's Atari envs do not expose the RAM; use backend: "
+                                     "gymnasium or auto for obs_type: ram")
     if spec.backend == "envpool":
         if envpool_ids() is None:
             raise ConfigError("backend", "envpool is not installed (pip install envpool); "
@@ -271,7 +287,7 @@ def resolve_backend(spec: "EnvSpec") -> str:
             raise ConfigError("backend", f"envpool cannot run {spec.id} ({why}); use "
                                          "backend: gymnasium or auto")
         return "envpool"
-    heavy = spec.is_atari or is_mujoco(spec.id)
+    heavy = (spec.is_atari and spec.obs_type == "image") or is_mujoco(spec.id)
     if heavy and native is None and envpool_ids() is None and not _warned_missing_envpool:
         _warned_missing_envpool = True
         warnings.warn("envpool is not installed: MuJoCo and Atari envs run on gymnasium "

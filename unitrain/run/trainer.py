@@ -35,7 +35,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,6 +56,7 @@ from unitrain.rules.base import UpdateRule
 from unitrain.rules.population.strategy import Strategy, as_rule
 from unitrain.rules.registry import registered_rules
 from unitrain.run.adapter import RunAdapter, default_eval_every
+from unitrain.run.loggers import check_callback, check_logger, make_callback, make_logger
 from unitrain.run.progress import FrameProgressBar
 from unitrain.run.safety import AtomicCheckpointIO, atomic_write, slurm_restarted
 from unitrain.run.services import RunServices
@@ -164,6 +165,10 @@ class TrainerConfig(Validated):
         num_threads: torch threads per process (null: 1).
         max_epochs: passes over the training data of a supervised run (null: unbounded).
         video_every_frames: env frames between episode videos in TensorBoard (null: none).
+        loggers: the run's loggers (:mod:`unitrain.run.loggers`): names (``tensorboard``,
+            ``csv``, ``mlflow``) or mappings (``{name: csv, ...}``, ``{target: pkg.mod:Logger,
+            ...}``); TensorBoard, the run's own record, is always written.
+        callbacks: Lightning callbacks, ``{target: pkg.mod:Callback, **arguments}`` each.
     """
 
     max_frames: int | None = 100_000
@@ -177,6 +182,8 @@ class TrainerConfig(Validated):
     num_threads: int | None = None
     max_epochs: int | None = None
     video_every_frames: int | None = None
+    loggers: list[Any] = field(default_factory=lambda: ["tensorboard"])
+    callbacks: list[Any] = field(default_factory=list)
 
     block: ClassVar[str] = "trainer"
 
@@ -197,6 +204,10 @@ class TrainerConfig(Validated):
               "an integer >= 1 or null", self.num_threads)
         check(self.video_every_frames is None or self.video_every_frames >= 1,
               "video_every_frames", "an integer >= 1 or null", self.video_every_frames)
+        for i, spec in enumerate(self.loggers):
+            check_logger(spec, f"loggers[{i}]")
+        for i, spec in enumerate(self.callbacks):
+            check_callback(spec, f"callbacks[{i}]")
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`unitrain.Trainer`."""
@@ -205,6 +216,9 @@ class TrainerConfig(Validated):
                 "eval_every_frames": self.eval_every_frames, "eval_episodes": self.eval_episodes,
                 "early_stop": self.early_stop, "num_threads": self.num_threads,
                 "video_every_frames": self.video_every_frames,
+                **({} if self.loggers == ["tensorboard"] else {"logger": list(self.loggers)}),
+                "callbacks": [make_callback(spec, f"trainer.callbacks[{i}]")
+                              for i, spec in enumerate(self.callbacks)],
                 **({} if self.max_epochs is None else {"max_epochs": self.max_epochs})}
 
 
@@ -234,7 +248,10 @@ class Trainer(L.Trainer):
         logger: as for ``lightning.Trainer``; ``True`` (default): TensorBoard in ``run_dir``,
             whose curves a resumed run continues without repeating steps. Loggers passed here
             are used as given, with that TensorBoard logger added unless one of them is a
-            ``TensorBoardLogger`` or ``tensorboard=False``.
+            ``TensorBoardLogger`` or ``tensorboard=False``. A logger may also be named, as in a
+            recipe's ``trainer.loggers`` (``"csv"``, ``"mlflow"``, ``{"name": "csv", ...}``,
+            ``{"target": "pkg.mod:MyLogger", ...}``; :mod:`unitrain.run.loggers`): it then
+            writes inside ``run_dir``.
         tensorboard: add the run's TensorBoard logger to loggers passed as ``logger=``.
         callbacks: as for ``lightning.Trainer``; a ``ModelCheckpoint`` given here writes its
             files besides unitrain's own ``last.ckpt`` and ``best.ckpt``, which resuming
@@ -318,6 +335,7 @@ class Trainer(L.Trainer):
             callbacks.append(FrameProgressBar())
         # The Trainer's own logger; a resumed run replaces it (_continue_logs).
         self._own_logger: TensorBoardLogger | None = None
+        logger = _named_loggers(logger, self.run_dir)
         if logger is True:
             logger = self._own_logger = run_logger(self.run_dir)
         elif tensorboard and logger not in (False, None):
@@ -564,6 +582,18 @@ def _init_from(module: RLModule, services: RunServices, checkpoint: str) -> None
         state = load_checkpoint_file(checkpoint).get("unitrain", {})
         if state.get("obs_norm") is not None:
             norm.load_state_dict(state["obs_norm"])
+
+
+def _named_loggers(logger: Any, run_dir: Path) -> Any:
+    """``logger`` with the loggers it names (:mod:`unitrain.run.loggers`) built in ``run_dir``;
+    the name ``tensorboard`` stands for the run's own logger, added by the Trainer."""
+    if isinstance(logger, (str, dict)):
+        logger = [logger]
+    if not (isinstance(logger, (list, tuple)) and any(isinstance(x, (str, dict)) for x in logger)):
+        return logger
+    built = [make_logger(x, run_dir, f"logger[{i}]") if isinstance(x, (str, dict)) else x
+             for i, x in enumerate(logger)]
+    return [x for x in built if x is not None] or True
 
 
 def run_logger(run_dir: Path, purge_step: int | None = None) -> TensorBoardLogger:

@@ -92,18 +92,12 @@ class DDPG(OffPolicyFields):
         loss.make_value_estimator(ValueEstimators.TD0, gamma=self.gamma)
         self.loss: DDPGLoss = module.add_aux(self.name, loss)
         self.actor = self.loss.actor_network.module
-        self.updater, self.critic_opt, self.actor_opt = critic_steps(
+        self.updater, self.critic_opt, self.actor_opt, self.alpha_opt = critic_steps(
             self, self.loss, self.loss.value_network_params, module.policy_parameters())
         self._critic_loss = self.loop.compiled(self.loss.loss_value)
         self._actor_loss = self.loop.compiled(self.loss.loss_actor)
         self._ou: Tensor | None = None
         self._episodes_seen: np.ndarray | Tensor | None = None
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.critic_opt, self.actor_opt]
-
-    def step(self, ctx: "RuleContext") -> dict[str, float]:
-        return self.loop.step(ctx, self._update)
 
     def _explore(self, observation: Tensor) -> Tensor:
         action = self.actor(observation)

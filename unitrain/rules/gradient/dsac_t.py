@@ -41,7 +41,7 @@ from tensordict import TensorDictBase
 from torch import Tensor, nn
 
 from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
-from unitrain.rules.gradient.offpolicy import (OffPolicyFields, OffPolicyLoop, adam,
+from unitrain.rules.gradient.offpolicy import (OffPolicyFields, OffPolicyLoop,
                                                critic_steps, make_critics)
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded, one_of
@@ -142,17 +142,10 @@ class DSACT(OffPolicyFields):
         loss, actor_params = dsac_t_loss(self, module, ctx)
         self.loss: DSACTLoss = module.add_aux(self.name, loss)
         self.actor = self.loss.actor_network
-        self.updater, self.critic_opt, self.actor_opt = critic_steps(
-            self, self.loss, self.loss.qvalue_network_params, actor_params)
-        self.alpha_opt = adam([self.loss.log_alpha], self.lr_alpha)
+        self.updater, self.critic_opt, self.actor_opt, self.alpha_opt = critic_steps(
+            self, self.loss, self.loss.qvalue_network_params, actor_params, self.loss.log_alpha)
         self._critic_loss = self.loop.compiled(self.loss.critic_loss)
         self._actor_loss = self.loop.compiled(self.loss.actor_loss)
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.critic_opt, self.actor_opt, self.alpha_opt]
-
-    def step(self, ctx: "RuleContext") -> dict[str, float]:
-        return self.loop.step(ctx, self._update)
 
     def _explore(self, observation: Tensor) -> Tensor:
         loc, raw_scale = self.actor(observation)

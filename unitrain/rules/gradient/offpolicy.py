@@ -182,24 +182,28 @@ def adam(params: Any, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=fused, foreach=None if fused else True)
 
 
-def critic_steps(rule: "CriticFields", loss: nn.Module, critic_params: Any,
-                 actor_params: Any) -> tuple[SoftUpdate, torch.optim.Adam, torch.optim.Adam]:
+def critic_steps(rule: "CriticFields", loss: nn.Module, critic_params: Any, actor_params: Any,
+                 log_alpha: Tensor | None = None
+                 ) -> tuple[SoftUpdate, torch.optim.Adam, torch.optim.Adam, torch.optim.Adam | None]:
     """What every rule with target critics steps: the Polyak update of ``loss``'s target
-    networks (``rule.tau``), Adam on its critics (``rule.lr_critic``) and Adam on the actor
-    (``rule.lr_actor``).
+    networks (``rule.tau``), Adam on its critics (``rule.lr_critic``), Adam on the actor
+    (``rule.lr_actor``) and, for a learned temperature, Adam on its logarithm
+    (``rule.lr_alpha``).
 
     Args:
         rule: the hyperparameters.
         loss: a TorchRL loss with target networks.
         critic_params: the loss's critic parameters (a ``TensorDict`` of them).
         actor_params: the actor's parameters.
+        log_alpha: the temperature's logarithm, or ``None`` without one.
 
     Returns:
-        ``(updater, critic optimizer, actor optimizer)``.
+        ``(updater, critic optimizer, actor optimizer, temperature optimizer or None)``.
     """
     return (PolyakUpdate(loss, tau=rule.tau),
             adam(critic_params.values(True, True), rule.lr_critic),
-            adam(actor_params, rule.lr_actor))
+            adam(actor_params, rule.lr_actor),
+            None if log_alpha is None else adam([log_alpha], rule.lr_alpha))
 
 
 class _Explorer(TensorDictModuleBase):
@@ -282,6 +286,10 @@ class CriticFields(UpdateRule):
             raise ConfigError("env.id", f"{info.id} has unbounded actions; {self.name} squashes "
                                         "actions into the env's bounds, which must be finite")
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Those :func:`critic_steps` made: critics, actor and, if learned, the temperature."""
+        return [self.critic_opt, self.actor_opt] + ([self.alpha_opt] if self.alpha_opt else [])
+
 # Fewer gradient updates than this in a whole run is worth a warning: the critics of the
 # off-policy rules barely start to fit in a few hundred updates.
 FEW_UPDATES = 1_000
@@ -303,6 +311,10 @@ class OffPolicyFields(CriticFields):
 
     frames_per_batch: int | None = bounded(None, "[1, inf]", null=True)
     compile: bool = False
+
+    def step(self, ctx: "RuleContext") -> dict[str, float]:
+        """One iteration of the rule's :class:`OffPolicyLoop`, with the rule's ``_update``."""
+        return self.loop.step(ctx, self._update)
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         super().check_env(env, info)

@@ -39,7 +39,7 @@ from torchrl.modules import ProbabilisticActor, TanhNormal
 from torchrl.objectives import SACLoss, ValueEstimators
 
 from unitrain.rules.gradient.offpolicy import (LeanModule, OffPolicyFields, OffPolicyLoop,
-                                               adam, critic_steps, make_critics)
+                                               critic_steps, make_critics)
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded
 
@@ -113,17 +113,10 @@ class SAC(OffPolicyFields):
         # checkpoint (which holds it) loads into a fresh module.
         _ = loss.target_entropy
         self.loss: SACLoss = module.add_aux(self.name, loss)
-        self.updater, self.critic_opt, self.actor_opt = critic_steps(
-            self, self.loss, self.loss.qvalue_network_params, actor_params)
-        self.alpha_opt = adam([self.loss.log_alpha], self.lr_alpha)
+        self.updater, self.critic_opt, self.actor_opt, self.alpha_opt = critic_steps(
+            self, self.loss, self.loss.qvalue_network_params, actor_params, self.loss.log_alpha)
         self._critic_loss = self.loop.compiled(self.loss.qvalue_v2_loss)
         self._actor_loss = self.loop.compiled(self.loss.actor_loss)
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.critic_opt, self.actor_opt, self.alpha_opt]
-
-    def step(self, ctx: "RuleContext") -> dict[str, float]:
-        return self.loop.step(ctx, self._update)
 
     def _explore(self, observation: Tensor) -> Tensor:
         loc, scale = self.actor(observation)

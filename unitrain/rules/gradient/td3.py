@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
 from tensordict import TensorDictBase
 from torch import Tensor, nn
 from torchrl.objectives import TD3Loss, ValueEstimators
@@ -85,16 +84,10 @@ class TD3(OffPolicyFields):
         self.loop = OffPolicyLoop(self, module, ctx, self._explore, _METRICS)
         self.loss: TD3Loss = module.add_aux(self.name, td3_loss(self, module, ctx))
         self.actor = self.loss.actor_network.module
-        self.updater, self.critic_opt, self.actor_opt = critic_steps(
+        self.updater, self.critic_opt, self.actor_opt, self.alpha_opt = critic_steps(
             self, self.loss, self.loss.qvalue_network_params, module.policy_parameters())
         self._critic_loss = self.loop.compiled(self.loss.value_loss)
         self._actor_loss = self.loop.compiled(self.loss.actor_loss)
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.critic_opt, self.actor_opt]
-
-    def step(self, ctx: "RuleContext") -> dict[str, float]:
-        return self.loop.step(ctx, self._update)
 
     def _explore(self, observation: Tensor) -> Tensor:
         action = self.actor(observation)

@@ -54,7 +54,7 @@ from torchrl.objectives import TD3Loss
 from unitrain.errors import ConfigError
 from unitrain.rules.gradient.dsac_t import dsac_t_loss
 from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
-from unitrain.rules.gradient.offpolicy import CriticFields, OffPolicyLoop, adam, critic_steps
+from unitrain.rules.gradient.offpolicy import CriticFields, OffPolicyLoop, critic_steps
 from unitrain.rules.gradient.td3 import td3_loss
 from unitrain.rules.population.cem import CEM, CEMFields
 from unitrain.rules.population.service import PopulationEvaluation, noise_source, noise_table
@@ -161,15 +161,11 @@ class CEMRL(CEMFields, CriticFields):
                               f"got {self.critic!r}, but the module already holds a "
                               f"{type(self.loss).__name__} critic under aux.{self.name} (from an "
                               "earlier run): use the same critic or a fresh module")
-        self.updater, self.critic_opt, self.actor_opt = critic_steps(
-            self, self.loss, self.loss.qvalue_network_params, actor_params)
-        self.alpha_opt = (adam([self.loss.log_alpha], self.lr_alpha)
-                          if isinstance(self.loss, DSACTLoss) else None)
+        self.updater, self.critic_opt, self.actor_opt, self.alpha_opt = critic_steps(
+            self, self.loss, self.loss.qvalue_network_params, actor_params,
+            self.loss.log_alpha if isinstance(self.loss, DSACTLoss) else None)
         self.frames_seen = 0  # frames of every generation so far, all processes
         self.last_frames = 0  # frames of the previous generation, all processes
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.critic_opt, self.actor_opt] + ([self.alpha_opt] if self.alpha_opt else [])
 
     def step(self, ctx: "RuleContext") -> dict[str, float]:
         with noise_source(self.table):

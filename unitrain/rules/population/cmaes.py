@@ -46,7 +46,8 @@ import torch
 from unitrain.errors import ConfigError, check
 from unitrain.rules.population.reduce import NOISE_BOUND, exact_sum
 from unitrain.rules.population.service import (STREAM_EPISODES, Evaluation, ParamLayout,
-                                               episode_seeds, generation_seeds, noise)
+                                               default_population, episode_seeds,
+                                               generation_seeds, log_weights, noise)
 from unitrain.rules.population.strategy import Ask, Strategy, Told
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded
@@ -73,11 +74,6 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def default_population(n: int) -> int:
-    """λ = 4 + ⌊3 ln n⌋."""
-    return 4 + int(3 * math.log(n))
-
-
 @register_rule("cmaes")
 @dataclass
 class CMAES(Strategy):
@@ -100,9 +96,7 @@ class CMAES(Strategy):
     full_max: int = bounded(1000, f"[1, {FULL_LIMIT}]")
 
     def validate_population(self) -> None:
-        if self.population is not None:
-            check(isinstance(self.population, int) and self.population >= 4, "population",
-                  "an integer >= 4 or null (4 + 3 ln n)", self.population)
+        self.validate_default_population()
 
     def validate(self) -> None:
         super().validate()
@@ -132,11 +126,7 @@ class CMAES(Strategy):
         self._decomposed = 0  # generation of the last eigendecomposition
 
     def _constants(self, n: int) -> None:
-        lam = self.lam
-        mu = lam // 2
-        raw = torch.tensor([math.log((lam + 1) / 2) - math.log(i) for i in range(1, mu + 1)],
-                           dtype=torch.float64)
-        self.weights = raw / raw.sum()
+        self.weights = log_weights(self.lam)
         self.mu_eff = 1.0 / float((self.weights ** 2).sum())
         me = self.mu_eff
         self.c_sigma = (me + 2) / (n + me + 5)

@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ParamLayout", "noise", "NoiseTable", "noise_source", "noise_table", "perturb_",
            "PopulationPolicy", "PopulationEvaluator", "Episodes", "Evaluation", "PopulationFields",
-           "PopulationEvaluation", "centered_ranks", "shard", "gather_shards", "episode_seeds"]
+           "PopulationEvaluation", "centered_ranks", "shard", "gather_shards", "episode_seeds",
+           "default_population", "log_weights"]
 
 # Seed stream of population episodes (the first entry of derive_seed after the run seed), distinct
 # from the run's other streams so that no two uses of the run seed collide.
@@ -607,6 +608,26 @@ class PopulationFields(RuleFields):
         """The check of ``population`` (a rule with another lower bound overrides this)."""
         check(isinstance(self.population, int) and self.population >= 2, "population",
               "an integer >= 2", self.population)
+
+
+    def validate_default_population(self) -> None:
+        """The check of a ``population`` that may be ``None`` (:func:`default_population`)."""
+        if self.population is not None:
+            check(isinstance(self.population, int) and self.population >= 4, "population",
+                  "an integer >= 4 or null (4 + 3 ln n)", self.population)
+
+
+def default_population(n: int) -> int:
+    """Hansen's default number of candidates for ``n`` parameters, λ = 4 + ⌊3 ln n⌋."""
+    return 4 + int(3 * math.log(n))
+
+
+def log_weights(lam: int) -> torch.Tensor:
+    """Hansen's recombination weights of the ``μ = ⌊λ/2⌋`` best of ``λ`` candidates, best first:
+    ``wᵢ ∝ ln((λ + 1)/2) − ln i``, summing to 1 (float64)."""
+    raw = torch.tensor([math.log((lam + 1) / 2) - math.log(i) for i in range(1, lam // 2 + 1)],
+                       dtype=torch.float64)
+    return raw / raw.sum()
 
 
 class PopulationEvaluation:

@@ -10,11 +10,17 @@ Every function here is the exact Euclidean projection (or, for the output losses
 proximal step) of its arguments, batched over any number of leading dimensions and free of
 device- or dtype-specific code. Projections onto the graph of ``f`` return the projected inputs
 and ``f`` evaluated at them, so the result always lies on the graph up to rounding.
+
+The projections onto an n-ary reduction ``y = f(x_1, ..., x_n)`` (:func:`project_sum`,
+:func:`project_mean`, :func:`project_relu`, :func:`project_step`) share one signature: ``x``, the
+terms, of shape ``(..., n)`` (for the activations, the terms of the pre-activation, bias folded
+in), and ``z``, the output's current value, of shape ``(...)``; they return ``(x', f(x'))``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,14 +44,24 @@ def _tiny(x: Tensor) -> float:
     return torch.finfo(x.dtype).tiny
 
 
-def project_dot(
+def project_dot(a: Tensor, b: Tensor, z: Tensor, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Project ``(a, b, z)`` onto the graph ``{(a', b', y) : y = <a', b'>}``: ``(a', b', y)``.
+
+    ``options`` are those of :func:`project_dot_multiplier`, which documents the solve and also
+    returns the multiplier.
+    """
+    a_new, b_new, y, _ = project_dot_multiplier(a, b, z, **options)
+    return a_new, b_new, y
+
+
+def project_dot_multiplier(
     a: Tensor,
     b: Tensor,
     z: Tensor,
     iterations: int = 60,
     early_exit: bool = True,
     start: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Project ``(a, b, z)`` onto the graph ``{(a', b', y) : y = <a', b'>}``.
 
     Minimises ``|a' - a|^2 + |b' - b|^2 + (y - z)^2`` subject to ``y = <a', b'>``. With the
@@ -84,36 +100,12 @@ def project_dot(
         early_exit: stop once every root is resolved to rounding (typically within 10 steps).
             ``False`` runs exactly ``iterations`` steps without reading any value back to the
             host, which lets ``torch.compile`` fuse the solve into one kernel.
-        start: an initial multiplier, shape ``(...)``, e.g. the previous solve's (see
-            :func:`project_dot_multiplier`); clamped into ``(-1, 1)``. Default 0.
+        start: an initial multiplier, shape ``(...)``, e.g. the previous solve's ``t``;
+            clamped into ``(-1, 1)``. Default 0.
 
     Returns:
-        ``(a', b', y)`` with ``y = <a', b'>``.
-    """
-    a_new, b_new, y, _ = project_dot_multiplier(a, b, z, iterations, early_exit, start)
-    return a_new, b_new, y
-
-
-def project_dot_multiplier(
-    a: Tensor,
-    b: Tensor,
-    z: Tensor,
-    iterations: int = 60,
-    early_exit: bool = True,
-    start: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`project_dot`, also returning the multiplier ``t`` to warm-start the next solve.
-
-    Args:
-        a: first factor, shape ``(..., n)``.
-        b: second factor, shape ``(..., n)``.
-        z: the output's current value, shape ``(...)``.
-        iterations: see :func:`project_dot`.
-        early_exit: see :func:`project_dot`.
-        start: see :func:`project_dot`.
-
-    Returns:
-        ``(a', b', y, t)``.
+        ``(a', b', y, t)`` with ``y = <a', b'>`` and ``t`` the multiplier, which warm-starts
+        the next solve of a nearby problem.
     """
     s = a + b
     d = a - b
@@ -192,13 +184,6 @@ def project_sum(x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
 
     The constraint is a hyperplane with normal ``(1, ..., 1, -1)``, so every term moves by the
     same ``t = (z - sum x) / (n + 1)`` and the output by ``-t``.
-
-    Args:
-        x: the terms, shape ``(..., n)``.
-        z: the output's current value, shape ``(...)``.
-
-    Returns:
-        ``(x', y)`` with ``y = sum(x')``.
     """
     n = x.shape[-1]
     t = (z - x.sum(-1)) / (n + 1)
@@ -223,13 +208,6 @@ def project_relu(x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
 
     Both signs of ``z`` and of ``s`` go through the same comparison; a negative target simply
     makes the active hyperplane projection invalid or more distant.
-
-    Args:
-        x: the terms of the pre-activation, shape ``(..., n)``.
-        z: the output's current value, shape ``(...)``.
-
-    Returns:
-        ``(x', y)`` with ``y = relu(sum(x'))``.
     """
     n = x.shape[-1]
     z = z.to(x.dtype)
@@ -251,13 +229,6 @@ def project_mean(x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     The constraint is a hyperplane with normal ``(1/n, ..., 1/n, -1)``: with the residual
     ``r = mean(x) - z``, every term moves by ``-t/n`` and the output by ``+t``, where
     ``t = r / (1 + 1/n)``.
-
-    Args:
-        x: the terms, shape ``(..., n)``.
-        z: the output's current value, shape ``(...)``.
-
-    Returns:
-        ``(x', y)`` with ``y = mean(x')``.
     """
     n = x.shape[-1]
     t = (x.mean(-1) - z.to(x.dtype)) * (n / (n + 1.0))
@@ -279,14 +250,8 @@ def project_step(x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
       ``(z - 1)^2 + max(-s, 0)^2 / n``.
 
     On the boundary ``sum x' = 0`` both outputs belong to the closure; the result is on the
-    graph itself everywhere else. Ties go to the off piece.
-
-    Args:
-        x: the terms of the pre-activation, shape ``(..., n)``.
-        z: the output's current value, shape ``(...)``.
-
-    Returns:
-        ``(x', y)`` with ``y`` in ``{0, 1}`` and ``(sum x', y)`` on the closed graph.
+    graph itself everywhere else. Ties go to the off piece. The result ``(x', y)`` has ``y`` in
+    ``{0, 1}`` and ``(sum x', y)`` on the closed graph.
     """
     n = x.shape[-1]
     z = z.to(x.dtype)

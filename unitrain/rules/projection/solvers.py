@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,11 +57,18 @@ def _check_iterations(iterations: int) -> None:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
 
 
-Step = Callable[
-    [ProjectionGraph, State, State, Tensor, Tensor, OutputConstraint, "ReduceMean | None",
-     "State | None", "Tensor | None"],
-    tuple[State, State, Tensor],
-]
+class _Batch(NamedTuple):
+    """What stays fixed through the iterations on one batch."""
+
+    inputs: Tensor
+    targets: Tensor
+    output: OutputConstraint
+    reduce_mean: ReduceMean | None
+    warm: State | None  # the inner solves' starting points, or None to solve them from scratch
+    weights: Tensor | None  # per-sample weights (0 for padding), or None for all 1
+
+
+Step = Callable[[ProjectionGraph, State, State, _Batch], tuple[State, State, Tensor]]
 
 
 def _violation(x: State, pb_x: State, weights: Tensor | None) -> Tensor:
@@ -73,41 +80,24 @@ def _violation(x: State, pb_x: State, weights: Tensor | None) -> Tensor:
     return (torch.as_tensor(per_sample) * (weights > 0)).sum().sqrt() / (weights > 0).sum().sqrt()
 
 
-def _dr_step(
-    graph: ProjectionGraph,
-    z: State,
-    pb_z: State,
-    inputs: Tensor,
-    targets: Tensor,
-    output: OutputConstraint,
-    reduce_mean: ReduceMean | None,
-    warm: State | None,
-    weights: Tensor | None,
-) -> tuple[State, State, Tensor]:
+def _dr_step(graph: ProjectionGraph, z: State, pb_z: State,
+             batch: _Batch) -> tuple[State, State, Tensor]:
     """One Douglas-Rachford iteration: the new ``z``, ``P_B(x)`` and the violation of ``x``."""
-    x = graph.project_ops(z, output, targets, warm)
-    pb_x = graph.project_consistency(x, inputs, reduce_mean, weights)
+    x = graph.project_ops(z, batch.output, batch.targets, batch.warm)
+    pb_x = graph.project_consistency(x, batch.inputs, batch.reduce_mean, batch.weights)
     # z <- z + P_B(2x - z) - x = z - (x - P_B(x)) + P_B(x) - P_B(z), as P_B(2x - z) =
     # 2 P_B(x) - P_B(z); the residual x - P_B(x) also gives the violation.
     z = {key: z[key] - x[key] + 2.0 * pb_x[key] - pb_z[key] for key in z}
-    return z, pb_x, _violation(x, pb_x, weights)
+    return z, pb_x, _violation(x, pb_x, batch.weights)
 
 
-def _ap_step(
-    graph: ProjectionGraph,
-    z: State,
-    pb_z: State,
-    inputs: Tensor,
-    targets: Tensor,
-    output: OutputConstraint,
-    reduce_mean: ReduceMean | None,
-    warm: State | None,
-    weights: Tensor | None,
-) -> tuple[State, State, Tensor]:
+def _ap_step(graph: ProjectionGraph, z: State, pb_z: State,
+             batch: _Batch) -> tuple[State, State, Tensor]:
     """One alternating projection ``z <- P_B(P_A(z))``: the new ``z`` (twice) and violation."""
-    x = graph.project_ops(z, output, targets, warm)
-    z = graph.project_consistency(x, inputs, reduce_mean, weights)
-    return z, z, _violation(x, z, weights)
+    del pb_z
+    x = graph.project_ops(z, batch.output, batch.targets, batch.warm)
+    z = graph.project_consistency(x, batch.inputs, batch.reduce_mean, batch.weights)
+    return z, z, _violation(x, z, batch.weights)
 
 
 _COMPILED: dict[Step, Step] = {}
@@ -143,18 +133,9 @@ def _contiguous(tensor: Tensor) -> Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-def _iterate(
-    step: Step,
-    graph: ProjectionGraph,
-    z: State,
-    inputs: Tensor,
-    targets: Tensor,
-    output: OutputConstraint,
-    iterations: int,
-    reduce_mean: ReduceMean | None,
-    warm_start: bool,
-    compile: bool,
-) -> SolveResult:
+def _iterate(step: Step, graph: ProjectionGraph, z: State, inputs: Tensor, targets: Tensor,
+             output: OutputConstraint, iterations: int, reduce_mean: ReduceMean | None,
+             warm_start: bool, compile: bool) -> SolveResult:
     """Run ``step`` ``iterations`` times.
 
     A compiled step is used for one batch size per graph, the first it is compiled for. A
@@ -185,32 +166,39 @@ def _iterate(
     pb_z = graph.project_consistency(z, inputs, reduce_mean, weights)
     warm: State | None = graph.inner_start(z) if (warm_start or compile) else None
     violation: list[Tensor] = []
+    fixed = _Batch(inputs, targets, output, reduce_mean, warm, weights)
     for _ in range(iterations):
-        z, pb_z, v = fast(graph, z, pb_z, inputs, targets, output, reduce_mean, warm, weights)
+        z, pb_z, v = fast(graph, z, pb_z, fixed)
         violation.append(v)
     if pb_z["out"].shape[0] != batch:
         pb_z = {key: value[:batch] for key, value in pb_z.items()}
     return SolveResult(state=pb_z, violation=torch.stack(violation))
 
 
+_STEPS: dict[str, Step] = {"douglas_rachford": _dr_step, "alternating_projections": _ap_step}
+
+
 @torch.no_grad()
-def douglas_rachford(
+def solve(
     graph: ProjectionGraph,
     state: State,
     inputs: Tensor,
     targets: Tensor,
     output: OutputConstraint,
+    method: Method = "douglas_rachford",
     iterations: int = 50,
     reduce_mean: ReduceMean | None = None,
     warm_start: bool = False,
     compile: bool = False,
 ) -> SolveResult:
-    """Douglas-Rachford splitting ``z <- z/2 + R_B R_A z / 2`` with ``R = 2P - I``.
+    """Run ``method`` from ``state``.
 
-    Written with the shadow ``x = P_A(z)``: ``z <- z + P_B(2x - z) - x``. Because ``P_B`` is
-    affine, ``P_B(2x - z) = 2 P_B(x) - P_B(z)``, and after an update
-    ``P_B(z + P_B(2x - z) - x) = P_B(x)``; so one consistency projection per iteration serves the
-    update, the violation and the consensus, and ``reduce_mean`` is called once per iteration.
+    Douglas-Rachford splitting ``z <- z/2 + R_B R_A z / 2`` with ``R = 2P - I`` is written with the
+    shadow ``x = P_A(z)``: ``z <- z + P_B(2x - z) - x``. Because ``P_B`` is affine,
+    ``P_B(2x - z) = 2 P_B(x) - P_B(z)``, and after an update ``P_B(z + P_B(2x - z) - x) =
+    P_B(x)``; so one consistency projection per iteration serves the update, the violation and
+    the consensus, and ``reduce_mean`` is called once per iteration. Alternating projections
+    iterate ``z <- P_B(P_A(z))``.
 
     Args:
         graph: the network's feasibility problem.
@@ -218,6 +206,7 @@ def douglas_rachford(
         inputs: the batch's inputs (fixed data).
         targets: the batch's targets for ``output``.
         output: the constraint on the network output.
+        method: ``"douglas_rachford"`` or ``"alternating_projections"``.
         iterations: number of iterations.
         reduce_mean: elementwise mean over processes, for the parameter consensus.
         warm_start: solve the inner scalar problems of set A (the dot products' multipliers,
@@ -233,87 +222,32 @@ def douglas_rachford(
             to its size (with weight-0 repeats of its samples) and a larger one runs uncompiled.
 
     Returns:
-        The consistent state of the last shadow and the violation per iteration.
-    """
-    return _iterate(_dr_step, graph, state, inputs, targets, output, iterations, reduce_mean,
-                    warm_start, compile)
-
-
-@torch.no_grad()
-def alternating_projections(
-    graph: ProjectionGraph,
-    state: State,
-    inputs: Tensor,
-    targets: Tensor,
-    output: OutputConstraint,
-    iterations: int = 50,
-    reduce_mean: ReduceMean | None = None,
-    warm_start: bool = False,
-    compile: bool = False,
-) -> SolveResult:
-    """Alternating projections ``z <- P_B(P_A(z))``.
-
-    Args:
-        graph: the network's feasibility problem.
-        state: the starting point, usually :meth:`ProjectionGraph.init_state`.
-        inputs: the batch's inputs (fixed data).
-        targets: the batch's targets for ``output``.
-        output: the constraint on the network output.
-        iterations: number of iterations.
-        reduce_mean: elementwise mean over processes, for the parameter consensus.
-        warm_start: as in :func:`douglas_rachford`.
-        compile: as in :func:`douglas_rachford`.
-
-    Returns:
-        The last consistent state and the violation per iteration.
-    """
-    return _iterate(_ap_step, graph, state, inputs, targets, output, iterations, reduce_mean,
-                    warm_start, compile)
-
-
-_METHODS = {
-    "douglas_rachford": douglas_rachford,
-    "alternating_projections": alternating_projections,
-}
-
-
-def solve(
-    graph: ProjectionGraph,
-    state: State,
-    inputs: Tensor,
-    targets: Tensor,
-    output: OutputConstraint,
-    method: Method = "douglas_rachford",
-    iterations: int = 50,
-    reduce_mean: ReduceMean | None = None,
-    warm_start: bool = False,
-    compile: bool = False,
-) -> SolveResult:
-    """Run ``method`` from ``state``; the arguments are those of :func:`douglas_rachford`.
-
-    Args:
-        graph: the network's feasibility problem.
-        state: the starting point.
-        inputs: the batch's inputs.
-        targets: the batch's targets.
-        output: the constraint on the network output.
-        method: ``"douglas_rachford"`` or ``"alternating_projections"``.
-        iterations: number of iterations.
-        reduce_mean: elementwise mean over processes.
-        warm_start: as in :func:`douglas_rachford`.
-        compile: as in :func:`douglas_rachford`.
-
-    Returns:
-        The solver's result.
+        The consistent state of the last iterate (Douglas-Rachford: of its shadow), whose
+        parameter copies are the consensus parameters, and the violation per iteration.
 
     Raises:
-        ValueError: unknown method.
+        ValueError: unknown method, or ``iterations < 1``.
     """
-    if method not in _METHODS:
-        raise ValueError(f"unknown projection method {method!r}; choose one of {sorted(_METHODS)}")
+    if method not in _STEPS:
+        raise ValueError(f"unknown projection method {method!r}; choose one of {sorted(_STEPS)}")
     with _flush_denormals():
-        return _METHODS[method](graph, state, inputs, targets, output, iterations, reduce_mean,
-                                warm_start, compile)
+        return _iterate(_STEPS[method], graph, state, inputs, targets, output, iterations,
+                        reduce_mean, warm_start, compile)
+
+
+def douglas_rachford(graph: ProjectionGraph, state: State, inputs: Tensor, targets: Tensor,
+                     output: OutputConstraint, *args: Any, **kwargs: Any) -> SolveResult:
+    """:func:`solve` with ``method="douglas_rachford"``; the other arguments are its own."""
+    return solve(graph, state, inputs, targets, output, "douglas_rachford", *args, **kwargs)
+
+
+def alternating_projections(graph: ProjectionGraph, state: State, inputs: Tensor,
+                            targets: Tensor, output: OutputConstraint, *args: Any,
+                            **kwargs: Any) -> SolveResult:
+    """:func:`solve` with ``method="alternating_projections"``; the other arguments are its
+    own."""
+    return solve(graph, state, inputs, targets, output, "alternating_projections", *args,
+                 **kwargs)
 
 
 @contextmanager
@@ -332,38 +266,16 @@ def _flush_denormals() -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
-def fit_batch(
-    graph: ProjectionGraph,
-    inputs: Tensor,
-    targets: Tensor,
-    output: OutputConstraint,
-    method: Method = "douglas_rachford",
-    iterations: int = 50,
-    reduce_mean: ReduceMean | None = None,
-    warm_start: bool = False,
-    compile: bool = False,
-) -> SolveResult:
-    """One training step: initialise from a forward pass, solve, write the consensus back.
+def fit_batch(graph: ProjectionGraph, inputs: Tensor, targets: Tensor, output: OutputConstraint,
+              *args: Any, **kwargs: Any) -> SolveResult:
+    """One training step: initialise from a forward pass of ``inputs`` (``(B, *input shape)``),
+    :func:`solve` (``args``/``kwargs``: its own, from ``method`` on), and write the consensus
+    parameters into ``graph``'s module.
 
-    Args:
-        graph: the network's feasibility problem; its module's parameters are updated.
-        inputs: the batch's inputs ``(B, *input shape)``.
-        targets: the batch's targets for ``output``.
-        output: the constraint on the network output.
-        method: ``"douglas_rachford"`` or ``"alternating_projections"``.
-        iterations: iterations on this batch.
-        reduce_mean: elementwise mean over processes; with several ranks it must average over
-            all of them (e.g. an all-reduce sum divided by the world size), and every rank must
-            call this function the same number of times.
-        warm_start: as in :func:`douglas_rachford`.
-        compile: as in :func:`douglas_rachford`.
-
-    Returns:
-        The solver's result.
+    With several ranks, ``reduce_mean`` must average over all of them (e.g. an all-reduce sum
+    divided by the world size), and every rank must call this function the same number of times.
     """
-    state = graph.init_state(inputs)
-    result = solve(graph, state, inputs, targets, output, method, iterations, reduce_mean,
-                   warm_start, compile)
+    result = solve(graph, graph.init_state(inputs), inputs, targets, output, *args, **kwargs)
     # The result state is consistent: its parameter copies already hold the all-rank mean.
     graph.write_parameters(result.state, consistent=True)
     return result
