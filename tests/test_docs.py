@@ -137,7 +137,11 @@ RUNS = [
     ("cbo.md", "CBO", "cartpole/cbo", ["trainer.max_frames=6000"]),
     ("cem_rl.md", "CEM-RL", "pendulum/cem_rl", ["trainer.max_frames=4000",
                                                 "optimizer.utd_ratio=0.05"]),
-    ("projection.md", "projection", "digits/projection", ["trainer.max_epochs=1"]),
+    # The scalars, not the compiled solver (tests/projection and CI's recipe step run that):
+    # compiled inside a pytest worker that earlier ran other files' trainings, Dynamo can find
+    # torch's thread count changed while it traced, which a fresh process never does.
+    ("projection.md", "projection", "digits/projection", ["trainer.max_epochs=1",
+                                                          "optimizer.compile=false"]),
     ("projection.md", "adam", "digits/adam", ["trainer.max_epochs=1"]),
     ("projection.md", "elite_imitation", "cartpole/elite_imitation",
      [f"trainer.max_frames={TINY_FRAMES}"]),

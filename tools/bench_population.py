@@ -16,10 +16,15 @@ The paths take turns chunk by chunk so that changes in machine load hit both ali
 is the median over rounds.
 
 Part 2 trains ES (``unitrain.optim.ES``, the same population and network) through
-``unitrain.Trainer`` with ``devices=1`` and then ``devices=2``, and reports env steps per second of
+``unitrain.Trainer`` in each configuration of ``--configs`` (``PxT``: ``P`` processes, each with
+``T`` torch and EnvPool threads; default ``1x1 1x2 2x1``), and reports env steps per second of
 the generations (population evaluation, gathering and the update), timed on rank 0, and env steps
 per CPU-second of all processes (on a machine whose cores are shared with other jobs, the
-wall-clock ratio understates what a second process adds). Run::
+wall-clock ratio understates what a second process adds). In the same run it measures the
+ceiling those configurations share: EnvPool stepping the same ``population`` HalfCheetah envs on
+as many threads as the machine has cores, under the 64-64 MLP's actions, counting only the time
+inside the step (``bench_physics.py``'s ``step only`` column), and gives each configuration's
+rate as a fraction of it. Run::
 
     python tools/bench_population.py                 # both parts
     python tools/bench_population.py --skip-ddp      # part 1 only
@@ -195,7 +200,7 @@ class Clock(L.Callback):
 if __name__ == "__main__":
     devices, population, generations, out = (int(sys.argv[1]), int(sys.argv[2]),
                                              int(sys.argv[3]), sys.argv[4])
-    backend = sys.argv[5]
+    backend, threads = sys.argv[5], int(sys.argv[6])
     clock = Clock()
     max_frames = population * 1000 * generations
     # One evaluation, at the end of the budget (outside the timed generations).
@@ -203,7 +208,7 @@ if __name__ == "__main__":
                          strategy="ddp" if devices > 1 else "auto",
                          optimizer=ut.optim.ES(population=population),
                          max_frames=max_frames, eval_every_frames=max_frames,
-                         eval_episodes=1, num_threads=1, run_dir=out + ".run", logger=False,
+                         eval_episodes=1, num_threads=threads, run_dir=out + ".run", logger=False,
                          callbacks=[clock], enable_progress_bar=False)
     trainer.fit(ut.MLPPolicy(17, 6, hidden=[64, 64]))
     with open(f"{out}.rank{trainer.global_rank}", "w") as f:
@@ -211,17 +216,51 @@ if __name__ == "__main__":
 '''
 
 
+def physics_ceiling(population: int, threads: int, steps: int = 200, rounds: int = 5) -> float:
+    """EnvPool's HalfCheetah physics on ``threads`` threads under the 64-64 MLP's actions:
+    env steps per second of the time spent inside ``step`` (median of ``rounds``)."""
+    import envpool
+    from bench_physics import _loop
+
+    from unitrain.envs import envpool_id
+
+    torch.set_num_threads(1)
+    pool = envpool.make_gymnasium(envpool_id(ENV), num_envs=population, batch_size=population,
+                                  num_threads=threads, seed=0)
+    obs = pool.reset()[0]
+    net = population_policy_mlp(obs.shape[1], pool.action_space.shape[0])
+
+    def act(o: np.ndarray) -> np.ndarray:
+        return net(torch.from_numpy(o.astype(np.float32, copy=False))).numpy()
+
+    inside = []
+    for _ in range(rounds):
+        _, physics, obs = _loop(lambda a: pool.step(a)[0], obs, act, steps, population)
+        inside.append(physics)
+    pool.close()
+    return float(np.median(inside))
+
+
+def population_policy_mlp(obs_dim: int, act_dim: int) -> torch.nn.Module:
+    from bench_collect import make_policy
+
+    return make_policy(obs_dim, act_dim, 0)
+
+
 def processes(args: argparse.Namespace) -> None:
+    cores = os.cpu_count() or 1
+    ceiling = physics_ceiling(args.population, cores)
     wall, cpu = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "train.py")
         with open(script, "w") as f:
             f.write(TRAIN_SCRIPT)
-        for devices in (1, 2):
-            out = os.path.join(tmp, f"d{devices}.json")
+        for config in args.configs:
+            devices, threads = (int(x) for x in config.split("x"))
+            out = os.path.join(tmp, f"{config}.json")
             proc = subprocess.run([sys.executable, script, str(devices), str(args.population),
-                                   str(args.generations), out, args.backend], cwd=tmp,
-                                  capture_output=True, text=True)
+                                   str(args.generations), out, args.backend, str(threads)],
+                                  cwd=tmp, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr[-3000:])
             ranks = []
@@ -229,17 +268,23 @@ def processes(args: argparse.Namespace) -> None:
                 with open(f"{out}.rank{r}") as f:
                     ranks.append(json.load(f))
             frames = ranks[0]["frames"]
-            wall[devices] = frames / ranks[0]["wall"]
+            wall[config] = frames / ranks[0]["wall"]
             # Env steps per CPU-second of all processes together: what the throughput would be
             # per core if every process had one to itself.
-            cpu[devices] = frames / sum(r["cpu"] for r in ranks)
-            print(f"devices={devices}: {frames:,} env steps in {ranks[0]['wall']:.1f} s of "
-                  f"generations: {wall[devices]:,.0f} env-steps/s; "
-                  f"{cpu[devices]:,.0f} per CPU-second", flush=True)
+            cpu[config] = frames / sum(r["cpu"] for r in ranks)
+            print(f"{config}: {frames:,} env steps in {ranks[0]['wall']:.1f} s of generations: "
+                  f"{wall[config]:,.0f} env-steps/s; {cpu[config]:,.0f} per CPU-second",
+                  flush=True)
     print(f"\nES on {ENV} ({args.backend} backend), population {args.population}, 64-64 MLP, "
-          f"{args.generations} generations, one thread per process, {os.cpu_count()} CPU cores")
-    print(f"devices=2 / devices=1: {wall[2] / wall[1]:.2f}x wall-clock throughput; "
-          f"CPU efficiency {cpu[2] / cpu[1]:.2f} (2 x this = the speed-up on 2 free cores)")
+          f"{args.generations} generations, {cores} CPU cores")
+    print(f"ceiling: EnvPool physics on {cores} threads under the policy's actions, step time "
+          f"only: {ceiling:,.0f} env-steps/s")
+    print(f"{'processes x threads':<20} {'env-steps/s':>12} {'of ceiling':>11} {'per CPU-s':>10}")
+    for config in args.configs:
+        print(f"{config:<20} {wall[config]:>12,.0f} {wall[config] / ceiling:>10.2f}x "
+              f"{cpu[config]:>10,.0f}")
+    best = max(wall, key=wall.get)
+    print(f"best: {best}, {wall[best] / ceiling:.2f}x the physics ceiling")
 
 
 def main() -> None:
@@ -260,6 +305,8 @@ def main() -> None:
     parser.add_argument("--policy-only", action="store_true",
                         help="part 1 also times the batched policy alone (where time goes)")
     parser.add_argument("--only-ddp", action="store_true", help="leave out part 1")
+    parser.add_argument("--configs", nargs="*", default=["1x1", "1x2", "2x1"],
+                        help="part 2's processes x threads per process")
     args = parser.parse_args()
     if not args.only_ddp:
         in_process(args)
