@@ -20,6 +20,10 @@ slots that ended are reset at once with TorchRL's partial reset (a ``"_reset"`` 
 ``step_and_maybe_reset``), the step returns the next episode's first observation for them and,
 separately, the observation the episode ended in. Everything stays in torch on the env's device.
 
+Action masks: an env whose ``observation_spec`` has an ``"action_mask"`` entry (TorchRL's
+convention, as its ``ActionMask`` transform reads it) gives a mask of the allowed actions with
+every observation; the run reads it there (``[A]`` bool per slot, ``A`` the number of logits).
+
 Seeding: ``reset(seed)`` calls the env's ``set_seed(seed)`` and then resets it (a list of per-slot
 seeds gives its first; TorchRL seeds the copies of a ``SerialEnv`` in a chain from it): episodes
 are reproducible for a seed and a slot count, but an evaluation episode's seed is not the slot's
@@ -39,7 +43,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from tensordict import TensorDict
-from torchrl.data import Categorical, OneHot
+from torchrl.data import Categorical, MultiCategorical, MultiOneHot, OneHot
 from torchrl.envs import EnvBase, SerialEnv, StepCounter, TransformedEnv
 
 from unitrain.envs.spec import EnvSpec, resolve_make
@@ -121,8 +125,11 @@ def build_env(spec: EnvSpec, num_envs: int) -> tuple[EnvBase, int]:
     return env, size
 
 
+MASK_KEY = "action_mask"
+
+
 def _obs_key(env: EnvBase) -> Any:
-    keys = list(env.observation_spec.keys(True, True))
+    keys = [k for k in env.observation_spec.keys(True, True) if k != MASK_KEY]
     if "observation" in keys:
         return "observation"
     if len(keys) == 1:
@@ -160,6 +167,12 @@ def spaces_from_env(env: EnvBase) -> tuple[gym.spaces.Box, gym.spaces.Space]:
     else:
         obs_space = gym.spaces.Box(-np.inf, np.inf, shape, np.float32)
     act = env.action_spec
+    if isinstance(act, MultiCategorical):
+        nvec = _single(act.nvec, dims).reshape(-1)
+        return obs_space, gym.spaces.MultiDiscrete(nvec.astype(np.int64))
+    if isinstance(act, MultiOneHot):
+        raise ConfigError("env.make", "the env's action spec is MultiOneHot; unitrain takes "
+                                      "multi-discrete actions as a MultiCategorical spec")
     if isinstance(act, (Categorical, OneHot)):
         return obs_space, gym.spaces.Discrete(int(act.space.n))
     space = getattr(act, "space", None)
@@ -197,6 +210,9 @@ class TorchRLVector:
         self.action_key = self.env.action_key
         self.reward_key = self.env.reward_key
         self.one_hot = isinstance(self.env.action_spec, OneHot)
+        self.masked = MASK_KEY in self.env.observation_spec.keys()
+        self.mask: torch.Tensor | None = None
+        self.final_mask: torch.Tensor | None = None
         self._batch = torch.Size([self.size])
         self._pad = None
         if self.size > num_envs:
@@ -213,7 +229,12 @@ class TorchRLVector:
         if seed is not None:
             self.env.set_seed(int(seed[0] if isinstance(seed, list) else seed))
         self._root = self.env.reset()
+        if self.masked:
+            self.mask = self.final_mask = self._mask(self._root)
         return self._obs(self._root)
+
+    def _mask(self, td: TensorDict) -> torch.Tensor:
+        return td.get(MASK_KEY)[: self.num_envs].to(torch.bool)
 
     def step(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                    torch.Tensor, torch.Tensor | None]:
@@ -240,6 +261,8 @@ class TorchRLVector:
         terminated = nxt.get("terminated", done)[:n].reshape(n)
         truncated = nxt.get("truncated", None)
         truncated = (done & ~terminated) if truncated is None else truncated[:n].reshape(n)
+        if self.masked:
+            self.final_mask, self.mask = self._mask(nxt), self._mask(self._root)
         if not bool(done.any()):
             return last, reward, terminated, truncated, None
         return self._obs(self._root), reward, terminated, truncated, last

@@ -122,6 +122,11 @@ class RuleFields(Validated):
     block: ClassVar[str] = "optimizer"
     # Rules that fit (input, target) batches and take no env.
     supervised_only: ClassVar[bool] = False
+    # The action spaces the rule trains (``EnvInfo.action_space``: "discrete",
+    # "multidiscrete", "continuous"), and whether it honours an env's action masks; the Trainer
+    # refuses other envs before the run starts (:func:`unitrain.rules.registry.check_actions`).
+    action_spaces: ClassVar[tuple[str, ...]] = ("discrete", "continuous")
+    action_masks: ClassVar[bool] = False
 
     def state_dict(self) -> dict[str, Any]:
         """The rule's own state (not the module's, not the optimizers')."""
