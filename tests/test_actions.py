@@ -301,3 +301,30 @@ def test_every_rule_honours_action_masks_or_refuses_them_in_one_line(name, tmp_p
     assert str(e.value) == (f"optimizer.name: {name} does not honour action masks "
                             "(userenvs:Trap-v0: Discrete(4) with action masks); rules that "
                             f"do: {', '.join(able)}")
+
+
+@pytest.mark.parametrize("spec", [TRAP, DIAL], ids=["masked", "multidiscrete"])
+def test_the_exported_policy_acts_as_module_act(spec, tmp_path):
+    from unitrain.run.export import export
+
+    trainer = _fit(ut.optim.PPO(frames_per_batch=64, minibatch_size=32, epochs=1), spec, 64,
+                   tmp_path / "run", eval_episodes=1)
+    module = ut.MLPPolicy.load_from_checkpoint(trainer.summary["checkpoint"])
+    obs = torch.eye(spec_obs(spec)).repeat(3, 1)
+    # One allowed action per row: a policy that ignored the masks would differ.
+    only = torch.nn.functional.one_hot(torch.arange(12) % 4, 4).bool()
+    args = (obs, only) if spec is TRAP else (obs,)
+    expected = module.act(*args)
+    if spec is TRAP:
+        assert torch.equal(expected, torch.arange(12) % 4)
+    out = export(trainer.summary["checkpoint"], tmp_path / "policy.pt2")
+    with torch.no_grad():
+        assert torch.equal(torch.export.load(str(out)).module()(*args), expected)
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    out = export(trainer.summary["checkpoint"], tmp_path / "policy.onnx")
+    session = onnxruntime.InferenceSession(str(out))
+    feed = dict(zip(["observation", "action_mask"], (a.numpy() for a in args)))
+    assert np.array_equal(session.run(None, feed)[0], expected.numpy())

@@ -36,7 +36,9 @@ FORMATS = ("pt2", "onnx")
 
 
 class StandalonePolicy(nn.Module):
-    """``observation -> action`` of a bound module, with frozen observation statistics.
+    """``observation -> action`` of a bound module, with frozen observation statistics
+    (``(observation, action_mask) -> action`` for an env with action masks: the argmax over the
+    allowed actions).
 
     Args:
         module: an :class:`~unitrain.RLModule` bound to its env (``module.actions``).
@@ -55,10 +57,10 @@ class StandalonePolicy(nn.Module):
             self.register_buffer("std", (norm.m2 / norm.count).sqrt().to(torch.float32) + norm.eps)
             self.clip = float(norm.clip)
 
-    def forward(self, observation: Tensor) -> Tensor:
+    def forward(self, observation: Tensor, action_mask: Tensor | None = None) -> Tensor:
         if self.normalise:
             observation = ((observation - self.mean) / self.std).clamp(-self.clip, self.clip)
-        return self.head.deterministic(self.module(observation))
+        return self.head.deterministic(self.module(observation), action_mask)
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str | None = None,
@@ -92,21 +94,26 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str | 
     info = policy.env_info
     assert info is not None
     dtype = torch.uint8 if info.image else torch.float32
-    example = torch.zeros((2, *info.obs_shape), dtype=dtype, device=policy.device)
+    example: tuple[Tensor, ...] = (torch.zeros((2, *info.obs_shape), dtype=dtype,
+                                               device=policy.device),)
+    if info.masked:  # the exported policy takes the observations' action masks too
+        example += (torch.ones((2, info.act_dim), dtype=torch.bool, device=policy.device),)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if format == "pt2":
+            batch = torch.export.Dim("batch")
             program = torch.export.export(
-                wrapper, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+                wrapper, example, dynamic_shapes=tuple({0: batch} for _ in example))
             torch.export.save(program, str(out))
         else:
             _onnx(wrapper, example, out)
     return out
 
 
-def _onnx(wrapper: nn.Module, example: Tensor, out: Path) -> Any:
+def _onnx(wrapper: nn.Module, example: tuple[Tensor, ...], out: Path) -> Any:
     # The TorchScript-based exporter: it needs no onnxscript, and the graph has no control flow.
-    torch.onnx.export(wrapper, (example,), str(out), input_names=["observation"],
+    names = ["observation", "action_mask"][: len(example)]
+    torch.onnx.export(wrapper, example, str(out), input_names=names,
                       output_names=["action"], dynamo=False,
-                      dynamic_axes={"observation": {0: "batch"}, "action": {0: "batch"}})
+                      dynamic_axes={**{n: {0: "batch"} for n in names}, "action": {0: "batch"}})
