@@ -276,8 +276,8 @@ def test_every_rule_trains_multidiscrete_actions_or_refuses_them_in_one_line(nam
         _fit(rule, DIAL, 320, tmp_path)
     message = str(e.value)
     assert len(message.splitlines()) == 1
-    assert message == (f"optimizer.name: {name} does not train multidiscrete actions "
-                       f"(userenvs:Dial-v0: MultiDiscrete([3, 2])); rules that do: "
+    assert message == ("env.id: userenvs:Dial-v0 has multidiscrete actions "
+                       f"(MultiDiscrete([3, 2])), which {name} does not train; rules that do: "
                        f"{', '.join(able)}")
 
 
@@ -285,7 +285,8 @@ def test_every_rule_trains_multidiscrete_actions_or_refuses_them_in_one_line(nam
 def test_every_rule_honours_action_masks_or_refuses_them_in_one_line(name, tmp_path):
     rule = _rule(name)
     if "discrete" not in rule.action_spaces:
-        with pytest.raises(ConfigError, match="does not train discrete actions"):
+        with pytest.raises(ConfigError, match=f"Trap-v0 has discrete actions .*, which {name} "
+                                              "does not train; rules that do: "):
             _fit(rule, TRAP, 320, tmp_path)
         return
     able = [n for n in ENV_RULES if registered_rules()[n].action_masks
@@ -298,9 +299,9 @@ def test_every_rule_honours_action_masks_or_refuses_them_in_one_line(name, tmp_p
         return
     with pytest.raises(ConfigError) as e:
         _fit(rule, TRAP, 320, tmp_path)
-    assert str(e.value) == (f"optimizer.name: {name} does not honour action masks "
-                            "(userenvs:Trap-v0: Discrete(4) with action masks); rules that "
-                            f"do: {', '.join(able)}")
+    assert str(e.value) == ("env.id: userenvs:Trap-v0 has action masks (Discrete(4) with "
+                            f"action masks), which {name} does not honour; rules that do: "
+                            f"{', '.join(able)}")
 
 
 @pytest.mark.parametrize("spec", [TRAP, DIAL], ids=["masked", "multidiscrete"])

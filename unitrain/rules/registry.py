@@ -61,12 +61,12 @@ def check_actions(rule: Any, info: "EnvInfo") -> None:
     if space not in spaces:
         able = [n for n, r in registered_rules().items()
                 if space in r.action_spaces and not r.supervised_only]
-        raise ConfigError("optimizer.name", f"{rule.name} does not train {space} actions "
-                                            f"({info.id}: {info.describe_actions()}); rules "
-                                            f"that do: {', '.join(able)}")
+        raise ConfigError("env.id", f"{info.id} has {space} actions "
+                                    f"({info.describe_actions()}), which {rule.name} does not "
+                                    f"train; rules that do: {', '.join(able)}")
     if info.masked and not getattr(rule, "action_masks", False):
         able = [n for n, r in registered_rules().items()
                 if r.action_masks and space in r.action_spaces and not r.supervised_only]
-        raise ConfigError("optimizer.name", f"{rule.name} does not honour action masks "
-                                            f"({info.id}: {info.describe_actions()}); rules "
-                                            f"that do: {', '.join(able)}")
+        raise ConfigError("env.id", f"{info.id} has action masks "
+                                    f"({info.describe_actions()}), which {rule.name} does not "
+                                    f"honour; rules that do: {', '.join(able)}")
