@@ -174,7 +174,7 @@ def test_the_env_gives_each_observations_mask_at_reset_and_every_step():
     env.close()
 
 
-def test_a_torchrl_envs_action_mask_key_is_read():
+def test_a_torchrl_envs_action_mask_key_is_read(tmp_path):
     from torchrl.data import Binary
     from torchrl.envs import GymEnv
     from torchrl.envs.libs.gym import default_info_dict_reader
@@ -185,7 +185,9 @@ def test_a_torchrl_envs_action_mask_key_is_read():
             ["action_mask"], spec={"action_mask": Binary(4, dtype=torch.bool)}))
         return env
 
-    env = make_env(ut.EnvSpec(make=make, num_envs=2), seed=0)
+    spec = ut.EnvSpec(make=make, num_envs=2)
+    assert ut.envs.env_info(spec).masked
+    env = make_env(spec, seed=0)
     assert env.info.masked
     td = env.reset()
     for _ in range(30):
@@ -193,6 +195,30 @@ def test_a_torchrl_envs_action_mask_key_is_read():
         td["action"] = torch.tensor([3, 0])
         td, td = env.step_and_maybe_reset(td)
     env.close()
+    # PPO samples from the masked policy there too.
+    userenvs.Trap.masked_taken = 0
+    trainer = ut.Trainer(spec, ut.optim.PPO(frames_per_batch=128, minibatch_size=64, epochs=1),
+                         max_frames=512, run_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, eval_episodes=2)
+    trainer.fit(ut.MLPPolicy(4, 4, hidden=(8,), out_scale=1.0))
+    assert userenvs.Trap.masked_taken == 0
+
+
+def test_a_torchrl_envs_multicategorical_action_spec_is_multidiscrete(tmp_path):
+    from torchrl.envs import GymEnv
+
+    spec = ut.EnvSpec(make=lambda: GymEnv("userenvs:Dial-v0", categorical_action_encoding=True),
+                      num_envs=2)
+    info = ut.envs.env_info(spec)
+    assert (info.nvec, info.act_dim, info.masked) == ((3, 2), 5, False)
+    env = make_env(spec, seed=0)
+    assert env.action_spec.shape == (2, 2)
+    env.close()
+    trainer = ut.Trainer(spec, ut.optim.PPO(frames_per_batch=64, minibatch_size=32, epochs=1),
+                         max_frames=128, run_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, eval_episodes=2)
+    trainer.fit(ut.MLPPolicy(5, 5, hidden=(8,)))
+    assert trainer.summary["frames"] >= 128
 
 
 def _fit(rule: Any, spec: ut.EnvSpec, frames: int, tmp: Path, **kw: Any) -> ut.Trainer:

@@ -172,7 +172,8 @@ class GymnasiumVector:
                                            for _ in range(num_envs)])
         self.observation_space = self.vec.single_observation_space
         self.action_space = self.vec.single_action_space
-        self.masked = self.vec.masked = probe_mask(self.vec.envs[0])
+        # ALE gives no masks: an Atari env is not reset to find out.
+        self.masked = self.vec.masked = not spec.is_atari and probe_mask(self.vec.envs[0])
         self.final_mask: np.ndarray | None = None
 
     @property

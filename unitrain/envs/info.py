@@ -74,7 +74,7 @@ def env_info(spec: EnvSpec) -> EnvInfo:
     env = make_single(spec)
     try:
         return info_from_spaces(spec.id, env.observation_space, env.action_space,
-                                probe_mask(env))
+                                not spec.is_atari and probe_mask(env))
     finally:
         env.close()
 

@@ -299,18 +299,19 @@ class TorchRLVector:
         self.env.close(raise_if_closed=False)
 
 
-def env_spaces(spec: EnvSpec) -> tuple[gym.spaces.Box, gym.spaces.Space]:
-    """The spaces of ``spec``'s env (an instance is read as it is; a factory builds one)."""
+def env_spaces(spec: EnvSpec) -> tuple[gym.spaces.Box, gym.spaces.Space, bool]:
+    """The spaces of ``spec``'s env (an instance is read as it is; a factory builds one), and
+    whether it gives action masks."""
     make = resolve_make(spec.make)
     if isinstance(make, str):
         from unitrain.validation import import_object
 
         make = import_object(make, "env.make")
     if isinstance(make, EnvBase):
-        return spaces_from_env(make)
+        return (*spaces_from_env(make), MASK_KEY in make.observation_spec.keys())
     extra = {"num_envs": 1} if _takes_num_envs(make) else {}
     env = _call(make, dict(spec.kwargs), **extra)
     try:
-        return spaces_from_env(env)
+        return (*spaces_from_env(env), MASK_KEY in env.observation_spec.keys())
     finally:
         env.close(raise_if_closed=False)
