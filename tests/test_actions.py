@@ -221,6 +221,22 @@ def test_a_torchrl_envs_multicategorical_action_spec_is_multidiscrete(tmp_path):
     assert trainer.summary["frames"] >= 128
 
 
+@pytest.mark.parametrize("rule", [
+    ut.optim.PPO(frames_per_batch=128, minibatch_size=64, epochs=2),
+    ut.optim.CEM(population=8)], ids=["ppo", "cem"])
+def test_a_masked_multidiscrete_gymnasium_env_trains_without_a_masked_action(rule, tmp_path):
+    spec = ut.EnvSpec("userenvs:Dial-v0", num_envs=4, kwargs={"masked": True})
+    info = ut.envs.env_info(spec)
+    assert (info.nvec, info.masked) == ((3, 2), True)
+    userenvs.Dial.masked_taken = 0
+    trainer = ut.Trainer(spec, rule, max_frames=640, run_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, eval_episodes=2)
+    # A large output scale: without the masks the policy would often pick the masked value.
+    trainer.fit(ut.MLPPolicy(5, 5, hidden=(8,), out_scale=1.0))
+    assert trainer.summary["frames"] >= 640
+    assert userenvs.Dial.masked_taken == 0
+
+
 def _fit(rule: Any, spec: ut.EnvSpec, frames: int, tmp: Path, **kw: Any) -> ut.Trainer:
     trainer = ut.Trainer(spec, rule, max_frames=frames, run_dir=tmp, logger=False,
                          enable_progress_bar=False, **kw)

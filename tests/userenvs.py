@@ -13,7 +13,10 @@ process). Best return: about 20 · (0.75 + 0.25 · 5) = 40.
 
 Dial (multi-discrete): ``MultiDiscrete([3, 2])``, 10 steps. The observation is a target
 ``(t0, t1)`` as two one-hot blocks, drawn anew every step; the reward is 0.5 per sub-action that
-matches its target. Best return: 10; uniform random actions: about 4.2.
+matches its target. Best return: 10; uniform random actions: about 4.2. With
+``kwargs={"masked": True}`` each step's info holds ``"action_mask"`` as one array per
+sub-action (gymnasium's ``MultiDiscrete`` form) ruling out one wrong value of the first
+sub-action; a masked value taken is counted in ``Dial.masked_taken``.
 """
 
 from __future__ import annotations
@@ -84,10 +87,20 @@ class Trap(gym.Env):
 class Dial(gym.Env):
     """Match a target with two discrete sub-actions (see above)."""
 
-    def __init__(self) -> None:
+    masked_taken = 0
+
+    def __init__(self, masked: bool = False) -> None:
         self.observation_space = gym.spaces.Box(0.0, 1.0, (5,), np.float32)
         self.action_space = gym.spaces.MultiDiscrete([3, 2])
         self.target = (0, 0)
+        self.masked = masked
+
+    def _info(self) -> dict:
+        if not self.masked:
+            return {}
+        first = np.ones(3, dtype=np.int8)
+        first[(self.target[0] + 1) % 3] = 0
+        return {"action_mask": (first, np.ones(2, dtype=np.int8))}
 
     def _obs(self) -> np.ndarray:
         obs = np.zeros(5, dtype=np.float32)
@@ -101,13 +114,15 @@ class Dial(gym.Env):
     def reset(self, *, seed: int | None = None, options: Any = None):
         super().reset(seed=seed)
         self._draw()
-        return self._obs(), {}
+        return self._obs(), self._info()
 
     def step(self, action):
         a = np.asarray(action).reshape(-1)
+        if self.masked and int(a[0]) == (self.target[0] + 1) % 3:
+            Dial.masked_taken += 1
         reward = 0.5 * float(int(a[0]) == self.target[0]) + 0.5 * float(int(a[1]) == self.target[1])
         self._draw()
-        return self._obs(), reward, False, False, {}
+        return self._obs(), reward, False, False, self._info()
 
 
 if "Reach-v0" not in gym.registry:
