@@ -237,6 +237,26 @@ def test_a_masked_multidiscrete_gymnasium_env_trains_without_a_masked_action(rul
     assert userenvs.Dial.masked_taken == 0
 
 
+def test_a_mask_of_the_wrong_size_is_one_line():
+    import gymnasium as gym
+
+    from unitrain.errors import UserError
+
+    class Short(userenvs.Trap):
+        def _out(self) -> tuple[np.ndarray, dict]:
+            obs, info = super()._out()
+            return obs, {"action_mask": info["action_mask"][:3]}
+
+    if "ShortMask-v0" not in gym.registry:
+        gym.register("ShortMask-v0", entry_point=Short, max_episode_steps=5)
+    env = make_env(ut.EnvSpec("ShortMask-v0", num_envs=2), seed=0)
+    with pytest.raises(UserError) as e:
+        env.reset()
+    assert str(e.value) == ("ShortMask-v0: the env's action masks have 3 entries; expected 4 "
+                            "(one per logit of Discrete(4))")
+    env.close()
+
+
 def _fit(rule: Any, spec: ut.EnvSpec, frames: int, tmp: Path, **kw: Any) -> ut.Trainer:
     trainer = ut.Trainer(spec, rule, max_frames=frames, run_dir=tmp, logger=False,
                          enable_progress_bar=False, **kw)

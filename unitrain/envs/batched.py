@@ -40,7 +40,7 @@ from unitrain.envs.mjwarp import MJWarpVector
 from unitrain.envs.obs_norm import ObsNorm
 from unitrain.envs.spec import EnvSpec, resolve_backend
 from unitrain.envs.torchrl_env import TorchRLVector
-from unitrain.errors import check
+from unitrain.errors import UserError, check
 
 __all__ = ["BatchedEnv", "make_env", "halves", "BACKENDS"]
 
@@ -146,7 +146,8 @@ class BatchedEnv(EnvBase):
     gives) and has:
 
     - ``observation_space``, ``action_space``: one slot's gymnasium spaces (a ``Box``
-      observation; ``Discrete`` or 1-D ``Box`` actions), read by :func:`info_from_spaces`;
+      observation; ``Discrete``, 1-D ``MultiDiscrete`` or 1-D ``Box`` actions), read by
+      :func:`info_from_spaces`;
     - ``reset(seed) -> obs``: ``[n, *obs_shape]``; ``seed`` is ``None`` (keep the envs' own
       streams), an int (slot ``i`` gets ``seed + i``) or a list of per-slot seeds;
     - ``step(action) -> (obs, reward, terminated, truncated, final)``, with same-step autoreset:
@@ -340,6 +341,11 @@ class BatchedEnv(EnvBase):
                        self._to_tensor(self._as_array(obs), update=True))
             if self.info.masked:
                 run.mask = self._mask_tensor(self.backend.mask)
+                if run.mask.shape[-1] != self.info.act_dim:
+                    raise UserError(f"{self.spec_.id}: the env's action masks have "
+                                    f"{run.mask.shape[-1]} entries; expected "
+                                    f"{self.info.act_dim} (one per logit of "
+                                    f"{self.info.describe_actions(masks=False)})")
         # With same-step autoreset, envs that finished were already reset in _step and their
         # first observation is waiting in run.obs.
         return self._td({"observation": run.obs, **self._masks(), **self._not_done()})

@@ -48,15 +48,16 @@ class EnvInfo:
             return "continuous"
         return "discrete" if self.nvec is None else "multidiscrete"
 
-    def describe_actions(self) -> str:
-        """The action space in words, for messages (``MultiDiscrete([3 2])``, masked or not)."""
+    def describe_actions(self, masks: bool = True) -> str:
+        """The action space in words, for messages (``MultiDiscrete([3, 2])``, and whether the
+        env gives action masks unless ``masks`` is false)."""
         if self.nvec is not None:
             text = f"MultiDiscrete({list(self.nvec)})"
         elif self.discrete:
             text = f"Discrete({self.act_dim})"
         else:
             text = f"Box({self.act_dim},)"
-        return text + (" with action masks" if self.masked else "")
+        return text + (" with action masks" if self.masked and masks else "")
 
     def module_kwargs(self) -> dict[str, Any]:
         """Constructor arguments a module may take by name."""
