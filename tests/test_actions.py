@@ -285,6 +285,9 @@ def test_rules_learn_the_trap_without_ever_taking_a_masked_action(rule, frames, 
     module = ut.MLPPolicy.load_from_checkpoint(trainer.summary["checkpoint"])
     phases = torch.eye(4)
     assert module.act(phases, _allowed(phases)).tolist() == [0, 1, 2, 3]
+    # Evaluating the checkpoint without a Trainer passes the masks too.
+    assert ut.evaluate(trainer.summary["checkpoint"], episodes=8)["return_mean"] >= 30
+    assert userenvs.Trap.masked_taken == 0
 
 
 def test_a_recipe_trains_a_multidiscrete_env_with_mlppolicy(tmp_path, monkeypatch, capsys):
