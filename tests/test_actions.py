@@ -97,6 +97,9 @@ def test_ppo_log_probs_and_entropy_are_those_of_the_masked_distribution(nvec):
     with torch.no_grad():
         dist = actor.get_dist(td)
     torch.testing.assert_close(dist.entropy(), entropy, rtol=1e-5, atol=1e-5)
+    by_head = module.actions.distribution(logits, mask)
+    torch.testing.assert_close(by_head.log_prob(action), log_prob, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_head.entropy(), entropy, rtol=1e-5, atol=1e-5)
     # The unmasked distribution differs: the masks are what PPO sees.
     assert not torch.allclose(torch.log_softmax(logits[:, : blocks[0]], -1).max(-1).values,
                               torch.log_softmax(logits[:, : blocks[0]].masked_fill(

@@ -25,17 +25,22 @@ Every update rule reads a module's output through the :class:`ActionHead` that t
 
 **Action masks.** An env may say which actions are allowed with every observation: a ``bool``
 mask ``[..., A]`` over the logits (``A = n`` or ``sum(nvec)``, the same blocks; ``True``:
-allowed). Where a mask is given, the policy is the masked one: logits of disallowed actions are
-``-inf`` (:meth:`ActionHead.mask_logits`), so the deterministic action is the argmax over the allowed
-actions (per block), and the stochastic policy is the softmax over the allowed actions only
-(TorchRL's ``MaskedCategorical`` per block), whose log-probabilities and entropy are what PPO and
-REINFORCE optimise. Every sub-action needs one allowed value. The mask reaches the head as
-``module.act(observation, mask)`` and ``head.deterministic(out, mask)``, and in a run as the
-``"action_mask"`` entry next to each ``"observation"``, filled from:
+allowed). Where a mask is given, the policy is the masked one: logits of disallowed actions
+are ``-inf`` (:meth:`ActionHead.mask_logits`), so the deterministic action is the argmax over
+the allowed actions (per block), and the stochastic policy is the softmax over the allowed
+actions only (TorchRL's ``MaskedCategorical`` per block, :meth:`ActionHead.distribution`),
+whose log-probabilities and entropy are what PPO and REINFORCE optimise. Every sub-action needs
+one allowed value. The mask reaches the head as ``module.act(observation, mask)`` and
+``head.deterministic(out, mask)``, and in a run as the ``"action_mask"`` entry next to each
+``"observation"``, filled from:
 
 - a gymnasium env's ``info["action_mask"]`` (at reset and at every step: an array of ``A``
   entries, or for ``MultiDiscrete`` a tuple of one array per sub-action);
 - a TorchRL env's ``"action_mask"`` observation entry (TorchRL's convention).
+
+An env backend hands the masks over as its ``mask``/``final_mask`` (see
+:class:`unitrain.envs.BatchedEnv`); an ``"action_mask"`` entry of a gymnasium ``Dict``
+observation is not one of these routes.
 
 Rules add exploration (sampling, noise, random actions) around this policy, never another
 meaning: the deterministic action of every rule is :meth:`ActionHead.deterministic`, which is
