@@ -7,6 +7,7 @@ training those envs or refusing them in one line that names the space and the ru
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -397,3 +398,30 @@ def test_the_exported_policy_acts_as_module_act(spec, tmp_path):
     session = onnxruntime.InferenceSession(str(out))
     feed = dict(zip(["observation", "action_mask"], (a.numpy() for a in args)))
     assert np.array_equal(session.run(None, feed)[0], expected.numpy())
+
+
+def _ppo_action(rule: Any, module: ut.RLModule, obs: torch.Tensor) -> torch.Tensor:
+    """PPO's own deterministic action, every action allowed."""
+    td = TensorDict(observation=obs, batch_size=obs.shape[:1])
+    if module.actions.masked:
+        td["action_mask"] = torch.ones(obs.shape[0], module.actions.act_dim, dtype=torch.bool)
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        return rule.data.actor(td)["action"]
+
+
+@pytest.mark.parametrize("spec,rule,frames,rule_action", [
+    (TRAP, functools.partial(ut.optim.PPO, frames_per_batch=128, minibatch_size=64, epochs=2),
+     512, _ppo_action),
+    (DIAL, functools.partial(ut.optim.PPO, frames_per_batch=128, minibatch_size=64, epochs=2),
+     512, _ppo_action),
+    (TRAP, functools.partial(ut.optim.ES, population=8), 640, None)],
+    ids=["ppo-masked", "ppo-multidiscrete", "es-masked"])
+def test_the_rule_checks_pass_with_masks_and_multidiscrete_actions(spec, rule, frames,
+                                                                    rule_action, tmp_path):
+    # Determinism, exact resume (the env's masks are part of its saved episodes) and the same
+    # parameters in two processes as in one.
+    from unitrain.testing import check_rule
+
+    report = check_rule(rule, spec, frames=frames, rule_action=rule_action, run_dir=tmp_path,
+                        eval_episodes=2, devices=2)
+    assert list(report.checks) == ["keys", "contract", "determinism", "resume", "ranks"]

@@ -124,15 +124,16 @@ class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
         terminated = np.zeros(n, dtype=bool)
         truncated = np.zeros(n, dtype=bool)
         final_obs: np.ndarray | None = None
-        masks = final_masks = self.masks
-        if self.masked:
-            masks, final_masks = np.empty_like(self.masks), np.empty_like(self.masks)
+        # Rows of this step's masks (a restored env has none from a reset of its own).
+        masks: list[np.ndarray] = []
+        final_masks: list[np.ndarray] = []
         for i, (env, action) in enumerate(zip(self.envs, iterate(self.action_space, actions))):
             obs, rewards[i], terminated[i], truncated[i], info = env.step(action)
             if self.masked:
                 if "action_mask" not in info:
                     raise _missing_mask(env)
-                masks[i] = final_masks[i] = flat_mask(info["action_mask"])
+                final_masks.append(flat_mask(info["action_mask"]))
+                masks.append(final_masks[-1])
             if terminated[i] or truncated[i]:
                 if final_obs is None:
                     final_obs = np.full(n, None, dtype=object)
@@ -141,14 +142,14 @@ class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
                 if self.masked:
                     if "action_mask" not in info:
                         raise _missing_mask(env)
-                    masks[i] = flat_mask(info["action_mask"])
+                    masks[-1] = flat_mask(info["action_mask"])
             observations.append(obs)
         infos: dict[str, Any] = {}
         if final_obs is not None:
             infos = {"final_obs": final_obs, "_final_obs": terminated | truncated}
         if self.masked:
-            self.masks = masks
-            infos["final_action_mask"] = final_masks
+            self.masks = np.stack(masks)
+            infos["final_action_mask"] = np.stack(final_masks)
         return np.stack(observations), rewards, terminated, truncated, infos
 
 
