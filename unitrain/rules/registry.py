@@ -56,6 +56,8 @@ def check_actions(rule: Any, info: "EnvInfo") -> None:
     """Refuse, in one line, an env whose action space (or action masks) ``rule`` does not train,
     naming the space and the registered rules that do (read from their ``action_spaces`` and
     ``action_masks``)."""
+    if getattr(rule, "supervised_only", False):
+        return  # refused by its own check_env, for taking no env at all
     space = info.action_space
     spaces = getattr(rule, "action_spaces", ())
     if space not in spaces:
