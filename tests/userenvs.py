@@ -1,4 +1,5 @@
-"""A user's own gymnasium env, registered when this module is imported: ``userenvs:Reach-v0``.
+"""A user's own gymnasium env, registered when this module is imported: ``userenvs:Reach-v0``
+(and its discrete twin ``userenvs:ReachDiscrete-v0``, for rules that need discrete actions).
 
 Reach: a point on a line moves by ``0.1 * action`` (``action`` in ``[-1, 1]``) towards a target
 drawn at reset; the reward is minus the distance after the move, and the episode ends (terminated)
@@ -38,5 +39,18 @@ class Reach(gym.Env):
         return self._obs(), -distance, distance < 0.05, False, {}
 
 
+class ReachDiscrete(Reach):
+    """Reach with three discrete actions: move by -0.1, 0 or +0.1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action_space = gym.spaces.Discrete(3)
+
+    def step(self, action):
+        return super().step(float(np.asarray(action).reshape(-1)[0]) - 1.0)
+
+
+if "ReachDiscrete-v0" not in gym.registry:
+    gym.register("ReachDiscrete-v0", entry_point=ReachDiscrete, max_episode_steps=50)
 if "Reach-v0" not in gym.registry:
     gym.register("Reach-v0", entry_point=Reach, max_episode_steps=50)
