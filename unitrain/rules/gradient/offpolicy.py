@@ -286,7 +286,7 @@ class CriticFields(UpdateRule):
         if info.discrete:
             raise ConfigError("env.id", f"{info.id} has discrete actions ({info.act_dim}); "
                                         f"{self.name} needs a continuous (Box) action space "
-                                        "(for discrete actions use ppo or reinforce)")
+                                        "(for discrete actions use dqn, ppo or reinforce)")
         bounds = (info.action_low, info.action_high)
         if any(b is None or not bool(torch.isfinite(b).all()) for b in bounds):
             raise ConfigError("env.id", f"{info.id} has unbounded actions; {self.name} squashes "
