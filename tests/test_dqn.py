@@ -276,3 +276,19 @@ def test_dqn_learns_cartpole(tmp_path: Path):
                          num_threads=1, run_dir=tmp_path, enable_progress_bar=False)
     trainer.fit(module)
     assert trainer.summary["eval/return_mean"] > 150
+
+
+def test_cartpole_recipe_runs_past_learning_starts(tmp_path: Path):
+    # The recipe as shipped, short (its 475 within 100k frames: docs/dqn.md, three seeds).
+    from unitrain.app.cli import main
+
+    run = tmp_path / "run"
+    assert main(["fit", "cartpole/dqn", f"run_dir={run}", "trainer.max_frames=2048",
+                 "trainer.eval_episodes=2"]) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    # 1,024 random frames (whole iterations of 64 past learning_starts=1000), then one update
+    # per 4 frames.
+    assert [e.value for e in acc.Scalars("train/updates_total")][-1] == 256
