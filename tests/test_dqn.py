@@ -291,5 +291,5 @@ def test_cartpole_recipe_runs_past_learning_starts(tmp_path: Path):
     acc = EventAccumulator(str(run))
     acc.Reload()
     # 1,024 random frames (whole iterations of 64 past learning_starts=1000), then one update
-    # per 4 frames.
-    assert [e.value for e in acc.Scalars("train/updates_total")][-1] == 256
+    # per 2 frames.
+    assert [e.value for e in acc.Scalars("train/updates_total")][-1] == 512

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torchrl.data import Categorical
 from torchrl.modules import QValueActor
@@ -202,8 +202,6 @@ class DQN(UpdateRule):
 
     def greedy(self, observation: Tensor) -> Tensor:
         """``argmax_a Q(s, a)`` through the loss's value network (TorchRL's ``QValueActor``)."""
-        from tensordict import TensorDict
-
         with torch.no_grad(), self.loss.value_network_params.to_module(self.loss.value_network):
             td = TensorDict(observation=observation, batch_size=observation.shape[:-1])
             return self.loss.value_network(td).get("action")
