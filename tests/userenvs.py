@@ -1,4 +1,5 @@
-"""A user's own gymnasium envs, registered when this module is imported: ``userenvs:Reach-v0``,
+"""A user's own gymnasium envs, registered when this module is imported: ``userenvs:Reach-v0``
+(and its discrete twin ``userenvs:ReachDiscrete-v0``, for rules that need discrete actions),
 ``userenvs:Trap-v0`` and ``userenvs:Dial-v0``.
 
 Reach: a point on a line moves by ``0.1 * action`` (``action`` in ``[-1, 1]``) towards a target
@@ -125,6 +126,19 @@ class Dial(gym.Env):
         return self._obs(), reward, False, False, self._info()
 
 
+class ReachDiscrete(Reach):
+    """Reach with three discrete actions: move by -0.1, 0 or +0.1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action_space = gym.spaces.Discrete(3)
+
+    def step(self, action):
+        return super().step(float(np.asarray(action).reshape(-1)[0]) - 1.0)
+
+
+if "ReachDiscrete-v0" not in gym.registry:
+    gym.register("ReachDiscrete-v0", entry_point=ReachDiscrete, max_episode_steps=50)
 if "Reach-v0" not in gym.registry:
     gym.register("Reach-v0", entry_point=Reach, max_episode_steps=50)
 if "Trap-v0" not in gym.registry:
