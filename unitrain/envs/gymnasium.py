@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 from gymnasium.vector.utils import iterate
 
 from unitrain.envs.atari import AtariFrames, register_ale
+from unitrain.envs.observation import tuple_names
 from unitrain.envs.spec import EnvSpec
 from unitrain.errors import UserError
 
@@ -96,7 +98,18 @@ class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
         infos: dict[str, Any] = {}
         if final_obs is not None:
             infos = {"final_obs": final_obs, "_final_obs": terminated | truncated}
-        return np.stack(observations), rewards, terminated, truncated, infos
+        return _stack(observations), rewards, terminated, truncated, infos
+
+
+def _stack(observations: list[Any]) -> Any:
+    """One slot's observations stacked: an array, or a dict/tuple of arrays for a
+    ``Dict``/``Tuple`` observation."""
+    first = observations[0]
+    if isinstance(first, dict):
+        return {key: np.stack([o[key] for o in observations]) for key in first}
+    if isinstance(first, tuple):
+        return tuple(np.stack([o[j] for o in observations]) for j in range(len(first)))
+    return np.stack(observations)
 
 
 class GymnasiumVector:
@@ -104,6 +117,9 @@ class GymnasiumVector:
 
     ``step`` returns the first observation of the next episode for slots whose episode ended
     (autoreset in the same step) and, separately, the observations the step ended in.
+
+    A ``Dict`` observation comes as a dict of arrays; a ``Tuple`` one too, its entries named
+    ``obs0``, ``obs1``, ... (:attr:`observation_space` is then the ``Dict`` of those names).
     """
 
     name = "gymnasium"
@@ -115,17 +131,29 @@ class GymnasiumVector:
                                            for _ in range(num_envs)])
         self.observation_space = self.vec.single_observation_space
         self.action_space = self.vec.single_action_space
+        self._names: list[str] | None = None
+        if isinstance(self.observation_space, gym.spaces.Tuple):
+            self._names = tuple_names(len(self.observation_space.spaces))
+            self.observation_space = gym.spaces.Dict(
+                OrderedDict(zip(self._names, self.observation_space.spaces)))
+
+    def _named(self, obs: Any) -> Any:
+        """A ``Tuple`` observation's entries by name (anything else as it is)."""
+        return obs if self._names is None else dict(zip(self._names, obs))
 
     def reset(self, seed: int | list[int] | None) -> np.ndarray:
         obs, _ = self.vec.reset(seed=seed)
-        return obs
+        return self._named(obs)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                                                   np.ndarray | None]:
         """``(obs, reward, terminated, truncated, final)``: ``final[i]`` is the observation slot
         ``i``'s ended episode ended in (``None`` when no episode ended)."""
         obs, reward, terminated, truncated, infos = self.vec.step(action)
-        return obs, reward, terminated, truncated, infos.get("final_obs")
+        final = infos.get("final_obs")
+        if final is not None and self._names is not None:
+            final = np.array([None if f is None else self._named(f) for f in final], dtype=object)
+        return self._named(obs), reward, terminated, truncated, final
 
     def send(self, action: np.ndarray) -> None:
         """Start a step (gymnasium steps in this thread: at :meth:`recv`)."""

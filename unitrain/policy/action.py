@@ -24,12 +24,13 @@ what :meth:`unitrain.RLModule.act` returns.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from unitrain.errors import ConfigError
+from unitrain.policy.inputs import ModuleCall, call_module
 
 if TYPE_CHECKING:
     from torchrl.data import Composite
@@ -184,9 +185,9 @@ class _LocScale(nn.Module):
         self.__dict__["log_std"] = log_std
         self.bounds = bounds
 
-    def forward(self, observation: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, observation: Any) -> tuple[Tensor, Tensor]:
         head = self.module.actions
-        out = self.module(observation)
+        out = call_module(self.module, observation)
         return head.loc(out), head.log_std(out, self.log_std).clamp(*self.bounds).exp()
 
 
@@ -194,7 +195,8 @@ def stochastic_actor(module: nn.Module, log_std_init: float = 0.0,
                      log_std_bounds: tuple[float, float] = (-20.0, 2.0)) -> nn.Module:
     """The module's stochastic policy as a TorchRL ``ProbabilisticActor``.
 
-    Reads ``"observation"`` and writes ``"action"`` (env units) and ``"action_log_prob"``:
+    Reads ``"observation"`` (a sub-TensorDict of named entries for a ``Dict`` observation) and
+    writes ``"action"`` (env units) and ``"action_log_prob"``:
     categorical over the logits, or the squashed Gaussian of the module's mean and log std
     (clamped to ``log_std_bounds``; ``aux.log_std`` starts at ``log_std_init`` when created here).
 
@@ -208,7 +210,7 @@ def stochastic_actor(module: nn.Module, log_std_init: float = 0.0,
 
     head: ActionHead = module.actions
     if head.discrete:
-        net = TensorDictModule(module, in_keys=["observation"], out_keys=["logits"])
+        net = TensorDictModule(ModuleCall(module), in_keys=["observation"], out_keys=["logits"])
         actor = ProbabilisticActor(net, in_keys=["logits"],
                                    distribution_class=head.distribution_class(),
                                    return_log_prob=True)

@@ -23,6 +23,7 @@ from torchrl.modules import ValueOperator
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
+from unitrain.envs.observation import flat_observation
 from unitrain.errors import UserError, check
 from unitrain.policy.action import stochastic_actor
 from unitrain.policy.models import mlp
@@ -40,15 +41,18 @@ __all__ = ["PPO", "OnPolicyFields", "OnPolicyBatches", "check_batch", "value_ope
 
 
 class _Flatten(nn.Module):
-    """Flatten the observation's trailing dims before an MLP (images included)."""
+    """Flatten the observation's trailing dims before an MLP (images included; named entries
+    concatenated in the documented order, :func:`~unitrain.envs.observation.flat_observation`)."""
 
-    def __init__(self, net: nn.Module, obs_ndim: int) -> None:
+    def __init__(self, net: nn.Module, layout: Any) -> None:
         super().__init__()
-        self.net, self.obs_ndim = net, obs_ndim
+        self.net, self.layout = net, layout
 
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        x = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
-        return self.net(x.float())
+    def forward(self, *observation: torch.Tensor) -> torch.Tensor:
+        # Named entries come one by one (the value operator reads each leaf), in layout order.
+        obs = (dict(zip(self.layout, observation)) if isinstance(self.layout, dict)
+               else observation[0])
+        return self.net(flat_observation(obs, self.layout).float())
 
 
 class _ModuleValue(nn.Module):
@@ -72,10 +76,14 @@ def value_operator(module: "RLModule", info: "EnvInfo", hidden: tuple[int, ...])
     """
     if callable(getattr(module, "value", None)):
         value_net: nn.Module = _ModuleValue(module)
+        in_keys: list[Any] = ["observation"]
     else:
         value_net = module.add_aux("value", _Flatten(
-            mlp(info.obs_dim, 1, hidden, nn.Tanh, out_gain=1.0), len(info.obs_shape)))
-    return ValueOperator(value_net, in_keys=["observation"])
+            mlp(info.obs_dim, 1, hidden, nn.Tanh, out_gain=1.0), info.layout))
+        # The leaves of a named observation: TorchRL's value estimators read tensors.
+        in_keys = (["observation"] if info.obs_shapes is None
+                   else [("observation", key) for key in info.obs_shapes])
+    return ValueOperator(value_net, in_keys=in_keys)
 
 
 def gradient_step(loss: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,

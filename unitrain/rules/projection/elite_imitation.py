@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from unitrain.envs.rollout import Step, rollout
+from unitrain.policy.inputs import call_module
 from unitrain.envs.spec import derive_seed
 from unitrain.errors import ConfigError, UserError, check
 from unitrain.rules.base import UpdateRule
@@ -122,7 +123,7 @@ class _SlotNoise:
         self.layout = ParamLayout.of(module)
         self.theta = self.layout.flatten(module)
         self.sigma, self.greedy, self.generator = sigma, greedy, generator
-        self.batched = PopulationPolicy(module, self.layout, act=lambda m, obs: m(obs))
+        self.batched = PopulationPolicy(module, self.layout, act=call_module)
         self.eps = torch.zeros(len(greedy), self.layout.numel, dtype=self.theta.dtype,
                                device=self.theta.device)
         # Each slot's parameters θ + σ·ε, kept from one redraw to the next (not rebuilt per step).
