@@ -49,6 +49,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from tensordict import TensorDict
 
 from unitrain.envs.data import DataSpec, load_data
 from unitrain.envs.info import env_info
@@ -368,10 +369,17 @@ def _check_contract(case: _Case, run: Trainer, module: RLModule,
     info = module.env_info
     assert info is not None
     gen = torch.Generator().manual_seed(case.seed)
-    if info.image:
-        obs = torch.randint(0, 256, (16, *info.obs_shape), generator=gen, dtype=torch.uint8)
-    else:
-        obs = torch.randn(16, *info.obs_shape, generator=gen)
+
+    def draw(shape: tuple[int, ...], image: bool) -> torch.Tensor:
+        if image:
+            return torch.randint(0, 256, (16, *shape), generator=gen, dtype=torch.uint8)
+        return torch.randn(16, *shape, generator=gen)
+
+    if info.obs_shapes is None:
+        obs: Any = draw(info.obs_shape, info.image)
+    else:  # named entries, in the env's order
+        obs = TensorDict({key: draw(shape, key in info.images)
+                          for key, shape in info.obs_shapes.items()}, batch_size=[16])
     obs = obs.to(module.device)
     with torch.no_grad():
         mine, act = rule_action(run.rule, module, obs), module.act(obs)

@@ -122,6 +122,9 @@ class RuleFields(Validated):
     block: ClassVar[str] = "optimizer"
     # Rules that fit (input, target) batches and take no env.
     supervised_only: ClassVar[bool] = False
+    # Whether the rule trains on Dict/Tuple observations (named entries); the Trainer refuses
+    # such an env for a rule that does not, naming the rules that do.
+    named_observations: ClassVar[bool] = True
 
     def state_dict(self) -> dict[str, Any]:
         """The rule's own state (not the module's, not the optimizers')."""

@@ -54,7 +54,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -208,6 +208,8 @@ class EliteImitation(UpdateRule):
             episode.
     """
 
+    # The projection fit reads the module's stages on one flat input.
+    named_observations: ClassVar[bool] = False
     fit: Projection = field(default_factory=lambda: Projection(
         iterations=20, lam=1.0, step_size=0.3, standardize=True))
     episodes: int = bounded(16, "[1, inf]")
