@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
-
 import pytest
 import torch
 import userenvs  # noqa: F401 - registers userenvs:Cue-v0
@@ -101,25 +99,31 @@ def test_every_rule_trains_on_a_dict_env_or_refuses_in_one_line(name: str, tmp_p
                                    module.act(obs))
 
 
-@pytest.mark.parametrize("name,spec,frames", [
-    ("ppo", CUE_IMAGE, 512),
-    ("es", ut.EnvSpec("userenvs:CueTuple-v0", num_envs=4), 800)])
+def _image_vector(obs_dim: int, act_dim: int) -> ImageVector:
+    del obs_dim
+    return ImageVector(act_dim)
+
+
+def _tuple_mlp(obs_dim: int, act_dim: int) -> ut.MLPPolicy:
+    return ut.MLPPolicy(obs_dim, act_dim, hidden=(8,), obs_shapes={"obs0": (2,), "obs1": (1,)})
+
+
+@pytest.mark.parametrize("name,spec,frames,devices", [
+    ("ppo", ut.EnvSpec("userenvs:Cue-v0", num_envs=4, kwargs={"image": True}, obs_norm=True),
+     512, 2),
+    ("es", ut.EnvSpec("userenvs:CueTuple-v0", num_envs=4), 800, 1)])
 def test_quick_checks_on_named_observations(name: str, spec: ut.EnvSpec, frames: int,
-                                            tmp_path: Path):
+                                            devices: int, tmp_path: Path):
     # Determinism, exact resume and the act contract with an image + vectors (PPO, with
-    # normalisation of the vectors) and a Tuple observation (ES).
+    # per-entry normalisation merged across two processes) and a Tuple observation (ES).
     kwargs = (dict(lr=1e-3, frames_per_batch=128, minibatch_size=128, epochs=2) if name == "ppo"
               else dict(population=4, sigma=0.1, lr=0.05, max_episode_steps=20))
-    if name == "ppo":
-        spec = ut.EnvSpec(spec.id, num_envs=4, kwargs=spec.kwargs, obs_norm=True)
-        build: Any = lambda obs_dim, act_dim: ImageVector(act_dim)  # noqa: E731
-    else:
-        shapes = env_info(spec).obs_shapes
-        build = lambda obs_dim, act_dim: ut.MLPPolicy(  # noqa: E731
-            obs_dim, act_dim, hidden=(8,), obs_shapes=shapes)
+    build = _image_vector if name == "ppo" else _tuple_mlp
     report = check_rule(registered_rules()[name](**kwargs), spec, frames=frames, module=build,
-                        rule_action=RULE_ACTIONS[name], run_dir=tmp_path, eval_episodes=2)
-    assert list(report.checks) == ["keys", "contract", "determinism", "resume"]
+                        rule_action=RULE_ACTIONS[name], run_dir=tmp_path, eval_episodes=2,
+                        devices=devices)
+    expected = ["keys", "contract", "determinism", "resume"] + (["ranks"] if devices > 1 else [])
+    assert list(report.checks) == expected
 
 
 def test_forward_receives_the_entries_by_name():
@@ -266,3 +270,29 @@ def test_learns_to_follow_the_cue_past_an_image_distractor(name: str, kwargs: di
                          eval_episodes=8, run_dir=tmp_path, enable_progress_bar=False, seed=0)
     trainer.fit(ImageVector(2))
     assert trainer.summary["eval/return_mean"] >= 18.0, trainer.summary
+
+
+class ImageVectorValue(ImageVector):
+    """:class:`ImageVector` with its own state-value function, over the entries by name."""
+
+    def __init__(self, act_dim: int) -> None:
+        super().__init__(act_dim)
+        self.critic = nn.Linear(3, 1)
+        self.value_calls = 0
+
+    def value(self, clock: torch.Tensor, cue: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        self.value_calls += 1
+        assert image.dtype == torch.uint8
+        return self.critic(torch.cat([clock, cue], -1))
+
+
+def test_ppo_calls_the_modules_value_by_name(tmp_path: Path):
+    module = ImageVectorValue(2)
+    before = module.critic.weight.detach().clone()
+    trainer = ut.Trainer(CUE_IMAGE, registered_rules()["ppo"](frames_per_batch=128),
+                         max_frames=256, eval_episodes=2, run_dir=tmp_path,
+                         enable_progress_bar=False)
+    trainer.fit(module)
+    assert module.value_calls > 0
+    assert "value" not in getattr(module, "aux", {})  # no default value network added
+    assert not torch.equal(module.critic.weight, before)  # trained through the PPO loss

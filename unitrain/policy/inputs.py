@@ -30,10 +30,18 @@ def module_inputs(observation: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (observation,), {}
 
 
-def call_module(module: nn.Module, observation: Any) -> torch.Tensor:
-    """The module's output for ``observation`` (see the module docstring for how it is passed)."""
+def call_module(module: nn.Module, observation: Any, method: str | None = None) -> torch.Tensor:
+    """The module's output for ``observation`` (see the module docstring for how it is passed).
+
+    Args:
+        module: the user's module.
+        observation: a tensor, or named entries (a TensorDict or a mapping).
+        method: another method of the module to call the same way (``"value"``), instead of
+            ``forward``.
+    """
     args, kwargs = module_inputs(observation)
-    return module(*args, **kwargs)
+    fn = module if method is None else getattr(module, method)
+    return fn(*args, **kwargs)
 
 
 class ModuleCall(nn.Module):

@@ -72,15 +72,19 @@ class StandalonePolicy(nn.Module):
         self.head = module.actions
         info = module.env_info
         self.names = None if info is None or info.obs_shapes is None else list(info.obs_shapes)
+        # A Box observation's frozen normalisation (``norm``), or each named entry's (``norms``).
+        self.norm: nn.Module | None = None
         self.norms = nn.ModuleDict()
-        if norm is not None:
-            own = getattr(norm, "norms", {"": norm})
-            self.norms.update({key: _Frozen(n) for key, n in own.items() if bool(n.count > 1)})
+        if norm is not None and hasattr(norm, "norms"):
+            self.norms.update({key: _Frozen(n) for key, n in norm.norms.items()
+                               if bool(n.count > 1)})
+        elif norm is not None and bool(norm.count > 1):
+            self.norm = _Frozen(norm)
 
     def forward(self, observation: Any) -> Tensor:
         if self.names is None:
-            if "" in self.norms:
-                observation = self.norms[""](observation)
+            if self.norm is not None:
+                observation = self.norm(observation)
             return self.head.deterministic(call_module(self.module, observation))
         named = {key: self.norms[key](observation[key]) if key in self.norms
                  else observation[key] for key in self.names}

@@ -26,6 +26,7 @@ from torchrl.objectives.value import GAE
 from unitrain.envs.observation import flat_observation
 from unitrain.errors import UserError, check
 from unitrain.policy.action import stochastic_actor
+from unitrain.policy.inputs import call_module
 from unitrain.policy.models import mlp
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.registry import register_rule
@@ -56,14 +57,16 @@ class _Flatten(nn.Module):
 
 
 class _ModuleValue(nn.Module):
-    """The user's ``module.value(observation)`` as a network."""
+    """The user's ``module.value(observation)`` as a network (``module.value(**entries)`` for
+    named entries, which come one by one in ``names`` order)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, names: list[str] | None) -> None:
         super().__init__()
-        self.module = module
+        self.module, self.names = module, names
 
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        return self.module.value(observation)
+    def forward(self, *observation: torch.Tensor) -> torch.Tensor:
+        obs = observation[0] if self.names is None else dict(zip(self.names, observation))
+        return call_module(self.module, obs, "value")
 
 
 def value_operator(module: "RLModule", info: "EnvInfo", hidden: tuple[int, ...]) -> ValueOperator:
@@ -74,15 +77,15 @@ def value_operator(module: "RLModule", info: "EnvInfo", hidden: tuple[int, ...])
         info: the env's shapes.
         hidden: hidden sizes of the default MLP.
     """
+    names = None if info.obs_shapes is None else list(info.obs_shapes)
     if callable(getattr(module, "value", None)):
-        value_net: nn.Module = _ModuleValue(module)
-        in_keys: list[Any] = ["observation"]
+        value_net: nn.Module = _ModuleValue(module, names)
     else:
         value_net = module.add_aux("value", _Flatten(
             mlp(info.obs_dim, 1, hidden, nn.Tanh, out_gain=1.0), info.layout))
-        # The leaves of a named observation: TorchRL's value estimators read tensors.
-        in_keys = (["observation"] if info.obs_shapes is None
-                   else [("observation", key) for key in info.obs_shapes])
+    # The leaves of a named observation, one by one: TorchRL's value estimators read tensors.
+    in_keys: list[Any] = (["observation"] if names is None
+                          else [("observation", key) for key in names])
     return ValueOperator(value_net, in_keys=in_keys)
 
 
