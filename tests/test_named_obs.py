@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 import pytest
 import torch
-import userenvs  # noqa: F401 - registers userenvs:Cue-v0
+import userenvs  # registers userenvs:Cue-v0
 from tensordict import TensorDict
 from test_conformance import MODULE_ARGS, RULE_ACTIONS, TASKS, _base
 from torch import nn
@@ -28,6 +28,7 @@ CUE = ut.EnvSpec("userenvs:Cue-v0", num_envs=4)
 CUE_IMAGE = ut.EnvSpec("userenvs:Cue-v0", num_envs=4, kwargs={"image": True})
 # Rules that refuse Dict/Tuple observations, with the reason they give.
 REFUSED = {"elite_imitation"}
+CUE_LENGTH = userenvs.Cue.LENGTH
 
 
 class ImageVector(ut.RLModule):
@@ -296,3 +297,21 @@ def test_ppo_calls_the_modules_value_by_name(tmp_path: Path):
     assert module.value_calls > 0
     assert "value" not in getattr(module, "aux", {})  # no default value network added
     assert not torch.equal(module.critic.weight, before)  # trained through the PPO loss
+
+
+@pytest.mark.parametrize("spec", [CUE_IMAGE, ut.EnvSpec(make="usertorchrl:make_cue", num_envs=2)],
+                         ids=["gymnasium", "torchrl"])
+def test_an_ended_episode_keeps_its_final_entries(spec: ut.EnvSpec):
+    # Same-step autoreset with named entries: the step that ends an episode reports the
+    # episode's last observation as next, and the next episode's first as the next input.
+    env = make_env(spec, seed=0)
+    n = env.num_envs
+    td = env.reset()
+    for t in range(1, CUE_LENGTH + 1):
+        td["action"] = torch.zeros(n, dtype=torch.int64)
+        out, td = env.step_and_maybe_reset(td)
+        torch.testing.assert_close(out["next", "observation", "clock"],
+                                   torch.full((n, 1), t / CUE_LENGTH))
+    assert bool(out["next", "done"].all())
+    assert torch.equal(td["observation", "clock"], torch.zeros(n, 1))
+    assert set(td["observation"].keys()) == set(env_info(spec).obs_shapes)
