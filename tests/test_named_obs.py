@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
 import pytest
 import torch
 import userenvs  # registers userenvs:Cue-v0

@@ -12,7 +12,7 @@ from torch import nn
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
 
-__all__ = ["ObsNorm", "NamedObsNorm", "make_obs_norm"]
+__all__ = ["NamedObsNorm", "ObsNorm", "make_obs_norm"]
 
 
 class ObsNorm(nn.Module):
@@ -103,7 +103,7 @@ class NamedObsNorm(nn.Module):
         return out
 
 
-def make_obs_norm(info: "EnvInfo", clip: float = 5.0) -> ObsNorm | NamedObsNorm:
+def make_obs_norm(info: EnvInfo, clip: float = 5.0) -> ObsNorm | NamedObsNorm:
     """The observation normalisation of an env: :class:`ObsNorm` over a Box observation, a
     :class:`NamedObsNorm` over the non-image entries of a named one."""
     if info.obs_shapes is None:

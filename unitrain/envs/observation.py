@@ -16,17 +16,13 @@ in that order (:func:`flat_observation`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-__all__ = ["ObsLayout", "is_named", "flat_observation", "map_observation", "named_batch",
-           "tuple_names", "zero_observation"]
-
-# A Box observation's shape, or the shapes of named entries in the documented order.
-ObsLayout = "tuple[int, ...] | dict[str, tuple[int, ...]]"
+__all__ = ["batch_shape", "flat_observation", "is_named", "tuple_names", "zero_observation"]
 
 
 def is_named(observation: Any) -> bool:
@@ -39,23 +35,8 @@ def tuple_names(count: int) -> list[str]:
     return [f"obs{i}" for i in range(count)]
 
 
-def map_observation(fn: Callable[[Any], Any], observation: Any) -> Any:
-    """``fn`` applied to a Box observation, or to each entry of a named one (a dict back)."""
-    if is_named(observation):
-        return {key: fn(observation[key]) for key in observation.keys()}
-    return fn(observation)
-
-
-def named_batch(observation: Any, batch_size: int, device: Any = None) -> Any:
-    """A named observation (a dict of batched tensors) as a TensorDict of batch ``[batch_size]``;
-    a tensor as it is."""
-    if isinstance(observation, Mapping):
-        return TensorDict(dict(observation), batch_size=[batch_size], device=device)
-    return observation
-
-
 def flat_observation(observation: Any, layout: Any) -> torch.Tensor:
-    """One float vector per observation: ``[*batch, obs_dim]``.
+    """One vector per observation, ``[*batch, obs_dim]`` (named entries as float32).
 
     Args:
         observation: a tensor ``[*batch, *shape]``, or named entries ``[*batch, *shape_k]``.

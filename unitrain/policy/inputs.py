@@ -18,7 +18,7 @@ from torch import nn
 
 from unitrain.envs.observation import is_named
 
-__all__ = ["call_module", "module_inputs", "ModuleCall"]
+__all__ = ["ModuleCall", "call_module", "module_inputs"]
 
 
 def module_inputs(observation: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 from tensordict import TensorDictBase
+from torch import nn
 from torch.func import functional_call, vmap
 
 from unitrain.envs.batched import BatchedEnv, halves, make_env

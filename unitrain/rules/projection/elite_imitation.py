@@ -60,9 +60,9 @@ import torch
 from torch import Tensor, nn
 
 from unitrain.envs.rollout import Step, rollout
-from unitrain.policy.inputs import call_module
 from unitrain.envs.spec import derive_seed
 from unitrain.errors import ConfigError, UserError, check
+from unitrain.policy.inputs import call_module
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.population.service import ParamLayout, PopulationPolicy
 from unitrain.rules.projection.rule import Projection
