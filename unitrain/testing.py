@@ -225,9 +225,11 @@ class _Snapshot(L.Callback):
 
 # ---------------------------------------------------------------------------- the runs
 
-def default_module(obs_dim: int, act_dim: int) -> RLModule:
-    """The module :func:`check_rule` trains unless given one: an MLP with one hidden layer of 32."""
-    return MLPPolicy(obs_dim, act_dim, hidden=(32,))
+def default_module(obs_dim: int, act_dim: int,
+                   obs_shapes: dict[str, tuple[int, ...]] | None = None) -> RLModule:
+    """The module :func:`check_rule` trains unless given one: an MLP with one hidden layer of 32
+    (over the entries of a ``Dict``/``Tuple`` observation, ``obs_shapes``, concatenated)."""
+    return MLPPolicy(obs_dim, act_dim, hidden=(32,), obs_shapes=obs_shapes)
 
 
 @dataclasses.dataclass
@@ -605,6 +607,8 @@ def check_rule(rule: UpdateRule | Callable[[], UpdateRule], env: Any = None, *,
             raise ValueError("check_rule: an env run needs frames= (its env-frame budget)")
         info = env_info(spec)
         obs_dim, act_dim = info.obs_dim, info.act_dim
+        if module is None and info.obs_shapes is not None:  # a Dict/Tuple observation
+            module = functools.partial(default_module, obs_shapes=info.obs_shapes)
     case = _Case(rule, spec, module or default_module, frames, epochs, seed, eval_episodes,
                  obs_dim=obs_dim, act_dim=act_dim)
     case._data = loaders
