@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import gymnasium as gym
 import pytest
 import torch
 import userenvs  # registers userenvs:Cue-v0
@@ -19,6 +20,7 @@ from torch import nn
 import unitrain as ut
 from unitrain.app.cli import main
 from unitrain.envs import env_info, make_env
+from unitrain.envs.info import info_from_spaces
 from unitrain.envs.obs_norm import make_obs_norm
 from unitrain.envs.replay import Replay
 from unitrain.errors import ConfigError
@@ -69,6 +71,10 @@ def test_env_info_names_the_entries_in_order():
     with pytest.raises(ConfigError, match=r"observation space Discrete is not supported; "
                                           r"unitrain supports Box observations and Dict/Tuple"):
         env_info(ut.EnvSpec("FrozenLake-v1"))
+    nested = gym.spaces.Dict({"arm": gym.spaces.Dict({"angle": gym.spaces.Box(-1, 1, (1,))})})
+    with pytest.raises(ConfigError, match=r"^id: nest: observation entry 'arm' is Dict; unitrain "
+                                          r"supports Dict/Tuple observations of Box entries"):
+        info_from_spaces("nest", nested, gym.spaces.Discrete(2))
 
 
 @pytest.mark.parametrize("name", sorted(n for n, task in TASKS.items() if task[0] is not None))
