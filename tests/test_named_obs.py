@@ -228,6 +228,10 @@ def test_a_torchrl_env_with_several_observation_entries(tmp_path: Path):
     spec = ut.EnvSpec(make="usertorchrl:make_cue", num_envs=2)
     info = env_info(spec)
     assert info.obs_shapes == {"clock": (1,), "cue": (2,)}
+    # The time limit's StepCounter adds a step_count entry, which is no observation.
+    limited = make_env(ut.EnvSpec(make="usertorchrl:make_cue", num_envs=2, max_episode_steps=5),
+                       seed=0)
+    assert set(limited.reset()["observation"].keys()) == {"clock", "cue"}
     module = ut.MLPPolicy(info.obs_dim, info.act_dim, hidden=(8,), obs_shapes=info.obs_shapes)
     trainer = ut.Trainer(spec, registered_rules()["ppo"](frames_per_batch=64, minibatch_size=64,
                                                          epochs=1),

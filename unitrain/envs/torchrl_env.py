@@ -127,9 +127,9 @@ def _obs_key(env: EnvBase) -> Any:
     entries: the leaves of a Composite ``"observation"``, or the observation spec's entries
     when there are several and none is ``"observation"`` (in the spec's order)."""
     spec = env.observation_spec
-    if isinstance(env, TransformedEnv):  # a StepCounter's count is no observation
-        spec = env.base_env.observation_spec
     keys = list(spec.keys(True, True))
+    if isinstance(env, TransformedEnv) and "step_count" not in env.base_env.observation_spec.keys():
+        keys = [k for k in keys if k != "step_count"]  # a StepCounter's count is no observation
     if "observation" in keys:
         return "observation"
     if "observation" in spec.keys() and isinstance(spec["observation"], Composite):
