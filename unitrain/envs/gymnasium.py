@@ -66,6 +66,31 @@ def make_single(spec: EnvSpec, render_mode: str | None = None) -> gym.Env:
     return gym_make(spec.id, **kwargs)
 
 
+def flat_mask(mask: Any) -> np.ndarray:
+    """One env's ``info["action_mask"]`` as a flat ``bool`` array: an array of allowed actions
+    (``Discrete``: ``n`` entries; ``MultiDiscrete``: ``sum(nvec)``, sub-action ``i``'s entries
+    the ``i``-th block), or a tuple with one array per sub-action (gymnasium's
+    ``MultiDiscrete.sample(mask=...)`` form), concatenated."""
+    if isinstance(mask, tuple):
+        return np.concatenate([np.asarray(m).reshape(-1) for m in mask]).astype(bool)
+    return np.asarray(mask).reshape(-1).astype(bool)
+
+
+def probe_mask(env: gym.Env) -> bool:
+    """Whether a gymnasium env gives action masks: a discrete action space and an
+    ``"action_mask"`` entry in the info of a reset (continuous envs are not reset)."""
+    if not isinstance(env.action_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
+        return False
+    _, info = env.reset(seed=0)
+    return "action_mask" in info
+
+
+def _missing_mask(env: gym.Env) -> UserError:
+    return UserError(f"{env.spec.id if env.spec else type(env).__name__}: the env gave "
+                     "info['action_mask'] at its first reset and none at a later step or reset; "
+                     "an env with action masks gives one with every observation")
+
+
 class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
     """A gymnasium ``SyncVectorEnv`` with same-step autoreset whose step skips the info dicts.
 
@@ -74,10 +99,24 @@ class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
     :class:`BatchedEnv` reads only the final observation of finished episodes, so this step
     returns just ``{"final_obs", "_final_obs"}`` (as gymnasium does, and only when an episode
     ended). Observations, rewards and flags are the same as the parent's; reset is the parent's.
+
+    With ``masked``, each env's ``info["action_mask"]`` is kept too: :attr:`masks` ``[n, A]``
+    holds the masks of the observations the next step starts from and the step's infos hold
+    ``"final_action_mask"``, those of the observations the step ended in.
     """
 
-    def __init__(self, env_fns: Sequence[Callable[[], gym.Env]]) -> None:
+    def __init__(self, env_fns: Sequence[Callable[[], gym.Env]], masked: bool = False) -> None:
         super().__init__(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        self.masked = masked
+        self.masks: np.ndarray | None = None
+
+    def reset(self, *, seed: Any = None, options: Any = None) -> tuple[np.ndarray, dict]:
+        obs, infos = super().reset(seed=seed, options=options)
+        if self.masked:
+            if "action_mask" not in infos or not bool(np.all(infos["_action_mask"])):
+                raise _missing_mask(self.envs[0])
+            self.masks = np.stack([flat_mask(m) for m in infos["action_mask"]])
+        return obs, infos
 
     def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                                           dict[str, Any]]:
@@ -87,17 +126,32 @@ class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
         terminated = np.zeros(n, dtype=bool)
         truncated = np.zeros(n, dtype=bool)
         final_obs: np.ndarray | None = None
+        # Rows of this step's masks (a restored env has none from a reset of its own).
+        masks: list[np.ndarray] = []
+        final_masks: list[np.ndarray] = []
         for i, (env, action) in enumerate(zip(self.envs, iterate(self.action_space, actions))):
-            obs, rewards[i], terminated[i], truncated[i], _ = env.step(action)
+            obs, rewards[i], terminated[i], truncated[i], info = env.step(action)
+            if self.masked:
+                if "action_mask" not in info:
+                    raise _missing_mask(env)
+                final_masks.append(flat_mask(info["action_mask"]))
+                masks.append(final_masks[-1])
             if terminated[i] or truncated[i]:
                 if final_obs is None:
                     final_obs = np.full(n, None, dtype=object)
                 final_obs[i] = obs
-                obs, _ = env.reset()
+                obs, info = env.reset()
+                if self.masked:
+                    if "action_mask" not in info:
+                        raise _missing_mask(env)
+                    masks[-1] = flat_mask(info["action_mask"])
             observations.append(obs)
         infos: dict[str, Any] = {}
         if final_obs is not None:
             infos = {"final_obs": final_obs, "_final_obs": terminated | truncated}
+        if self.masked:
+            self.masks = np.stack(masks)
+            infos["final_action_mask"] = np.stack(final_masks)
         return _stack(observations), rewards, terminated, truncated, infos
 
 
@@ -120,6 +174,10 @@ class GymnasiumVector:
 
     A ``Dict`` observation comes as a dict of arrays; a ``Tuple`` one too, its entries named
     ``obs0``, ``obs1``, ... (:attr:`observation_space` is then the ``Dict`` of those names).
+
+    An env whose reset's info holds ``"action_mask"`` (probed once, on a discrete action space)
+    is ``masked``: :attr:`mask` ``[n, A]`` is the mask of the observations the next step starts
+    from, :attr:`final_mask` that of the observations the last step ended in.
     """
 
     name = "gymnasium"
@@ -136,6 +194,13 @@ class GymnasiumVector:
             self._names = tuple_names(len(self.observation_space.spaces))
             self.observation_space = gym.spaces.Dict(
                 OrderedDict(zip(self._names, self.observation_space.spaces)))
+        # ALE gives no masks: an Atari env is not reset to find out.
+        self.masked = self.vec.masked = not spec.is_atari and probe_mask(self.vec.envs[0])
+        self.final_mask: np.ndarray | None = None
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        return self.vec.masks
 
     def _named(self, obs: Any) -> Any:
         """A ``Tuple`` observation's entries by name (anything else as it is)."""
@@ -143,6 +208,7 @@ class GymnasiumVector:
 
     def reset(self, seed: int | list[int] | None) -> np.ndarray:
         obs, _ = self.vec.reset(seed=seed)
+        self.final_mask = self.vec.masks
         return self._named(obs)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
@@ -150,6 +216,7 @@ class GymnasiumVector:
         """``(obs, reward, terminated, truncated, final)``: ``final[i]`` is the observation slot
         ``i``'s ended episode ended in (``None`` when no episode ended)."""
         obs, reward, terminated, truncated, infos = self.vec.step(action)
+        self.final_mask = infos.get("final_action_mask")
         final = infos.get("final_obs")
         if final is not None and self._names is not None:
             final = np.array([None if f is None else self._named(f) for f in final], dtype=object)

@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from unitrain.envs.gymnasium import make_single
+from unitrain.envs.gymnasium import make_single, probe_mask
 from unitrain.envs.observation import tuple_names, zero_observation
 from unitrain.envs.spec import EnvSpec
 from unitrain.errors import ConfigError
@@ -21,7 +21,10 @@ class EnvInfo:
     """The shapes a module needs, read from the env's spaces.
 
     ``obs_dim`` is the flattened observation size; ``act_dim`` is the number of actions (discrete)
-    or the action vector size (continuous). A named observation (a ``Dict`` or ``Tuple`` space;
+    or the action vector size (continuous). A ``MultiDiscrete(nvec)`` space is discrete with
+    ``nvec`` set and ``act_dim = sum(nvec)`` (the number of logits). ``masked`` says the env
+    gives a mask of the allowed actions with every observation (``"action_mask"``, see
+    :mod:`unitrain.policy.action`). A named observation (a ``Dict`` or ``Tuple`` space;
     :mod:`unitrain.envs.observation`) has ``obs_shapes`` ``{name: shape}`` in the documented
     order and ``images``, the names of its uint8 entries; its ``obs_shape`` is ``(obs_dim,)``,
     the shape of the entries flattened and concatenated.
@@ -37,6 +40,12 @@ class EnvInfo:
     image: bool = False
     obs_shapes: dict[str, tuple[int, ...]] | None = None
     images: tuple[str, ...] = ()
+    nvec: tuple[int, ...] | None = None
+    masked: bool = False
+
+    def __post_init__(self) -> None:
+        if self.nvec is not None:
+            self.nvec = tuple(int(k) for k in self.nvec)
 
     @property
     def layout(self) -> Any:
@@ -47,6 +56,24 @@ class EnvInfo:
         """A batch of zero observations (uint8 images, float32 elsewhere)."""
         return zero_observation(self.layout, self.image if self.obs_shapes is None
                                 else self.images, batch, device)
+
+    @property
+    def action_space(self) -> str:
+        """``"discrete"``, ``"multidiscrete"`` or ``"continuous"``."""
+        if not self.discrete:
+            return "continuous"
+        return "discrete" if self.nvec is None else "multidiscrete"
+
+    def describe_actions(self, masks: bool = True) -> str:
+        """The action space in words, for messages (``MultiDiscrete([3, 2])``, and whether the
+        env gives action masks unless ``masks`` is false)."""
+        if self.nvec is not None:
+            text = f"MultiDiscrete({list(self.nvec)})"
+        elif self.discrete:
+            text = f"Discrete({self.act_dim})"
+        else:
+            text = f"Box({self.act_dim},)"
+        return text + (" with action masks" if self.masked and masks else "")
 
     def module_kwargs(self) -> dict[str, Any]:
         """Constructor arguments a module may take by name."""
@@ -72,7 +99,8 @@ def env_info(spec: EnvSpec) -> EnvInfo:
         return info_from_spaces(spec.id, *env_spaces(spec))
     env = make_single(spec)
     try:
-        return info_from_spaces(spec.id, env.observation_space, env.action_space)
+        return info_from_spaces(spec.id, env.observation_space, env.action_space,
+                                not spec.is_atari and probe_mask(env))
     finally:
         env.close()
 
@@ -102,7 +130,9 @@ def named_spaces(env_id: str, obs_space: gym.Space) -> dict[str, gym.spaces.Box]
     return entries
 
 
-def info_from_spaces(env_id: str, obs_space: gym.Space, act_space: gym.Space) -> EnvInfo:
+def info_from_spaces(env_id: str, obs_space: gym.Space, act_space: gym.Space,
+                     masked: bool = False) -> EnvInfo:
+    """The :class:`EnvInfo` of an env with these spaces; ``masked``: it gives action masks."""
     entries = named_spaces(env_id, obs_space)
     shapes: dict[str, tuple[int, ...]] | None = None
     images: tuple[str, ...] = ()
@@ -116,11 +146,18 @@ def info_from_spaces(env_id: str, obs_space: gym.Space, act_space: gym.Space) ->
     named = {"obs_shapes": shapes, "images": images}
     if isinstance(act_space, gym.spaces.Discrete):
         return EnvInfo(env_id, obs_shape, math.prod(obs_shape), int(act_space.n), True,
-                       image=image, **named)
+                       image=image, masked=masked, **named)
+    if isinstance(act_space, gym.spaces.MultiDiscrete) and len(act_space.shape) == 1:
+        if bool((np.asarray(act_space.start) != 0).any()):
+            raise ConfigError("id", f"{env_id}: action space {act_space} starts above 0; unitrain "
+                                    "supports MultiDiscrete actions starting at 0")
+        nvec = tuple(int(k) for k in act_space.nvec)
+        return EnvInfo(env_id, obs_shape, math.prod(obs_shape), sum(nvec), True, image=image,
+                       nvec=nvec, masked=masked, **named)
     if isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1:
         return EnvInfo(env_id, obs_shape, math.prod(obs_shape), int(act_space.shape[0]), False,
                        torch.as_tensor(act_space.low, dtype=torch.float32),
                        torch.as_tensor(act_space.high, dtype=torch.float32), image=image,
                        **named)
     raise ConfigError("id", f"{env_id}: action space {act_space} is not supported; "
-                            "unitrain supports Discrete and 1-D Box actions")
+                            "unitrain supports Discrete, 1-D MultiDiscrete and 1-D Box actions")

@@ -97,7 +97,9 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Ten
         policy: ``(observation [k, *obs_shape], slots) -> action [k, ...]`` (named entries: a
             TensorDict of batch ``[k]``) for the slots
             ``slots`` (a ``slice`` of ``range(n)``, ``k`` long), on the env's device (where
-            the bookkeeping and the returned tensors are too).
+            the bookkeeping and the returned tensors are too). For an env with action masks
+            (``env.info.masked``) it is called as ``policy(observation, slots, mask)`` with
+            the observations' masks ``[k, A]`` (:mod:`unitrain.policy.action`).
         quota: episodes per slot.
         seeds: one seed per slot for the reset (static: slot ``i`` starts from ``seeds[i]``);
             ``None`` keeps the env's own seeding.
@@ -129,9 +131,12 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Ten
     slots: list[torch.Tensor] = []
     rounds = 0
 
+    masked = env.info.masked
+
     def launch(g: _Group) -> None:
         g.last_obs = g.obs
-        g.action = policy(g.obs, g.slots)
+        g.action = (policy(g.obs, g.slots, env.action_mask(g.slots)) if masked
+                    else policy(g.obs, g.slots))
         env.send_part(g.index, g.action)
         g.flying = True
 
@@ -226,7 +231,8 @@ def evaluate_policy(act: Callable[[torch.Tensor], torch.Tensor],
     so every process count reports the same numbers.
 
     Args:
-        act: ``observation -> action`` on ``device`` (e.g. ``module.act``).
+        act: ``observation -> action`` on ``device`` (e.g. ``module.act``); for an env with
+            action masks ``(observation, mask) -> action``.
         make_env: ``slots -> env`` with that many slots (cached by the caller if it likes).
         episodes: episodes in all.
         seed: the run seed.
@@ -245,7 +251,8 @@ def evaluate_policy(act: Callable[[torch.Tensor], torch.Tensor],
     for a in range(0, len(mine), MAX_EVAL_ENVS):
         wave = mine[a: a + MAX_EVAL_ENVS]
         env = make_env(len(wave))
-        played = rollout(env, lambda obs, _, on=env.device: act(obs.to(device)).to(on),
+        played = rollout(env, lambda obs, _, *mask, on=env.device: act(
+            obs.to(device), *(m.to(device) for m in mask)).to(on),
                          seeds=[eval_seed(seed, evaluation, k) for k in wave])
         r, n = played.by_slot()
         rets[a: a + len(wave)], lens[a: a + len(wave)] = r.cpu(), n.cpu().double()

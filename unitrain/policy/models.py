@@ -145,7 +145,8 @@ class MLPPolicy(RLModule):
 
     Args:
         obs_dim: flattened observation size (filled in from the env by recipes).
-        act_dim: number of actions (discrete) or action size (continuous).
+        act_dim: number of actions (discrete), of logits ``sum(nvec)`` (multi-discrete) or
+            action size (continuous).
         hidden: hidden layer sizes; ``[]`` gives a linear policy.
         activation: ``"tanh"``, ``"relu"``, ``"gelu"``, ``"elu"``, ``"step"`` (the hard threshold
             :class:`unitrain.policy.nn.Step`, no gradient) or ``"step_ste"`` (the same with

@@ -2,7 +2,8 @@
 
 Users subclass :class:`RLModule`, build their networks in ``__init__`` and write ``forward``:
 
-- discrete actions: ``forward(observation) -> logits`` of shape ``[..., n_actions]``;
+- discrete actions: ``forward(observation) -> logits`` of shape ``[..., n_actions]``
+  (``MultiDiscrete(nvec)``: ``[..., sum(nvec)]``, one block of logits per sub-action);
 - continuous actions: ``forward(observation) -> pre-squash mean`` of shape ``[..., act_dim]``
   (or ``[..., 2 * act_dim]``, the mean then a log standard deviation, when the module sets
   ``action_std = "state"``); the action is the mean squashed into the env's bounds.
@@ -157,14 +158,17 @@ class RLModule(L.LightningModule):
             return None
         return self.add_aux("log_std", LogStd(head.act_dim, init).to(self.device))
 
-    def act(self, observation: Any) -> torch.Tensor:
-        """The deterministic action: argmax of the logits, or the squashed mean in the bounds.
+    def act(self, observation: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The deterministic action: argmax of the logits (per block for multi-discrete actions;
+        over the actions ``mask`` allows, where the env gives action masks), or the squashed
+        mean in the bounds.
 
         Args:
             observation: a tensor ``[..., *obs_shape]``, or for a ``Dict``/``Tuple`` observation
                 its named entries (a TensorDict or a dict; ``forward`` receives them by name).
+            mask: ``[..., A]`` bool, the allowed actions (``None``: all).
         """
-        return self.actions.deterministic(call_module(self, observation))
+        return self.actions.deterministic(call_module(self, observation), mask)
 
     def load_policy(self, checkpoint: str | os.PathLike) -> None:
         """Load the policy (and ``aux.log_std``) of any unitrain checkpoint into this module.

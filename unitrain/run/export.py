@@ -55,7 +55,9 @@ class _Frozen(nn.Module):
 
 
 class StandalonePolicy(nn.Module):
-    """``observation -> action`` of a bound module, with frozen observation statistics.
+    """``observation -> action`` of a bound module, with frozen observation statistics
+    (``(observation, action_mask) -> action`` for an env with action masks: the argmax over the
+    allowed actions).
 
     A module over a ``Dict``/``Tuple`` observation takes a dict of its entries by name
     (``policy({"image": ..., "vector": ...})``); each normalised entry is normalised on the way
@@ -81,14 +83,14 @@ class StandalonePolicy(nn.Module):
         elif norm is not None and bool(norm.count > 1):
             self.norm = _Frozen(norm)
 
-    def forward(self, observation: Any) -> Tensor:
+    def forward(self, observation: Any, action_mask: Tensor | None = None) -> Tensor:
         if self.names is None:
             if self.norm is not None:
                 observation = self.norm(observation)
-            return self.head.deterministic(call_module(self.module, observation))
+            return self.head.deterministic(call_module(self.module, observation), action_mask)
         named = {key: self.norms[key](observation[key]) if key in self.norms
                  else observation[key] for key in self.names}
-        return self.head.deterministic(call_module(self.module, named))
+        return self.head.deterministic(call_module(self.module, named), action_mask)
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str | None = None,
@@ -122,21 +124,25 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str | 
     info = policy.env_info
     assert info is not None
     example = info.zero_observation(2, policy.device)
-    # Inputs by name: "observation", or the entries of a Dict/Tuple observation.
+    # Inputs by name: "observation", or the entries of a Dict/Tuple observation; then
+    # "action_mask" for an env with action masks.
     inputs = ({"observation": example} if info.obs_shapes is None
               else {key: example[key] for key in info.obs_shapes})
+    args: tuple[Any, ...] = (example if info.obs_shapes is None else dict(inputs),)
+    if info.masked:  # the exported policy takes the observations' action masks too
+        mask = torch.ones((2, info.act_dim), dtype=torch.bool, device=policy.device)
+        inputs["action_mask"] = mask
+        args += (mask,)
     out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if format == "pt2":
             batch = torch.export.Dim("batch")
-            if info.obs_shapes is None:  # called as module(observation)
-                program = torch.export.export(wrapper, (example,),
-                                              dynamic_shapes=({0: batch},))
-            else:  # called as module({name: entry})
-                program = torch.export.export(wrapper, (inputs,),
-                                              dynamic_shapes=({key: {0: batch}
-                                                               for key in inputs},))
+            dims: tuple[Any, ...] = ({0: batch} if info.obs_shapes is None
+                                     else {key: {0: batch} for key in info.obs_shapes},)
+            if info.masked:
+                dims += ({0: batch},)
+            program = torch.export.export(wrapper, args, dynamic_shapes=dims)
             torch.export.save(program, str(out))
         else:
             _onnx(wrapper, inputs, out)
@@ -144,20 +150,24 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str | 
 
 
 class _Positional(nn.Module):
-    """The policy's named inputs as positional ones, in order (what the ONNX exporter traces)."""
+    """The policy's named inputs as positional ones, in order (what the ONNX exporter traces):
+    the observation's entries, then the action masks if ``masked``."""
 
-    def __init__(self, policy: nn.Module, names: list[str]) -> None:
+    def __init__(self, policy: nn.Module, names: list[str], masked: bool) -> None:
         super().__init__()
-        self.policy, self.names = policy, names
+        self.policy, self.names, self.masked = policy, names, masked
 
     def forward(self, *inputs: Tensor) -> Tensor:
-        return self.policy(dict(zip(self.names, inputs)))
+        entries = inputs[:-1] if self.masked else inputs
+        return self.policy(dict(zip(self.names, entries)), *inputs[len(entries):])
 
 
 def _onnx(wrapper: nn.Module, inputs: dict[str, Tensor], out: Path) -> Any:
     # The TorchScript-based exporter: it needs no onnxscript, and the graph has no control flow.
     names = list(inputs)
-    model = wrapper if names == ["observation"] else _Positional(wrapper, names)
+    entries = [key for key in names if key != "action_mask"]
+    model = (wrapper if entries == ["observation"]
+             else _Positional(wrapper, entries, "action_mask" in inputs))
     torch.onnx.export(model, tuple(inputs.values()), str(out),
                       input_names=names, output_names=["action"], dynamo=False,
                       dynamic_axes={**{key: {0: "batch"} for key in names},

@@ -54,7 +54,7 @@ from unitrain.policy.ckpt_file import load_checkpoint_file
 from unitrain.policy.module import RLModule
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.population.strategy import Strategy, as_rule
-from unitrain.rules.registry import registered_rules
+from unitrain.rules.registry import check_actions, registered_rules
 from unitrain.run.adapter import RunAdapter, default_eval_every
 from unitrain.run.loggers import check_callback, check_logger, make_callback, make_logger
 from unitrain.run.progress import FrameProgressBar
@@ -289,6 +289,7 @@ class Trainer(L.Trainer):
         self.env_info = env_info(env) if env is not None else None
         if env is not None:
             _check_named_observations(optimizer, self.env_info)
+            check_actions(optimizer, self.env_info)
             optimizer.check_env(env, self.env_info)
             if max_frames is not None:
                 _warn_budget(optimizer.budget_warning(max_frames, _processes(devices, kwargs)))

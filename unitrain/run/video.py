@@ -172,7 +172,8 @@ def play(policy: "RLModule", spec: "EnvSpec", norm: "ObsNorm | None", episodes: 
     try:
         for k in range(episodes):
             filmed.wanted = 1
-            out = rollout(env, lambda obs, _: policy.act(obs.to(device)).cpu(),
+            out = rollout(env, lambda obs, _, *mask: policy.act(
+                obs.to(device), *(m.to(device) for m in mask)).cpu(),
                           seeds=[eval_seed(seed, evaluation, k)])
             ret, length = out.by_slot()
             played.append((float(ret[0]), int(length[0])))

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 from tensordict import TensorDictBase
@@ -284,6 +284,8 @@ class CriticFields(UpdateRule):
     utd_ratio: float = bounded(1.0, "(0, inf]")
     critic_hidden: tuple[int, ...] = bounded((256, 256), "[1, inf]")
     save_buffer: bool = False
+
+    action_spaces: ClassVar[tuple[str, ...]] = ("continuous",)
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         if info.discrete:

@@ -15,7 +15,7 @@ composes :class:`OnPolicyBatches` (policy, value function, collection, GAE) and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -189,6 +189,9 @@ class OnPolicyFields(UpdateRule):
     max_grad_norm: float = bounded(0.5, "(0, inf]")
     log_std_init: float = 0.0
     value_hidden: tuple[int, ...] = (64, 64)
+
+    action_spaces: ClassVar[tuple[str, ...]] = ("discrete", "multidiscrete", "continuous")
+    action_masks: ClassVar[bool] = True
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         check_batch(self.frames_per_batch, env)

@@ -251,9 +251,9 @@ class _Actor(nn.Module):
         self.module: RLModule = module
         self._act = act
 
-    def forward(self, observation: Any) -> torch.Tensor:
+    def forward(self, observation: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self._act is None:
-            return self.module.act(observation)
+            return self.module.act(observation, mask)
         return self._act(self.module, observation)
 
 
@@ -288,6 +288,7 @@ class PopulationPolicy:
         self.module, self.layout = module, layout
         self._actor = _Actor(module, act)
         self._batched = vmap(self._one, in_dims=(0, 0))
+        self._batched_masked = vmap(self._one, in_dims=(0, 0, 0))
         # Other names of the same policy tensors in other modules (weights the user tied), swapped
         # with them. Only these: the aux networks may hold the policy's parameters too (a loss's
         # functional copy of the actor) and are not part of the policy's forward, and a module
@@ -303,8 +304,10 @@ class PopulationPolicy:
                       if id(p) in first and not name.startswith("aux.")
                       and owner(name) != owner(first[id(p)])]
 
-    def _one(self, params: dict[str, torch.Tensor], observation: torch.Tensor) -> torch.Tensor:
-        return functional_call(self._actor, params, (observation,), tie_weights=False)
+    def _one(self, params: dict[str, torch.Tensor], observation: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        args = (observation,) if mask is None else (observation, mask)
+        return functional_call(self._actor, params, args, tie_weights=False)
 
     def stack(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-parameter tensors ``[w, *shape]`` of ``params [w, numel]``, for :meth:`apply`."""
@@ -314,11 +317,15 @@ class PopulationPolicy:
         return stacked
 
     @torch.no_grad()
-    def apply(self, stacked: dict[str, torch.Tensor], observation: torch.Tensor) -> torch.Tensor:
+    def apply(self, stacked: dict[str, torch.Tensor], observation: Any,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
         """The actions for ``observation [w, B, *obs_shape]`` under :meth:`stack`'s parameters
-        (named entries: a TensorDict of batch ``[w, B]``, vmapped as a dict of its entries)."""
+        (named entries: a TensorDict of batch ``[w, B]``, vmapped as a dict of its entries; with
+        action masks ``[w, B, A]``: the allowed actions only)."""
         if isinstance(observation, TensorDictBase):
             observation = dict(observation.items())
+        if mask is not None:
+            return self._batched_masked(stacked, observation, mask)
         return self._batched(stacked, observation)
 
     def __call__(self, params: torch.Tensor, observation: torch.Tensor) -> torch.Tensor:
@@ -454,12 +461,16 @@ class PopulationEvaluator:
         parts = {sl.start: {k: v[sl.start // episodes: sl.stop // episodes]
                             for k, v in stacked.items()} for sl in env.parts}
 
-        def policy(obs: torch.Tensor, group: slice) -> torch.Tensor:
+        def policy(obs: torch.Tensor, group: slice, mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
             # The envs (and their observations) stay on the CPU; the network runs where the
             # parameters are (the module's device), and the actions come back to the envs.
             x = obs if norm is None else norm(obs)
+            if mask is not None:
+                mask = mask.reshape(-1, episodes, mask.shape[-1]).to(params.device)
             action = self.policy.apply(parts[group.start],
-                                       x.reshape(-1, episodes, *obs.shape[1:]).to(params.device))
+                                       x.reshape(-1, episodes, *obs.shape[1:]).to(params.device),
+                                       mask)
             return action.reshape(obs.shape[0], *action.shape[2:]).to(obs.device)
 
         seen: list[torch.Tensor] = []
