@@ -1,6 +1,6 @@
 """A user's own gymnasium envs, registered when this module is imported: ``userenvs:Reach-v0``,
-``userenvs:Trap-v0``, ``userenvs:Dial-v0``, ``userenvs:Cue-v0`` and ``userenvs:CueTuple-v0``
-(:class:`Cue`: a ``Dict`` observation).
+``userenvs:Trap-v0``, ``userenvs:TrapDict-v0``, ``userenvs:Dial-v0``, ``userenvs:Cue-v0`` and
+``userenvs:CueTuple-v0`` (:class:`Cue`: a ``Dict`` observation).
 
 Reach: a point on a line moves by ``0.1 * action`` (``action`` in ``[-1, 1]``) towards a target
 drawn at reset; the reward is minus the distance after the move, and the episode ends (terminated)
@@ -10,7 +10,8 @@ Trap (action masks): ``Discrete(4)``, 20 steps. The observation is the one-hot p
 ``0..3`` (drawn anew every step); action ``a < 3`` pays 1 when ``a == p``, action 3 pays 5 but
 is allowed only in phase 3 (``info["action_mask"]``). Taking it while it is masked ends the
 episode with reward -100 and is counted in ``Trap.masked_taken`` (all instances in the
-process). Best return: about 20 · (0.75 + 0.25 · 5) = 40.
+process). Best return: about 20 · (0.75 + 0.25 · 5) = 40. TrapDict is Trap with the mask in
+its observation, ``{"action_mask": ..., "phase": ...}``, and nothing in its info.
 
 Dial (multi-discrete): ``MultiDiscrete([3, 2])``, 10 steps. The observation is a target
 ``(t0, t1)`` as two one-hot blocks, drawn anew every step; the reward is 0.5 per sub-action that
@@ -85,6 +86,21 @@ class Trap(gym.Env):
         return obs, reward, False, False, info
 
 
+class TrapDict(Trap):
+    """:class:`Trap` with its mask as an observation entry: a ``Dict`` observation
+    ``{"action_mask": MultiBinary(4), "phase": the one-hot phase}`` and no info."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observation_space = gym.spaces.Dict({
+            "action_mask": gym.spaces.MultiBinary(4),
+            "phase": gym.spaces.Box(0.0, 1.0, (4,), np.float32)})
+
+    def _out(self) -> tuple[dict[str, np.ndarray], dict]:
+        phase, info = super()._out()
+        return {"action_mask": info["action_mask"], "phase": phase}, {}
+
+
 class Dial(gym.Env):
     """Match a target with two discrete sub-actions (see above)."""
 
@@ -130,6 +146,8 @@ if "Reach-v0" not in gym.registry:
     gym.register("Reach-v0", entry_point=Reach, max_episode_steps=50)
 if "Trap-v0" not in gym.registry:
     gym.register("Trap-v0", entry_point=Trap, max_episode_steps=20)
+if "TrapDict-v0" not in gym.registry:
+    gym.register("TrapDict-v0", entry_point=TrapDict, max_episode_steps=20)
 if "Dial-v0" not in gym.registry:
     gym.register("Dial-v0", entry_point=Dial, max_episode_steps=10)
 

@@ -63,7 +63,48 @@ def make_single(spec: EnvSpec, render_mode: str | None = None) -> gym.Env:
         env = AtariFrames(gym_make(spec.id, **kwargs), noop_max=30, frame_skip=4,
                            screen_size=84, ram=ram)
         return env if ram else gym.wrappers.FrameStackObservation(env, spec.frame_stack)
-    return gym_make(spec.id, **kwargs)
+    env = gym_make(spec.id, **kwargs)
+    if isinstance(env.observation_space, gym.spaces.Dict) and (
+            MASK_KEY in env.observation_space.spaces):
+        return MaskFromObservation(env)
+    return env
+
+
+MASK_KEY = "action_mask"
+
+
+class MaskFromObservation(gym.Wrapper):
+    """A ``Dict`` observation's ``"action_mask"`` entry handed over as ``info["action_mask"]``.
+
+    The entry leaves the observation (and its space), so the module's ``forward`` never
+    receives it and observation statistics never see it; the mask then reaches the policy by
+    the same route as an env that puts it in its info (:func:`probe_mask`,
+    :class:`SameStepSyncVectorEnv`). The entry's space may be any (a ``MultiBinary``, a ``Box``
+    of 0/1) as long as its values are what ``info["action_mask"]`` would hold (:func:`flat_mask`).
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        entries = OrderedDict((key, space) for key, space in env.observation_space.spaces.items()
+                              if key != MASK_KEY)
+        if not entries:
+            raise UserError(f"{env.spec.id if env.spec else type(env).__name__}: the Dict "
+                            f"observation holds only {MASK_KEY!r}; an env gives an observation "
+                            "besides its action mask")
+        self.observation_space = gym.spaces.Dict(entries)
+
+    @staticmethod
+    def _split(obs: dict[str, Any], info: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+        obs = dict(obs)
+        return obs, {**info, MASK_KEY: obs.pop(MASK_KEY)}
+
+    def reset(self, **kwargs: Any) -> tuple[dict[str, Any], dict]:
+        return self._split(*self.env.reset(**kwargs))
+
+    def step(self, action: Any) -> tuple[dict[str, Any], Any, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        obs, info = self._split(obs, info)
+        return obs, reward, terminated, truncated, info
 
 
 def flat_mask(mask: Any) -> np.ndarray:

@@ -36,11 +36,14 @@ one allowed value. The mask reaches the head as ``module.act(observation, mask)`
 
 - a gymnasium env's ``info["action_mask"]`` (at reset and at every step: an array of ``A``
   entries, or for ``MultiDiscrete`` a tuple of one array per sub-action);
+- a gymnasium env's ``Dict`` observation entry ``"action_mask"`` (the same values), taken out
+  of the observation and handed over as if it came in the info
+  (:class:`unitrain.envs.gymnasium.MaskFromObservation`): the module's ``forward`` never
+  receives it and observation statistics never see it;
 - a TorchRL env's ``"action_mask"`` observation entry (TorchRL's convention).
 
 An env backend hands the masks over as its ``mask``/``final_mask`` (see
-:class:`unitrain.envs.BatchedEnv`); an ``"action_mask"`` entry of a gymnasium ``Dict``
-observation is not one of these routes.
+:class:`unitrain.envs.BatchedEnv`).
 
 Rules add exploration (sampling, noise, random actions) around this policy, never another
 meaning: the deterministic action of every rule is :meth:`ActionHead.deterministic`, which is
