@@ -239,6 +239,12 @@ def test_rules_learn_the_trap_with_its_mask_in_the_observation(rule, frames, tmp
     with torch.no_grad():
         action = torch.export.load(str(out)).module()({"phase": torch.eye(4)}, only)
     assert action.tolist() == [3, 2, 1, 0]
+    onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(str(export(trainer.summary["checkpoint"],
+                                                      tmp_path / "policy.onnx")))
+    assert [i.name for i in session.get_inputs()] == ["phase", "action_mask"]
+    feed = {"phase": torch.eye(4).numpy(), "action_mask": only.numpy()}
+    assert session.run(None, feed)[0].tolist() == [3, 2, 1, 0]
 
 
 def test_a_torchrl_envs_action_mask_key_is_read(tmp_path):
