@@ -1,9 +1,11 @@
 """MultiDiscrete actions and action masks (:mod:`unitrain.policy.action`): the masked and
 multi-discrete distributions against hand computations, ``module.act`` never picking a masked
-action, the masks an env gives (gymnasium's info, a TorchRL env's ``"action_mask"`` key), rules
-learning the masked ``userenvs:Trap-v0`` without ever taking a masked action, a recipe training
-``userenvs:Dial-v0`` (``MultiDiscrete``) with ``unitrain.MLPPolicy``, and every registered rule
-training those envs or refusing them in one line that names the space and the rules that do."""
+action, the masks an env gives (gymnasium's info, a gymnasium ``Dict`` observation's
+``"action_mask"`` entry, a TorchRL env's ``"action_mask"`` key), rules learning the masked
+``userenvs:Trap-v0`` and ``userenvs:TrapDict-v0`` without ever taking a masked action, a recipe
+training ``userenvs:Dial-v0`` (``MultiDiscrete``) with ``unitrain.MLPPolicy``, and every
+registered rule training those envs or refusing them in one line that names the space and the
+rules that do."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 import torch
 import userenvs
 from tensordict import TensorDict
+from torch import nn
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 import unitrain as ut
@@ -30,6 +33,7 @@ from unitrain.policy.action import stochastic_actor
 
 DIAL = ut.EnvSpec("userenvs:Dial-v0", num_envs=4)
 TRAP = ut.EnvSpec("userenvs:Trap-v0", num_envs=4)
+TRAP_DICT = ut.EnvSpec("userenvs:TrapDict-v0", num_envs=4, obs_norm=True)
 
 
 def _bound(nvec: tuple[int, ...] | None, masked: bool, seed: int = 0) -> ut.MLPPolicy:
@@ -176,6 +180,71 @@ def test_the_env_gives_each_observations_mask_at_reset_and_every_step():
         td = nxt
     assert sum(env.episodes_done) > 0
     env.close()
+
+
+def test_a_dict_observations_action_mask_entry_is_the_mask_and_no_observation():
+    info = ut.envs.env_info(TRAP_DICT)
+    assert info.masked and info.obs_shapes == {"phase": (4,)} and info.obs_dim == 4
+    env = make_env(TRAP_DICT, seed=3)
+    assert env.info == info
+    assert env.observation_spec["action_mask"].shape == (4, 4)
+    assert list(env.observation_spec["observation"].keys()) == ["phase"]
+    td = env.reset()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        assert list(td["observation"].keys()) == ["phase"]
+        assert torch.equal(td["action_mask"], _allowed(td["observation", "phase"]))
+        td["action"] = torch.randint(4, (4,), generator=g)
+        td, nxt = env.step_and_maybe_reset(td)
+        assert torch.equal(td["next", "action_mask"], _allowed(td["next", "observation", "phase"]))
+        td = nxt
+    assert sum(env.episodes_done) > 0
+    env.close()
+
+
+class PhaseOnly(ut.RLModule):
+    """A policy over TrapDict's ``phase`` entry: its ``forward`` takes nothing else."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 4))
+
+    def forward(self, phase: torch.Tensor) -> torch.Tensor:
+        return self.net(phase)
+
+
+@pytest.mark.parametrize("rule,frames", [
+    (ut.optim.PPO(lr=3e-3, frames_per_batch=256, minibatch_size=64, epochs=4, anneal_lr=False),
+     6000),
+    (ut.optim.CEM(population=16), 8000)], ids=["ppo", "cem"])
+def test_rules_learn_the_trap_with_its_mask_in_the_observation(rule, frames, tmp_path):
+    from unitrain.run.export import export
+
+    userenvs.Trap.masked_taken = 0
+    torch.manual_seed(0)
+    trainer = ut.Trainer(TRAP_DICT, rule, max_frames=frames, run_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, eval_episodes=8)
+    trainer.fit(PhaseOnly())
+    assert trainer.summary["eval/return_mean"] >= 30
+    assert userenvs.Trap.masked_taken == 0
+    module = PhaseOnly.load_from_checkpoint(trainer.summary["checkpoint"])
+    assert set(module.obs_norm.norms) == {"phase"}  # the mask is not normalised
+    phases = module.obs_norm(TensorDict(phase=torch.eye(4), batch_size=[4]))
+    assert module.act(phases, _allowed(torch.eye(4))).tolist() == [0, 1, 2, 3]
+    assert ut.evaluate(trainer.summary["checkpoint"], episodes=8)["return_mean"] >= 30
+    assert userenvs.Trap.masked_taken == 0
+    # The exported policy takes the entries by name and the masks.
+    only = torch.nn.functional.one_hot(torch.arange(4).flip(0), 4).bool()
+    out = export(trainer.summary["checkpoint"], tmp_path / "policy.pt2")
+    with torch.no_grad():
+        action = torch.export.load(str(out)).module()({"phase": torch.eye(4)}, only)
+    assert action.tolist() == [3, 2, 1, 0]
+    onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(str(export(trainer.summary["checkpoint"],
+                                                      tmp_path / "policy.onnx")))
+    assert [i.name for i in session.get_inputs()] == ["phase", "action_mask"]
+    feed = {"phase": torch.eye(4).numpy(), "action_mask": only.numpy()}
+    assert session.run(None, feed)[0].tolist() == [3, 2, 1, 0]
 
 
 def test_a_torchrl_envs_action_mask_key_is_read(tmp_path):

@@ -39,8 +39,8 @@ def _fit(run_dir: Path, rule: DQN, budget: int, module: ut.RLModule | None = Non
 def _target_module(rule: DQN, module: ut.RLModule) -> ut.RLModule:
     """A copy of ``module`` holding the loss's target-network parameters."""
     target = copy.deepcopy(module)
-    # The loss's value network is QValueActor(LeanModule(module)): strip that path.
-    params = {key.removeprefix("module.0.module."): value for key, value in
+    # The loss's value network is QValueActor(LeanModule(ModuleCall(module))): strip that path.
+    params = {key.removeprefix("module.0.module.module."): value for key, value in
               rule.loss.target_value_network_params.flatten_keys(".").items()}
     target.load_state_dict({k: v for k, v in params.items() if not k.startswith("aux.")},
                            strict=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 from gymnasium.vector.utils import iterate
 
 from unitrain.envs.atari import AtariFrames, register_ale
+from unitrain.envs.observation import tuple_names
 from unitrain.envs.spec import EnvSpec
 from unitrain.errors import UserError
 
@@ -61,7 +63,48 @@ def make_single(spec: EnvSpec, render_mode: str | None = None) -> gym.Env:
         env = AtariFrames(gym_make(spec.id, **kwargs), noop_max=30, frame_skip=4,
                            screen_size=84, ram=ram)
         return env if ram else gym.wrappers.FrameStackObservation(env, spec.frame_stack)
-    return gym_make(spec.id, **kwargs)
+    env = gym_make(spec.id, **kwargs)
+    if isinstance(env.observation_space, gym.spaces.Dict) and (
+            MASK_KEY in env.observation_space.spaces):
+        return MaskFromObservation(env)
+    return env
+
+
+MASK_KEY = "action_mask"
+
+
+class MaskFromObservation(gym.Wrapper):
+    """A ``Dict`` observation's ``"action_mask"`` entry handed over as ``info["action_mask"]``.
+
+    The entry leaves the observation (and its space), so the module's ``forward`` never
+    receives it and observation statistics never see it; the mask then reaches the policy by
+    the same route as an env that puts it in its info (:func:`probe_mask`,
+    :class:`SameStepSyncVectorEnv`). The entry's space may be any (a ``MultiBinary``, a ``Box``
+    of 0/1) as long as its values are what ``info["action_mask"]`` would hold (:func:`flat_mask`).
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        entries = OrderedDict((key, space) for key, space in env.observation_space.spaces.items()
+                              if key != MASK_KEY)
+        if not entries:
+            raise UserError(f"{env.spec.id if env.spec else type(env).__name__}: the Dict "
+                            f"observation holds only {MASK_KEY!r}; an env gives an observation "
+                            "besides its action mask")
+        self.observation_space = gym.spaces.Dict(entries)
+
+    @staticmethod
+    def _split(obs: dict[str, Any], info: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+        obs = dict(obs)
+        return obs, {**info, MASK_KEY: obs.pop(MASK_KEY)}
+
+    def reset(self, **kwargs: Any) -> tuple[dict[str, Any], dict]:
+        return self._split(*self.env.reset(**kwargs))
+
+    def step(self, action: Any) -> tuple[dict[str, Any], Any, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        obs, info = self._split(obs, info)
+        return obs, reward, terminated, truncated, info
 
 
 def flat_mask(mask: Any) -> np.ndarray:
@@ -150,7 +193,18 @@ class SameStepSyncVectorEnv(gym.vector.SyncVectorEnv):
         if self.masked:
             self.masks = np.stack(masks)
             infos["final_action_mask"] = np.stack(final_masks)
-        return np.stack(observations), rewards, terminated, truncated, infos
+        return _stack(observations), rewards, terminated, truncated, infos
+
+
+def _stack(observations: list[Any]) -> Any:
+    """One slot's observations stacked: an array, or a dict/tuple of arrays for a
+    ``Dict``/``Tuple`` observation."""
+    first = observations[0]
+    if isinstance(first, dict):
+        return {key: np.stack([o[key] for o in observations]) for key in first}
+    if isinstance(first, tuple):
+        return tuple(np.stack([o[j] for o in observations]) for j in range(len(first)))
+    return np.stack(observations)
 
 
 class GymnasiumVector:
@@ -158,6 +212,9 @@ class GymnasiumVector:
 
     ``step`` returns the first observation of the next episode for slots whose episode ended
     (autoreset in the same step) and, separately, the observations the step ended in.
+
+    A ``Dict`` observation comes as a dict of arrays; a ``Tuple`` one too, its entries named
+    ``obs0``, ``obs1``, ... (:attr:`observation_space` is then the ``Dict`` of those names).
 
     An env whose reset's info holds ``"action_mask"`` (probed once, on a discrete action space)
     is ``masked``: :attr:`mask` ``[n, A]`` is the mask of the observations the next step starts
@@ -173,6 +230,11 @@ class GymnasiumVector:
                                            for _ in range(num_envs)])
         self.observation_space = self.vec.single_observation_space
         self.action_space = self.vec.single_action_space
+        self._names: list[str] | None = None
+        if isinstance(self.observation_space, gym.spaces.Tuple):
+            self._names = tuple_names(len(self.observation_space.spaces))
+            self.observation_space = gym.spaces.Dict(
+                OrderedDict(zip(self._names, self.observation_space.spaces)))
         # ALE gives no masks: an Atari env is not reset to find out.
         self.masked = self.vec.masked = not spec.is_atari and probe_mask(self.vec.envs[0])
         self.final_mask: np.ndarray | None = None
@@ -181,10 +243,14 @@ class GymnasiumVector:
     def mask(self) -> np.ndarray | None:
         return self.vec.masks
 
+    def _named(self, obs: Any) -> Any:
+        """A ``Tuple`` observation's entries by name (anything else as it is)."""
+        return obs if self._names is None else dict(zip(self._names, obs))
+
     def reset(self, seed: int | list[int] | None) -> np.ndarray:
         obs, _ = self.vec.reset(seed=seed)
         self.final_mask = self.vec.masks
-        return obs
+        return self._named(obs)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                                                   np.ndarray | None]:
@@ -192,7 +258,10 @@ class GymnasiumVector:
         ``i``'s ended episode ended in (``None`` when no episode ended)."""
         obs, reward, terminated, truncated, infos = self.vec.step(action)
         self.final_mask = infos.get("final_action_mask")
-        return obs, reward, terminated, truncated, infos.get("final_obs")
+        final = infos.get("final_obs")
+        if final is not None and self._names is not None:
+            final = np.array([None if f is None else self._named(f) for f in final], dtype=object)
+        return self._named(obs), reward, terminated, truncated, final
 
     def send(self, action: np.ndarray) -> None:
         """Start a step (gymnasium steps in this thread: at :meth:`recv`)."""

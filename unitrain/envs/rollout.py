@@ -36,7 +36,8 @@ class Step:
     """What an observer of :func:`rollout` sees after each env step.
 
     Attributes:
-        observation: ``[n, *obs_shape]`` the observations the policy acted on.
+        observation: ``[n, *obs_shape]`` the observations the policy acted on (a TensorDict of
+            batch ``[n]`` for named entries, :mod:`unitrain.envs.observation`).
         action: ``[n, ...]`` the actions taken.
         next: the step's ``("next", ...)`` entries (reward, done flags, next observation; the
             final observation of an episode that ended).
@@ -45,7 +46,7 @@ class Step:
         length: ``[n]`` int64, steps of each slot's current episode including this one.
     """
 
-    observation: torch.Tensor
+    observation: torch.Tensor | TensorDictBase
     action: torch.Tensor
     next: TensorDictBase
     active: torch.Tensor
@@ -93,7 +94,8 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Ten
 
     Args:
         env: the batched env (``n = env.num_envs`` slots).
-        policy: ``(observation [k, *obs_shape], slots) -> action [k, ...]`` for the slots
+        policy: ``(observation [k, *obs_shape], slots) -> action [k, ...]`` (named entries: a
+            TensorDict of batch ``[k]``) for the slots
             ``slots`` (a ``slice`` of ``range(n)``, ``k`` long), on the env's device (where
             the bookkeeping and the returned tensors are too). For an env with action masks
             (``env.info.masked``) it is called as ``policy(observation, slots, mask)`` with

@@ -37,13 +37,14 @@ import copy
 import functools
 import inspect
 import pickle
+from collections import OrderedDict
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 from tensordict import TensorDict
-from torchrl.data import Categorical, MultiCategorical, MultiOneHot, OneHot
+from torchrl.data import Categorical, Composite, MultiCategorical, MultiOneHot, OneHot
 from torchrl.envs import EnvBase, SerialEnv, StepCounter, TransformedEnv
 
 from unitrain.envs.spec import EnvSpec, resolve_make
@@ -129,13 +130,30 @@ MASK_KEY = "action_mask"
 
 
 def _obs_key(env: EnvBase) -> Any:
-    keys = [k for k in env.observation_spec.keys(True, True) if k != MASK_KEY]
+    """Where the observation is: one key (a Box observation), or ``{name: key}`` of named
+    entries: the leaves of a Composite ``"observation"``, or the observation spec's entries
+    when there are several and none is ``"observation"`` (in the spec's order). The
+    ``"action_mask"`` entry is no observation."""
+    spec = env.observation_spec
+    keys = [k for k in spec.keys(True, True) if k != MASK_KEY]
+    if isinstance(env, TransformedEnv) and "step_count" not in env.base_env.observation_spec.keys():
+        keys = [k for k in keys if k != "step_count"]  # a StepCounter's count is no observation
     if "observation" in keys:
         return "observation"
+    if "observation" in spec.keys() and isinstance(spec["observation"], Composite):
+        sub = spec["observation"]
+        leaves = list(sub.keys(True, True))
+        if any(isinstance(k, tuple) for k in leaves):
+            raise ConfigError("env.make", f"the env's observation entries {leaves} are nested; "
+                                          "unitrain reads one level of named entries")
+        return {str(k): ("observation", k) for k in leaves}
     if len(keys) == 1:
         return keys[0]
-    raise ConfigError("env.make", f"the env's observation_spec has entries {keys}; unitrain reads "
-                                  "one observation: name it 'observation' (or keep one entry)")
+    if any(isinstance(k, tuple) for k in keys):
+        raise ConfigError("env.make", f"the env's observation_spec has nested entries {keys}; "
+                                      "unitrain reads one observation or one level of named "
+                                      "entries")
+    return {str(k): k for k in keys}
 
 
 def _single(value: torch.Tensor, batch_dims: int) -> np.ndarray:
@@ -146,7 +164,21 @@ def _single(value: torch.Tensor, batch_dims: int) -> np.ndarray:
     return value.numpy()
 
 
-def spaces_from_env(env: EnvBase) -> tuple[gym.spaces.Box, gym.spaces.Space]:
+def _box(obs: Any, dims: int) -> gym.spaces.Box:
+    """The gymnasium ``Box`` of one slot of an observation spec."""
+    shape = tuple(obs.shape[dims:])
+    dtype = np.uint8 if obs.dtype == torch.uint8 else np.float32
+    space = getattr(obs, "space", None)
+    if hasattr(space, "low") and dtype != np.uint8:
+        low = np.broadcast_to(_single(space.low, dims), shape).astype(np.float32)
+        high = np.broadcast_to(_single(space.high, dims), shape).astype(np.float32)
+        return gym.spaces.Box(low, high, shape, np.float32)
+    if dtype == np.uint8:
+        return gym.spaces.Box(0, 255, shape, np.uint8)
+    return gym.spaces.Box(-np.inf, np.inf, shape, np.float32)
+
+
+def spaces_from_env(env: EnvBase) -> tuple[gym.spaces.Space, gym.spaces.Space]:
     """Gymnasium spaces of one slot of ``env``, read from its observation and action specs.
 
     Raises:
@@ -154,18 +186,12 @@ def spaces_from_env(env: EnvBase) -> tuple[gym.spaces.Box, gym.spaces.Space]:
             scales actions to the bounds), or of a kind unitrain does not support.
     """
     dims = len(env.batch_size)
-    obs = env.observation_spec[_obs_key(env)]
-    shape = tuple(obs.shape[dims:])
-    dtype = np.uint8 if obs.dtype == torch.uint8 else np.float32
-    space = getattr(obs, "space", None)
-    if hasattr(space, "low") and dtype != np.uint8:
-        low = np.broadcast_to(_single(space.low, dims), shape).astype(np.float32)
-        high = np.broadcast_to(_single(space.high, dims), shape).astype(np.float32)
-        obs_space = gym.spaces.Box(low, high, shape, np.float32)
-    elif dtype == np.uint8:
-        obs_space = gym.spaces.Box(0, 255, shape, np.uint8)
+    where = _obs_key(env)
+    if isinstance(where, dict):  # named entries, in the spec's order
+        obs_space: gym.Space = gym.spaces.Dict(OrderedDict(
+            (name, _box(env.observation_spec[key], dims)) for name, key in where.items()))
     else:
-        obs_space = gym.spaces.Box(-np.inf, np.inf, shape, np.float32)
+        obs_space = _box(env.observation_spec[where], dims)
     act = env.action_spec
     if isinstance(act, MultiCategorical):
         nvec = _single(act.nvec, dims).reshape(-1)
@@ -221,8 +247,14 @@ class TorchRLVector:
         self._action: torch.Tensor | None = None
         self._root: TensorDict | None = None  # the next step's input: observation, carried keys
 
-    def _obs(self, td: TensorDict) -> torch.Tensor:
-        obs = td.get(self.obs_key)[: self.num_envs]
+    def _obs(self, td: TensorDict) -> Any:
+        """The observation of the first ``num_envs`` slots (a dict of named entries)."""
+        if isinstance(self.obs_key, dict):
+            return {name: self._entry(td, key) for name, key in self.obs_key.items()}
+        return self._entry(td, self.obs_key)
+
+    def _entry(self, td: TensorDict, key: Any) -> torch.Tensor:
+        obs = td.get(key)[: self.num_envs]
         return obs if obs.dtype in (torch.uint8, torch.float32) else obs.to(torch.float32)
 
     def reset(self, seed: int | list[int] | None) -> torch.Tensor:
@@ -299,7 +331,7 @@ class TorchRLVector:
         self.env.close(raise_if_closed=False)
 
 
-def env_spaces(spec: EnvSpec) -> tuple[gym.spaces.Box, gym.spaces.Space, bool]:
+def env_spaces(spec: EnvSpec) -> tuple[gym.Space, gym.Space, bool]:
     """The spaces of ``spec``'s env (an instance is read as it is; a factory builds one), and
     whether it gives action masks."""
     make = resolve_make(spec.make)

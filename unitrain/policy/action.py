@@ -36,11 +36,14 @@ one allowed value. The mask reaches the head as ``module.act(observation, mask)`
 
 - a gymnasium env's ``info["action_mask"]`` (at reset and at every step: an array of ``A``
   entries, or for ``MultiDiscrete`` a tuple of one array per sub-action);
+- a gymnasium env's ``Dict`` observation entry ``"action_mask"`` (the same values), taken out
+  of the observation and handed over as if it came in the info
+  (:class:`unitrain.envs.gymnasium.MaskFromObservation`): the module's ``forward`` never
+  receives it and observation statistics never see it;
 - a TorchRL env's ``"action_mask"`` observation entry (TorchRL's convention).
 
 An env backend hands the masks over as its ``mask``/``final_mask`` (see
-:class:`unitrain.envs.BatchedEnv`); an ``"action_mask"`` entry of a gymnasium ``Dict``
-observation is not one of these routes.
+:class:`unitrain.envs.BatchedEnv`).
 
 Rules add exploration (sampling, noise, random actions) around this policy, never another
 meaning: the deterministic action of every rule is :meth:`ActionHead.deterministic`, which is
@@ -50,12 +53,13 @@ what :meth:`unitrain.RLModule.act` returns.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from unitrain.errors import ConfigError
+from unitrain.policy.inputs import ModuleCall, call_module
 
 if TYPE_CHECKING:
     from torchrl.data import Composite
@@ -297,9 +301,9 @@ class _LocScale(nn.Module):
         self.__dict__["log_std"] = log_std
         self.bounds = bounds
 
-    def forward(self, observation: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, observation: Any) -> tuple[Tensor, Tensor]:
         head = self.module.actions
-        out = self.module(observation)
+        out = call_module(self.module, observation)
         return head.loc(out), head.log_std(out, self.log_std).clamp(*self.bounds).exp()
 
 
@@ -307,7 +311,8 @@ def stochastic_actor(module: nn.Module, log_std_init: float = 0.0,
                      log_std_bounds: tuple[float, float] = (-20.0, 2.0)) -> nn.Module:
     """The module's stochastic policy as a TorchRL ``ProbabilisticActor``.
 
-    Reads ``"observation"`` and writes ``"action"`` (env units) and ``"action_log_prob"``:
+    Reads ``"observation"`` (a sub-TensorDict of named entries for a ``Dict`` observation) and
+    writes ``"action"`` (env units) and ``"action_log_prob"``:
     categorical over the logits (independent categoricals over their blocks for multi-discrete
     actions; masked by the batch's ``"action_mask"`` when the env gives masks), or the squashed
     Gaussian of the module's mean and log std
@@ -323,7 +328,7 @@ def stochastic_actor(module: nn.Module, log_std_init: float = 0.0,
 
     head: ActionHead = module.actions
     if head.discrete:
-        net = TensorDictModule(module, in_keys=["observation"], out_keys=["logits"])
+        net = TensorDictModule(ModuleCall(module), in_keys=["observation"], out_keys=["logits"])
         keys = {"logits": "logits", **({"mask": MASK_KEY} if head.masked else {})}
         actor = ProbabilisticActor(net, in_keys=keys,
                                    distribution_class=head.distribution_class(),

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from unitrain.envs.observation import flat_observation
 from unitrain.policy.action import ACTION_STD
 from unitrain.policy.module import RLModule
 from unitrain.policy.nn import Step
@@ -173,6 +174,11 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 class MLPPolicy(RLModule):
     """A multilayer-perceptron policy over flattened observations.
 
+    A ``Dict`` (or ``Tuple``) observation of vectors is read by name (``forward(**entries)``)
+    and concatenated in the order of ``obs_shapes`` (filled in from the env: gymnasium's
+    ``Dict`` sorts its keys by name, a ``Tuple`` keeps its positions ``obs0``, ``obs1``, ...);
+    each entry is flattened first.
+
     Args:
         obs_dim: flattened observation size (filled in from the env by recipes).
         act_dim: number of actions (discrete), of logits ``sum(nvec)`` (multi-discrete) or
@@ -187,12 +193,15 @@ class MLPPolicy(RLModule):
             ``"state"`` (the network also outputs the log std: ``2 * act_dim`` outputs).
         discrete: whether actions are discrete (filled in by recipes; discrete actions always
             take ``act_dim`` logits).
+        obs_shapes: ``{name: shape}`` of a ``Dict``/``Tuple`` observation's entries, in the
+            order they are concatenated (filled in by recipes); ``None`` for a Box observation.
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (64, 64),
                  activation: str = "tanh", out_scale: float = 0.01,
                  obs_shape: Sequence[int] | None = None, action_std: str = "param",
-                 discrete: bool | None = None) -> None:
+                 discrete: bool | None = None,
+                 obs_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
@@ -200,10 +209,27 @@ class MLPPolicy(RLModule):
             raise ValueError(f"action_std {action_std!r} is not one of {list(ACTION_STD)}")
         self.action_std = action_std
         self.obs_ndim = len(obs_shape) if obs_shape else 1
+        self.obs_shapes = (None if obs_shapes is None else
+                           {str(k): tuple(int(d) for d in s) for k, s in obs_shapes.items()})
+        if self.obs_shapes is not None:
+            total = sum(math.prod(s) for s in self.obs_shapes.values())
+            if total != obs_dim:
+                raise ValueError(f"obs_shapes {self.obs_shapes} hold {total} values; obs_dim is "
+                                 f"{obs_dim}")
         outputs = 2 * act_dim if action_std == "state" and not discrete else act_dim
         self.net = mlp(obs_dim, outputs, tuple(hidden), ACTIVATIONS[activation], out_scale)
 
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+    def forward(self, observation: torch.Tensor | None = None,
+                **entries: torch.Tensor) -> torch.Tensor:
+        if self.obs_shapes is not None:
+            missing = sorted(set(self.obs_shapes) - set(entries))
+            if observation is not None or missing:
+                raise TypeError(f"MLPPolicy takes the observation entries "
+                                f"{list(self.obs_shapes)} by name; missing {missing}")
+            return self.net(flat_observation(entries, self.obs_shapes))
+        if observation is None or entries:
+            raise TypeError(f"MLPPolicy was built for a Box observation (obs_shapes is None); "
+                            f"got entries {sorted(entries)}")
         x = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
         return self.net(x.float())
 

@@ -8,6 +8,10 @@ Users subclass :class:`RLModule`, build their networks in ``__init__`` and write
   (or ``[..., 2 * act_dim]``, the mean then a log standard deviation, when the module sets
   ``action_std = "state"``); the action is the mean squashed into the env's bounds.
 
+A ``Dict`` (or ``Tuple``) observation reaches ``forward`` as keyword arguments by name
+(``forward(self, image, vector)``); :func:`unitrain.policy.inputs.call_module` is the one place
+that calls the module on an observation.
+
 What the output means is decided once, by the action space, in :mod:`unitrain.policy.action`: every
 update rule reads it through ``module.actions``, and :meth:`RLModule.act` is the deterministic
 action whichever rule trained the module.
@@ -33,6 +37,7 @@ from torch import nn
 from unitrain.errors import ConfigError, UserError
 from unitrain.policy.action import ACTION_STD, ActionHead, LogStd
 from unitrain.policy.ckpt_file import load_checkpoint_file, recorded_class
+from unitrain.policy.inputs import call_module
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -132,9 +137,8 @@ class RLModule(L.LightningModule):
         self.env_info = info
         self._actions = ActionHead(info, self.action_std)
         if check:
-            dtype = torch.uint8 if info.image else torch.float32
             with torch.no_grad():
-                out = self(torch.zeros((1, *info.obs_shape), dtype=dtype, device=self.device))
+                out = call_module(self, info.zero_observation(1, self.device))
             self._actions.check(out, type(self).__name__)
         return self._actions
 
@@ -154,11 +158,17 @@ class RLModule(L.LightningModule):
             return None
         return self.add_aux("log_std", LogStd(head.act_dim, init).to(self.device))
 
-    def act(self, observation: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def act(self, observation: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The deterministic action: argmax of the logits (per block for multi-discrete actions;
         over the actions ``mask`` allows, where the env gives action masks), or the squashed
-        mean in the bounds."""
-        return self.actions.deterministic(self(observation), mask)
+        mean in the bounds.
+
+        Args:
+            observation: a tensor ``[..., *obs_shape]``, or for a ``Dict``/``Tuple`` observation
+                its named entries (a TensorDict or a dict; ``forward`` receives them by name).
+            mask: ``[..., A]`` bool, the allowed actions (``None``: all).
+        """
+        return self.actions.deterministic(call_module(self, observation), mask)
 
     def load_policy(self, checkpoint: str | os.PathLike) -> None:
         """Load the policy (and ``aux.log_std``) of any unitrain checkpoint into this module.
@@ -226,7 +236,7 @@ class RLModule(L.LightningModule):
                 fit.
         """
         from unitrain.envs.info import EnvInfo, env_info
-        from unitrain.envs.obs_norm import ObsNorm
+        from unitrain.envs.obs_norm import make_obs_norm
         from unitrain.envs.spec import EnvSpec
         if hparams_file is not None:
             raise UserError("load_from_checkpoint: hparams_file is not supported; unitrain "
@@ -243,7 +253,7 @@ class RLModule(L.LightningModule):
         module = cls(**{**(run.get("module_hparams") or {}), **kwargs})
         recorded = run.get("env_info")
         if recorded is not None:
-            info = EnvInfo(**{**recorded, "obs_shape": tuple(recorded["obs_shape"])})
+            info = EnvInfo.from_record(recorded)
         elif run.get("env") is not None:  # a checkpoint before 0.2.0: read the env's spaces
             info = env_info(EnvSpec.from_record(run["env"], str(checkpoint_path)))
         else:
@@ -261,7 +271,7 @@ class RLModule(L.LightningModule):
                             f"{cls.__name__}: {str(e).splitlines()[-1].strip()}") from None
         norm = None
         if run.get("obs_norm") is not None and info is not None:
-            norm = ObsNorm(info.obs_shape)
+            norm = make_obs_norm(info)
             norm.load_state_dict(run["obs_norm"])
         # Not a submodule: the statistics belong to the run's env, not to the parameters.
         module.__dict__["obs_norm"] = norm

@@ -50,7 +50,9 @@ from torchrl.data import Categorical
 from torchrl.modules import QValueActor
 from torchrl.objectives import DQNLoss, HardUpdate, ValueEstimators
 
+from unitrain.envs.observation import batch_shape
 from unitrain.errors import ConfigError, check
+from unitrain.policy.inputs import ModuleCall, call_module
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.gradient.offpolicy import (FEW_UPDATES, LeanModule, OffPolicyLoop,
                                                PolyakUpdate, adam)
@@ -182,7 +184,7 @@ class DQN(UpdateRule):
                               "or optimizer.exploration_fraction=0")
         self.decay_frames = self.exploration_fraction * (budget or 0) / ctx.world_size
         n = module.actions.act_dim
-        value = QValueActor(LeanModule(module, in_keys=["observation"],
+        value = QValueActor(LeanModule(ModuleCall(module), in_keys=["observation"],
                                        out_keys=["action_value"]),
                             in_keys=["observation"], spec=Categorical(n, device=ctx.device))
         loss = DQNLoss(value, loss_function=self.loss_function, delay_value=True,
@@ -205,11 +207,12 @@ class DQN(UpdateRule):
     def greedy(self, observation: Tensor) -> Tensor:
         """``argmax_a Q(s, a)`` through the loss's value network (TorchRL's ``QValueActor``)."""
         with torch.no_grad(), self.loss.value_network_params.to_module(self.loss.value_network):
-            td = TensorDict(observation=observation, batch_size=observation.shape[:-1])
+            td = TensorDict(observation=observation,
+                            batch_size=batch_shape(observation, self.loop.obs_shape))
             return self.loss.value_network(td).get("action")
 
     def _explore(self, observation: Tensor) -> Tensor:
-        greedy = self.module.actions.deterministic(self.module(observation))
+        greedy = self.module.actions.deterministic(call_module(self.module, observation))
         shape, generator = tuple(greedy.shape), self.loop.generator
         explore = torch.rand(shape, generator=generator) < self.epsilon()
         random = torch.randint(self.module.actions.act_dim, shape, generator=generator)

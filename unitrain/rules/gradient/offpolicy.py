@@ -54,6 +54,7 @@ from torchrl.data import Composite
 from torchrl.modules import MLP
 from torchrl.objectives import SoftUpdate
 
+from unitrain.envs.observation import batch_shape, flat_observation
 from unitrain.envs.replay import Replay
 from unitrain.errors import ConfigError, TrainingDiverged, UserError, check
 from unitrain.rules.base import UpdateRule
@@ -100,29 +101,37 @@ class LeanModule(TensorDictModule):
 class Critic(nn.Module):
     """The default critic: an MLP over ``[flatten(observation), action]``.
 
+    A named observation (``Dict``/``Tuple``) is read as its entries flattened and concatenated
+    in the documented order (:func:`unitrain.envs.observation.flat_observation`), images
+    included (as float values 0-255).
+
     Args:
-        obs_shape: observation shape (flattened before the first layer).
+        obs_shape: observation shape, or ``{name: shape}`` of named entries (flattened before
+            the first layer).
         act_dim: action size.
         hidden: hidden layer widths.
         activation: hidden activation class.
         outputs: output features (1 for a Q-value; 2 for DSAC-T's mean and raw std).
     """
 
-    def __init__(self, obs_shape: tuple[int, ...], act_dim: int, hidden: tuple[int, ...],
-                 activation: type[nn.Module], outputs: int) -> None:
+    def __init__(self, obs_shape: tuple[int, ...] | dict[str, tuple[int, ...]], act_dim: int,
+                 hidden: tuple[int, ...], activation: type[nn.Module], outputs: int) -> None:
         super().__init__()
-        self.obs_ndim = len(obs_shape)
-        self.net = MLP(in_features=math.prod(obs_shape) + act_dim, out_features=outputs,
+        self.layout = (dict(obs_shape) if isinstance(obs_shape, dict)
+                       else tuple(int(s) for s in obs_shape))
+        size = (sum(math.prod(s) for s in obs_shape.values()) if isinstance(obs_shape, dict)
+                else math.prod(obs_shape))
+        self.net = MLP(in_features=size + act_dim, out_features=outputs,
                        num_cells=list(hidden), activation_class=activation)
 
-    def forward(self, observation: Tensor, action: Tensor) -> Tensor:
+    def forward(self, observation: Any, action: Tensor) -> Tensor:
         """The critic's outputs, ``[..., outputs]``.
 
         Args:
-            observation: ``[..., *obs_shape]``.
+            observation: ``[..., *obs_shape]``, or named entries.
             action: ``[..., act_dim]`` in ``[-1, 1]``.
         """
-        obs = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
+        obs = flat_observation(observation, self.layout)
         return self.net(torch.cat([obs.to(action.dtype), action], dim=-1))
 
 
@@ -145,7 +154,7 @@ def make_critics(module: "RLModule", count: int, outputs: int, hidden: tuple[int
         return critics
     info = module.env_info
     assert info is not None
-    return [Critic(info.obs_shape, info.act_dim, hidden, activation, outputs)
+    return [Critic(info.layout, info.act_dim, hidden, activation, outputs)
             for _ in range(count)]
 
 
@@ -236,11 +245,11 @@ class _Explorer(TensorDictModuleBase):
         head = self.loop.head
         with torch.no_grad():
             if self.random and head.discrete:
-                shape = observation.shape[: -len(self.loop.obs_shape)]
+                shape = batch_shape(observation, self.loop.obs_shape)
                 unit = torch.randint(head.act_dim, shape, generator=self.loop.generator,
                                      device="cpu").to(self.loop.device)
             elif self.random:
-                shape = (*observation.shape[: -len(self.loop.obs_shape)], head.act_dim)
+                shape = (*batch_shape(observation, self.loop.obs_shape), head.act_dim)
                 unit = self.loop.draw(shape, uniform=True) * 2.0 - 1.0
             else:
                 unit = self.explore(observation)
@@ -380,7 +389,7 @@ class OffPolicyLoop:
         per_batch = getattr(rule, "frames_per_batch", None)
         self.frames_per_batch = per_batch or ctx.env_spec.num_envs
         self.rule, self.metric_names = rule, metric_names
-        self.obs_shape = info.obs_shape
+        self.obs_shape = info.layout
         self.generator = ctx.generator
         self.device = ctx.device
         self.replay = Replay(rule.buffer_size, rule.batch_size, ctx.generator, ctx.device)

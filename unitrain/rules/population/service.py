@@ -41,11 +41,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tensordict import TensorDictBase
 from torch import nn
 from torch.func import functional_call, vmap
 
 from unitrain.envs.batched import BatchedEnv, halves, make_env
-from unitrain.envs.obs_norm import ObsNorm
+from unitrain.envs.obs_norm import NamedObsNorm, ObsNorm
+from unitrain.envs.observation import flat_observation
 from unitrain.envs.rollout import Step, rollout, shard
 from unitrain.envs.spec import EnvSpec, derive_seed
 from unitrain.errors import UserError, check
@@ -249,7 +251,7 @@ class _Actor(nn.Module):
         self.module: RLModule = module
         self._act = act
 
-    def forward(self, observation: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, observation: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self._act is None:
             return self.module.act(observation, mask)
         return self._act(self.module, observation)
@@ -315,10 +317,13 @@ class PopulationPolicy:
         return stacked
 
     @torch.no_grad()
-    def apply(self, stacked: dict[str, torch.Tensor], observation: torch.Tensor,
+    def apply(self, stacked: dict[str, torch.Tensor], observation: Any,
               mask: torch.Tensor | None = None) -> torch.Tensor:
         """The actions for ``observation [w, B, *obs_shape]`` under :meth:`stack`'s parameters
-        (with action masks ``[w, B, A]``: the allowed actions only)."""
+        (named entries: a TensorDict of batch ``[w, B]``, vmapped as a dict of its entries; with
+        action masks ``[w, B, A]``: the allowed actions only)."""
+        if isinstance(observation, TensorDictBase):
+            observation = dict(observation.items())
         if mask is not None:
             return self._batched_masked(stacked, observation, mask)
         return self._batched(stacked, observation)
@@ -364,7 +369,8 @@ class PopulationEvaluator:
     Args:
         policy: the batched policy.
         spec: the env to run (``spec.num_envs`` is ignored: the wave decides).
-        obs_shape: shape of one observation.
+        obs_shape: shape of one observation, or ``{name: shape}`` of a named one (its
+            behaviour characterisation reads the entries flattened and concatenated).
         episodes: episodes per individual ``E``.
         max_episode_steps: cap on each episode's steps (``None``: the env's own limit).
         max_envs: most env slots stepped together (``None``: a whole call in one wave).
@@ -378,16 +384,19 @@ class PopulationEvaluator:
         num_threads: threads EnvPool envs step on.
     """
 
-    def __init__(self, policy: PopulationPolicy, spec: EnvSpec, obs_shape: Sequence[int],
+    def __init__(self, policy: PopulationPolicy, spec: EnvSpec,
+                 obs_shape: Sequence[int] | dict[str, tuple[int, ...]],
                  episodes: int = 1, max_episode_steps: int | None = None,
-                 max_envs: int | None = None, obs_norm: ObsNorm | None = None,
+                 max_envs: int | None = None, obs_norm: ObsNorm | NamedObsNorm | None = None,
                  behaviour: str | None = None, num_threads: int = 1) -> None:
         self.policy, self.spec, self.episodes = policy, spec, episodes
         self.num_threads = num_threads
         self.max_episode_steps, self.max_envs = max_episode_steps, max_envs
         self.obs_norm, self.behaviour = obs_norm, behaviour
         self._envs: dict[tuple[int, int], BatchedEnv] = {}
-        self._obs_shape = tuple(obs_shape)
+        self._layout: Any = dict(obs_shape) if isinstance(obs_shape, dict) else tuple(obs_shape)
+        self._obs_shape = ((sum(math.prod(s) for s in obs_shape.values()),)
+                           if isinstance(obs_shape, dict) else tuple(obs_shape))
         self._behaviour_dim: int | None = None
 
     def _env(self, slots: int, episodes: int) -> BatchedEnv:
@@ -456,7 +465,7 @@ class PopulationEvaluator:
                    ) -> torch.Tensor:
             # The envs (and their observations) stay on the CPU; the network runs where the
             # parameters are (the module's device), and the actions come back to the envs.
-            x = obs if norm is None else norm(obs).to(torch.float32)
+            x = obs if norm is None else norm(obs)
             if mask is not None:
                 mask = mask.reshape(-1, episodes, mask.shape[-1]).to(params.device)
             action = self.policy.apply(parts[group.start],
@@ -474,10 +483,12 @@ class PopulationEvaluator:
                 seen.append(step.observation[step.active])
             if mode == "mean":
                 flat = torch.where(step.active[:, None],
-                                   step.observation.reshape(slots, -1).to(torch.float64), 0.0)
+                                   flat_observation(step.observation, self._layout).reshape(
+                                       slots, -1).to(torch.float64), 0.0)
                 summary[0] = flat if summary[0] is None else summary[0].add_(flat)
             elif mode == "final" and bool(step.ended.any()):
-                last = step.next["observation"].reshape(slots, -1).to(torch.float64)
+                last = flat_observation(step.next["observation"], self._layout).reshape(
+                    slots, -1).to(torch.float64)
                 if summary[0] is None:
                     summary[0] = torch.zeros_like(last)
                 summary[0][step.ended] = last[step.ended]
@@ -664,7 +675,7 @@ class PopulationEvaluation:
         self.layout = ParamLayout.of(module)
         self.policy = PopulationPolicy(module, self.layout)
         self.evaluator = PopulationEvaluator(
-            self.policy, ctx.env_spec, ctx.env_info.obs_shape, rule.episodes,
+            self.policy, ctx.env_spec, ctx.env_info.layout, rule.episodes,
             rule.max_episode_steps, rule.max_envs, obs_norm=ctx.obs_norm, behaviour=behaviour,
             num_threads=ctx.num_threads)
         self.generation = 0  # generations finished
