@@ -178,6 +178,36 @@ def test_hard_target_copies_every_target_update_frames(tmp_path: Path):
         assert not torch.equal(module.state_dict()[key], value), key
 
 
+def test_target_fixed_within_a_burst_of_updates(tmp_path: Path):
+    # rl-baselines3-zoo's schedule: the iteration's updates come in one burst after its frames,
+    # and target_update = frames_per_batch copies the target once per burst, so every update of
+    # a burst regresses on the network as it was when the burst began. 16 frames and 8 updates
+    # per iteration after 64 random frames.
+    rule = DQN(**{**SMALL, "frames_per_batch": 16}, target_update=16)
+    seen: list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+    update = rule._update
+
+    def recording(batch, ctx):
+        seen.append((ctx.iteration, _policy_state(_target_module(rule, module)),
+                     _policy_state(module)))
+        return update(batch, ctx)
+
+    rule._update = recording  # type: ignore[method-assign]
+    module = TinyPolicy(4, 2)
+    _fit(tmp_path, rule, 160, module=module)
+    bursts: dict[int, list[tuple[dict, dict]]] = {}
+    for iteration, target, online in seen:
+        bursts.setdefault(iteration, []).append((target, online))
+    assert [len(b) for b in bursts.values()] == [8] * 6
+    for burst in bursts.values():
+        first_online = burst[0][1]
+        for target, _ in burst:
+            for key, value in first_online.items():
+                assert torch.equal(target[key], value), key
+    # The online network moved within every burst: the check above is not vacuous.
+    assert not torch.equal(burst[0][1]["net.0.weight"], burst[-1][1]["net.0.weight"])
+
+
 def test_polyak_target_with_tau_below_one(tmp_path: Path):
     # tau < 1 after every update: the target is a mix of the initial and trained networks.
     rule = DQN(**SMALL, target_update=2, tau=0.1)
