@@ -48,14 +48,14 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torchrl.data import Categorical
 from torchrl.modules import QValueActor
-from torchrl.objectives import DQNLoss, HardUpdate, ValueEstimators
+from torchrl.objectives import DQNLoss, ValueEstimators
 
 from unitrain.envs.observation import batch_shape
 from unitrain.errors import ConfigError, check
 from unitrain.policy.inputs import ModuleCall, call_module
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.gradient.offpolicy import (FEW_UPDATES, LeanModule, OffPolicyLoop,
-                                               PolyakUpdate, adam)
+                                               PolyakUpdate, TargetCopy, adam)
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded, one_of
 
@@ -191,7 +191,7 @@ class DQN(UpdateRule):
                        double_dqn=self.double, action_space="categorical").to(ctx.device)
         loss.make_value_estimator(ValueEstimators.TD0, gamma=self.gamma)
         self.loss: DQNLoss = module.add_aux(self.name, loss)
-        self.updater = (HardUpdate(self.loss, value_network_update_interval=1) if self.tau == 1
+        self.updater = (TargetCopy(self.loss) if self.tau == 1
                         else PolyakUpdate(self.loss, tau=self.tau))
         self.optimizer = adam(module.policy_parameters(), self.lr)
         self._loss = self.loop.compiled(self.loss)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
@@ -68,7 +69,7 @@ if TYPE_CHECKING:
     from unitrain.rules.base import RuleContext
 
 __all__ = ["CriticFields", "OffPolicyFields", "OffPolicyLoop", "Critic", "LeanModule",
-           "PolyakUpdate", "adam", "critic_steps", "make_critics"]
+           "PolyakUpdate", "TargetCopy", "adam", "critic_steps", "make_critics"]
 
 
 class LeanModule(TensorDictModule):
@@ -166,7 +167,8 @@ class PolyakUpdate(SoftUpdate):
     the loss's parameter TensorDicts on every step.
     """
 
-    def step(self) -> None:
+    def pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The (source, target) tensors this update moves, found on the first call."""
         pairs = self.__dict__.get("_pairs")
         if pairs is None:
             if not self.initialized:
@@ -179,8 +181,28 @@ class PolyakUpdate(SoftUpdate):
             if any(t.requires_grad for t in targets):
                 raise RuntimeError("the target parameter is part of a graph.")
             pairs = self.__dict__["_pairs"] = (sources, targets)
+        return pairs
+
+    def step(self) -> None:
+        sources, targets = self.pairs()
         with torch.no_grad():
-            torch._foreach_lerp_(pairs[1], pairs[0], 1 - self.eps)
+            torch._foreach_lerp_(targets, sources, 1 - self.eps)
+
+
+class TargetCopy(PolyakUpdate):
+    """The hard target update: every call of :meth:`step` copies every source tensor into its
+    target (TorchRL's ``HardUpdate`` copies only on every ``interval + 1``-th call)."""
+
+    def __init__(self, loss_module: Any) -> None:
+        with warnings.catch_warnings():
+            # SoftUpdate warns about its eps = 1 - tau = 0, which a copy never uses.
+            warnings.filterwarnings("ignore", message="Found an eps value")
+            super().__init__(loss_module, tau=1.0)
+
+    def step(self) -> None:
+        sources, targets = self.pairs()
+        with torch.no_grad():
+            torch._foreach_copy_(targets, sources)
 
 
 def adam(params: Any, lr: float) -> torch.optim.Adam:
