@@ -3,8 +3,9 @@
 models (:mod:`.models`). Imports only :mod:`unitrain.envs` and the leaves below it."""
 
 from unitrain.policy.action import ActionHead
-from unitrain.policy.models import ACTIVATIONS, ConvNet, MLPPolicy, NatureCNN, ParameterVector, mlp
+from unitrain.policy.models import (ACTIVATIONS, ConvNet, GRUPolicy, MLPPolicy, NatureCNN,
+                                    ParameterVector, mlp)
 from unitrain.policy.module import RLModule
 
-__all__ = ["RLModule", "ActionHead", "MLPPolicy", "ConvNet", "NatureCNN", "ParameterVector", "mlp",
+__all__ = ["RLModule", "ActionHead", "MLPPolicy", "GRUPolicy", "ConvNet", "NatureCNN", "ParameterVector", "mlp",
            "ACTIVATIONS"]

@@ -96,6 +96,9 @@ class ActionHead:
 
     def check(self, out: Tensor, owner: str) -> None:
         """Raise a :class:`ConfigError` unless ``out``'s last dim is :attr:`outputs`."""
+        if not isinstance(out, Tensor):
+            raise ConfigError("module", f"{owner}.forward returns a {type(out).__name__}; "
+                                        f"expected a tensor of {self.describe()}")
         size = int(out.shape[-1]) if out.ndim else 1
         if size != self.outputs:
             raise ConfigError("module", f"{owner}.forward returns {size} outputs per observation; "

@@ -7,6 +7,10 @@ Users subclass :class:`RLModule`, build their networks in ``__init__`` and write
   (or ``[..., 2 * act_dim]``, the mean then a log standard deviation, when the module sets
   ``action_std = "state"``); the action is the mean squashed into the env's bounds.
 
+A module with a memory (a GRU, an LSTM) declares ``initial_state(batch) -> state`` and writes
+``forward(observation, state) -> (output, state)``; the contract is in
+:mod:`unitrain.policy.recurrent`.
+
 What the output means is decided once, by the action space, in :mod:`unitrain.policy.action`: every
 update rule reads it through ``module.actions``, and :meth:`RLModule.act` is the deterministic
 action whichever rule trained the module.
@@ -32,6 +36,7 @@ from torch import nn
 from unitrain.errors import ConfigError, UserError
 from unitrain.policy.action import ACTION_STD, ActionHead, LogStd
 from unitrain.policy.ckpt_file import load_checkpoint_file, recorded_class
+from unitrain.policy.recurrent import check_recurrent, is_recurrent, module_step
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -133,7 +138,8 @@ class RLModule(L.LightningModule):
         if check:
             dtype = torch.uint8 if info.image else torch.float32
             with torch.no_grad():
-                out = self(torch.zeros((1, *info.obs_shape), dtype=dtype, device=self.device))
+                out = check_recurrent(self, torch.zeros((1, *info.obs_shape), dtype=dtype,
+                                                        device=self.device))
             self._actions.check(out, type(self).__name__)
         return self._actions
 
@@ -153,9 +159,30 @@ class RLModule(L.LightningModule):
             return None
         return self.add_aux("log_std", LogStd(head.act_dim, init).to(self.device))
 
-    def act(self, observation: torch.Tensor) -> torch.Tensor:
-        """The deterministic action: argmax of the logits, or the squashed mean in the bounds."""
-        return self.actions.deterministic(self(observation))
+    @property
+    def recurrent(self) -> bool:
+        """Whether the module keeps a state (it defines ``initial_state``)."""
+        return is_recurrent(self)
+
+    def act(self, observation: torch.Tensor, state: Any = None) -> Any:
+        """The deterministic action: argmax of the logits, or the squashed mean in the bounds.
+
+        A recurrent module takes and returns its state: ``act(observation, state) -> (action,
+        state)`` for a batch ``[B, *obs_shape]``; ``state=None`` starts from
+        ``initial_state(B)``.
+
+        Raises:
+            UserError: a state given to a feed-forward module.
+        """
+        if not self.recurrent:
+            if state is not None:
+                raise UserError(f"{type(self).__name__}.act: a state was given, but the module "
+                                "is feed-forward (it defines no initial_state)")
+            return self.actions.deterministic(self(observation))
+        if state is None:
+            state = self.initial_state(observation.shape[0])
+        out, state = module_step(self, observation, state)
+        return self.actions.deterministic(out), state
 
     def load_policy(self, checkpoint: str | os.PathLike) -> None:
         """Load the policy (and ``aux.log_std``) of any unitrain checkpoint into this module.

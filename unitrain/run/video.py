@@ -172,14 +172,23 @@ def play(policy: "RLModule", spec: "EnvSpec", norm: "ObsNorm | None", episodes: 
     try:
         for k in range(episodes):
             filmed.wanted = 1
-            out = rollout(env, lambda obs, _: policy.act(obs.to(device)).cpu(),
-                          seeds=[eval_seed(seed, evaluation, k)])
+            seeds = [eval_seed(seed, evaluation, k)]
+            if policy.recurrent:
+                out = rollout(env, lambda obs, _, st: _on_cpu(policy.act(obs.to(device), st)),
+                              seeds=seeds, state=policy.initial_state(1))
+            else:
+                out = rollout(env, lambda obs, _: policy.act(obs.to(device)).cpu(), seeds=seeds)
             ret, length = out.by_slot()
             played.append((float(ret[0]), int(length[0])))
     finally:
         policy.train(was_training)
         env.close()
     return played
+
+
+def _on_cpu(out: tuple[torch.Tensor, Any]) -> tuple[torch.Tensor, Any]:
+    """A recurrent ``act``'s action on the CPU (the filmed env's), its state where it is."""
+    return out[0].cpu(), out[1]
 
 
 class _FileWriter(Sink):

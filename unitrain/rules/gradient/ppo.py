@@ -170,6 +170,9 @@ class OnPolicyFields(UpdateRule):
         value_hidden: hidden sizes of the default value network.
     """
 
+    # Recurrent modules train on whole trajectory segments (see OnPolicyBatches).
+    feedforward_only = None
+
     lr: float = bounded(3e-4, "(0, inf]")
     anneal_lr: bool = True
     frames_per_batch: int = bounded(2048, "[1, inf]")

@@ -45,10 +45,12 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from unitrain.envs.batched import BatchedEnv, halves, make_env
+from unitrain.envs.carry import map_state
 from unitrain.envs.obs_norm import ObsNorm
 from unitrain.envs.rollout import Step, rollout, shard
 from unitrain.envs.spec import EnvSpec, derive_seed
 from unitrain.errors import UserError, check
+from unitrain.policy.recurrent import is_recurrent
 from unitrain.rules.base import RuleFields
 
 if TYPE_CHECKING:
@@ -249,7 +251,9 @@ class _Actor(nn.Module):
         self.module: RLModule = module
         self._act = act
 
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+    def forward(self, observation: torch.Tensor, state: Any = None) -> Any:
+        if state is not None:  # a recurrent module: (action, state)
+            return self.module.act(observation, state)
         if self._act is None:
             return self.module.act(observation)
         return self._act(self.module, observation)
@@ -274,6 +278,8 @@ class PopulationPolicy:
     ``params[i]`` on its ``B`` observations, computed in one call with
     ``torch.func.vmap(functional_call)``. Buffers and non-policy parameters are shared. Call it
     with the module in evaluation mode (the evaluator does), so that no layer writes a buffer.
+    A recurrent module (:mod:`unitrain.policy.recurrent`) also takes and returns its state, each
+    tensor ``[w, B, ...]``: ``policy(params, observation, state) -> (action, state)``.
 
     Args:
         module: the user's module.
@@ -285,7 +291,8 @@ class PopulationPolicy:
                  act: Callable[["RLModule", torch.Tensor], torch.Tensor] | None = None) -> None:
         self.module, self.layout = module, layout
         self._actor = _Actor(module, act)
-        self._batched = vmap(self._one, in_dims=(0, 0))
+        self.recurrent = is_recurrent(module)
+        self._batched = vmap(self._one, in_dims=(0, 0, 0) if self.recurrent else (0, 0))
         # Other names of the same policy tensors in other modules (weights the user tied), swapped
         # with them. Only these: the aux networks may hold the policy's parameters too (a loss's
         # functional copy of the actor) and are not part of the policy's forward, and a module
@@ -301,8 +308,16 @@ class PopulationPolicy:
                       if id(p) in first and not name.startswith("aux.")
                       and owner(name) != owner(first[id(p)])]
 
-    def _one(self, params: dict[str, torch.Tensor], observation: torch.Tensor) -> torch.Tensor:
-        return functional_call(self._actor, params, (observation,), tie_weights=False)
+    def _one(self, params: dict[str, torch.Tensor], observation: torch.Tensor,
+             state: Any = None) -> Any:
+        args = (observation,) if state is None else (observation, state)
+        return functional_call(self._actor, params, args, tie_weights=False)
+
+    def initial_state(self, w: int, batch: int) -> Any:
+        """A recurrent module's initial state for ``w`` individuals of ``batch`` slots each
+        (tensors ``[w, batch, ...]``)."""
+        return map_state(lambda t: t.reshape(w, batch, *t.shape[1:]),
+                         self.module.initial_state(w * batch))
 
     def stack(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-parameter tensors ``[w, *shape]`` of ``params [w, numel]``, for :meth:`apply`."""
@@ -312,12 +327,19 @@ class PopulationPolicy:
         return stacked
 
     @torch.no_grad()
-    def apply(self, stacked: dict[str, torch.Tensor], observation: torch.Tensor) -> torch.Tensor:
-        """The actions for ``observation [w, B, *obs_shape]`` under :meth:`stack`'s parameters."""
-        return self._batched(stacked, observation)
+    def apply(self, stacked: dict[str, torch.Tensor], observation: torch.Tensor,
+              state: Any = None) -> Any:
+        """The actions for ``observation [w, B, *obs_shape]`` under :meth:`stack`'s parameters
+        (and, for a recurrent module given its ``state``, the next state)."""
+        if self.recurrent and state is None:
+            state = self.initial_state(observation.shape[0], observation.shape[1])
+            return self._batched(stacked, observation, state)[0]
+        if state is None:
+            return self._batched(stacked, observation)
+        return self._batched(stacked, observation, state)
 
-    def __call__(self, params: torch.Tensor, observation: torch.Tensor) -> torch.Tensor:
-        return self.apply(self.stack(params), observation)
+    def __call__(self, params: torch.Tensor, observation: torch.Tensor, state: Any = None) -> Any:
+        return self.apply(self.stack(params), observation, state)
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -445,13 +467,19 @@ class PopulationEvaluator:
         parts = {sl.start: {k: v[sl.start // episodes: sl.stop // episodes]
                             for k, v in stacked.items()} for sl in env.parts}
 
-        def policy(obs: torch.Tensor, group: slice) -> torch.Tensor:
+        def policy(obs: torch.Tensor, group: slice, state: Any = None) -> Any:
             # The envs (and their observations) stay on the CPU; the network runs where the
             # parameters are (the module's device), and the actions come back to the envs.
             x = obs if norm is None else norm(obs).to(torch.float32)
-            action = self.policy.apply(parts[group.start],
-                                       x.reshape(-1, episodes, *obs.shape[1:]).to(params.device))
-            return action.reshape(obs.shape[0], *action.shape[2:]).to(obs.device)
+            x = x.reshape(-1, episodes, *obs.shape[1:]).to(params.device)
+            if state is None:
+                action = self.policy.apply(parts[group.start], x)
+            else:  # slot-major rows [k, ...] are [individuals, episodes, ...]
+                action, state = self.policy.apply(parts[group.start], x, map_state(
+                    lambda t: t.reshape(-1, episodes, *t.shape[1:]), state))
+                state = map_state(lambda t: t.reshape(obs.shape[0], *t.shape[2:]), state)
+            action = action.reshape(obs.shape[0], *action.shape[2:]).to(obs.device)
+            return action if state is None else (action, state)
 
         seen: list[torch.Tensor] = []
         summary: list[torch.Tensor | None] = [None]
@@ -472,8 +500,12 @@ class PopulationEvaluator:
                 summary[0][step.ended] = last[step.ended]
 
         watched = norm is not None or mode is not None or also is not None
+        # A recurrent module's state, one row per slot, reset where the slot's episode ends.
+        state = (map_state(lambda t: t.reshape(slots, *t.shape[2:]).to(params.device),
+                           self.policy.initial_state(w, episodes))
+                 if self.policy.recurrent else None)
         played = rollout(env, policy, seeds=seeds, max_steps=self.max_episode_steps,
-                         observe=observe if watched else None)
+                         observe=observe if watched else None, state=state)
         if norm is not None:
             norm.update(torch.cat(seen))
         ret, length = played.by_slot()

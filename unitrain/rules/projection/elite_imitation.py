@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from unitrain.envs.rollout import Step, rollout
 from unitrain.envs.spec import derive_seed
 from unitrain.errors import ConfigError, UserError, check
+from unitrain.policy.recurrent import recurrent_layer, refuse_recurrent
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.population.service import ParamLayout, PopulationPolicy
 from unitrain.rules.projection.rule import Projection
@@ -206,6 +207,10 @@ class EliteImitation(UpdateRule):
             first ones, so with ``starts`` above their number some starts have no greedy
             episode.
     """
+
+    def check_module(self, module: "RLModule") -> None:
+        refuse_recurrent(module, self.name, "the solver projects onto the graphs of feed-forward "
+                                            f"layers; {recurrent_layer(module)} is recurrent")
 
     fit: Projection = field(default_factory=lambda: Projection(
         iterations=20, lam=1.0, step_size=0.3, standardize=True))
