@@ -282,3 +282,25 @@ def test_ppo_with_a_gru_learns_the_memory_task(tmp_path: Path):
                          eval_episodes=8, run_dir=tmp_path, enable_progress_bar=False, seed=0)
     trainer.fit(ut.GRUPolicy(2, 2, encoder=(32,), hidden=32, out_scale=1.0))
     assert trainer.summary["eval/return_mean"] > 150.0
+
+
+# ------------------------------------------------------------------ evaluate, video, export
+
+def test_evaluate_films_and_refuses_export_of_a_recurrent_run(capsys, tmp_path: Path):
+    import json
+
+    from unitrain.app.cli import main
+
+    run = tmp_path / "run"
+    assert main(["fit", "cartpole_novel/es_gru", f"run_dir={run}", "trainer.max_frames=600",
+                 "optimizer.population=4", "optimizer.max_episode_steps=40"]) == 0
+    capsys.readouterr()
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    assert main(["evaluate", ckpt, "--episodes", "2", "--video", str(tmp_path / "a.gif"),
+                 "--video-episodes", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # The filmed episodes are the evaluation's: the state is carried and reset the same way.
+    assert sum(result["video"]["returns"]) / 2 == pytest.approx(result["eval/return_mean"])
+    assert main(["export", ckpt, "--out", str(tmp_path / "p.pt2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unitrain: error: export: GRUPolicy is recurrent (initial_state)")

@@ -15,6 +15,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 
 __all__ = ["CartPoleNoVel", "MEMORY_IDS"]
 
@@ -28,6 +29,9 @@ class CartPoleNoVel(gym.ObservationWrapper):
     Args:
         **kwargs: passed to ``gym.make("CartPole-v1", ...)`` (e.g. ``render_mode``).
     """
+
+    # CartPole's render modes and frame rate, readable from the class before an env is made.
+    metadata = CartPoleEnv.metadata
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(gym.make("CartPole-v1", **kwargs).unwrapped)
