@@ -292,7 +292,7 @@ def test_evaluate_films_and_refuses_export_of_a_recurrent_run(capsys, tmp_path: 
     from unitrain.app.cli import main
 
     run = tmp_path / "run"
-    assert main(["fit", "cartpole_novel/es_gru", f"run_dir={run}", "trainer.max_frames=600",
+    assert main(["fit", "cartpole_novel/cem_gru", f"run_dir={run}", "trainer.max_frames=600",
                  "optimizer.population=4", "optimizer.max_episode_steps=40"]) == 0
     capsys.readouterr()
     ckpt = str(run / "checkpoints" / "last.ckpt")
