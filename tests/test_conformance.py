@@ -44,6 +44,14 @@ TASKS: dict[str, tuple[ut.EnvSpec | None, dict[str, Any], int, float | None]] = 
     "adam": (None, dict(lr=3e-3), 2, None),
     "reinforce": (ut.EnvSpec("CartPole-v1", num_envs=8),
                   dict(lr=1e-2, frames_per_batch=128), 1024, None),
+    "dqn": (ut.EnvSpec("CartPole-v1", num_envs=4),
+            dict(lr=1e-3, gamma=0.95, batch_size=64, buffer_size=5000, learning_starts=256,
+                 train_frequency=2, target_update=64, frames_per_batch=32, save_buffer=True),
+            768, None),
+    "dqn/double": (ut.EnvSpec("CartPole-v1", num_envs=4),
+                   dict(lr=1e-3, gamma=0.95, batch_size=64, buffer_size=5000,
+                        learning_starts=256, train_frequency=1, target_update=32, tau=0.5,
+                        frames_per_batch=32, save_buffer=True, double=True), 768, None),
     "ddpg": (ut.EnvSpec("Pendulum-v1", num_envs=4),
              dict(lr_actor=3e-3, lr_critic=3e-3, gamma=0.95, batch_size=128, buffer_size=5000,
                   warmup_frames=256, frames_per_batch=32, critic_hidden=(64, 64),
@@ -141,6 +149,10 @@ def _squashed_actor_action(rule: Any, module: ut.RLModule, obs: torch.Tensor) ->
     return module.actions.to_env(torch.tanh(rule.actor(obs)[0]))
 
 
+def _greedy_q_action(rule: Any, module: ut.RLModule, obs: torch.Tensor) -> torch.Tensor:
+    return rule.greedy(obs)
+
+
 def _population_action(rule: Any, module: ut.RLModule, obs: torch.Tensor) -> torch.Tensor:
     params = rule.layout.flatten(module)[None]
     return rule.pop.policy(params, obs[None])[0]
@@ -158,6 +170,7 @@ def _elite_imitation_action(rule: Any, module: ut.RLModule, obs: torch.Tensor) -
 # The deterministic action as each rule computes it (its actor, its population).
 RULE_ACTIONS: dict[str, Callable[[Any, ut.RLModule, torch.Tensor], torch.Tensor] | None] = {
     "ppo": _policy_gradient_action, "reinforce": _policy_gradient_action,
+    "dqn": _greedy_q_action,
     "ddpg": _deterministic_actor_action, "td3": _deterministic_actor_action,
     "dsac_t": _squashed_actor_action, "sac": _squashed_actor_action,
     **dict.fromkeys(["ga", "es", "ars", "cem", "csa_es", "cmaes", "cbo", "cem_rl"],
@@ -193,6 +206,9 @@ def test_rule_conformance(name: str, tmp_path: Path):
 
 # A user's gymnasium env through its module:id (tests/userenvs.py), continuous actions.
 USER_ENV = ut.EnvSpec("userenvs:Reach-v0", num_envs=4)
+# Its discrete twin, for the rules that need discrete actions.
+USER_ENV_DISCRETE = ut.EnvSpec("userenvs:ReachDiscrete-v0", num_envs=4)
+DISCRETE_ONLY = {"dqn"}
 # A user's TorchRL env through its factory's import path (tests/usertorchrl.py): one unbatched
 # GymEnv per slot, stepped by the torch-native backend.
 TORCHRL_ENV = ut.EnvSpec(make="usertorchrl:make_pendulum", num_envs=4)
@@ -205,11 +221,13 @@ def test_every_rule_trains_on_a_user_env(name: str, tmp_path: Path):
     _, kwargs, _, _ = TASKS[name]
     if "fit" in kwargs:  # elite imitation fits continuous actions as real targets
         kwargs = dict(kwargs, fit=dict(kwargs["fit"], output="squared_error"))
-    module = TinyPolicy(2, 1, **MODULE_ARGS.get(_base(name), {}))
-    trainer = ut.Trainer(USER_ENV, registered_rules()[_base(name)](**kwargs), max_frames=1,
+    env = USER_ENV_DISCRETE if _base(name) in DISCRETE_ONLY else USER_ENV
+    module = TinyPolicy(2, 3 if env is USER_ENV_DISCRETE else 1,
+                        **MODULE_ARGS.get(_base(name), {}))
+    trainer = ut.Trainer(env, registered_rules()[_base(name)](**kwargs), max_frames=1,
                          eval_episodes=2, run_dir=tmp_path, enable_progress_bar=False)
     trainer.fit(module)
-    assert trainer.summary["frames"] > 0 and trainer.summary["env"] == "userenvs:Reach-v0"
+    assert trainer.summary["frames"] > 0 and trainer.summary["env"] == env.id
     obs = torch.rand(5, 2) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(RULE_ACTIONS[_base(name)](trainer.rule, module, obs),

@@ -124,6 +124,7 @@ RUNS = [
     ("ppo.md", "PPO", "cartpole/ppo", [f"trainer.max_frames={TINY_FRAMES}",
                                        "optimizer.entropy_coef=0.01"]),
     ("ppo.md", "REINFORCE", REINFORCE, [f"trainer.max_frames={TINY_FRAMES}"]),
+    ("dqn.md", "DQN", "cartpole/dqn", ["trainer.max_frames=768", "optimizer.learning_starts=256"]),
     ("ddpg.md", "DDPG", "pendulum/ddpg", OFFPOLICY),
     ("td3.md", "TD3", "pendulum/td3", OFFPOLICY),
     ("sac.md", "SAC", "pendulum/sac", OFFPOLICY),

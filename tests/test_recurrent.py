@@ -105,14 +105,17 @@ def test_act_takes_and_returns_the_state():
     module.bind_env(_info())
     obs = torch.randn(3, 4)
     action, state = module.act(obs)
-    again, state2 = module.act(obs, module.initial_state(3))
+    again, state2 = module.act(obs, state=module.initial_state(3))
     assert torch.equal(action, again) and torch.equal(state, state2)
-    _, later = module.act(obs, state)
+    _, later = module.act(obs, state=state)
     assert not torch.equal(later, state)
     feedforward = ut.MLPPolicy(4, 2)
     feedforward.bind_env(_info())
     with pytest.raises(UserError, match="feed-forward"):
-        feedforward.act(obs, state)
+        feedforward.act(obs, state=state)
+    # A state passed by position (where the mask goes) is refused in one line.
+    with pytest.raises(UserError, match="state is passed as state="):
+        module.act(obs, state)
 
 
 # ------------------------------------------------------------------ reset where episodes start
@@ -122,7 +125,7 @@ def test_rollout_resets_each_slot_where_its_episode_ends():
     module.bind_env(_info())
     module.seen.clear()
     env = make_env(ut.EnvSpec("CartPole-v1"), 0, num_envs=2)
-    played = rollout(env, lambda obs, _, st: module.act(obs, st), quota=[2, 3], seeds=[1, 2],
+    played = rollout(env, lambda obs, _, st: module.act(obs, state=st), quota=[2, 3], seeds=[1, 2],
                      state=module.initial_state(2))
     seen = torch.stack(module.seen)  # [steps, slots]: the state each step acted from
     for slot in range(2):
@@ -147,8 +150,8 @@ def test_population_policy_steps_like_module_act():
         st = module.initial_state(3)
         pop_state = policy.initial_state(2, 3)
         for t in range(5):
-            mine, st = module.act(obs[t, i], st)
-            theirs, pop_state = policy(params, obs[t], pop_state)
+            mine, st = module.act(obs[t, i], state=st)
+            theirs, pop_state = policy(params, obs[t], state=pop_state)
             assert torch.equal(theirs[i], mine)
             torch.testing.assert_close(pop_state[i], st)
 

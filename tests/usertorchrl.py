@@ -69,3 +69,12 @@ class NotAnEnv:
 
 def make_nothing() -> NotAnEnv:
     return NotAnEnv()
+
+
+def make_cue():
+    """:class:`userenvs.Cue` (a ``Dict`` observation) through TorchRL's ``GymWrapper``: its
+    observation spec has the entries ``clock`` and ``cue`` side by side."""
+    from torchrl.envs import GymWrapper
+    from userenvs import Cue
+
+    return GymWrapper(Cue())

@@ -49,6 +49,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from tensordict import TensorDict
 
 from unitrain.envs.data import DataSpec, load_data
 from unitrain.envs.info import env_info
@@ -224,9 +225,11 @@ class _Snapshot(L.Callback):
 
 # ---------------------------------------------------------------------------- the runs
 
-def default_module(obs_dim: int, act_dim: int) -> RLModule:
-    """The module :func:`check_rule` trains unless given one: an MLP with one hidden layer of 32."""
-    return MLPPolicy(obs_dim, act_dim, hidden=(32,))
+def default_module(obs_dim: int, act_dim: int,
+                   obs_shapes: dict[str, tuple[int, ...]] | None = None) -> RLModule:
+    """The module :func:`check_rule` trains unless given one: an MLP with one hidden layer of 32
+    (over the entries of a ``Dict``/``Tuple`` observation, ``obs_shapes``, concatenated)."""
+    return MLPPolicy(obs_dim, act_dim, hidden=(32,), obs_shapes=obs_shapes)
 
 
 @dataclasses.dataclass
@@ -368,10 +371,17 @@ def _check_contract(case: _Case, run: Trainer, module: RLModule,
     info = module.env_info
     assert info is not None
     gen = torch.Generator().manual_seed(case.seed)
-    if info.image:
-        obs = torch.randint(0, 256, (16, *info.obs_shape), generator=gen, dtype=torch.uint8)
-    else:
-        obs = torch.randn(16, *info.obs_shape, generator=gen)
+
+    def draw(shape: tuple[int, ...], image: bool) -> torch.Tensor:
+        if image:
+            return torch.randint(0, 256, (16, *shape), generator=gen, dtype=torch.uint8)
+        return torch.randn(16, *shape, generator=gen)
+
+    if info.obs_shapes is None:
+        obs: Any = draw(info.obs_shape, info.image)
+    else:  # named entries, in the env's order
+        obs = TensorDict({key: draw(shape, key in info.images)
+                          for key, shape in info.obs_shapes.items()}, batch_size=[16])
     obs = obs.to(module.device)
     with torch.no_grad():
         act = module.act(obs)
@@ -600,6 +610,8 @@ def check_rule(rule: UpdateRule | Callable[[], UpdateRule], env: Any = None, *,
             raise ValueError("check_rule: an env run needs frames= (its env-frame budget)")
         info = env_info(spec)
         obs_dim, act_dim = info.obs_dim, info.act_dim
+        if module is None and info.obs_shapes is not None:  # a Dict/Tuple observation
+            module = functools.partial(default_module, obs_shapes=info.obs_shapes)
     case = _Case(rule, spec, module or default_module, frames, epochs, seed, eval_episodes,
                  obs_dim=obs_dim, act_dim=act_dim)
     case._data = loaders

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.data import Binary, Bounded, Categorical, Composite, MultiCategorical, Unbounded
 from torchrl.envs import EnvBase
 
 from unitrain.envs.envpool import EnvPoolVector
@@ -40,7 +40,7 @@ from unitrain.envs.mjwarp import MJWarpVector
 from unitrain.envs.obs_norm import ObsNorm
 from unitrain.envs.spec import EnvSpec, resolve_backend
 from unitrain.envs.torchrl_env import TorchRLVector
-from unitrain.errors import check
+from unitrain.errors import ConfigError, UserError, check
 
 __all__ = ["BatchedEnv", "make_env", "halves", "BACKENDS"]
 
@@ -54,7 +54,7 @@ class _Running:
     over a torch-native one.
     """
 
-    __slots__ = ("obs", "ep_return", "ep_length", "ended", "action")
+    __slots__ = ("obs", "ep_return", "ep_length", "ended", "action", "mask")
 
     def __init__(self, num_envs: int, device: torch.device | None = None) -> None:
         self.obs: torch.Tensor | None = None  # what the next step starts from
@@ -69,6 +69,7 @@ class _Running:
         # step).
         self.ended: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.action: torch.Tensor | None = None  # sent to a backend without send/recv
+        self.mask: torch.Tensor | None = None  # action masks of ``obs`` (an env with masks)
 
 
 class _Split:
@@ -118,6 +119,9 @@ class _Split:
             part.close()
 
 
+# Backends that deliver Dict/Tuple observations (the others refuse them).
+NAMED_OBS_BACKENDS = ("gymnasium", "torchrl")
+
 # Backends by name (EnvSpec.backend, after resolve_backend).
 BACKENDS: dict[str, Callable[[EnvSpec, int, int | None, int], Any]] = {
     "gymnasium": GymnasiumVector, "envpool": EnvPoolVector, "torchrl": TorchRLVector,
@@ -145,9 +149,11 @@ class BatchedEnv(EnvBase):
     gives) and has:
 
     - ``observation_space``, ``action_space``: one slot's gymnasium spaces (a ``Box``
-      observation; ``Discrete`` or 1-D ``Box`` actions), read by :func:`info_from_spaces`;
-    - ``reset(seed) -> obs``: ``[n, *obs_shape]``; ``seed`` is ``None`` (keep the envs' own
-      streams), an int (slot ``i`` gets ``seed + i``) or a list of per-slot seeds;
+      observation, or a ``Dict`` of ``Box`` entries; ``Discrete``, 1-D ``MultiDiscrete`` or
+      1-D ``Box`` actions), read by :func:`info_from_spaces`;
+    - ``reset(seed) -> obs``: ``[n, *obs_shape]`` (a dict of such arrays for a ``Dict``
+      observation, as every ``obs`` and ``final`` below); ``seed`` is ``None`` (keep the envs'
+      own streams), an int (slot ``i`` gets ``seed + i``) or a list of per-slot seeds;
     - ``step(action) -> (obs, reward, terminated, truncated, final)``, with same-step autoreset:
       ``obs[i]`` is the next episode's first observation where slot ``i``'s episode ended
       (``terminated | truncated``), and ``final`` holds the observations the step ended in for
@@ -157,7 +163,13 @@ class BatchedEnv(EnvBase):
       rollout runs one slot group's policy while another's envs step); without them a step
       runs at ``recv_part``;
     - ``state() -> bytes | None`` (``None``: the episodes cannot be saved) and ``load(state)``;
-    - ``close()``.
+    - ``close()``;
+    - optionally ``masked = True`` for an env with action masks, with ``mask`` (``[n, A]``
+      bool, the masks of the observations the next step starts from, after ``reset`` and
+      ``step``) and ``final_mask`` (those of the observations the last step ended in).
+
+    An env with action masks (``info.masked``) has an ``"action_mask"`` entry ``[n, A]`` next to
+    each ``"observation"`` (``A``: the number of logits, :mod:`unitrain.policy.action`).
 
     A numpy backend returns numpy arrays (observations in the space's dtype, ``bool`` flags) and
     steps on the CPU. A **torch-native** backend sets ``torch_native = True`` and ``device`` (a
@@ -220,8 +232,17 @@ class BatchedEnv(EnvBase):
         self.backend_name, self.backend, self.parts = backend_name, backend, slot_parts
         self.torch_native = native
         self.info = info_from_spaces(spec.id, self.backend.observation_space,
-                                      self.backend.action_space)
-        self._obs_dtype = np.uint8 if self.info.image else np.float32
+                                      self.backend.action_space,
+                                      bool(getattr(self.backend, "masked", False)))
+        if self.info.obs_shapes is not None and backend_name not in NAMED_OBS_BACKENDS:
+            backend.close()
+            raise ConfigError("backend", f"{spec.id}: a Dict/Tuple observation runs on the "
+                                         f"{' or '.join(NAMED_OBS_BACKENDS)} backend, not "
+                                         f"{backend_name}")
+        self._obs_dtype: Any = np.uint8 if self.info.image else np.float32
+        if self.info.obs_shapes is not None:
+            self._obs_dtype = {key: np.uint8 if key in self.info.images else np.float32
+                               for key in self.info.obs_shapes}
         self.obs_norm, self.update_norm = obs_norm, update_norm
         self._seed: int | None = seed
         self._run = _Running(n, device if native else None)
@@ -234,14 +255,27 @@ class BatchedEnv(EnvBase):
 
     def _make_specs(self) -> None:
         n, info = self.num_envs, self.info
-        if info.image:
-            obs = Bounded(0, 255, shape=(n, *info.obs_shape), dtype=torch.uint8)
-        else:
-            obs = Unbounded(shape=(n, *info.obs_shape), dtype=torch.float32)
+
+        def entry(shape: tuple[int, ...], image: bool) -> Any:
+            if image:
+                return Bounded(0, 255, shape=(n, *shape), dtype=torch.uint8)
+            return Unbounded(shape=(n, *shape), dtype=torch.float32)
+
+        if info.obs_shapes is None:
+            obs = entry(info.obs_shape, info.image)
+        else:  # named entries: a sub-Composite under "observation"
+            obs = Composite({key: entry(shape, key in info.images)
+                             for key, shape in info.obs_shapes.items()}, shape=(n,))
         self.observation_spec = Composite(observation=obs, shape=(n,))
+        if info.masked:
+            self.observation_spec["action_mask"] = Binary(info.act_dim, shape=(n, info.act_dim),
+                                                          dtype=torch.bool)
         self._low: np.ndarray | None = None
         self._high: np.ndarray | None = None
-        if info.discrete:
+        if info.nvec is not None:
+            self.action_spec = MultiCategorical(torch.tensor(info.nvec).expand(n, -1),
+                                                shape=(n, len(info.nvec)), dtype=torch.int64)
+        elif info.discrete:
             self.action_spec = Categorical(info.act_dim, shape=(n,), dtype=torch.int64)
         else:
             self.action_spec = Bounded(info.action_low.expand(n, -1),
@@ -274,16 +308,24 @@ class BatchedEnv(EnvBase):
             self._finished.extend(zip(ret[idx].tolist(), length[idx].tolist()))
         self._run.ended.clear()
 
-    def _as_array(self, obs: np.ndarray) -> np.ndarray:
-        """Observations in the spec's dtype (a float64 → float32 copy, or ``obs`` itself)."""
+    def _as_array(self, obs: Any) -> Any:
+        """Observations in the spec's dtype (a float64 → float32 copy, or ``obs`` itself); a
+        dict of them for named entries."""
+        if isinstance(self._obs_dtype, dict):
+            return {key: np.asarray(obs[key], dtype=dtype)
+                    for key, dtype in self._obs_dtype.items()}
         return np.asarray(obs, dtype=self._obs_dtype)
 
-    def _to_tensor(self, obs: np.ndarray, update: bool) -> torch.Tensor:
-        t = torch.from_numpy(obs)
+    def _to_tensor(self, obs: Any, update: bool) -> Any:
+        if isinstance(obs, dict):
+            t: Any = self._td({k: torch.from_numpy(v) for k, v in obs.items()},
+                              len(next(iter(obs.values()))))
+        else:
+            t = torch.from_numpy(obs)
         if self.obs_norm is not None:
             if update and self.update_norm:
                 self.obs_norm.update(t)
-            t = self.obs_norm(t).to(torch.float32)
+            t = self.obs_norm(t)
         return t
 
     def _td(self, entries: dict[str, Any], size: int | None = None) -> TensorDict:
@@ -300,13 +342,16 @@ class BatchedEnv(EnvBase):
                     for key in self._DONE_KEYS}
         return {key: torch.from_numpy(np.zeros((n, 1), dtype=bool)) for key in self._DONE_KEYS}
 
-    def _normed(self, obs: torch.Tensor, update: bool) -> torch.Tensor:
-        """A torch-native backend's observations, through ``obs_norm`` if there is one."""
+    def _normed(self, obs: Any, update: bool) -> Any:
+        """A torch-native backend's observations (a TensorDict for named entries), through
+        ``obs_norm`` if there is one."""
+        if isinstance(obs, dict):
+            obs = self._td(dict(obs), len(next(iter(obs.values()))))
         if self.obs_norm is None:
             return obs
         if update and self.update_norm:
             self.obs_norm.update(obs)
-        return self.obs_norm(obs).to(torch.float32)
+        return self.obs_norm(obs)
 
     def _set_seed(self, seed: int | None) -> None:
         self._seed = seed
@@ -324,9 +369,33 @@ class BatchedEnv(EnvBase):
             run.ep_length[:] = 0
             run.obs = (self._normed(obs, update=True) if self.torch_native else
                        self._to_tensor(self._as_array(obs), update=True))
+            if self.info.masked:
+                run.mask = self._mask_tensor(self.backend.mask)
+                if run.mask.shape[-1] != self.info.act_dim:
+                    raise UserError(f"{self.spec_.id}: the env's action masks have "
+                                    f"{run.mask.shape[-1]} entries; expected "
+                                    f"{self.info.act_dim} (one per logit of "
+                                    f"{self.info.describe_actions(masks=False)})")
         # With same-step autoreset, envs that finished were already reset in _step and their
         # first observation is waiting in run.obs.
-        return self._td({"observation": run.obs, **self._not_done()})
+        return self._td({"observation": run.obs, **self._masks(), **self._not_done()})
+
+    def _mask_tensor(self, mask: Any) -> torch.Tensor:
+        return (mask.to(self.device, torch.bool) if isinstance(mask, torch.Tensor)
+                else torch.from_numpy(np.asarray(mask, dtype=bool)))
+
+    def _masks(self, sl: slice | None = None) -> dict[str, torch.Tensor]:
+        """``{"action_mask": ...}`` of the observations the next step starts from (all slots,
+        or slots ``sl``), or nothing for an env without masks."""
+        if not self.info.masked:
+            return {}
+        assert self._run.mask is not None, "action masks before the first reset"
+        return {"action_mask": self._run.mask if sl is None else self._run.mask[sl]}
+
+    def action_mask(self, sl: slice | None = None) -> torch.Tensor | None:
+        """The action masks ``[k, A]`` of the observations the next step of slots ``sl``
+        (default: all) starts from, or ``None`` for an env without masks."""
+        return self._masks(sl).get("action_mask")
 
     def _action_array(self, action: torch.Tensor) -> Any:
         if self.torch_native:
@@ -384,9 +453,15 @@ class BatchedEnv(EnvBase):
         last_obs = first_obs
         any_done = bool(done.any())
         if any_done:
-            last_obs = first_obs.copy()
+            named = isinstance(first_obs, dict)
+            last_obs = ({k: v.copy() for k, v in first_obs.items()} if named
+                        else first_obs.copy())
             for i in np.flatnonzero(done):
-                last_obs[i] = final[i]
+                if named:
+                    for key, value in last_obs.items():
+                        value[i] = final[i][key]
+                else:
+                    last_obs[i] = final[i]
                 self._finished.append((float(ep_return[i]), int(ep_length[i])))
             self.episodes_done[sl] += done
             ep_return[done] = 0.0
@@ -395,7 +470,7 @@ class BatchedEnv(EnvBase):
         start = self._to_tensor(first_obs, update=False) if any_done else next_obs
         # Trailing dimensions are added in numpy, where a view costs a fraction of a torch op.
         return self._td({
-            "observation": next_obs,
+            "observation": next_obs, **self._step_masks(sl),
             "reward": torch.from_numpy(reward.astype(np.float32)[:, None]),
             "done": torch.from_numpy(done[:, None]),
             "terminated": torch.from_numpy(terminated[:, None]),
@@ -415,20 +490,38 @@ class BatchedEnv(EnvBase):
         if final is None:
             next_obs = start = self._normed(obs, update=True)
         else:
-            ended = done.reshape(-1, *[1] * (obs.ndim - 1))
-            next_obs = self._normed(torch.where(ended, final.to(obs.dtype), obs), update=True)
+            def last(now: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+                return torch.where(done.reshape(-1, *[1] * (now.ndim - 1)), then.to(now.dtype),
+                                   now)
+
+            ended = ({key: last(obs[key], final[key]) for key in obs}
+                     if isinstance(obs, dict) else last(obs, final))
+            next_obs = self._normed(ended, update=True)
             start = self._normed(obs, update=False)
             run.ended.append((sl, done.clone(), ep_return.clone(), ep_length.clone()))
             self.episodes_done[sl] += done
             ep_return.masked_fill_(done, 0.0)
             ep_length.masked_fill_(done, 0)
         return self._td({
-            "observation": next_obs,
+            "observation": next_obs, **self._step_masks(sl),
             "reward": reward.to(torch.float32).unsqueeze(-1),
             "done": done.unsqueeze(-1),
             "terminated": terminated.unsqueeze(-1),
             "truncated": truncated.unsqueeze(-1),
         }, len(reward)), start
+
+    def _step_masks(self, sl: slice) -> dict[str, torch.Tensor]:
+        """After a step of slots ``sl``: record the masks its next step starts from and return
+        ``{"action_mask": ...}`` of the observations it ended in (nothing without masks)."""
+        if not self.info.masked:
+            return {}
+        run, backend = self._run, self.backend
+        start = self._mask_tensor(backend.mask)
+        if run.mask is None or start.shape[0] == run.mask.shape[0]:
+            run.mask = start
+        else:
+            run.mask[sl] = start
+        return {"action_mask": self._mask_tensor(backend.final_mask)}
 
     def _step_and_maybe_reset(
             self, tensordict: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase]:
@@ -451,7 +544,8 @@ class BatchedEnv(EnvBase):
         tensordict.set("next", self._step(tensordict))
         carried = {key: value.copy() if isinstance(value, TensorDictBase) else value
                    for key, value in tensordict.items() if key not in self._NOT_CARRIED}
-        return tensordict, self._td({**carried, "observation": self._run.obs, **self._not_done()})
+        return tensordict, self._td({**carried, "observation": self._run.obs, **self._masks(),
+                                     **self._not_done()})
 
     def state_dict(self) -> dict[str, Any] | None:
         """The running episodes (the backend's envs, current observations, returns so far), or
@@ -461,7 +555,11 @@ class BatchedEnv(EnvBase):
             return None
         run = self._run
         return {"envs": envs, "seed": self._seed,
-                "obs": None if run.obs is None else run.obs.clone(),
+                # Named entries as a dict of tensors (what a weights-only checkpoint holds).
+                "obs": None if run.obs is None else (
+                    run.obs.clone().to_dict() if isinstance(run.obs, TensorDictBase)
+                    else run.obs.clone()),
+                "mask": None if run.mask is None else run.mask.clone(),
                 "ep_return": _copy(run.ep_return), "ep_length": _copy(run.ep_length),
                 "episodes_done": _copy(self.episodes_done), "finished": list(self.finished)}
 
@@ -473,6 +571,9 @@ class BatchedEnv(EnvBase):
         self._seed = state["seed"]
         run = self._run
         run.obs, run.ep_return, run.ep_length = state["obs"], state["ep_return"], state["ep_length"]
+        if isinstance(run.obs, dict):
+            run.obs = self._td(run.obs)
+        run.mask = state.get("mask")
         self.episodes_done = state["episodes_done"]
         run.ended.clear()
         self._finished = list(state["finished"])

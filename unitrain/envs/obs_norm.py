@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
+from tensordict import TensorDict, TensorDictBase
 from torch import nn
+
+if TYPE_CHECKING:
+    from unitrain.envs.info import EnvInfo
+
+__all__ = ["NamedObsNorm", "ObsNorm", "make_obs_norm"]
 
 
 class ObsNorm(nn.Module):
@@ -51,11 +58,57 @@ class ObsNorm(nn.Module):
             buf.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` normalised and clipped, float32 (``x`` itself, as float32, before any sync)."""
         if self.count <= 1:
-            return x
+            return x.to(torch.float32)
         # The statistics live on the CPU; an env on another device gets them there.
         std = (self.m2 / self.count).sqrt().to(x.device, x.dtype) + self.eps
-        return ((x - self.mean.to(x.device, x.dtype)) / std).clamp(-self.clip, self.clip)
+        return ((x - self.mean.to(x.device, x.dtype)) / std).clamp(
+            -self.clip, self.clip).to(torch.float32)
+
+
+class NamedObsNorm(nn.Module):
+    """:class:`ObsNorm` for each entry of a named observation (a ``Dict``/``Tuple`` space),
+    images (uint8 entries) excluded: they pass through unchanged.
+
+    The same interface as :class:`ObsNorm`, over a TensorDict (or a dict) of entries: one
+    running statistic per normalised entry (``norms[name]``), synchronised entry by entry in
+    the observation's key order.
+
+    Args:
+        shapes: ``{name: shape}`` of the entries to normalise.
+        clip: clip of every normalised entry.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], clip: float = 5.0) -> None:
+        super().__init__()
+        self.norms = nn.ModuleDict({key: ObsNorm(shape, clip) for key, shape in shapes.items()})
+
+    def update(self, x: Any) -> None:
+        """Fold a batch of named entries into each entry's pending statistics."""
+        for key, norm in self.norms.items():
+            norm.update(x[key])
+
+    def sync(self, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """:meth:`ObsNorm.sync` of every entry, in key order."""
+        for norm in self.norms.values():
+            norm.sync(all_gather)
+
+    def forward(self, x: Any) -> Any:
+        """The entries with the normalised ones replaced (a TensorDict for a TensorDict)."""
+        out = {key: self.norms[key](value) if key in self.norms else value
+               for key, value in x.items()}
+        if isinstance(x, TensorDictBase):
+            return TensorDict(out, batch_size=x.batch_size, device=x.device)
+        return out
+
+
+def make_obs_norm(info: EnvInfo, clip: float = 5.0) -> ObsNorm | NamedObsNorm:
+    """The observation normalisation of an env: :class:`ObsNorm` over a Box observation, a
+    :class:`NamedObsNorm` over the non-image entries of a named one."""
+    if info.obs_shapes is None:
+        return ObsNorm(info.obs_shape, clip)
+    return NamedObsNorm({k: s for k, s in info.obs_shapes.items() if k not in info.images}, clip)
 
 
 def _chan_merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,

@@ -3,7 +3,8 @@
 Experience replay (Lin 1992, "Self-improving reactive agents based on reinforcement learning,
 planning and teaching"; Mnih et al. 2015) decorrelates the transitions a gradient step sees and
 lets every transition serve many steps. :class:`Replay` keeps the entries the actor-critic losses
-read (observation, action, next observation, reward, done and terminated flags) in a
+read (observation, action, next observation, reward, done and terminated flags; a named
+observation with all its entries, each in its own dtype) in a
 ``LazyTensorStorage`` on the CPU, whatever device the networks use, so that the buffer's size is
 bounded by host memory rather than accelerator memory. Sampling is uniform with replacement and
 draws from the generator it is given, so runs are reproducible.

@@ -40,7 +40,8 @@ class Step:
     """What an observer of :func:`rollout` sees after each env step.
 
     Attributes:
-        observation: ``[n, *obs_shape]`` the observations the policy acted on.
+        observation: ``[n, *obs_shape]`` the observations the policy acted on (a TensorDict of
+            batch ``[n]`` for named entries, :mod:`unitrain.envs.observation`).
         action: ``[n, ...]`` the actions taken.
         next: the step's ``("next", ...)`` entries (reward, done flags, next observation; the
             final observation of an episode that ended).
@@ -49,7 +50,7 @@ class Step:
         length: ``[n]`` int64, steps of each slot's current episode including this one.
     """
 
-    observation: torch.Tensor
+    observation: torch.Tensor | TensorDictBase
     action: torch.Tensor
     next: TensorDictBase
     active: torch.Tensor
@@ -98,9 +99,12 @@ def rollout(env: "BatchedEnv", policy: Callable[..., Any], *,
 
     Args:
         env: the batched env (``n = env.num_envs`` slots).
-        policy: ``(observation [k, *obs_shape], slots) -> action [k, ...]`` for the slots
+        policy: ``(observation [k, *obs_shape], slots) -> action [k, ...]`` (named entries: a
+            TensorDict of batch ``[k]``) for the slots
             ``slots`` (a ``slice`` of ``range(n)``, ``k`` long), on the env's device (where
-            the bookkeeping and the returned tensors are too).
+            the bookkeeping and the returned tensors are too). For an env with action masks
+            (``env.info.masked``) it is called as ``policy(observation, slots, mask)`` with
+            the observations' masks ``[k, A]`` (:mod:`unitrain.policy.action`).
         quota: episodes per slot.
         seeds: one seed per slot for the reset (static: slot ``i`` starts from ``seeds[i]``);
             ``None`` keeps the env's own seeding.
@@ -111,7 +115,8 @@ def rollout(env: "BatchedEnv", policy: Callable[..., Any], *,
             before the policy chooses their next episode's first action.
         state: a recurrent policy's initial state for all ``n`` slots (a tensor, or a tuple /
             list / dict of tensors, slots first; see :mod:`unitrain.envs.carry`). With it the
-            policy is ``(observation, slots, state of those slots) -> (action, state)``, the
+            policy is ``(observation, slots, state of those slots) -> (action, state)``
+            (``(observation, slots, mask, state)`` with action masks), the
             returned rows are carried to the slots' next step, and a slot's rows go back to
             ``state``'s where its episode ends (before its next episode's first action).
 
@@ -138,12 +143,15 @@ def rollout(env: "BatchedEnv", policy: Callable[..., Any], *,
     rounds = 0
     carried = None if state is None else state_like(state)
 
+    masked = env.info.masked
+
     def launch(g: _Group) -> None:
         g.last_obs = g.obs
+        extra = (env.action_mask(g.slots),) if masked else ()
         if carried is None:
-            g.action = policy(g.obs, g.slots)
+            g.action = policy(g.obs, g.slots, *extra)
         else:
-            g.action, new = policy(g.obs, g.slots, take(carried, g.slots))
+            g.action, new = policy(g.obs, g.slots, *extra, take(carried, g.slots))
             put_(carried, g.slots, new)
         env.send_part(g.index, g.action)
         g.flying = True
@@ -242,7 +250,8 @@ def evaluate_policy(act: Callable[..., Any],
     so every process count reports the same numbers.
 
     Args:
-        act: ``observation -> action`` on ``device`` (e.g. ``module.act``).
+        act: ``observation -> action`` on ``device`` (e.g. ``module.act``); for an env with
+            action masks ``(observation, mask) -> action``.
         make_env: ``slots -> env`` with that many slots (cached by the caller if it likes).
         episodes: episodes in all.
         seed: the run seed.
@@ -251,8 +260,8 @@ def evaluate_policy(act: Callable[..., Any],
         all_gather: stacks a tensor from every process (required when ``world_size > 1``).
         device: where ``act`` runs.
         initial_state: a recurrent policy's ``slots -> state`` (``module.initial_state``); with
-            it ``act`` is ``(observation, state) -> (action, state)`` (``module.act``) and the
-            state is carried per slot and reset where an episode starts.
+            it ``act`` is ``(observation[, mask], state=state) -> (action, state)``
+            (``module.act``); the state is carried per slot and reset where an episode starts.
 
     Returns:
         ``return_mean``, ``return_std``, ``return_max``, ``return_min``, ``length_mean`` and
@@ -266,11 +275,12 @@ def evaluate_policy(act: Callable[..., Any],
         env = make_env(len(wave))
         seeds = [eval_seed(seed, evaluation, k) for k in wave]
         if initial_state is None:
-            played = rollout(env, lambda obs, _, on=env.device: act(obs.to(device)).to(on),
-                             seeds=seeds)
+            played = rollout(env, lambda obs, _, *mask, on=env.device: act(
+                obs.to(device), *(m.to(device) for m in mask)).to(on), seeds=seeds)
         else:
-            played = rollout(env, lambda obs, _, st, on=env.device: _moved(act(obs.to(device), st),
-                                                                          on),
+            # The rollout passes (observation, slots[, mask], state).
+            played = rollout(env, lambda obs, _, *rest, on=env.device: _moved(act(
+                obs.to(device), *(m.to(device) for m in rest[:-1]), state=rest[-1]), on),
                              seeds=seeds, state=initial_state(len(wave)))
         r, n = played.by_slot()
         rets[a: a + len(wave)], lens[a: a + len(wave)] = r.cpu(), n.cpu().double()

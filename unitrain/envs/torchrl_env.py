@@ -20,6 +20,10 @@ slots that ended are reset at once with TorchRL's partial reset (a ``"_reset"`` 
 ``step_and_maybe_reset``), the step returns the next episode's first observation for them and,
 separately, the observation the episode ended in. Everything stays in torch on the env's device.
 
+Action masks: an env whose ``observation_spec`` has an ``"action_mask"`` entry (TorchRL's
+convention, as its ``ActionMask`` transform reads it) gives a mask of the allowed actions with
+every observation; the run reads it there (``[A]`` bool per slot, ``A`` the number of logits).
+
 Seeding: ``reset(seed)`` calls the env's ``set_seed(seed)`` and then resets it (a list of per-slot
 seeds gives its first; TorchRL seeds the copies of a ``SerialEnv`` in a chain from it): episodes
 are reproducible for a seed and a slot count, but an evaluation episode's seed is not the slot's
@@ -33,13 +37,14 @@ import copy
 import functools
 import inspect
 import pickle
+from collections import OrderedDict
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 from tensordict import TensorDict
-from torchrl.data import Categorical, OneHot
+from torchrl.data import Categorical, Composite, MultiCategorical, MultiOneHot, OneHot
 from torchrl.envs import EnvBase, SerialEnv, StepCounter, TransformedEnv
 
 from unitrain.envs.spec import EnvSpec, resolve_make
@@ -121,14 +126,34 @@ def build_env(spec: EnvSpec, num_envs: int) -> tuple[EnvBase, int]:
     return env, size
 
 
+MASK_KEY = "action_mask"
+
+
 def _obs_key(env: EnvBase) -> Any:
-    keys = list(env.observation_spec.keys(True, True))
+    """Where the observation is: one key (a Box observation), or ``{name: key}`` of named
+    entries: the leaves of a Composite ``"observation"``, or the observation spec's entries
+    when there are several and none is ``"observation"`` (in the spec's order). The
+    ``"action_mask"`` entry is no observation."""
+    spec = env.observation_spec
+    keys = [k for k in spec.keys(True, True) if k != MASK_KEY]
+    if isinstance(env, TransformedEnv) and "step_count" not in env.base_env.observation_spec.keys():
+        keys = [k for k in keys if k != "step_count"]  # a StepCounter's count is no observation
     if "observation" in keys:
         return "observation"
+    if "observation" in spec.keys() and isinstance(spec["observation"], Composite):
+        sub = spec["observation"]
+        leaves = list(sub.keys(True, True))
+        if any(isinstance(k, tuple) for k in leaves):
+            raise ConfigError("env.make", f"the env's observation entries {leaves} are nested; "
+                                          "unitrain reads one level of named entries")
+        return {str(k): ("observation", k) for k in leaves}
     if len(keys) == 1:
         return keys[0]
-    raise ConfigError("env.make", f"the env's observation_spec has entries {keys}; unitrain reads "
-                                  "one observation: name it 'observation' (or keep one entry)")
+    if any(isinstance(k, tuple) for k in keys):
+        raise ConfigError("env.make", f"the env's observation_spec has nested entries {keys}; "
+                                      "unitrain reads one observation or one level of named "
+                                      "entries")
+    return {str(k): k for k in keys}
 
 
 def _single(value: torch.Tensor, batch_dims: int) -> np.ndarray:
@@ -139,7 +164,21 @@ def _single(value: torch.Tensor, batch_dims: int) -> np.ndarray:
     return value.numpy()
 
 
-def spaces_from_env(env: EnvBase) -> tuple[gym.spaces.Box, gym.spaces.Space]:
+def _box(obs: Any, dims: int) -> gym.spaces.Box:
+    """The gymnasium ``Box`` of one slot of an observation spec."""
+    shape = tuple(obs.shape[dims:])
+    dtype = np.uint8 if obs.dtype == torch.uint8 else np.float32
+    space = getattr(obs, "space", None)
+    if hasattr(space, "low") and dtype != np.uint8:
+        low = np.broadcast_to(_single(space.low, dims), shape).astype(np.float32)
+        high = np.broadcast_to(_single(space.high, dims), shape).astype(np.float32)
+        return gym.spaces.Box(low, high, shape, np.float32)
+    if dtype == np.uint8:
+        return gym.spaces.Box(0, 255, shape, np.uint8)
+    return gym.spaces.Box(-np.inf, np.inf, shape, np.float32)
+
+
+def spaces_from_env(env: EnvBase) -> tuple[gym.spaces.Space, gym.spaces.Space]:
     """Gymnasium spaces of one slot of ``env``, read from its observation and action specs.
 
     Raises:
@@ -147,19 +186,19 @@ def spaces_from_env(env: EnvBase) -> tuple[gym.spaces.Box, gym.spaces.Space]:
             scales actions to the bounds), or of a kind unitrain does not support.
     """
     dims = len(env.batch_size)
-    obs = env.observation_spec[_obs_key(env)]
-    shape = tuple(obs.shape[dims:])
-    dtype = np.uint8 if obs.dtype == torch.uint8 else np.float32
-    space = getattr(obs, "space", None)
-    if hasattr(space, "low") and dtype != np.uint8:
-        low = np.broadcast_to(_single(space.low, dims), shape).astype(np.float32)
-        high = np.broadcast_to(_single(space.high, dims), shape).astype(np.float32)
-        obs_space = gym.spaces.Box(low, high, shape, np.float32)
-    elif dtype == np.uint8:
-        obs_space = gym.spaces.Box(0, 255, shape, np.uint8)
+    where = _obs_key(env)
+    if isinstance(where, dict):  # named entries, in the spec's order
+        obs_space: gym.Space = gym.spaces.Dict(OrderedDict(
+            (name, _box(env.observation_spec[key], dims)) for name, key in where.items()))
     else:
-        obs_space = gym.spaces.Box(-np.inf, np.inf, shape, np.float32)
+        obs_space = _box(env.observation_spec[where], dims)
     act = env.action_spec
+    if isinstance(act, MultiCategorical):
+        nvec = _single(act.nvec, dims).reshape(-1)
+        return obs_space, gym.spaces.MultiDiscrete(nvec.astype(np.int64))
+    if isinstance(act, MultiOneHot):
+        raise ConfigError("env.make", "the env's action spec is MultiOneHot; unitrain takes "
+                                      "multi-discrete actions as a MultiCategorical spec")
     if isinstance(act, (Categorical, OneHot)):
         return obs_space, gym.spaces.Discrete(int(act.space.n))
     space = getattr(act, "space", None)
@@ -197,6 +236,9 @@ class TorchRLVector:
         self.action_key = self.env.action_key
         self.reward_key = self.env.reward_key
         self.one_hot = isinstance(self.env.action_spec, OneHot)
+        self.masked = MASK_KEY in self.env.observation_spec.keys()
+        self.mask: torch.Tensor | None = None
+        self.final_mask: torch.Tensor | None = None
         self._batch = torch.Size([self.size])
         self._pad = None
         if self.size > num_envs:
@@ -205,15 +247,26 @@ class TorchRLVector:
         self._action: torch.Tensor | None = None
         self._root: TensorDict | None = None  # the next step's input: observation, carried keys
 
-    def _obs(self, td: TensorDict) -> torch.Tensor:
-        obs = td.get(self.obs_key)[: self.num_envs]
+    def _obs(self, td: TensorDict) -> Any:
+        """The observation of the first ``num_envs`` slots (a dict of named entries)."""
+        if isinstance(self.obs_key, dict):
+            return {name: self._entry(td, key) for name, key in self.obs_key.items()}
+        return self._entry(td, self.obs_key)
+
+    def _entry(self, td: TensorDict, key: Any) -> torch.Tensor:
+        obs = td.get(key)[: self.num_envs]
         return obs if obs.dtype in (torch.uint8, torch.float32) else obs.to(torch.float32)
 
     def reset(self, seed: int | list[int] | None) -> torch.Tensor:
         if seed is not None:
             self.env.set_seed(int(seed[0] if isinstance(seed, list) else seed))
         self._root = self.env.reset()
+        if self.masked:
+            self.mask = self.final_mask = self._mask(self._root)
         return self._obs(self._root)
+
+    def _mask(self, td: TensorDict) -> torch.Tensor:
+        return td.get(MASK_KEY)[: self.num_envs].to(torch.bool)
 
     def step(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                    torch.Tensor, torch.Tensor | None]:
@@ -240,6 +293,8 @@ class TorchRLVector:
         terminated = nxt.get("terminated", done)[:n].reshape(n)
         truncated = nxt.get("truncated", None)
         truncated = (done & ~terminated) if truncated is None else truncated[:n].reshape(n)
+        if self.masked:
+            self.final_mask, self.mask = self._mask(nxt), self._mask(self._root)
         if not bool(done.any()):
             return last, reward, terminated, truncated, None
         return self._obs(self._root), reward, terminated, truncated, last
@@ -276,18 +331,19 @@ class TorchRLVector:
         self.env.close(raise_if_closed=False)
 
 
-def env_spaces(spec: EnvSpec) -> tuple[gym.spaces.Box, gym.spaces.Space]:
-    """The spaces of ``spec``'s env (an instance is read as it is; a factory builds one)."""
+def env_spaces(spec: EnvSpec) -> tuple[gym.Space, gym.Space, bool]:
+    """The spaces of ``spec``'s env (an instance is read as it is; a factory builds one), and
+    whether it gives action masks."""
     make = resolve_make(spec.make)
     if isinstance(make, str):
         from unitrain.validation import import_object
 
         make = import_object(make, "env.make")
     if isinstance(make, EnvBase):
-        return spaces_from_env(make)
+        return (*spaces_from_env(make), MASK_KEY in make.observation_spec.keys())
     extra = {"num_envs": 1} if _takes_num_envs(make) else {}
     env = _call(make, dict(spec.kwargs), **extra)
     try:
-        return spaces_from_env(env)
+        return (*spaces_from_env(env), MASK_KEY in env.observation_spec.keys())
     finally:
         env.close(raise_if_closed=False)

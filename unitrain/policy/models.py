@@ -8,6 +8,13 @@
 reinforcement learning"), the one Such et al. 2017 ("Deep Neuroevolution") evolve on Atari with
 the Deep GA: three convolutions (32×8×8 stride 4, 64×4×4 stride 2, 64×3×3 stride 1), a 512-unit
 fully connected layer and one output per action; about 1.7 M parameters with 18 actions.
+With ``dueling=True`` its head is the dueling one below.
+
+:class:`DuelingMLP` is the dueling architecture of Wang et al. 2016 ("Dueling Network
+Architectures for Deep Reinforcement Learning", ICML) over flat observations: a shared trunk, then
+a state value ``V(s)`` and advantages ``A(s, a)`` combined as ``Q(s, a) = V(s) + A(s, a) −
+mean_a' A(s, a')``. Its output is one number per action like any discrete policy's, so every rule
+can train it; DQN reads it as action values.
 
 :class:`GRUPolicy` is a recurrent policy (an MLP encoder, a GRU, a linear head) for tasks that a
 policy of the current observation alone cannot solve (see "Recurrent policies" in the guide).
@@ -17,17 +24,42 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from unitrain.envs.observation import flat_observation
 from unitrain.policy.action import ACTION_STD
 from unitrain.policy.module import RLModule
 from unitrain.policy.nn import GRUCell, Step
 
-__all__ = ["mlp", "ACTIVATIONS", "MLPPolicy", "GRUPolicy", "ConvNet", "NatureCNN",
-           "ParameterVector"]
+__all__ = ["mlp", "ACTIVATIONS", "MLPPolicy", "GRUPolicy", "ConvNet", "NatureCNN", "DuelingHead",
+           "DuelingMLP", "ParameterVector"]
+
+
+class DuelingHead(nn.Module):
+    """``features -> V + A − mean A``: a value stream and an advantage stream (Wang et al. 2016,
+    eq. 9), each a hidden layer and an output layer.
+
+    Args:
+        in_features: size of the shared features.
+        act_dim: number of actions.
+        hidden: units of each stream's hidden layer.
+        activation: the hidden layers' activation class.
+    """
+
+    def __init__(self, in_features: int, act_dim: int, hidden: int,
+                 activation: Callable[[], nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.value = nn.Sequential(nn.Linear(in_features, hidden), activation(),
+                                   nn.Linear(hidden, 1))
+        self.advantage = nn.Sequential(nn.Linear(in_features, hidden), activation(),
+                                       nn.Linear(hidden, act_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        advantage = self.advantage(features)
+        return self.value(features) + advantage - advantage.mean(-1, keepdim=True)
 
 
 class NatureCNN(RLModule):
@@ -37,10 +69,13 @@ class NatureCNN(RLModule):
         obs_shape: ``(frames, height, width)`` of an observation (filled in from the env by
             recipes); uint8 pixels are scaled to ``[0, 1]``.
         act_dim: number of actions (logits) or action size (continuous mean).
-        hidden: units of the fully connected layer.
+        hidden: units of the fully connected layer (of each stream, with ``dueling``).
+        dueling: a :class:`DuelingHead` over the convolutions' features instead of the
+            fully connected layers (discrete actions).
     """
 
-    def __init__(self, obs_shape: Sequence[int], act_dim: int, hidden: int = 512) -> None:
+    def __init__(self, obs_shape: Sequence[int], act_dim: int, hidden: int = 512,
+                 dueling: bool = False) -> None:
         super().__init__()
         channels, height, width = (int(s) for s in obs_shape)
         self.features = nn.Sequential(
@@ -50,7 +85,8 @@ class NatureCNN(RLModule):
             nn.Flatten(-3))
         with torch.no_grad():
             size = self.features(torch.zeros(1, channels, height, width)).shape[-1]
-        self.head = nn.Sequential(nn.Linear(size, hidden), nn.ReLU(), nn.Linear(hidden, act_dim))
+        self.head = (DuelingHead(size, act_dim, hidden) if dueling else
+                     nn.Sequential(nn.Linear(size, hidden), nn.ReLU(), nn.Linear(hidden, act_dim)))
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(observation.float() / 255.0))
@@ -141,9 +177,15 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 class MLPPolicy(RLModule):
     """A multilayer-perceptron policy over flattened observations.
 
+    A ``Dict`` (or ``Tuple``) observation of vectors is read by name (``forward(**entries)``)
+    and concatenated in the order of ``obs_shapes`` (filled in from the env: gymnasium's
+    ``Dict`` sorts its keys by name, a ``Tuple`` keeps its positions ``obs0``, ``obs1``, ...);
+    each entry is flattened first.
+
     Args:
         obs_dim: flattened observation size (filled in from the env by recipes).
-        act_dim: number of actions (discrete) or action size (continuous).
+        act_dim: number of actions (discrete), of logits ``sum(nvec)`` (multi-discrete) or
+            action size (continuous).
         hidden: hidden layer sizes; ``[]`` gives a linear policy.
         activation: ``"tanh"``, ``"relu"``, ``"gelu"``, ``"elu"``, ``"step"`` (the hard threshold
             :class:`unitrain.policy.nn.Step`, no gradient) or ``"step_ste"`` (the same with
@@ -154,12 +196,15 @@ class MLPPolicy(RLModule):
             ``"state"`` (the network also outputs the log std: ``2 * act_dim`` outputs).
         discrete: whether actions are discrete (filled in by recipes; discrete actions always
             take ``act_dim`` logits).
+        obs_shapes: ``{name: shape}`` of a ``Dict``/``Tuple`` observation's entries, in the
+            order they are concatenated (filled in by recipes); ``None`` for a Box observation.
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (64, 64),
                  activation: str = "tanh", out_scale: float = 0.01,
                  obs_shape: Sequence[int] | None = None, action_std: str = "param",
-                 discrete: bool | None = None) -> None:
+                 discrete: bool | None = None,
+                 obs_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
@@ -167,10 +212,27 @@ class MLPPolicy(RLModule):
             raise ValueError(f"action_std {action_std!r} is not one of {list(ACTION_STD)}")
         self.action_std = action_std
         self.obs_ndim = len(obs_shape) if obs_shape else 1
+        self.obs_shapes = (None if obs_shapes is None else
+                           {str(k): tuple(int(d) for d in s) for k, s in obs_shapes.items()})
+        if self.obs_shapes is not None:
+            total = sum(math.prod(s) for s in self.obs_shapes.values())
+            if total != obs_dim:
+                raise ValueError(f"obs_shapes {self.obs_shapes} hold {total} values; obs_dim is "
+                                 f"{obs_dim}")
         outputs = 2 * act_dim if action_std == "state" and not discrete else act_dim
         self.net = mlp(obs_dim, outputs, tuple(hidden), ACTIVATIONS[activation], out_scale)
 
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+    def forward(self, observation: torch.Tensor | None = None,
+                **entries: torch.Tensor) -> torch.Tensor:
+        if self.obs_shapes is not None:
+            missing = sorted(set(self.obs_shapes) - set(entries))
+            if observation is not None or missing:
+                raise TypeError(f"MLPPolicy takes the observation entries "
+                                f"{list(self.obs_shapes)} by name; missing {missing}")
+            return self.net(flat_observation(entries, self.obs_shapes))
+        if observation is None or entries:
+            raise TypeError(f"MLPPolicy was built for a Box observation (obs_shapes is None); "
+                            f"got entries {sorted(entries)}")
         x = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
         return self.net(x.float())
 
@@ -230,6 +292,46 @@ class GRUPolicy(RLModule):
         x = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
         h = self.gru(self.encoder(x.float()), state)
         return self.head(h), h
+
+
+class DuelingMLP(RLModule):
+    """A dueling network over flattened observations (Wang et al. 2016): an MLP trunk, then a
+    :class:`DuelingHead` giving ``Q(s, a) = V(s) + A(s, a) − mean_a' A(s, a')``.
+
+    Args:
+        obs_dim: flattened observation size (filled in from the env by recipes).
+        act_dim: number of actions (filled in from the env by recipes).
+        hidden: hidden layer sizes of the shared trunk (``[]``: the streams read the
+            observation itself).
+        stream_hidden: units of the hidden layer of each stream.
+        activation: ``"tanh"``, ``"relu"``, ``"gelu"`` or ``"elu"``.
+        obs_shape: observation shape; multi-dimensional observations are flattened.
+        discrete: must not be ``False`` (filled in by recipes): the output is one value per
+            discrete action.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (64,),
+                 stream_hidden: int = 64, activation: str = "relu",
+                 obs_shape: Sequence[int] | None = None, discrete: bool | None = None) -> None:
+        super().__init__()
+        if activation not in ("tanh", "relu", "gelu", "elu"):
+            raise ValueError(f"activation {activation!r} is not one of elu, gelu, relu, tanh")
+        if discrete is False:
+            raise ValueError("a dueling network gives one value per discrete action; this env's "
+                             "actions are continuous")
+        self.obs_ndim = len(obs_shape) if obs_shape else 1
+        act = ACTIVATIONS[activation]
+        layers: list[nn.Module] = []
+        width = obs_dim
+        for h in hidden:
+            layers += [nn.Linear(width, int(h)), act()]
+            width = int(h)
+        self.trunk = nn.Sequential(*layers)
+        self.head = DuelingHead(width, act_dim, stream_hidden, act)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        x = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
+        return self.head(self.trunk(x.float()))
 
 
 class ParameterVector(RLModule):

@@ -2,10 +2,15 @@
 
 Users subclass :class:`RLModule`, build their networks in ``__init__`` and write ``forward``:
 
-- discrete actions: ``forward(observation) -> logits`` of shape ``[..., n_actions]``;
+- discrete actions: ``forward(observation) -> logits`` of shape ``[..., n_actions]``
+  (``MultiDiscrete(nvec)``: ``[..., sum(nvec)]``, one block of logits per sub-action);
 - continuous actions: ``forward(observation) -> pre-squash mean`` of shape ``[..., act_dim]``
   (or ``[..., 2 * act_dim]``, the mean then a log standard deviation, when the module sets
   ``action_std = "state"``); the action is the mean squashed into the env's bounds.
+
+A ``Dict`` (or ``Tuple``) observation reaches ``forward`` as keyword arguments by name
+(``forward(self, image, vector)``); :func:`unitrain.policy.inputs.call_module` is the one place
+that calls the module on an observation.
 
 A module with a memory (a GRU, an LSTM) declares ``initial_state(batch) -> state`` and writes
 ``forward(observation, state) -> (output, state)``; the contract is in
@@ -36,7 +41,9 @@ from torch import nn
 from unitrain.errors import ConfigError, UserError
 from unitrain.policy.action import ACTION_STD, ActionHead, LogStd
 from unitrain.policy.ckpt_file import load_checkpoint_file, recorded_class
-from unitrain.policy.recurrent import check_recurrent, is_recurrent, module_step
+from unitrain.policy.inputs import call_module
+from unitrain.policy.recurrent import (check_recurrent, is_recurrent, module_step,
+                                       observation_batch)
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -136,10 +143,8 @@ class RLModule(L.LightningModule):
         self.env_info = info
         self._actions = ActionHead(info, self.action_std)
         if check:
-            dtype = torch.uint8 if info.image else torch.float32
             with torch.no_grad():
-                out = check_recurrent(self, torch.zeros((1, *info.obs_shape), dtype=dtype,
-                                                        device=self.device))
+                out = check_recurrent(self, info.zero_observation(1, self.device))
             self._actions.check(out, type(self).__name__)
         return self._actions
 
@@ -164,25 +169,39 @@ class RLModule(L.LightningModule):
         """Whether the module keeps a state (it defines ``initial_state``)."""
         return is_recurrent(self)
 
-    def act(self, observation: torch.Tensor, state: Any = None) -> Any:
-        """The deterministic action: argmax of the logits, or the squashed mean in the bounds.
+    def act(self, observation: Any, mask: torch.Tensor | None = None, *,
+            state: Any = None) -> Any:
+        """The deterministic action: argmax of the logits (per block for multi-discrete actions;
+        over the actions ``mask`` allows, where the env gives action masks), or the squashed
+        mean in the bounds.
 
-        A recurrent module takes and returns its state: ``act(observation, state) -> (action,
-        state)`` for a batch ``[B, *obs_shape]``; ``state=None`` starts from
+        A recurrent module takes and returns its state: ``act(observation, state=state) ->
+        (action, state)`` for a batch ``[B, ...]``; ``state=None`` starts from
         ``initial_state(B)``.
 
+        Args:
+            observation: a tensor ``[..., *obs_shape]``, or for a ``Dict``/``Tuple`` observation
+                its named entries (a TensorDict or a dict; ``forward`` receives them by name).
+            mask: ``[..., A]`` bool, the allowed actions (``None``: all).
+            state: a recurrent module's state (keyword only).
+
         Raises:
-            UserError: a state given to a feed-forward module.
+            UserError: a state given to a feed-forward module, or a mask that is not a bool
+                tensor (a recurrent module's state passed by position).
         """
+        if mask is not None and not (isinstance(mask, torch.Tensor)
+                                     and mask.dtype == torch.bool):
+            raise UserError(f"{type(self).__name__}.act: mask must be a bool tensor of the "
+                            "allowed actions; a recurrent module's state is passed as state=")
         if not self.recurrent:
             if state is not None:
                 raise UserError(f"{type(self).__name__}.act: a state was given, but the module "
                                 "is feed-forward (it defines no initial_state)")
-            return self.actions.deterministic(self(observation))
+            return self.actions.deterministic(call_module(self, observation), mask)
         if state is None:
-            state = self.initial_state(observation.shape[0])
+            state = self.initial_state(observation_batch(observation))
         out, state = module_step(self, observation, state)
-        return self.actions.deterministic(out), state
+        return self.actions.deterministic(out, mask), state
 
     def load_policy(self, checkpoint: str | os.PathLike) -> None:
         """Load the policy (and ``aux.log_std``) of any unitrain checkpoint into this module.
@@ -250,7 +269,7 @@ class RLModule(L.LightningModule):
                 fit.
         """
         from unitrain.envs.info import EnvInfo, env_info
-        from unitrain.envs.obs_norm import ObsNorm
+        from unitrain.envs.obs_norm import make_obs_norm
         from unitrain.envs.spec import EnvSpec
         if hparams_file is not None:
             raise UserError("load_from_checkpoint: hparams_file is not supported; unitrain "
@@ -267,7 +286,7 @@ class RLModule(L.LightningModule):
         module = cls(**{**(run.get("module_hparams") or {}), **kwargs})
         recorded = run.get("env_info")
         if recorded is not None:
-            info = EnvInfo(**{**recorded, "obs_shape": tuple(recorded["obs_shape"])})
+            info = EnvInfo.from_record(recorded)
         elif run.get("env") is not None:  # a checkpoint before 0.2.0: read the env's spaces
             info = env_info(EnvSpec.from_record(run["env"], str(checkpoint_path)))
         else:
@@ -285,7 +304,7 @@ class RLModule(L.LightningModule):
                             f"{cls.__name__}: {str(e).splitlines()[-1].strip()}") from None
         norm = None
         if run.get("obs_norm") is not None and info is not None:
-            norm = ObsNorm(info.obs_shape)
+            norm = make_obs_norm(info)
             norm.load_state_dict(run["obs_norm"])
         # Not a submodule: the statistics belong to the run's env, not to the parameters.
         module.__dict__["obs_norm"] = norm

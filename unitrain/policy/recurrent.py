@@ -10,6 +10,9 @@ The state's tensors have the batch first (``[batch, ...]``, one row per env slot
 initial state is a constant (zeros, say: no trained parameter in it), because every loop starts a
 new episode from it: the state is reset to ``initial_state`` where an episode starts.
 ``output`` means what a feed-forward module's output means (:mod:`unitrain.policy.action`).
+A ``Dict``/``Tuple`` observation's entries are passed by name as for a feed-forward module
+(:mod:`unitrain.policy.inputs`), and the state then by the keyword ``state``:
+``forward(self, image, vector, state) -> (output, state)``.
 
 :func:`module_step` is the only call of a user's module that passes a state: evaluation,
 population evaluation, videos, collection and the sequence losses all go through it.
@@ -24,10 +27,12 @@ import torch
 from torch import nn
 
 from unitrain.envs.carry import State, leaves
+from unitrain.envs.observation import is_named
 from unitrain.errors import ConfigError
+from unitrain.policy.inputs import module_inputs
 
-__all__ = ["is_recurrent", "initial_state_of", "module_step", "check_recurrent", "recurrent_layer", "refuse_recurrent",
-           "RECURRENT_DOC"]
+__all__ = ["is_recurrent", "initial_state_of", "module_step", "check_recurrent", "recurrent_layer",
+           "refuse_recurrent", "observation_batch", "RECURRENT_DOC"]
 
 # Where users read about the contract (quoted by its errors).
 RECURRENT_DOC = "docs/guide.md, 'Recurrent policies'"
@@ -44,19 +49,30 @@ def initial_state_of(module: nn.Module) -> Callable[[int], State] | None:
     return module.initial_state if is_recurrent(module) else None  # type: ignore[return-value]
 
 
-def module_step(module: nn.Module, observation: torch.Tensor,
+def observation_batch(observation: Any) -> int:
+    """The batch size (first dimension) of an observation: a tensor, or named entries."""
+    if is_named(observation):
+        if hasattr(observation, "batch_size") and len(observation.batch_size):
+            return int(observation.batch_size[0])
+        return int(next(iter(observation.values())).shape[0])
+    return int(observation.shape[0])
+
+
+def module_step(module: nn.Module, observation: Any,
                 state: State | None) -> tuple[torch.Tensor, State | None]:
     """One step of the user's module: ``(output, next state)``.
 
-    A recurrent module is called as ``module(observation, state)``; a feed-forward one as
-    ``module(observation)``, with ``state`` ``None`` in and out.
+    A recurrent module is called as ``module(observation, state)`` (named entries:
+    ``module(**entries, state=state)``); a feed-forward one as ``module(observation)`` (named
+    entries: ``module(**entries)``), with ``state`` ``None`` in and out.
 
     Raises:
         ConfigError: a recurrent module returned something else than ``(output, state)``.
     """
+    args, kwargs = module_inputs(observation)
     if state is None:
-        return module(observation), None
-    result = module(observation, state)
+        return module(*args, **kwargs), None
+    result = module(*args, state, **kwargs) if args else module(**kwargs, state=state)
     if not (isinstance(result, (tuple, list)) and len(result) == 2
             and isinstance(result[0], torch.Tensor)):
         raise ConfigError("module", f"{type(module).__name__}.forward(observation, state) must "
@@ -71,7 +87,7 @@ def _kind(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def check_recurrent(module: nn.Module, observation: torch.Tensor) -> torch.Tensor:
+def check_recurrent(module: nn.Module, observation: Any) -> torch.Tensor:
     """Run the module once on ``observation`` ``[1, ...]`` and check the contract; return its
     output (for the action contract's size check).
 
@@ -82,15 +98,16 @@ def check_recurrent(module: nn.Module, observation: torch.Tensor) -> torch.Tenso
     """
     name = type(module).__name__
     if not is_recurrent(module):
-        out = module(observation)
+        out, _ = module_step(module, observation, None)
         if isinstance(out, (tuple, list)):
             raise ConfigError("module", f"{name}.forward returns {_kind(out)}; a recurrent module "
                                         "declares initial_state(batch) -> state and "
                                         "forward(observation, state) -> (output, state) (see "
                                         f"{RECURRENT_DOC}); a feed-forward one returns a tensor")
         return out
+    batch = observation_batch(observation)
     try:
-        initial = module.initial_state(observation.shape[0])
+        initial = module.initial_state(batch)
         first = leaves(initial)
     except TypeError as e:
         raise ConfigError("module", f"{name}.initial_state(batch) must return a tensor or a "
@@ -101,10 +118,10 @@ def check_recurrent(module: nn.Module, observation: torch.Tensor) -> torch.Tenso
         raise ConfigError("module", f"{name}.initial_state must be a constant (e.g. zeros), not "
                                     "computed from trained parameters: every episode starts "
                                     "from it")
-    if any(t.ndim == 0 or t.shape[0] != observation.shape[0] for t in first):
-        raise ConfigError("module", f"{name}.initial_state({observation.shape[0]}) must give "
+    if any(t.ndim == 0 or t.shape[0] != batch for t in first):
+        raise ConfigError("module", f"{name}.initial_state({batch}) must give "
                                     f"tensors whose first dimension is the batch "
-                                    f"({observation.shape[0]}); got shapes "
+                                    f"({batch}); got shapes "
                                     f"{[tuple(t.shape) for t in first]}")
     out, state = module_step(module, observation, initial)
     try:

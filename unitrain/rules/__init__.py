@@ -1,7 +1,7 @@
 """Update rules: every way of training a module, behind one interface (:mod:`.base`).
 
-- :mod:`.gradient`: PPO, REINFORCE, and the off-policy family (DDPG, TD3, SAC, DSAC-T) over
-  TorchRL losses;
+- :mod:`.gradient`: PPO, REINFORCE, and the off-policy family (DQN, DDPG, TD3, SAC, DSAC-T)
+  over TorchRL losses;
 - :mod:`.population`: the population service and the population rules (GA, ES, ARS, CEM,
   CSA-ES, CMA-ES, CBO) and the hybrid CEM-RL;
 - :mod:`.projection`: feasibility updates by projection (supervised, elite imitation).
@@ -12,6 +12,7 @@ also :mod:`unitrain.optim`'s (``ut.optim.PPO``).
 
 from unitrain.rules.base import RuleContext, UpdateRule
 from unitrain.rules.gradient.ddpg import DDPG
+from unitrain.rules.gradient.dqn import DQN
 from unitrain.rules.gradient.dsac_t import DSACT
 from unitrain.rules.gradient.ppo import PPO
 from unitrain.rules.gradient.reinforce import REINFORCE
@@ -33,6 +34,6 @@ from unitrain.rules.registry import get_rule, register_rule, registered_rules
 
 __all__ = ["UpdateRule", "RuleContext", "register_rule", "registered_rules", "get_rule",
            "Strategy", "Ask", "Told", "PopulationRule", "as_rule",
-           "PPO", "REINFORCE", "DDPG", "DSACT", "SAC", "TD3",
+           "PPO", "REINFORCE", "DQN", "DDPG", "DSACT", "SAC", "TD3",
            "ES", "GA", "ARS", "CEM", "CSAES", "CBO", "CMAES", "CEMRL",
            "Projection", "EliteImitation", "Adam"]

@@ -125,6 +125,14 @@ class RuleFields(Validated):
     block: ClassVar[str] = "optimizer"
     # Rules that fit (input, target) batches and take no env.
     supervised_only: ClassVar[bool] = False
+    # Whether the rule trains on Dict/Tuple observations (named entries); the Trainer refuses
+    # such an env for a rule that does not, naming the rules that do.
+    named_observations: ClassVar[bool] = True
+    # The action spaces the rule trains (``EnvInfo.action_space``: "discrete",
+    # "multidiscrete", "continuous"), and whether it honours an env's action masks; the Trainer
+    # refuses other envs before the run starts (:func:`unitrain.rules.registry.check_actions`).
+    action_spaces: ClassVar[tuple[str, ...]] = ("discrete", "continuous")
+    action_masks: ClassVar[bool] = False
 
     def state_dict(self) -> dict[str, Any]:
         """The rule's own state (not the module's, not the optimizers')."""

@@ -9,14 +9,15 @@ own file registers itself when that file is imported, or is named by its class p
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from unitrain.errors import ConfigError
 
 if TYPE_CHECKING:
+    from unitrain.envs.info import EnvInfo
     from unitrain.rules.base import UpdateRule
 
-__all__ = ["register_rule", "registered_rules", "get_rule"]
+__all__ = ["register_rule", "registered_rules", "get_rule", "check_actions"]
 
 _REGISTRY: dict[str, type[UpdateRule]] = {}
 
@@ -49,3 +50,25 @@ def get_rule(name: str) -> type[UpdateRule]:
     if name not in rules:
         raise ConfigError("name", f"unknown update rule {name!r}; valid: {', '.join(rules)}")
     return rules[name]
+
+
+def check_actions(rule: Any, info: "EnvInfo") -> None:
+    """Refuse, in one line, an env whose action space (or action masks) ``rule`` does not train,
+    naming the space and the registered rules that do (read from their ``action_spaces`` and
+    ``action_masks``)."""
+    if getattr(rule, "supervised_only", False):
+        return  # refused by its own check_env, for taking no env at all
+    space = info.action_space
+    spaces = getattr(rule, "action_spaces", ())
+    if space not in spaces:
+        able = [n for n, r in registered_rules().items()
+                if space in r.action_spaces and not r.supervised_only]
+        raise ConfigError("env.id", f"{info.id} has {space} actions "
+                                    f"({info.describe_actions()}), which {rule.name} does not "
+                                    f"train; rules that do: {', '.join(able)}")
+    if info.masked and not getattr(rule, "action_masks", False):
+        able = [n for n, r in registered_rules().items()
+                if r.action_masks and space in r.action_spaces and not r.supervised_only]
+        raise ConfigError("env.id", f"{info.id} has action masks "
+                                    f"({info.describe_actions()}), which {rule.name} does not "
+                                    f"honour; rules that do: {', '.join(able)}")

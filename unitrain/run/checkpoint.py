@@ -105,7 +105,7 @@ def policy_and_env(policy: "RLModule | str | os.PathLike", env: Any = None,
     ``policy`` is a module or a checkpoint; a checkpoint brings its run's env and statistics.
     """
     from unitrain.envs.info import env_info
-    from unitrain.envs.obs_norm import ObsNorm
+    from unitrain.envs.obs_norm import make_obs_norm
     from unitrain.envs.spec import EnvSpec, as_env_spec
     from unitrain.policy.module import RLModule
 
@@ -134,7 +134,7 @@ def policy_and_env(policy: "RLModule | str | os.PathLike", env: Any = None,
     policy.bind_env(info)
     norm = None
     if spec.obs_norm:
-        norm = ObsNorm(info.obs_shape)
+        norm = make_obs_norm(info)
         if norm_state is not None:
             norm.load_state_dict(norm_state)
     return policy, spec, norm

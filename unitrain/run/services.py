@@ -22,7 +22,7 @@ import torch.distributed as dist
 from unitrain.envs.batched import BatchedEnv, halves, make_env
 from unitrain.envs.collect import make_collector
 from unitrain.envs.info import EnvInfo
-from unitrain.envs.obs_norm import ObsNorm
+from unitrain.envs.obs_norm import NamedObsNorm, ObsNorm, make_obs_norm
 from unitrain.envs.rollout import evaluate_policy
 from unitrain.envs.spec import EnvSpec, derive_seed
 from unitrain.policy.recurrent import initial_state_of
@@ -136,7 +136,7 @@ class RunServices:
         self.eval_count = 0
         self.batch: Any = None
         self.env_info: EnvInfo | None = None
-        self.obs_norm: ObsNorm | None = None
+        self.obs_norm: ObsNorm | NamedObsNorm | None = None
         self.generator = torch.Generator()
         self.train_env_seed: int | None = None
         self.histogram: Callable[[str, torch.Tensor, int], None] | None = None
@@ -149,7 +149,7 @@ class RunServices:
             self.env_info = env_info or read_info(env_spec)
             module.bind_env(self.env_info)
             if env_spec.obs_norm:
-                self.obs_norm = ObsNorm(self.env_info.obs_shape)
+                self.obs_norm = make_obs_norm(self.env_info)
 
     def start(self, rank: int, world_size: int, num_threads: int = 1) -> None:
         """Set the process's place in the run and its thread budget (before the rule's

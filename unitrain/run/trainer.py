@@ -47,14 +47,14 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
-from unitrain.envs.info import env_info
+from unitrain.envs.info import EnvInfo, env_info
 from unitrain.envs.spec import EnvSpec, as_env_spec
 from unitrain.errors import ConfigError, UserError, check
 from unitrain.policy.ckpt_file import load_checkpoint_file
 from unitrain.policy.module import RLModule
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.population.strategy import Strategy, as_rule
-from unitrain.rules.registry import registered_rules
+from unitrain.rules.registry import check_actions, registered_rules
 from unitrain.run.adapter import RunAdapter, default_eval_every
 from unitrain.run.loggers import check_callback, check_logger, make_callback, make_logger
 from unitrain.run.progress import FrameProgressBar
@@ -288,6 +288,8 @@ class Trainer(L.Trainer):
         # space), before anything is written.
         self.env_info = env_info(env) if env is not None else None
         if env is not None:
+            _check_named_observations(optimizer, self.env_info)
+            check_actions(optimizer, self.env_info)
             optimizer.check_env(env, self.env_info)
             if max_frames is not None:
                 _warn_budget(optimizer.budget_warning(max_frames, _processes(devices, kwargs)))
@@ -568,6 +570,17 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"unitrain: checkpoint {summary['checkpoint']}")
     print(f"unitrain: summary {Path(summary['run_dir']) / 'summary.json'}; "
           f"tensorboard --logdir {summary['run_dir']}")
+
+
+def _check_named_observations(rule: Any, info: EnvInfo) -> None:
+    """Refuse, in one line, a Dict/Tuple observation for a rule that cannot train on one."""
+    if info.obs_shapes is None or getattr(rule, "named_observations", True):
+        return
+    able = [n for n, r in registered_rules().items()
+            if r.named_observations and not r.supervised_only]
+    raise ConfigError("env", f"{rule.name} does not train on Dict/Tuple observations ({info.id} "
+                             f"has entries {', '.join(info.obs_shapes)}); rules that do: "
+                             f"{', '.join(able)}")
 
 
 def _run_state(ckpt_path: str) -> dict[str, Any]:

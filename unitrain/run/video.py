@@ -174,10 +174,13 @@ def play(policy: "RLModule", spec: "EnvSpec", norm: "ObsNorm | None", episodes: 
             filmed.wanted = 1
             seeds = [eval_seed(seed, evaluation, k)]
             if policy.recurrent:
-                out = rollout(env, lambda obs, _, st: _on_cpu(policy.act(obs.to(device), st)),
+                # The rollout passes (observation, slots[, mask], state).
+                out = rollout(env, lambda obs, _, *rest: _on_cpu(policy.act(
+                    obs.to(device), *(m.to(device) for m in rest[:-1]), state=rest[-1])),
                               seeds=seeds, state=policy.initial_state(1))
             else:
-                out = rollout(env, lambda obs, _: policy.act(obs.to(device)).cpu(), seeds=seeds)
+                out = rollout(env, lambda obs, _, *mask: policy.act(
+                    obs.to(device), *(m.to(device) for m in mask)).cpu(), seeds=seeds)
             ret, length = out.by_slot()
             played.append((float(ret[0]), int(length[0])))
     finally:

@@ -35,6 +35,7 @@ from tensordict import TensorDictBase
 from torch import Tensor, nn
 from torchrl.objectives import DDPGLoss, ValueEstimators
 
+from unitrain.policy.inputs import call_module
 from unitrain.rules.gradient.offpolicy import (LeanModule, OffPolicyFields, OffPolicyLoop,
                                                critic_steps, make_critics)
 from unitrain.rules.registry import register_rule
@@ -56,8 +57,8 @@ class TanhActor(nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, observation: Tensor) -> Tensor:
-        return torch.tanh(self.module.actions.loc(self.module(observation)))
+    def forward(self, observation: Any) -> Tensor:
+        return torch.tanh(self.module.actions.loc(call_module(self.module, observation)))
 
 
 @register_rule("ddpg")

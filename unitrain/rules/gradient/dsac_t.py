@@ -41,6 +41,7 @@ from tensordict import TensorDictBase
 from torch import Tensor, nn
 
 from unitrain.rules.gradient.dsac_t_loss import DSACTLoss
+from unitrain.policy.inputs import call_module
 from unitrain.rules.gradient.offpolicy import (OffPolicyFields, OffPolicyLoop,
                                                critic_steps, make_critics)
 from unitrain.rules.registry import register_rule
@@ -69,9 +70,9 @@ class _GaussianActor(nn.Module):
         # two copies of it (one per path) to keep in step.
         self.__dict__["log_std"] = log_std
 
-    def forward(self, observation: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, observation: Any) -> tuple[Tensor, Tensor]:
         head = self.module.actions
-        out = self.module(observation)
+        out = call_module(self.module, observation)
         return head.loc(out), head.log_std(out, self.log_std)
 
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 from tensordict import TensorDictBase
@@ -54,6 +54,7 @@ from torchrl.data import Composite
 from torchrl.modules import MLP
 from torchrl.objectives import SoftUpdate
 
+from unitrain.envs.observation import batch_shape, flat_observation
 from unitrain.envs.replay import Replay
 from unitrain.errors import ConfigError, TrainingDiverged, UserError, check
 from unitrain.rules.base import UpdateRule
@@ -100,29 +101,37 @@ class LeanModule(TensorDictModule):
 class Critic(nn.Module):
     """The default critic: an MLP over ``[flatten(observation), action]``.
 
+    A named observation (``Dict``/``Tuple``) is read as its entries flattened and concatenated
+    in the documented order (:func:`unitrain.envs.observation.flat_observation`), images
+    included (as float values 0-255).
+
     Args:
-        obs_shape: observation shape (flattened before the first layer).
+        obs_shape: observation shape, or ``{name: shape}`` of named entries (flattened before
+            the first layer).
         act_dim: action size.
         hidden: hidden layer widths.
         activation: hidden activation class.
         outputs: output features (1 for a Q-value; 2 for DSAC-T's mean and raw std).
     """
 
-    def __init__(self, obs_shape: tuple[int, ...], act_dim: int, hidden: tuple[int, ...],
-                 activation: type[nn.Module], outputs: int) -> None:
+    def __init__(self, obs_shape: tuple[int, ...] | dict[str, tuple[int, ...]], act_dim: int,
+                 hidden: tuple[int, ...], activation: type[nn.Module], outputs: int) -> None:
         super().__init__()
-        self.obs_ndim = len(obs_shape)
-        self.net = MLP(in_features=math.prod(obs_shape) + act_dim, out_features=outputs,
+        self.layout = (dict(obs_shape) if isinstance(obs_shape, dict)
+                       else tuple(int(s) for s in obs_shape))
+        size = (sum(math.prod(s) for s in obs_shape.values()) if isinstance(obs_shape, dict)
+                else math.prod(obs_shape))
+        self.net = MLP(in_features=size + act_dim, out_features=outputs,
                        num_cells=list(hidden), activation_class=activation)
 
-    def forward(self, observation: Tensor, action: Tensor) -> Tensor:
+    def forward(self, observation: Any, action: Tensor) -> Tensor:
         """The critic's outputs, ``[..., outputs]``.
 
         Args:
-            observation: ``[..., *obs_shape]``.
+            observation: ``[..., *obs_shape]``, or named entries.
             action: ``[..., act_dim]`` in ``[-1, 1]``.
         """
-        obs = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
+        obs = flat_observation(observation, self.layout)
         return self.net(torch.cat([obs.to(action.dtype), action], dim=-1))
 
 
@@ -145,7 +154,7 @@ def make_critics(module: "RLModule", count: int, outputs: int, hidden: tuple[int
         return critics
     info = module.env_info
     assert info is not None
-    return [Critic(info.obs_shape, info.act_dim, hidden, activation, outputs)
+    return [Critic(info.layout, info.act_dim, hidden, activation, outputs)
             for _ in range(count)]
 
 
@@ -210,7 +219,8 @@ class _Explorer(TensorDictModuleBase):
     """The collector's policy: the rule's exploration (or uniform warm-up actions).
 
     Writes ``"action"`` in env units (what the env steps with) and ``"action_unit"`` in
-    ``[-1, 1]`` (what the replay memory keeps). The user's module is registered so that the
+    ``[-1, 1]`` (what the replay memory keeps); for discrete actions both are the action's
+    index, and warm-up actions are uniform over the indices. The user's module is registered so that the
     collector sees parameters already on the policy device and runs this object as it is.
     """
 
@@ -225,16 +235,21 @@ class _Explorer(TensorDictModuleBase):
         self.__dict__["explore"] = explore
         self.random = True
         # Output specs spare the collector a dry run of the policy (a draw of exploration noise).
+        # Discrete actions are indices both for the env and for the memory.
         spec = loop.head.spec(loop.device, "action_unit")
-        self.spec = Composite(action=spec["action"], action_unit=spec["action_unit"],
-                              device=loop.device)
+        unit = spec["action"] if loop.head.discrete else spec["action_unit"]
+        self.spec = Composite(action=spec["action"], action_unit=unit, device=loop.device)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         observation = tensordict.get("observation")
         head = self.loop.head
         with torch.no_grad():
-            if self.random:
-                shape = (*observation.shape[: -len(self.loop.obs_shape)], head.act_dim)
+            if self.random and head.discrete:
+                shape = batch_shape(observation, self.loop.obs_shape)
+                unit = torch.randint(head.act_dim, shape, generator=self.loop.generator,
+                                     device="cpu").to(self.loop.device)
+            elif self.random:
+                shape = (*batch_shape(observation, self.loop.obs_shape), head.act_dim)
                 unit = self.loop.draw(shape, uniform=True) * 2.0 - 1.0
             else:
                 unit = self.explore(observation)
@@ -279,11 +294,13 @@ class CriticFields(UpdateRule):
     critic_hidden: tuple[int, ...] = bounded((256, 256), "[1, inf]")
     save_buffer: bool = False
 
+    action_spaces: ClassVar[tuple[str, ...]] = ("continuous",)
+
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         if info.discrete:
             raise ConfigError("env.id", f"{info.id} has discrete actions ({info.act_dim}); "
                                         f"{self.name} needs a continuous (Box) action space "
-                                        "(for discrete actions use ppo or reinforce)")
+                                        "(for discrete actions use dqn, ppo or reinforce)")
         bounds = (info.action_low, info.action_high)
         if any(b is None or not bool(torch.isfinite(b).all()) for b in bounds):
             raise ConfigError("env.id", f"{info.id} has unbounded actions; {self.name} squashes "
@@ -356,9 +373,11 @@ class OffPolicyLoop:
 
     Args:
         rule: the rule's hyperparameters (its name is used in messages).
-        module: the user's module, bound to a continuous, bounded action space.
+        module: the user's module, bound to a continuous, bounded action space (or a discrete
+            one, for a rule that acts by index: DQN).
         ctx: the run's services.
-        explore: ``observation -> action in [-1, 1]``, the rule's exploration (no gradient).
+        explore: ``observation -> action in [-1, 1]`` (an index for discrete actions), the
+            rule's exploration (no gradient).
         metric_names: the per-update metrics the rule's ``update`` returns (reported as NaN,
             hence not logged, in iterations without updates, so every step has the same keys).
     """
@@ -370,10 +389,10 @@ class OffPolicyLoop:
             raise UserError(f"{rule.name}: needs an env; give the Trainer env=...")
         self.head: ActionHead = module.actions
         # A rule that fills the memory itself (CEM-RL) has no frames_per_batch and never collects.
-        per_batch = rule.frames_per_batch if isinstance(rule, OffPolicyFields) else None
+        per_batch = getattr(rule, "frames_per_batch", None)
         self.frames_per_batch = per_batch or ctx.env_spec.num_envs
         self.rule, self.metric_names = rule, metric_names
-        self.obs_shape = info.obs_shape
+        self.obs_shape = info.layout
         self.generator = ctx.generator
         self.device = ctx.device
         self.replay = Replay(rule.buffer_size, rule.batch_size, ctx.generator, ctx.device)
@@ -467,13 +486,15 @@ class OffPolicyLoop:
         return batch.numel()
 
     def descend(self, loss: Tensor, optimizers: list[torch.optim.Optimizer],
-                ctx: "RuleContext") -> None:
+                ctx: "RuleContext", max_grad_norm: float | None = None) -> None:
         """One step of ``optimizers`` on ``loss``, gradients averaged across processes.
 
         Args:
             loss: a scalar whose gradient reaches the optimizers' parameters.
             optimizers: the optimizers to step.
             ctx: the run's services (collectives, iteration number).
+            max_grad_norm: rescale the averaged gradients to at most this total 2-norm
+                (``None``: no clipping).
 
         Raises:
             TrainingDiverged: a gradient is NaN or infinite (no parameter is changed).
@@ -484,12 +505,15 @@ class OffPolicyLoop:
         loss.backward()
         ctx.all_reduce_grads(params)
         grads = [p.grad for p in params if p.grad is not None]
+        norm = nn.utils.get_total_norm(grads) if grads else None
         # Averaged gradients are identical on every rank, so every rank stops together.
-        if grads and not bool(torch.isfinite(nn.utils.get_total_norm(grads))):
+        if norm is not None and not bool(torch.isfinite(norm)):
             raise TrainingDiverged(
                 f"{self.rule.name}: non-finite gradients (a NaN or infinite loss) at iteration "
                 f"{ctx.iteration + 1}, gradient update {self.updates + 1}; the run stopped and "
                 "its last checkpoint holds the last finite state (try lower learning rates)")
+        if max_grad_norm is not None and norm is not None:
+            nn.utils.clip_grads_with_norm_(grads, max_grad_norm, norm)
         for opt in optimizers:
             opt.step()
 

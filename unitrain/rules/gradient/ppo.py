@@ -15,7 +15,7 @@ composes :class:`OnPolicyBatches` (policy, value function, collection, GAE) and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,8 +23,10 @@ from torchrl.modules import ValueOperator
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
+from unitrain.envs.observation import flat_observation
 from unitrain.errors import UserError, check
 from unitrain.policy.action import stochastic_actor
+from unitrain.policy.inputs import call_module
 from unitrain.policy.models import mlp
 from unitrain.policy.recurrent import is_recurrent
 from unitrain.rules.base import UpdateRule
@@ -43,26 +45,31 @@ __all__ = ["PPO", "OnPolicyFields", "OnPolicyBatches", "check_batch", "value_ope
 
 
 class _Flatten(nn.Module):
-    """Flatten the observation's trailing dims before an MLP (images included)."""
+    """Flatten the observation's trailing dims before an MLP (images included; named entries
+    concatenated in the documented order, :func:`~unitrain.envs.observation.flat_observation`)."""
 
-    def __init__(self, net: nn.Module, obs_ndim: int) -> None:
+    def __init__(self, net: nn.Module, layout: Any) -> None:
         super().__init__()
-        self.net, self.obs_ndim = net, obs_ndim
+        self.net, self.layout = net, layout
 
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        x = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
-        return self.net(x.float())
+    def forward(self, *observation: torch.Tensor) -> torch.Tensor:
+        # Named entries come one by one (the value operator reads each leaf), in layout order.
+        obs = (dict(zip(self.layout, observation)) if isinstance(self.layout, dict)
+               else observation[0])
+        return self.net(flat_observation(obs, self.layout).float())
 
 
 class _ModuleValue(nn.Module):
-    """The user's ``module.value(observation)`` as a network."""
+    """The user's ``module.value(observation)`` as a network (``module.value(**entries)`` for
+    named entries, which come one by one in ``names`` order)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, names: list[str] | None) -> None:
         super().__init__()
-        self.module = module
+        self.module, self.names = module, names
 
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:
-        return self.module.value(observation)
+    def forward(self, *observation: torch.Tensor) -> torch.Tensor:
+        obs = observation[0] if self.names is None else dict(zip(self.names, observation))
+        return call_module(self.module, obs, "value")
 
 
 def value_operator(module: "RLModule", info: "EnvInfo", hidden: tuple[int, ...]) -> ValueOperator:
@@ -73,12 +80,16 @@ def value_operator(module: "RLModule", info: "EnvInfo", hidden: tuple[int, ...])
         info: the env's shapes.
         hidden: hidden sizes of the default MLP.
     """
+    names = None if info.obs_shapes is None else list(info.obs_shapes)
     if callable(getattr(module, "value", None)):
-        value_net: nn.Module = _ModuleValue(module)
+        value_net: nn.Module = _ModuleValue(module, names)
     else:
         value_net = module.add_aux("value", _Flatten(
-            mlp(info.obs_dim, 1, hidden, nn.Tanh, out_gain=1.0), len(info.obs_shape)))
-    return ValueOperator(value_net, in_keys=["observation"])
+            mlp(info.obs_dim, 1, hidden, nn.Tanh, out_gain=1.0), info.layout))
+    # The leaves of a named observation, one by one: TorchRL's value estimators read tensors.
+    in_keys: list[Any] = (["observation"] if names is None
+                          else [("observation", key) for key in names])
+    return ValueOperator(value_net, in_keys=in_keys)
 
 
 def gradient_step(loss: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
@@ -208,6 +219,9 @@ class OnPolicyFields(UpdateRule):
     max_grad_norm: float = bounded(0.5, "(0, inf]")
     log_std_init: float = 0.0
     value_hidden: tuple[int, ...] = (64, 64)
+
+    action_spaces: ClassVar[tuple[str, ...]] = ("discrete", "multidiscrete", "continuous")
+    action_masks: ClassVar[bool] = True
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         check_batch(self.frames_per_batch, env)

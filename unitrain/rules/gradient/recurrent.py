@@ -37,6 +37,7 @@ from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
 from unitrain.envs.carry import State, flatten_state, leaves, map_state, unflatten_state, where_start
+from unitrain.envs.observation import is_named
 from unitrain.errors import ConfigError
 from unitrain.policy.recurrent import module_step
 
@@ -72,15 +73,18 @@ class SequenceOutput(nn.Module):
         self.module = module
         self.obs_ndim = obs_ndim
 
-    def forward(self, observation: torch.Tensor, is_init: torch.Tensor,
+    def forward(self, observation: Any, is_init: torch.Tensor,
                 *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         like = self.module.initial_state(1)
         state = unflatten_state(like, dict(zip(map(str, range(len(flat))), flat)))
-        if observation.ndim == 1 + self.obs_ndim:
+        # Named entries are a TensorDict whose batch dimensions are the steps'.
+        batch_dims = (observation.batch_dims if is_named(observation)
+                      else observation.ndim - self.obs_ndim)
+        if batch_dims == 1:
             out, nxt = module_step(self.module, observation, state)
             return (out, *leaves(nxt))
         segments, steps = observation.shape[:2]
-        initial = map_state(lambda t: t.to(observation.device), self.module.initial_state(segments))
+        initial = map_state(lambda t: t.to(is_init.device), self.module.initial_state(segments))
         state = map_state(lambda t: t[:, 0], state)
         starts = is_init.reshape(segments, steps)
         outs, states = [], []

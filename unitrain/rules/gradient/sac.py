@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torchrl.modules import ProbabilisticActor, TanhNormal
 from torchrl.objectives import SACLoss, ValueEstimators
 
+from unitrain.policy.inputs import call_module
 from unitrain.rules.gradient.offpolicy import (LeanModule, OffPolicyFields, OffPolicyLoop,
                                                critic_steps, make_critics)
 from unitrain.rules.registry import register_rule
@@ -62,9 +63,9 @@ class _LocScale(nn.Module):
         # ``log_std`` lives under ``module.aux``, which ``module`` registers already.
         self.__dict__["log_std"] = log_std
 
-    def forward(self, observation: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, observation: Any) -> tuple[Tensor, Tensor]:
         head = self.module.actions
-        out = self.module(observation)
+        out = call_module(self.module, observation)
         return head.loc(out), head.log_std(out, self.log_std).clamp(*self.bounds).exp()
 
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 from torchrl.objectives import TD3Loss
 
@@ -272,10 +272,14 @@ class CEMRL(CEMFields, CriticFields):
         head = self.loop.head
         low, high = head.low.to(step.action), head.high.to(step.action)
         unit = ((step.action - low) / (high - low) * 2.0 - 1.0).clamp(-1.0, 1.0)
+
+        def stored(obs: Any) -> Any:  # named entries keep their dtypes (uint8 images)
+            return obs if isinstance(obs, TensorDictBase) else obs.to(torch.float32)
+
         self.loop.remember(TensorDict({
-            "observation": step.observation[on].to(torch.float32),
+            "observation": stored(step.observation[on]),
             "action": unit[on].to(torch.float32),
-            "next": {"observation": nxt["observation"][on].to(torch.float32),
+            "next": {"observation": stored(nxt["observation"][on]),
                      "reward": nxt["reward"][on].to(torch.float32),
                      # An episode the population's step cap ended is done, not terminated.
                      "done": (nxt["done"].reshape(-1) | step.ended)[on].reshape(-1, 1),

@@ -41,12 +41,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tensordict import TensorDictBase
 from torch import nn
 from torch.func import functional_call, vmap
 
 from unitrain.envs.batched import BatchedEnv, halves, make_env
 from unitrain.envs.carry import map_state
-from unitrain.envs.obs_norm import ObsNorm
+from unitrain.envs.obs_norm import NamedObsNorm, ObsNorm
+from unitrain.envs.observation import flat_observation
 from unitrain.envs.rollout import Step, rollout, shard
 from unitrain.envs.spec import EnvSpec, derive_seed
 from unitrain.errors import UserError, check
@@ -251,11 +253,12 @@ class _Actor(nn.Module):
         self.module: RLModule = module
         self._act = act
 
-    def forward(self, observation: torch.Tensor, state: Any = None) -> Any:
+    def forward(self, observation: Any, mask: torch.Tensor | None = None,
+                state: Any = None) -> Any:
         if state is not None:  # a recurrent module: (action, state)
-            return self.module.act(observation, state)
+            return self.module.act(observation, mask, state=state)
         if self._act is None:
-            return self.module.act(observation)
+            return self.module.act(observation, mask)
         return self._act(self.module, observation)
 
 
@@ -292,7 +295,6 @@ class PopulationPolicy:
         self.module, self.layout = module, layout
         self._actor = _Actor(module, act)
         self.recurrent = is_recurrent(module)
-        self._batched = vmap(self._one, in_dims=(0, 0, 0) if self.recurrent else (0, 0))
         # Other names of the same policy tensors in other modules (weights the user tied), swapped
         # with them. Only these: the aux networks may hold the policy's parameters too (a loss's
         # functional copy of the actor) and are not part of the policy's forward, and a module
@@ -309,9 +311,9 @@ class PopulationPolicy:
                       and owner(name) != owner(first[id(p)])]
 
     def _one(self, params: dict[str, torch.Tensor], observation: torch.Tensor,
-             state: Any = None) -> Any:
-        args = (observation,) if state is None else (observation, state)
-        return functional_call(self._actor, params, args, tie_weights=False)
+             mask: torch.Tensor | None = None, state: Any = None) -> Any:
+        return functional_call(self._actor, params, (observation, mask, state),
+                               tie_weights=False)
 
     def initial_state(self, w: int, batch: int) -> Any:
         """A recurrent module's initial state for ``w`` individuals of ``batch`` slots each
@@ -327,19 +329,27 @@ class PopulationPolicy:
         return stacked
 
     @torch.no_grad()
-    def apply(self, stacked: dict[str, torch.Tensor], observation: torch.Tensor,
-              state: Any = None) -> Any:
+    def apply(self, stacked: dict[str, torch.Tensor], observation: Any,
+              mask: torch.Tensor | None = None, state: Any = None) -> Any:
         """The actions for ``observation [w, B, *obs_shape]`` under :meth:`stack`'s parameters
-        (and, for a recurrent module given its ``state``, the next state)."""
-        if self.recurrent and state is None:
-            state = self.initial_state(observation.shape[0], observation.shape[1])
-            return self._batched(stacked, observation, state)[0]
-        if state is None:
-            return self._batched(stacked, observation)
-        return self._batched(stacked, observation, state)
+        (named entries: a TensorDict of batch ``[w, B]``, vmapped as a dict of its entries; with
+        action masks ``[w, B, A]``: the allowed actions only; for a recurrent module given its
+        ``state``, ``(actions, next state)``)."""
+        if isinstance(observation, TensorDictBase):
+            observation = dict(observation.items())
+        fresh = self.recurrent and state is None
+        if fresh:
+            w, batch = next(iter(observation.values())).shape[:2] if isinstance(
+                observation, dict) else observation.shape[:2]
+            state = self.initial_state(w, batch)
+        batched = vmap(self._one, in_dims=(0, 0, None if mask is None else 0,
+                                           None if state is None else 0))
+        out = batched(stacked, observation, mask, state)
+        return out[0] if fresh else out
 
-    def __call__(self, params: torch.Tensor, observation: torch.Tensor, state: Any = None) -> Any:
-        return self.apply(self.stack(params), observation, state)
+    def __call__(self, params: torch.Tensor, observation: Any,
+                 mask: torch.Tensor | None = None, state: Any = None) -> Any:
+        return self.apply(self.stack(params), observation, mask, state)
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -379,7 +389,8 @@ class PopulationEvaluator:
     Args:
         policy: the batched policy.
         spec: the env to run (``spec.num_envs`` is ignored: the wave decides).
-        obs_shape: shape of one observation.
+        obs_shape: shape of one observation, or ``{name: shape}`` of a named one (its
+            behaviour characterisation reads the entries flattened and concatenated).
         episodes: episodes per individual ``E``.
         max_episode_steps: cap on each episode's steps (``None``: the env's own limit).
         max_envs: most env slots stepped together (``None``: a whole call in one wave).
@@ -393,16 +404,19 @@ class PopulationEvaluator:
         num_threads: threads EnvPool envs step on.
     """
 
-    def __init__(self, policy: PopulationPolicy, spec: EnvSpec, obs_shape: Sequence[int],
+    def __init__(self, policy: PopulationPolicy, spec: EnvSpec,
+                 obs_shape: Sequence[int] | dict[str, tuple[int, ...]],
                  episodes: int = 1, max_episode_steps: int | None = None,
-                 max_envs: int | None = None, obs_norm: ObsNorm | None = None,
+                 max_envs: int | None = None, obs_norm: ObsNorm | NamedObsNorm | None = None,
                  behaviour: str | None = None, num_threads: int = 1) -> None:
         self.policy, self.spec, self.episodes = policy, spec, episodes
         self.num_threads = num_threads
         self.max_episode_steps, self.max_envs = max_episode_steps, max_envs
         self.obs_norm, self.behaviour = obs_norm, behaviour
         self._envs: dict[tuple[int, int], BatchedEnv] = {}
-        self._obs_shape = tuple(obs_shape)
+        self._layout: Any = dict(obs_shape) if isinstance(obs_shape, dict) else tuple(obs_shape)
+        self._obs_shape = ((sum(math.prod(s) for s in obs_shape.values()),)
+                           if isinstance(obs_shape, dict) else tuple(obs_shape))
         self._behaviour_dim: int | None = None
 
     def _env(self, slots: int, episodes: int) -> BatchedEnv:
@@ -467,15 +481,20 @@ class PopulationEvaluator:
         parts = {sl.start: {k: v[sl.start // episodes: sl.stop // episodes]
                             for k, v in stacked.items()} for sl in env.parts}
 
-        def policy(obs: torch.Tensor, group: slice, state: Any = None) -> Any:
+        def policy(obs: Any, group: slice, *rest: Any) -> Any:
+            # The rollout passes (observation, slots[, mask][, state]).
             # The envs (and their observations) stay on the CPU; the network runs where the
             # parameters are (the module's device), and the actions come back to the envs.
-            x = obs if norm is None else norm(obs).to(torch.float32)
+            mask = rest[0] if env.info.masked else None
+            state = rest[-1] if self.policy.recurrent else None
+            x = obs if norm is None else norm(obs)
             x = x.reshape(-1, episodes, *obs.shape[1:]).to(params.device)
+            if mask is not None:
+                mask = mask.reshape(-1, episodes, mask.shape[-1]).to(params.device)
             if state is None:
-                action = self.policy.apply(parts[group.start], x)
+                action = self.policy.apply(parts[group.start], x, mask)
             else:  # slot-major rows [k, ...] are [individuals, episodes, ...]
-                action, state = self.policy.apply(parts[group.start], x, map_state(
+                action, state = self.policy.apply(parts[group.start], x, mask, map_state(
                     lambda t: t.reshape(-1, episodes, *t.shape[1:]), state))
                 state = map_state(lambda t: t.reshape(obs.shape[0], *t.shape[2:]), state)
             action = action.reshape(obs.shape[0], *action.shape[2:]).to(obs.device)
@@ -491,10 +510,12 @@ class PopulationEvaluator:
                 seen.append(step.observation[step.active])
             if mode == "mean":
                 flat = torch.where(step.active[:, None],
-                                   step.observation.reshape(slots, -1).to(torch.float64), 0.0)
+                                   flat_observation(step.observation, self._layout).reshape(
+                                       slots, -1).to(torch.float64), 0.0)
                 summary[0] = flat if summary[0] is None else summary[0].add_(flat)
             elif mode == "final" and bool(step.ended.any()):
-                last = step.next["observation"].reshape(slots, -1).to(torch.float64)
+                last = flat_observation(step.next["observation"], self._layout).reshape(
+                    slots, -1).to(torch.float64)
                 if summary[0] is None:
                     summary[0] = torch.zeros_like(last)
                 summary[0][step.ended] = last[step.ended]
@@ -685,7 +706,7 @@ class PopulationEvaluation:
         self.layout = ParamLayout.of(module)
         self.policy = PopulationPolicy(module, self.layout)
         self.evaluator = PopulationEvaluator(
-            self.policy, ctx.env_spec, ctx.env_info.obs_shape, rule.episodes,
+            self.policy, ctx.env_spec, ctx.env_info.layout, rule.episodes,
             rule.max_episode_steps, rule.max_envs, obs_norm=ctx.obs_norm, behaviour=behaviour,
             num_threads=ctx.num_threads)
         self.generation = 0  # generations finished

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -110,7 +110,13 @@ class Strategy(PopulationFields):
     and implements :meth:`ask` and :meth:`tell`, plus :meth:`start`, :meth:`state_dict` and
     :meth:`load_state_dict` when it has state (``"generation"`` is the service's key), and
     :meth:`optimizer` when it steps a ``torch.optim`` optimizer on the policy's parameters.
+
+    Candidates are evaluated by the service with the contract's deterministic action
+    (``module.act``), so every action space and action masks are honoured alike.
     """
+
+    action_spaces: ClassVar[tuple[str, ...]] = ("discrete", "multidiscrete", "continuous")
+    action_masks: ClassVar[bool] = True
 
     def characterisation(self) -> str | None:
         """``"final"`` or ``"mean"`` observation as each episode's behaviour (for novelty), or
@@ -166,6 +172,8 @@ class PopulationRule(UpdateRule):
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
         self.name = strategy.name  # type: ignore[misc]  (the rule is known by its strategy's name)
+        self.action_spaces = strategy.action_spaces  # type: ignore[misc]
+        self.action_masks = strategy.action_masks  # type: ignore[misc]
         self._optimizer: torch.optim.Optimizer | None = None
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:

@@ -54,7 +54,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from unitrain.envs.rollout import Step, rollout
 from unitrain.envs.spec import derive_seed
 from unitrain.errors import ConfigError, UserError, check
+from unitrain.policy.inputs import call_module
 from unitrain.policy.recurrent import recurrent_layer, refuse_recurrent
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.population.service import ParamLayout, PopulationPolicy
@@ -123,7 +124,7 @@ class _SlotNoise:
         self.layout = ParamLayout.of(module)
         self.theta = self.layout.flatten(module)
         self.sigma, self.greedy, self.generator = sigma, greedy, generator
-        self.batched = PopulationPolicy(module, self.layout, act=lambda m, obs: m(obs))
+        self.batched = PopulationPolicy(module, self.layout, act=call_module)
         self.eps = torch.zeros(len(greedy), self.layout.numel, dtype=self.theta.dtype,
                                device=self.theta.device)
         # Each slot's parameters θ + σ·ε, kept from one redraw to the next (not rebuilt per step).
@@ -207,6 +208,9 @@ class EliteImitation(UpdateRule):
             first ones, so with ``starts`` above their number some starts have no greedy
             episode.
     """
+
+    # The projection fit reads the module's stages on one flat input.
+    named_observations: ClassVar[bool] = False
 
     def check_module(self, module: "RLModule") -> None:
         refuse_recurrent(module, self.name, "the solver projects onto the graphs of feed-forward "
