@@ -18,6 +18,7 @@ from unitrain.envs.info import env_info
 from unitrain.envs.rollout import rollout
 from unitrain.errors import ConfigError, UserError
 from unitrain.optim import registered_rules
+from unitrain.policy.nn import GRUCell
 from unitrain.rules.gradient.recurrent import IS_INIT, STATE, segments
 from unitrain.rules.population.service import ParamLayout, PopulationPolicy
 from unitrain.run.services import RunServices
@@ -239,6 +240,9 @@ REFUSED = {
     "ddpg": "ddpg trains feed-forward modules only (its replay memory",
     "dsac_t": "dsac_t trains feed-forward modules only (its replay memory",
     "cem_rl": "cem_rl trains feed-forward modules only (its replay memory",
+    "dqn": "dqn trains feed-forward modules only (its replay memory keeps single transitions, "
+           "without recurrent states, and its Q-values are of one observation); GRUPolicy is "
+           "recurrent (initial_state); train it with ppo, reinforce or a population rule",
     "elite_imitation": "elite_imitation trains feed-forward modules only (the solver projects "
                        "onto the graphs of feed-forward layers; gru (GRUCell) is recurrent)",
 }
@@ -246,7 +250,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_rules_for_feed_forward_modules_refuse_a_recurrent_one(name: str, tmp_path: Path):
-    env = "CartPole-v1" if name == "elite_imitation" else "Pendulum-v1"
+    env = "CartPole-v1" if name in ("elite_imitation", "dqn") else "Pendulum-v1"
     trainer = ut.Trainer(ut.EnvSpec(env, num_envs=2), registered_rules()[name](), max_frames=8,
                          run_dir=tmp_path, enable_progress_bar=False)
     info = _info(env)
@@ -307,3 +311,57 @@ def test_evaluate_films_and_refuses_export_of_a_recurrent_run(capsys, tmp_path: 
     assert main(["export", ckpt, "--out", str(tmp_path / "p.pt2")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("unitrain: error: export: GRUPolicy is recurrent (initial_state)")
+
+
+# ------------------------------------------------------------------ named entries and masks
+
+class PhaseGRU(ut.RLModule):
+    """A GRU over TrapDict's ``phase`` entry: the entry by name, the state by keyword."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.cell = GRUCell(4, hidden)
+        self.head = nn.Linear(hidden, 4)
+
+    def initial_state(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.hidden)
+
+    def forward(self, phase: torch.Tensor, state: torch.Tensor):
+        h = self.cell(phase, state)
+        return self.head(h), h
+
+
+def test_act_steps_a_named_observation_with_its_mask_and_state():
+    from tensordict import TensorDict
+
+    module = PhaseGRU()
+    module.bind_env(env_info(ut.EnvSpec("userenvs:TrapDict-v0")))
+    obs = TensorDict(phase=torch.eye(4), batch_size=[4])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    action, state = module.act(obs, mask)
+    # By hand: the module's forward on the entry by name, then the argmax over allowed actions.
+    out, h = module(phase=torch.eye(4), state=torch.zeros(4, 16))
+    assert torch.equal(state, h)
+    assert torch.equal(action, out.masked_fill(~mask, float("-inf")).argmax(-1))
+    assert bool(mask[torch.arange(4), action].all())
+    again, later = module.act(dict(obs.items()), mask, state=state)
+    _, h2 = module(phase=torch.eye(4), state=h)
+    assert torch.equal(later, h2)
+
+
+@pytest.mark.parametrize("rule,frames", [
+    (ut.optim.PPO(lr=3e-3, frames_per_batch=256, minibatch_size=64, epochs=4, anneal_lr=False,
+                  sequence_length=16), 6000),
+    (ut.optim.CEM(population=16), 8000)], ids=["ppo", "cem"])
+def test_a_recurrent_module_learns_a_dict_env_with_its_mask(rule, frames, tmp_path: Path):
+    import userenvs
+
+    userenvs.Trap.masked_taken = 0
+    torch.manual_seed(0)
+    trainer = ut.Trainer(ut.EnvSpec("userenvs:TrapDict-v0", num_envs=4, obs_norm=True), rule,
+                         max_frames=frames, run_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, eval_episodes=8)
+    trainer.fit(PhaseGRU())
+    assert trainer.summary["eval/return_mean"] >= 30
+    assert userenvs.Trap.masked_taken == 0
