@@ -21,13 +21,13 @@ from unitrain.app.compare import compare
 from unitrain.app.tune import tune
 from unitrain.envs import EnvSpec
 from unitrain.errors import ConfigError, UserError
-from unitrain.policy import MLPPolicy, RLModule
+from unitrain.policy import GRUPolicy, MLPPolicy, RLModule
 from unitrain.run.checkpoint import evaluate
 from unitrain.run.export import export
 from unitrain.run.trainer import EarlyStop, Trainer
 
 aliases.install()
 
-__all__ = ["Trainer", "RLModule", "MLPPolicy", "EnvSpec", "EarlyStop", "optim", "evaluate",
+__all__ = ["Trainer", "RLModule", "MLPPolicy", "GRUPolicy", "EnvSpec", "EarlyStop", "optim", "evaluate",
            "export", "compare", "tune", "UserError", "ConfigError"]
 __version__ = "0.2.0"

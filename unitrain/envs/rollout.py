@@ -4,9 +4,11 @@ Deterministic evaluation, population evaluation (:mod:`unitrain.rules.population
 rule's elite collection all run :func:`rollout`: env slot ``i`` plays ``quota[i]`` whole episodes
 (autoreset continues a slot's next episode), slots that are done idle until every slot is done,
 and an optional observer sees every step (to record trajectories, characterise behaviour or feed
-observation statistics). :func:`evaluate_policy` builds on it for the deterministic evaluation of
-a module: episode ``k`` of an evaluation is seeded from ``(run seed, evaluation, k)`` whatever
-process plays it, so the reported return does not depend on the number of processes.
+observation statistics). A recurrent policy's state is carried per slot (``state``), each slot's
+row going back to the initial state where its episode ends. :func:`evaluate_policy` builds on it
+for the deterministic evaluation of a module: episode ``k`` of an evaluation is seeded from
+``(run seed, evaluation, k)`` whatever process plays it, so the reported return does not depend
+on the number of processes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from tensordict import TensorDictBase
+
+from unitrain.envs.carry import State, put_, reset_, state_like, take
 
 if TYPE_CHECKING:
     from unitrain.envs.batched import BatchedEnv
@@ -77,11 +81,12 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Tensor], *,
+def rollout(env: "BatchedEnv", policy: Callable[..., Any], *,
             quota: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
             max_steps: int | None = None,
             observe: Callable[[Step], None] | None = None,
-            on_end: Callable[[torch.Tensor], None] | None = None) -> Rollout:
+            on_end: Callable[[torch.Tensor], None] | None = None,
+            state: State | None = None) -> Rollout:
     """Play whole episodes: slot ``i`` plays ``quota[i]`` of them (default one per slot).
 
     The env is reset first. Rewards of idle slots are ignored (``where``, so a non-finite reward
@@ -108,6 +113,12 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Ten
         observe: called with a :class:`Step` of all ``n`` slots after every step.
         on_end: called with the slots whose episode just ended (indices into ``range(n)``),
             before the policy chooses their next episode's first action.
+        state: a recurrent policy's initial state for all ``n`` slots (a tensor, or a tuple /
+            list / dict of tensors, slots first; see :mod:`unitrain.envs.carry`). With it the
+            policy is ``(observation, slots, state of those slots) -> (action, state)``
+            (``(observation, slots, mask, state)`` with action masks), the
+            returned rows are carried to the slots' next step, and a slot's rows go back to
+            ``state``'s where its episode ends (before its next episode's first action).
 
     Returns:
         The episodes, in the order they ended.
@@ -130,13 +141,18 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Ten
     lengths: list[torch.Tensor] = []
     slots: list[torch.Tensor] = []
     rounds = 0
+    carried = None if state is None else state_like(state)
 
     masked = env.info.masked
 
     def launch(g: _Group) -> None:
         g.last_obs = g.obs
-        g.action = (policy(g.obs, g.slots, env.action_mask(g.slots)) if masked
-                    else policy(g.obs, g.slots))
+        extra = (env.action_mask(g.slots),) if masked else ()
+        if carried is None:
+            g.action = policy(g.obs, g.slots, *extra)
+        else:
+            g.action, new = policy(g.obs, g.slots, *extra, take(carried, g.slots))
+            put_(carried, g.slots, new)
         env.send_part(g.index, g.action)
         g.flying = True
 
@@ -160,6 +176,8 @@ def rollout(env: "BatchedEnv", policy: Callable[[torch.Tensor, slice], torch.Ten
             length[idx] = 0
             remaining[sl] -= ended.long()
             active[sl] = remaining[sl] > 0
+            if carried is not None:
+                reset_(carried, state, idx)
             if on_end is not None:
                 on_end(idx)
         return g.record
@@ -219,11 +237,12 @@ def eval_seed(run_seed: int, evaluation: int, episode: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_policy(act: Callable[[torch.Tensor], torch.Tensor],
+def evaluate_policy(act: Callable[..., Any],
                     make_env: Callable[[int], "BatchedEnv"], episodes: int, seed: int,
                     evaluation: int = 0, rank: int = 0, world_size: int = 1,
                     all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    device: torch.device | str = "cpu") -> dict[str, float]:
+                    device: torch.device | str = "cpu",
+                    initial_state: Callable[[int], State] | None = None) -> dict[str, float]:
     """Deterministic evaluation over ``episodes`` episodes, split across processes.
 
     Episode ``k`` is played from :func:`eval_seed` ``(seed, evaluation, k)`` by the process whose
@@ -240,6 +259,9 @@ def evaluate_policy(act: Callable[[torch.Tensor], torch.Tensor],
         rank, world_size: this process and the process count.
         all_gather: stacks a tensor from every process (required when ``world_size > 1``).
         device: where ``act`` runs.
+        initial_state: a recurrent policy's ``slots -> state`` (``module.initial_state``); with
+            it ``act`` is ``(observation[, mask], state=state) -> (action, state)``
+            (``module.act``); the state is carried per slot and reset where an episode starts.
 
     Returns:
         ``return_mean``, ``return_std``, ``return_max``, ``return_min``, ``length_mean`` and
@@ -251,9 +273,15 @@ def evaluate_policy(act: Callable[[torch.Tensor], torch.Tensor],
     for a in range(0, len(mine), MAX_EVAL_ENVS):
         wave = mine[a: a + MAX_EVAL_ENVS]
         env = make_env(len(wave))
-        played = rollout(env, lambda obs, _, *mask, on=env.device: act(
-            obs.to(device), *(m.to(device) for m in mask)).to(on),
-                         seeds=[eval_seed(seed, evaluation, k) for k in wave])
+        seeds = [eval_seed(seed, evaluation, k) for k in wave]
+        if initial_state is None:
+            played = rollout(env, lambda obs, _, *mask, on=env.device: act(
+                obs.to(device), *(m.to(device) for m in mask)).to(on), seeds=seeds)
+        else:
+            # The rollout passes (observation, slots[, mask], state).
+            played = rollout(env, lambda obs, _, *rest, on=env.device: _moved(act(
+                obs.to(device), *(m.to(device) for m in rest[:-1]), state=rest[-1]), on),
+                             seeds=seeds, state=initial_state(len(wave)))
         r, n = played.by_slot()
         rets[a: a + len(wave)], lens[a: a + len(wave)] = r.cpu(), n.cpu().double()
     if world_size > 1:
@@ -268,6 +296,11 @@ def evaluate_policy(act: Callable[[torch.Tensor], torch.Tensor],
         lens = torch.cat([rows[r, 1, : len(shard(episodes, r, world_size))]
                           for r in range(world_size)])
     return summarize(rets, lens)
+
+
+def _moved(out: tuple[torch.Tensor, State], device: torch.device) -> tuple[torch.Tensor, State]:
+    """A recurrent ``act``'s ``(action, state)`` with the action on the env's ``device``."""
+    return out[0].to(device), out[1]
 
 
 def summarize(returns: torch.Tensor, lengths: torch.Tensor) -> dict[str, Any]:

@@ -6,9 +6,9 @@ below it."""
 
 from unitrain.policy.action import ActionHead
 from unitrain.policy.inputs import call_module
-from unitrain.policy.models import (ACTIVATIONS, ConvNet, DuelingMLP, MLPPolicy, NatureCNN,
-                                    ParameterVector, mlp)
+from unitrain.policy.models import (ACTIVATIONS, ConvNet, DuelingMLP, GRUPolicy, MLPPolicy,
+                                    NatureCNN, ParameterVector, mlp)
 from unitrain.policy.module import RLModule
 
-__all__ = ["RLModule", "ActionHead", "MLPPolicy", "ConvNet", "NatureCNN", "DuelingMLP",
-           "ParameterVector", "mlp", "ACTIVATIONS", "call_module"]
+__all__ = ["RLModule", "ActionHead", "MLPPolicy", "GRUPolicy", "ConvNet", "NatureCNN",
+           "DuelingMLP", "ParameterVector", "mlp", "ACTIVATIONS", "call_module"]

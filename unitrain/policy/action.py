@@ -180,6 +180,9 @@ class ActionHead:
 
     def check(self, out: Tensor, owner: str) -> None:
         """Raise a :class:`ConfigError` unless ``out``'s last dim is :attr:`outputs`."""
+        if not isinstance(out, Tensor):
+            raise ConfigError("module", f"{owner}.forward returns a {type(out).__name__}; "
+                                        f"expected a tensor of {self.describe()}")
         size = int(out.shape[-1]) if out.ndim else 1
         if size != self.outputs:
             raise ConfigError("module", f"{owner}.forward returns {size} outputs per observation; "
@@ -294,21 +297,28 @@ class _LocScale(nn.Module):
     """``observation -> (loc, scale)`` of the module's Gaussian over pre-squash actions."""
 
     def __init__(self, module: nn.Module, log_std: LogStd | None,
-                 bounds: tuple[float, float]) -> None:
+                 bounds: tuple[float, float], output: nn.Module | None = None) -> None:
         super().__init__()
         self.module = module
         # ``log_std`` lives under ``module.aux``, which ``module`` already registers.
         self.__dict__["log_std"] = log_std
         self.bounds = bounds
+        self.output = output
 
-    def forward(self, observation: Any) -> tuple[Tensor, Tensor]:
+    def forward(self, *inputs: Any) -> tuple[Tensor, ...]:
         head = self.module.actions
-        out = call_module(self.module, observation)
-        return head.loc(out), head.log_std(out, self.log_std).clamp(*self.bounds).exp()
+        if self.output is None:
+            out, carried = call_module(self.module, inputs[0]), ()
+        else:
+            out, *carried = self.output(*inputs)
+        return (head.loc(out), head.log_std(out, self.log_std).clamp(*self.bounds).exp(),
+                *carried)
 
 
 def stochastic_actor(module: nn.Module, log_std_init: float = 0.0,
-                     log_std_bounds: tuple[float, float] = (-20.0, 2.0)) -> nn.Module:
+                     log_std_bounds: tuple[float, float] = (-20.0, 2.0), *,
+                     output: nn.Module | None = None, in_keys: tuple = ("observation",),
+                     carried: tuple = ()) -> nn.Module:
     """The module's stochastic policy as a TorchRL ``ProbabilisticActor``.
 
     Reads ``"observation"`` (a sub-TensorDict of named entries for a ``Dict`` observation) and
@@ -322,13 +332,20 @@ def stochastic_actor(module: nn.Module, log_std_init: float = 0.0,
         module: an :class:`~unitrain.RLModule` bound to its env (``module.actions``).
         log_std_init: initial value of a newly created ``aux.log_std``.
         log_std_bounds: clamp of the log standard deviation.
+        output: ``(*in_keys values) -> (module output, *carried values)``, the network that
+            computes the module's output (a recurrent module's, from its state); ``None``: the
+            module itself on ``"observation"``.
+        in_keys: what ``output`` reads.
+        carried: the keys of the further values ``output`` returns (written beside the
+            distribution's parameters).
     """
     from tensordict.nn import TensorDictModule
     from torchrl.modules import ProbabilisticActor
 
     head: ActionHead = module.actions
     if head.discrete:
-        net = TensorDictModule(ModuleCall(module), in_keys=["observation"], out_keys=["logits"])
+        net = TensorDictModule(ModuleCall(module) if output is None else output,
+                               in_keys=list(in_keys), out_keys=["logits", *carried])
         keys = {"logits": "logits", **({"mask": MASK_KEY} if head.masked else {})}
         actor = ProbabilisticActor(net, in_keys=keys,
                                    distribution_class=head.distribution_class(),
@@ -336,8 +353,8 @@ def stochastic_actor(module: nn.Module, log_std_init: float = 0.0,
                                    return_log_prob=True)
     else:
         net = TensorDictModule(_LocScale(module, module.log_std_param(log_std_init),
-                                         log_std_bounds),
-                               in_keys=["observation"], out_keys=["loc", "scale"])
+                                         log_std_bounds, output),
+                               in_keys=list(in_keys), out_keys=["loc", "scale", *carried])
         actor = ProbabilisticActor(net, in_keys=["loc", "scale"],
                                    distribution_class=head.distribution_class(),
                                    distribution_kwargs=head.distribution_kwargs(module.device),

@@ -15,6 +15,9 @@ Architectures for Deep Reinforcement Learning", ICML) over flat observations: a 
 a state value ``V(s)`` and advantages ``A(s, a)`` combined as ``Q(s, a) = V(s) + A(s, a) −
 mean_a' A(s, a')``. Its output is one number per action like any discrete policy's, so every rule
 can train it; DQN reads it as action values.
+
+:class:`GRUPolicy` is a recurrent policy (an MLP encoder, a GRU, a linear head) for tasks that a
+policy of the current observation alone cannot solve (see "Recurrent policies" in the guide).
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ from torch import nn
 from unitrain.envs.observation import flat_observation
 from unitrain.policy.action import ACTION_STD
 from unitrain.policy.module import RLModule
-from unitrain.policy.nn import Step
+from unitrain.policy.nn import GRUCell, Step
 
-__all__ = ["mlp", "ACTIVATIONS", "MLPPolicy", "ConvNet", "NatureCNN", "DuelingHead", "DuelingMLP",
-           "ParameterVector"]
+__all__ = ["mlp", "ACTIVATIONS", "MLPPolicy", "GRUPolicy", "ConvNet", "NatureCNN", "DuelingHead",
+           "DuelingMLP", "ParameterVector"]
 
 
 class DuelingHead(nn.Module):
@@ -232,6 +235,63 @@ class MLPPolicy(RLModule):
                             f"got entries {sorted(entries)}")
         x = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
         return self.net(x.float())
+
+
+class GRUPolicy(RLModule):
+    """A recurrent policy: an MLP encoder, a GRU (:class:`unitrain.policy.nn.GRUCell`) and a
+    linear head, with the state contract of :mod:`unitrain.policy.recurrent`.
+
+    ``forward(observation [B, *obs_shape], h [B, hidden]) -> (output, h')``; the initial state
+    is zeros.
+
+    Args:
+        obs_dim: flattened observation size (filled in from the env by recipes).
+        act_dim: number of actions (discrete) or action size (continuous).
+        encoder: hidden sizes of the encoder MLP before the GRU (``[]``: the observation goes
+            into the GRU as it is).
+        hidden: size of the GRU's state.
+        activation: the encoder's activation (a name of :data:`ACTIVATIONS`).
+        out_scale: gain of the head's orthogonal init.
+        obs_shape: observation shape; multi-dimensional observations are flattened.
+        action_std: continuous actions: ``"param"`` or ``"state"`` (as :class:`MLPPolicy`).
+        discrete: whether actions are discrete (filled in by recipes).
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, encoder: Sequence[int] = (64,),
+                 hidden: int = 64, activation: str = "tanh", out_scale: float = 0.01,
+                 obs_shape: Sequence[int] | None = None, action_std: str = "param",
+                 discrete: bool | None = None) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if action_std not in ACTION_STD:
+            raise ValueError(f"action_std {action_std!r} is not one of {list(ACTION_STD)}")
+        self.action_std = action_std
+        self.obs_ndim = len(obs_shape) if obs_shape else 1
+        self.hidden_size = int(hidden)
+        encoder = tuple(encoder)
+        if encoder:
+            # The encoder's last layer feeds the GRU through an activation too.
+            self.encoder: nn.Module = nn.Sequential(
+                *mlp(obs_dim, encoder[-1], encoder[:-1], ACTIVATIONS[activation], math.sqrt(2)),
+                ACTIVATIONS[activation]())
+        else:
+            self.encoder = nn.Identity()
+        self.gru = GRUCell(encoder[-1] if encoder else obs_dim, self.hidden_size)
+        outputs = 2 * act_dim if action_std == "state" and not discrete else act_dim
+        self.head = nn.Linear(self.hidden_size, outputs)
+        nn.init.orthogonal_(self.head.weight, out_scale)
+        nn.init.zeros_(self.head.bias)
+
+    def initial_state(self, batch: int) -> torch.Tensor:
+        """Zeros ``[batch, hidden]``."""
+        return torch.zeros(batch, self.hidden_size, device=self.head.weight.device)
+
+    def forward(self, observation: torch.Tensor,
+                state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = observation.flatten(-self.obs_ndim) if self.obs_ndim > 1 else observation
+        h = self.gru(self.encoder(x.float()), state)
+        return self.head(h), h
 
 
 class DuelingMLP(RLModule):

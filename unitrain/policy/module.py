@@ -12,6 +12,10 @@ A ``Dict`` (or ``Tuple``) observation reaches ``forward`` as keyword arguments b
 (``forward(self, image, vector)``); :func:`unitrain.policy.inputs.call_module` is the one place
 that calls the module on an observation.
 
+A module with a memory (a GRU, an LSTM) declares ``initial_state(batch) -> state`` and writes
+``forward(observation, state) -> (output, state)``; the contract is in
+:mod:`unitrain.policy.recurrent`.
+
 What the output means is decided once, by the action space, in :mod:`unitrain.policy.action`: every
 update rule reads it through ``module.actions``, and :meth:`RLModule.act` is the deterministic
 action whichever rule trained the module.
@@ -38,6 +42,8 @@ from unitrain.errors import ConfigError, UserError
 from unitrain.policy.action import ACTION_STD, ActionHead, LogStd
 from unitrain.policy.ckpt_file import load_checkpoint_file, recorded_class
 from unitrain.policy.inputs import call_module
+from unitrain.policy.recurrent import (check_recurrent, is_recurrent, module_step,
+                                       observation_batch)
 
 if TYPE_CHECKING:
     from unitrain.envs.info import EnvInfo
@@ -138,7 +144,7 @@ class RLModule(L.LightningModule):
         self._actions = ActionHead(info, self.action_std)
         if check:
             with torch.no_grad():
-                out = call_module(self, info.zero_observation(1, self.device))
+                out = check_recurrent(self, info.zero_observation(1, self.device))
             self._actions.check(out, type(self).__name__)
         return self._actions
 
@@ -158,17 +164,44 @@ class RLModule(L.LightningModule):
             return None
         return self.add_aux("log_std", LogStd(head.act_dim, init).to(self.device))
 
-    def act(self, observation: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def recurrent(self) -> bool:
+        """Whether the module keeps a state (it defines ``initial_state``)."""
+        return is_recurrent(self)
+
+    def act(self, observation: Any, mask: torch.Tensor | None = None, *,
+            state: Any = None) -> Any:
         """The deterministic action: argmax of the logits (per block for multi-discrete actions;
         over the actions ``mask`` allows, where the env gives action masks), or the squashed
         mean in the bounds.
+
+        A recurrent module takes and returns its state: ``act(observation, state=state) ->
+        (action, state)`` for a batch ``[B, ...]``; ``state=None`` starts from
+        ``initial_state(B)``.
 
         Args:
             observation: a tensor ``[..., *obs_shape]``, or for a ``Dict``/``Tuple`` observation
                 its named entries (a TensorDict or a dict; ``forward`` receives them by name).
             mask: ``[..., A]`` bool, the allowed actions (``None``: all).
+            state: a recurrent module's state (keyword only).
+
+        Raises:
+            UserError: a state given to a feed-forward module, or a mask that is not a bool
+                tensor (a recurrent module's state passed by position).
         """
-        return self.actions.deterministic(call_module(self, observation), mask)
+        if mask is not None and not (isinstance(mask, torch.Tensor)
+                                     and mask.dtype == torch.bool):
+            raise UserError(f"{type(self).__name__}.act: mask must be a bool tensor of the "
+                            "allowed actions; a recurrent module's state is passed as state=")
+        if not self.recurrent:
+            if state is not None:
+                raise UserError(f"{type(self).__name__}.act: a state was given, but the module "
+                                "is feed-forward (it defines no initial_state)")
+            return self.actions.deterministic(call_module(self, observation), mask)
+        if state is None:
+            state = self.initial_state(observation_batch(observation))
+        out, state = module_step(self, observation, state)
+        return self.actions.deterministic(out, mask), state
 
     def load_policy(self, checkpoint: str | os.PathLike) -> None:
         """Load the policy (and ``aux.log_std``) of any unitrain checkpoint into this module.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Step"]
+__all__ = ["Step", "GRUCell"]
 
 
 class Step(nn.Module):
@@ -38,3 +38,34 @@ class Step(nn.Module):
 
     def extra_repr(self) -> str:
         return "straight_through=True" if self.straight_through else ""
+
+
+class GRUCell(nn.Module):
+    """A gated recurrent unit (Cho et al. 2014, "Learning Phrase Representations using RNN
+    Encoder–Decoder for Statistical Machine Translation"), one step, from two linear maps.
+
+    ``r, z = σ(W_ir x + W_hr h), σ(W_iz x + W_hz h)``; ``n = tanh(W_in x + r ⊙ (W_hn h))``;
+    ``h' = (1 − z) ⊙ n + z ⊙ h`` (biases inside each ``W``), the update of ``torch.nn.GRUCell``.
+    Written with ``nn.Linear`` so that ``torch.func.vmap`` batches it over a population's
+    stacked parameters (``nn.GRUCell`` has no batching rule and falls back to a loop).
+
+    Args:
+        input_size: features of ``x``.
+        hidden_size: features of ``h``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.input = nn.Linear(input_size, 3 * hidden_size)
+        self.hidden = nn.Linear(hidden_size, 3 * hidden_size)
+        bound = hidden_size ** -0.5  # torch.nn.GRUCell's initialisation
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        ir, iz, in_ = self.input(x).chunk(3, -1)
+        hr, hz, hn = self.hidden(h).chunk(3, -1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(in_ + r * hn)
+        return (1 - z) * n + z * h

@@ -5,6 +5,8 @@ Trainer calls the same methods on every rule and never asks what kind of rule it
 
 ========================  ====================================================================
 ``check_env(env, info)``  before the run starts: settings against the env (see below).
+``check_module(module)``  before the run starts: refuses a module the rule cannot train (a
+                          recurrent one unless ``feedforward_only`` is ``None``).
 ``setup(module, ctx)``    once per process, before optimizers exist: build auxiliary networks
                           (registered with :meth:`RLModule.add_aux`), losses, buffers.
 ``optimizers()``          the ``torch.optim`` optimizers whose state Lightning checkpoints.
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 
 from unitrain.errors import ConfigError
+from unitrain.policy.recurrent import refuse_recurrent
 from unitrain.validation import Validated
 
 if TYPE_CHECKING:
@@ -155,6 +158,16 @@ class UpdateRule(RuleFields):
             raise ConfigError("env", f"{self.name} trains on (input, target) batches of a "
                                      "supervised run: set env: null and a data: block (in "
                                      "Python, env=None and train_dataloaders)")
+
+    # Why the rule trains feed-forward modules only, or None when it trains recurrent modules
+    # too (unitrain.policy.recurrent); a recurrent module is refused with this reason.
+    feedforward_only: ClassVar[str | None] = "it carries no recurrent state between steps"
+
+    def check_module(self, module: "RLModule") -> None:
+        """Raise a one-line :class:`ConfigError` for a module this rule cannot train (by
+        default: a recurrent module when :attr:`feedforward_only` gives a reason)."""
+        if self.feedforward_only is not None:
+            refuse_recurrent(module, self.name, self.feedforward_only)
 
     def budget_warning(self, max_frames: int, processes: int) -> str | None:
         """A line saying why ``max_frames`` (summed over ``processes``) leaves this rule

@@ -162,6 +162,7 @@ def evaluate(policy: "RLModule | str | os.PathLike", env: Any = None,
     """
     from unitrain.envs.batched import halves, make_env
     from unitrain.envs.rollout import evaluate_policy
+    from unitrain.policy.recurrent import initial_state_of
 
     policy, spec, norm = policy_and_env(policy, env, module)
     envs: dict[int, Any] = {}
@@ -176,7 +177,7 @@ def evaluate(policy: "RLModule | str | os.PathLike", env: Any = None,
     policy.eval()
     try:
         return evaluate_policy(policy.act, make, episodes, seed, evaluation,
-                               device=policy.device)
+                               device=policy.device, initial_state=initial_state_of(policy))
     finally:
         policy.train(was_training)
         for e in envs.values():

@@ -108,7 +108,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str | 
         The path written.
 
     Raises:
-        UserError: an unknown format, an unreadable checkpoint, or a run without an env.
+        UserError: an unknown format, an unreadable checkpoint, a run without an env, or a
+            recurrent module.
     """
     from unitrain.run.checkpoint import policy_and_env
 
@@ -119,6 +120,10 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str | 
                         "(give --format or an .onnx/.pt2 file name)")
     policy, spec, norm = policy_and_env(checkpoint, None, module)
     del spec
+    if policy.recurrent:
+        raise UserError(f"export: {type(policy).__name__} is recurrent (initial_state); export "
+                        "writes feed-forward policies (one observation in, one action out); "
+                        "evaluate or film it with unitrain evaluate instead")
     policy.eval()
     wrapper = StandalonePolicy(policy, norm).eval()
     info = policy.env_info

@@ -25,6 +25,7 @@ from unitrain.envs.info import EnvInfo
 from unitrain.envs.obs_norm import NamedObsNorm, ObsNorm, make_obs_norm
 from unitrain.envs.rollout import evaluate_policy
 from unitrain.envs.spec import EnvSpec, derive_seed
+from unitrain.policy.recurrent import initial_state_of
 
 if TYPE_CHECKING:
     from torchrl.collectors import Collector
@@ -232,7 +233,8 @@ class RunServices:
 
         result = evaluate_policy(act or self.module.act, env, episodes, self.seed,
                                  self.eval_count, self.rank, self.world_size,
-                                 self.comm.all_gather, self.device)
+                                 self.comm.all_gather, self.device,
+                                 initial_state=None if act else initial_state_of(self.module))
         self.eval_count += 1
         return result
 

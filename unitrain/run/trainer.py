@@ -406,6 +406,7 @@ class Trainer(L.Trainer):
         try:
             services = RunServices(model, self.env_spec, self.seed, self.max_frames,
                                    env_info=self.env_info)
+            self.rule.check_module(model)
             if init is not None:
                 _init_from(model, services, init)
             run = RunAdapter(model, self.rule, services, self.eval_every_frames,

@@ -172,15 +172,26 @@ def play(policy: "RLModule", spec: "EnvSpec", norm: "ObsNorm | None", episodes: 
     try:
         for k in range(episodes):
             filmed.wanted = 1
-            out = rollout(env, lambda obs, _, *mask: policy.act(
-                obs.to(device), *(m.to(device) for m in mask)).cpu(),
-                          seeds=[eval_seed(seed, evaluation, k)])
+            seeds = [eval_seed(seed, evaluation, k)]
+            if policy.recurrent:
+                # The rollout passes (observation, slots[, mask], state).
+                out = rollout(env, lambda obs, _, *rest: _on_cpu(policy.act(
+                    obs.to(device), *(m.to(device) for m in rest[:-1]), state=rest[-1])),
+                              seeds=seeds, state=policy.initial_state(1))
+            else:
+                out = rollout(env, lambda obs, _, *mask: policy.act(
+                    obs.to(device), *(m.to(device) for m in mask)).cpu(), seeds=seeds)
             ret, length = out.by_slot()
             played.append((float(ret[0]), int(length[0])))
     finally:
         policy.train(was_training)
         env.close()
     return played
+
+
+def _on_cpu(out: tuple[torch.Tensor, Any]) -> tuple[torch.Tensor, Any]:
+    """A recurrent ``act``'s action on the CPU (the filmed env's), its state where it is."""
+    return out[0].cpu(), out[1]
 
 
 class _FileWriter(Sink):

@@ -119,6 +119,8 @@ class DQN(UpdateRule):
     """
 
     action_spaces: ClassVar[tuple[str, ...]] = ("discrete",)
+    feedforward_only = ("its replay memory keeps single transitions, without recurrent states, "
+                        "and its Q-values are of one observation")
 
     lr: float = bounded(1e-4, "(0, inf]")
     gamma: float = bounded(0.99, "(0, 1]")

@@ -283,7 +283,8 @@ class _Explorer(TensorDictModuleBase):
 @dataclass
 class CriticFields(UpdateRule):
     """The hyperparameters of an actor learning from twin critics over a replay memory (fields
-    and their checks only): what the off-policy rules and CEM-RL share.
+    and their checks only): what the off-policy rules and CEM-RL share. A recurrent module is
+    refused: the replay memory keeps single transitions, without states or burn-in.
 
     Args:
         lr_actor: Adam step size of the actor (the module).
@@ -301,6 +302,8 @@ class CriticFields(UpdateRule):
             full); otherwise a resumed run refills ``max(warmup_frames, batch_size)``
             transitions with its current policy before updating again.
     """
+
+    feedforward_only = "its replay memory keeps single transitions, without recurrent states"
 
     lr_actor: float = bounded(3e-4, "(0, inf]")
     lr_critic: float = bounded(3e-4, "(0, inf]")

@@ -28,7 +28,10 @@ from unitrain.errors import UserError, check
 from unitrain.policy.action import stochastic_actor
 from unitrain.policy.inputs import call_module
 from unitrain.policy.models import mlp
+from unitrain.policy.recurrent import is_recurrent
 from unitrain.rules.base import UpdateRule
+from unitrain.rules.gradient.recurrent import (IS_INIT, NEXT_STATE, STATE, CarriedPolicy,
+                                               SequenceOutput, carried_spec, segments, state_keys)
 from unitrain.rules.registry import register_rule
 from unitrain.validation import bounded
 
@@ -139,7 +142,22 @@ class OnPolicyBatches:
         if info is None:
             raise UserError(f"{rule} needs an env: give the Trainer env=...")
         self.frames_per_batch = frames_per_batch
-        self.actor = stochastic_actor(module, log_std_init)
+        self.device = module.device
+        self.recurrent = is_recurrent(module)
+        if self.recurrent:
+            # Collection carries a state per env slot; the losses recompute whole segments from
+            # the state stored at their first step (unitrain.rules.gradient.recurrent).
+            like = module.initial_state(1)
+            self.actor = stochastic_actor(
+                module, log_std_init, output=SequenceOutput(module, len(info.obs_shape)),
+                in_keys=("observation", IS_INIT, *state_keys(like, STATE)),
+                carried=tuple(state_keys(like, NEXT_STATE)))
+            for key, spec in carried_spec(like, module.device).items():
+                self.actor.spec[key] = spec
+            self.policy: Any = CarriedPolicy(self.actor, module, ctx.train_env)
+        else:
+            self.actor = stochastic_actor(module, log_std_init)
+            self.policy = self.actor
         self.critic = value_operator(module, info, value_hidden)
         self.advantage = GAE(gamma=gamma, lmbda=lmbda, value_network=self.critic,
                              average_gae=False)
@@ -148,11 +166,20 @@ class OnPolicyBatches:
     def next(self, ctx: "RuleContext") -> Any:
         """The next batch ``[num_envs, steps]`` with its ``"advantage"`` and value targets."""
         if self._batches is None:
-            self._batches = iter(ctx.collector(self.actor, self.frames_per_batch))
+            self._batches = iter(ctx.collector(self.policy, self.frames_per_batch))
         batch = next(self._batches)
         with torch.no_grad():
             self.advantage(batch)
         return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """A recurrent module's carried collection states (empty for a feed-forward one)."""
+        return {"carried": self.policy.state_dict_carried()} if self.recurrent else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if self.recurrent:
+            self.policy.load_carried(state.get("carried") or {}, self.device)
 
 
 def annealed_lr(optimizer: torch.optim.Optimizer, lr: float, anneal: bool, progress: float) -> float:
@@ -181,6 +208,9 @@ class OnPolicyFields(UpdateRule):
         value_hidden: hidden sizes of the default value network.
     """
 
+    # Recurrent modules train on whole trajectory segments (see OnPolicyBatches).
+    feedforward_only = None
+
     lr: float = bounded(3e-4, "(0, inf]")
     anneal_lr: bool = True
     frames_per_batch: int = bounded(2048, "[1, inf]")
@@ -195,6 +225,13 @@ class OnPolicyFields(UpdateRule):
 
     def check_env(self, env: "EnvSpec", info: "EnvInfo") -> None:
         check_batch(self.frames_per_batch, env)
+
+    def state_dict(self) -> dict[str, Any]:
+        data = getattr(self, "data", None)
+        return data.state_dict() if data is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.data.load_state_dict(state)
 
 
 @register_rule("ppo")
@@ -211,6 +248,11 @@ class PPO(OnPolicyFields):
         clip: surrogate clipping range ε.
         entropy_coef: entropy bonus coefficient.
         value_coef: value loss coefficient.
+        sequence_length: a recurrent module's segment length: minibatches are whole segments of
+            this many consecutive steps of one env (``minibatch_size // sequence_length``
+            segments each), recomputed from the state stored at their first step; ``None``:
+            each env's whole share of the batch. Feed-forward modules train on shuffled
+            transitions and do not read it.
     """
 
     minibatch_size: int = bounded(64, "[1, inf]")
@@ -219,6 +261,7 @@ class PPO(OnPolicyFields):
     clip: float = bounded(0.2, "(0, 1)")
     entropy_coef: float = bounded(0.0, "[0, inf]")
     value_coef: float = bounded(0.5, "[0, inf]")
+    sequence_length: int | None = bounded(None, "[1, inf]", null=True)
 
     # ------------------------------------------------------------------ construction
     def setup(self, module: "RLModule", ctx: "RuleContext") -> None:
@@ -237,13 +280,18 @@ class PPO(OnPolicyFields):
     # ------------------------------------------------------------------ one iteration
     def step(self, ctx: "RuleContext") -> dict[str, float]:
         batch = self.data.next(ctx)
-        flat = batch.reshape(-1)
+        if self.data.recurrent:
+            # Whole segments [S, L] of one env each, kept in time order; shuffled as segments.
+            length = self.sequence_length or batch.shape[1]
+            flat, size = segments(batch, length), max(1, self.minibatch_size // length)
+        else:
+            flat, size = batch.reshape(-1), self.minibatch_size
         lr = annealed_lr(self.optimizer, self.lr, self.anneal_lr, ctx.progress)
         sums: dict[str, float] = {}
         updates = 0
         for _ in range(self.epochs):
             order = torch.randperm(flat.shape[0], generator=ctx.generator).to(flat.device)
-            for idx in order.split(self.minibatch_size):
+            for idx in order.split(size):
                 gradient_step(self.loss, flat[idx], self.optimizer, self.max_grad_norm, ctx, sums)
                 updates += 1
         metrics = {k: v / updates for k, v in sums.items()}

@@ -60,5 +60,8 @@ class REINFORCE(OnPolicyFields):
                 batch.set("advantage", (adv - adv.mean()) / (adv.std() + 1e-8))
         lr = annealed_lr(self.optimizer, self.lr, self.anneal_lr, ctx.progress)
         sums: dict[str, float] = {}
-        gradient_step(self.loss, batch.reshape(-1), self.optimizer, self.max_grad_norm, ctx, sums)
+        # A recurrent module's batch stays [envs, steps]: each env's steps are one sequence,
+        # recomputed from the state stored at its first step.
+        gradient_step(self.loss, batch if self.data.recurrent else batch.reshape(-1),
+                      self.optimizer, self.max_grad_norm, ctx, sums)
         return {**sums, "optim/lr": lr, "optim/updates": 1.0, "frames": float(batch.numel())}

@@ -46,11 +46,13 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from unitrain.envs.batched import BatchedEnv, halves, make_env
+from unitrain.envs.carry import map_state
 from unitrain.envs.obs_norm import NamedObsNorm, ObsNorm
 from unitrain.envs.observation import flat_observation
 from unitrain.envs.rollout import Step, rollout, shard
 from unitrain.envs.spec import EnvSpec, derive_seed
 from unitrain.errors import UserError, check
+from unitrain.policy.recurrent import is_recurrent
 from unitrain.rules.base import RuleFields
 
 if TYPE_CHECKING:
@@ -251,7 +253,10 @@ class _Actor(nn.Module):
         self.module: RLModule = module
         self._act = act
 
-    def forward(self, observation: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, observation: Any, mask: torch.Tensor | None = None,
+                state: Any = None) -> Any:
+        if state is not None:  # a recurrent module: (action, state)
+            return self.module.act(observation, mask, state=state)
         if self._act is None:
             return self.module.act(observation, mask)
         return self._act(self.module, observation)
@@ -276,6 +281,8 @@ class PopulationPolicy:
     ``params[i]`` on its ``B`` observations, computed in one call with
     ``torch.func.vmap(functional_call)``. Buffers and non-policy parameters are shared. Call it
     with the module in evaluation mode (the evaluator does), so that no layer writes a buffer.
+    A recurrent module (:mod:`unitrain.policy.recurrent`) also takes and returns its state, each
+    tensor ``[w, B, ...]``: ``policy(params, observation, state) -> (action, state)``.
 
     Args:
         module: the user's module.
@@ -287,8 +294,7 @@ class PopulationPolicy:
                  act: Callable[["RLModule", torch.Tensor], torch.Tensor] | None = None) -> None:
         self.module, self.layout = module, layout
         self._actor = _Actor(module, act)
-        self._batched = vmap(self._one, in_dims=(0, 0))
-        self._batched_masked = vmap(self._one, in_dims=(0, 0, 0))
+        self.recurrent = is_recurrent(module)
         # Other names of the same policy tensors in other modules (weights the user tied), swapped
         # with them. Only these: the aux networks may hold the policy's parameters too (a loss's
         # functional copy of the actor) and are not part of the policy's forward, and a module
@@ -305,9 +311,15 @@ class PopulationPolicy:
                       and owner(name) != owner(first[id(p)])]
 
     def _one(self, params: dict[str, torch.Tensor], observation: torch.Tensor,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
-        args = (observation,) if mask is None else (observation, mask)
-        return functional_call(self._actor, params, args, tie_weights=False)
+             mask: torch.Tensor | None = None, state: Any = None) -> Any:
+        return functional_call(self._actor, params, (observation, mask, state),
+                               tie_weights=False)
+
+    def initial_state(self, w: int, batch: int) -> Any:
+        """A recurrent module's initial state for ``w`` individuals of ``batch`` slots each
+        (tensors ``[w, batch, ...]``)."""
+        return map_state(lambda t: t.reshape(w, batch, *t.shape[1:]),
+                         self.module.initial_state(w * batch))
 
     def stack(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-parameter tensors ``[w, *shape]`` of ``params [w, numel]``, for :meth:`apply`."""
@@ -318,18 +330,26 @@ class PopulationPolicy:
 
     @torch.no_grad()
     def apply(self, stacked: dict[str, torch.Tensor], observation: Any,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, state: Any = None) -> Any:
         """The actions for ``observation [w, B, *obs_shape]`` under :meth:`stack`'s parameters
         (named entries: a TensorDict of batch ``[w, B]``, vmapped as a dict of its entries; with
-        action masks ``[w, B, A]``: the allowed actions only)."""
+        action masks ``[w, B, A]``: the allowed actions only; for a recurrent module given its
+        ``state``, ``(actions, next state)``)."""
         if isinstance(observation, TensorDictBase):
             observation = dict(observation.items())
-        if mask is not None:
-            return self._batched_masked(stacked, observation, mask)
-        return self._batched(stacked, observation)
+        fresh = self.recurrent and state is None
+        if fresh:
+            w, batch = next(iter(observation.values())).shape[:2] if isinstance(
+                observation, dict) else observation.shape[:2]
+            state = self.initial_state(w, batch)
+        batched = vmap(self._one, in_dims=(0, 0, None if mask is None else 0,
+                                           None if state is None else 0))
+        out = batched(stacked, observation, mask, state)
+        return out[0] if fresh else out
 
-    def __call__(self, params: torch.Tensor, observation: torch.Tensor) -> torch.Tensor:
-        return self.apply(self.stack(params), observation)
+    def __call__(self, params: torch.Tensor, observation: Any,
+                 mask: torch.Tensor | None = None, state: Any = None) -> Any:
+        return self.apply(self.stack(params), observation, mask, state)
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -461,17 +481,24 @@ class PopulationEvaluator:
         parts = {sl.start: {k: v[sl.start // episodes: sl.stop // episodes]
                             for k, v in stacked.items()} for sl in env.parts}
 
-        def policy(obs: torch.Tensor, group: slice, mask: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+        def policy(obs: Any, group: slice, *rest: Any) -> Any:
+            # The rollout passes (observation, slots[, mask][, state]).
             # The envs (and their observations) stay on the CPU; the network runs where the
             # parameters are (the module's device), and the actions come back to the envs.
+            mask = rest[0] if env.info.masked else None
+            state = rest[-1] if self.policy.recurrent else None
             x = obs if norm is None else norm(obs)
+            x = x.reshape(-1, episodes, *obs.shape[1:]).to(params.device)
             if mask is not None:
                 mask = mask.reshape(-1, episodes, mask.shape[-1]).to(params.device)
-            action = self.policy.apply(parts[group.start],
-                                       x.reshape(-1, episodes, *obs.shape[1:]).to(params.device),
-                                       mask)
-            return action.reshape(obs.shape[0], *action.shape[2:]).to(obs.device)
+            if state is None:
+                action = self.policy.apply(parts[group.start], x, mask)
+            else:  # slot-major rows [k, ...] are [individuals, episodes, ...]
+                action, state = self.policy.apply(parts[group.start], x, mask, map_state(
+                    lambda t: t.reshape(-1, episodes, *t.shape[1:]), state))
+                state = map_state(lambda t: t.reshape(obs.shape[0], *t.shape[2:]), state)
+            action = action.reshape(obs.shape[0], *action.shape[2:]).to(obs.device)
+            return action if state is None else (action, state)
 
         seen: list[torch.Tensor] = []
         summary: list[torch.Tensor | None] = [None]
@@ -494,8 +521,12 @@ class PopulationEvaluator:
                 summary[0][step.ended] = last[step.ended]
 
         watched = norm is not None or mode is not None or also is not None
+        # A recurrent module's state, one row per slot, reset where the slot's episode ends.
+        state = (map_state(lambda t: t.reshape(slots, *t.shape[2:]).to(params.device),
+                           self.policy.initial_state(w, episodes))
+                 if self.policy.recurrent else None)
         played = rollout(env, policy, seeds=seeds, max_steps=self.max_episode_steps,
-                         observe=observe if watched else None)
+                         observe=observe if watched else None, state=state)
         if norm is not None:
             norm.update(torch.cat(seen))
         ret, length = played.by_slot()

@@ -166,6 +166,9 @@ class PopulationRule(UpdateRule):
         layout: the module's :class:`ParamLayout` (after setup).
     """
 
+    # Every strategy's candidates act through module.act, which carries a recurrent state.
+    feedforward_only = None
+
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
         self.name = strategy.name  # type: ignore[misc]  (the rule is known by its strategy's name)

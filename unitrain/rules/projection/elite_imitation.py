@@ -63,6 +63,7 @@ from unitrain.envs.rollout import Step, rollout
 from unitrain.envs.spec import derive_seed
 from unitrain.errors import ConfigError, UserError, check
 from unitrain.policy.inputs import call_module
+from unitrain.policy.recurrent import recurrent_layer, refuse_recurrent
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.population.service import ParamLayout, PopulationPolicy
 from unitrain.rules.projection.rule import Projection
@@ -210,6 +211,11 @@ class EliteImitation(UpdateRule):
 
     # The projection fit reads the module's stages on one flat input.
     named_observations: ClassVar[bool] = False
+
+    def check_module(self, module: "RLModule") -> None:
+        refuse_recurrent(module, self.name, "the solver projects onto the graphs of feed-forward "
+                                            f"layers; {recurrent_layer(module)} is recurrent")
+
     fit: Projection = field(default_factory=lambda: Projection(
         iterations=20, lam=1.0, step_size=0.3, standardize=True))
     episodes: int = bounded(16, "[1, inf]")

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from unitrain.errors import ConfigError, check
+from unitrain.policy.recurrent import recurrent_layer, refuse_recurrent
 from unitrain.rules.base import UpdateRule
 from unitrain.rules.projection import (ConvStage, CrossEntropyOutput, LinearStage, MarginOutput,
                                        OneVsRestOutput, OutputConstraint, PoolStage,
@@ -84,6 +85,10 @@ class Projection(UpdateRule):
             for later runs); for runs of many equal-sized batches in one process. With several
             processes the iterations run warm-started but uncompiled.
     """
+
+    def check_module(self, module: "RLModule") -> None:
+        refuse_recurrent(module, self.name, "the solver projects onto the graphs of feed-forward "
+                                            f"layers; {recurrent_layer(module)} is recurrent")
 
     supervised_only: ClassVar[bool] = True
 
