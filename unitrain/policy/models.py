@@ -206,10 +206,7 @@ class MLPPolicy(RLModule):
                  discrete: bool | None = None,
                  obs_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if action_std not in ACTION_STD:
-            raise ValueError(f"action_std {action_std!r} is not one of {list(ACTION_STD)}")
+        _check_options(activation, action_std)
         self.action_std = action_std
         self.obs_ndim = len(obs_shape) if obs_shape else 1
         self.obs_shapes = (None if obs_shapes is None else
@@ -237,6 +234,14 @@ class MLPPolicy(RLModule):
         return self.net(x.float())
 
 
+def _check_options(activation: str, action_std: str) -> None:
+    """Raise a ``ValueError`` naming the valid choices for an unknown option."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+    if action_std not in ACTION_STD:
+        raise ValueError(f"action_std {action_std!r} is not one of {list(ACTION_STD)}")
+
+
 class GRUPolicy(RLModule):
     """A recurrent policy: an MLP encoder, a GRU (:class:`unitrain.policy.nn.GRUCell`) and a
     linear head, with the state contract of :mod:`unitrain.policy.recurrent`.
@@ -262,10 +267,7 @@ class GRUPolicy(RLModule):
                  obs_shape: Sequence[int] | None = None, action_std: str = "param",
                  discrete: bool | None = None) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if action_std not in ACTION_STD:
-            raise ValueError(f"action_std {action_std!r} is not one of {list(ACTION_STD)}")
+        _check_options(activation, action_std)
         self.action_std = action_std
         self.obs_ndim = len(obs_shape) if obs_shape else 1
         self.hidden_size = int(hidden)
